@@ -1,0 +1,88 @@
+"""The `mft` command. Each command builds a config and calls one library function."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from cli.options import build, options_from
+from mft_pipeline.config import CacheConfig
+
+
+class _Group(click.Group):
+    """Shows the pipeline's own errors as one clear line instead of a traceback."""
+
+    def invoke(self, ctx):
+        from mft_pipeline.cache.format import CacheError
+        from mft_pipeline.data.corpus import CorpusError
+        from mft_pipeline.models import ModelLoadError
+
+        try:
+            return super().invoke(ctx)
+        except (CacheError, CorpusError, ModelLoadError, ValueError) as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group)
+def mft():
+    """Minifinetuning: adapt a language model to a small corpus while keeping what it knew."""
+
+
+@mft.command("cache-teacher")
+@options_from(CacheConfig)
+def cache_teacher(**params):
+    """Stage one: run the frozen teacher once and cache its top-k targets."""
+    from mft_pipeline.cache.build import build_cache
+
+    out = build_cache(build(CacheConfig, params))
+    click.echo(f"cache written to {out}")
+
+
+@mft.command("cache-info")
+@click.argument("cache_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def cache_info(cache_dir, as_json):
+    """Tokens, bytes per token and candidate, teacher accuracy and perplexity per split."""
+    from mft_pipeline.cache.inspect import cache_info as info
+
+    result = info(cache_dir)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"model {result['model']}  k={result['top_k']}  seq_len={result['seq_len']}")
+    for split, row in result["splits"].items():
+        line = f"{split:>10}: {row['sequences']} sequences, {row['tokens']} tokens, {row['bytes']} bytes"
+        if row["tokens"]:
+            line += (
+                f", {row['bytes_per_token']:.2f} B/token, {row['bytes_per_candidate']:.2f} B/candidate,"
+                f" teacher argmax accuracy {row['teacher_argmax_accuracy']:.3f}, perplexity {row['teacher_perplexity']:.3f}"
+            )
+        click.echo(line)
+
+
+@mft.command("cache-verify")
+@click.argument("cache_dir", type=click.Path(exists=True, file_okay=False))
+def cache_verify(cache_dir):
+    """Check schema, counts and checksums; exit 1 on any mismatch."""
+    from mft_pipeline.cache.inspect import verify_cache
+
+    problems = verify_cache(cache_dir)
+    for p in problems:
+        click.echo(f"FAIL {p}", err=True)
+    if problems:
+        sys.exit(1)
+    click.echo("ok")
+
+
+@mft.command("cache-merge")
+@click.argument("cache_dir", type=click.Path(exists=True, file_okay=False))
+def cache_merge(cache_dir):
+    """Join the parts written by --num-shards workers into one cache (manifest.json)."""
+    from mft_pipeline.cache.inspect import merge_cache
+
+    manifest = merge_cache(cache_dir)
+    counts = ", ".join(f"{s}: {v['num_sequences']} sequences" for s, v in manifest["splits"].items())
+    click.echo(f"merged {cache_dir} ({counts})")

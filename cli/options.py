@@ -1,0 +1,55 @@
+"""Click options generated from a config dataclass, so help text lives only in the field docs."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+
+import click
+
+_TYPES = {int: int, float: float, str: str}
+
+
+def _base(tp):
+    """`int | None` -> (int, optional)."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def options_from(cls, positional: tuple[str, ...] = ()):
+    """Decorator adding one click parameter per field of ``cls``.
+
+    Fields named in ``positional`` become arguments; booleans become ``--flag``s; every other
+    field becomes ``--field-name`` with the field's default and help.
+    """
+    hints = typing.get_type_hints(cls)
+
+    def decorate(f):
+        for fld in reversed(dataclasses.fields(cls)):
+            tp, _ = _base(hints[fld.name])
+            help_ = fld.metadata.get("help", "")
+            if fld.name in positional:
+                f = click.argument(fld.name, type=_TYPES[tp])(f)
+                continue
+            flag = "--" + fld.name.replace("_", "-")
+            required = fld.default is dataclasses.MISSING
+            if tp is bool:
+                f = click.option(flag, fld.name, is_flag=True, default=fld.default, help=help_)(f)
+            else:
+                default = None if required else fld.default
+                f = click.option(flag, fld.name, type=_TYPES[tp], default=default, required=required, show_default=not required and default is not None, help=help_)(f)
+        return f
+
+    return decorate
+
+
+def build(cls, params: dict):
+    """Make the config, turning its validation errors into usage errors."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    try:
+        return cls(**{k: v for k, v in params.items() if k in names})
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None

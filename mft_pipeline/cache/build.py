@@ -1,0 +1,166 @@
+"""Stage one: corpus -> packed sequences -> teacher scores -> cache shards."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from mft_pipeline.cache.format import SCHEMA_VERSION, SPLITS, CacheError, arrow_schema, shard_name, to_fixed_lists
+from mft_pipeline.cache.writer import CacheWriter
+from mft_pipeline.config import CacheConfig
+from mft_pipeline.data.corpus import load_corpus
+from mft_pipeline.data.packing import Packed, pack, tokenize
+from mft_pipeline.models import load_model, load_tokenizer, pick_device, tokenizer_fingerprint, weights_fingerprint
+
+# vLLM returns every prompt candidate through its Python output path; past a few hundred
+# per token that costs more than the forward pass, and the transformers backend is the
+# better tool. (vLLM's own default cap is 20; the backend raises max_logprobs to k.)
+VLLM_MAX_TOP_K = 256
+
+
+def _vllm_usable() -> bool:
+    import importlib.util
+
+    import torch
+
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+def backend_name(config: CacheConfig) -> str:
+    if config.backend == "auto":
+        return "vllm" if _vllm_usable() else "transformers"
+    return config.backend
+
+
+def make_teacher(config: CacheConfig):
+    """The chosen backend and the teacher's weights fingerprint."""
+    backend = backend_name(config)
+    # The fingerprint comes from transformers' view of the weights for both backends, so a
+    # cache made with vLLM matches a student loaded with transformers.
+    device = pick_device("cpu" if backend == "vllm" else config.device)
+    model = load_model(config.model, device)
+    fingerprint = weights_fingerprint(model)
+    if backend == "vllm":
+        from mft_pipeline.models import resolve
+        from mft_pipeline.teacher.vllm_backend import VLLMTeacher
+
+        del model
+        name, kwargs = resolve(config.model)
+        model_path = str(Path(name) / kwargs["gguf_file"]) if "gguf_file" in kwargs else name
+        teacher = VLLMTeacher(
+            model_path,
+            tokenizer=config.tokenizer or (name if "gguf_file" in kwargs else None),
+            max_top_k=config.top_k,
+            tensor_parallel_size=config.tensor_parallel_size,
+            max_model_len=config.seq_len,
+        )
+        return teacher, fingerprint
+    from mft_pipeline.teacher.transformers_backend import TransformersTeacher
+
+    return TransformersTeacher(model), fingerprint
+
+
+def _plan(packed: dict[str, Packed], rows_per_shard: int, num_workers: int) -> list[dict]:
+    plan, n = [], 0
+    for split in SPLITS:
+        total = len(packed[split])
+        for j, start in enumerate(range(0, total, rows_per_shard)):
+            stop = min(start + rows_per_shard, total)
+            labels = int((packed[split].num_tokens[start:stop] - 1).sum())
+            plan.append(
+                {"file": shard_name(split, j), "split": split, "start": start, "rows": stop - start, "labels": labels, "worker": n % num_workers}
+            )
+            n += 1
+    return plan
+
+
+def _shard_table(schema, packed: Packed, start: int, stop: int, teacher, config: CacheConfig, bar) -> pa.Table:
+    parts = []
+    for b in range(start, stop, config.batch_size):
+        e = min(b + config.batch_size, stop)
+        parts.append(teacher.score(packed.input_ids[b:e], packed.num_tokens[b:e], config.top_k))
+        bar.update(e - b)
+    topk_ids = np.concatenate([p.topk_ids for p in parts])
+    topk_lp = np.concatenate([p.topk_logprobs for p in parts])
+    label_lp = np.concatenate([p.label_logprobs for p in parts])
+    columns = {
+        "seq_id": pa.array(np.arange(start, stop, dtype=np.int64)),
+        "num_tokens": pa.array(packed.num_tokens[start:stop]),
+        "input_ids": to_fixed_lists(packed.input_ids[start:stop], schema.field("input_ids").type),
+        "topk_ids": to_fixed_lists(topk_ids, schema.field("topk_ids").type),
+        "topk_logprobs": to_fixed_lists(topk_lp.astype(np.float16), schema.field("topk_logprobs").type),
+        "argmax_logprob": to_fixed_lists(topk_lp[..., 0].astype(np.float32), schema.field("argmax_logprob").type),
+        "label_logprobs": to_fixed_lists(label_lp.astype(np.float32), schema.field("label_logprobs").type),
+    }
+    return pa.Table.from_pydict(columns, schema=schema)
+
+
+def build_cache(config: CacheConfig) -> Path:
+    """Run stage one. Everything that can be checked is checked before the folder is touched."""
+    tokenizer = load_tokenizer(config.tokenizer or config.model)
+    corpus = load_corpus(config.corpus, config.text_field, config.sample_by, config.val_fraction)
+    pad = tokenizer.eos_token_id
+    caps = {"train": config.max_train_sequences, "validation": config.max_val_sequences}
+    packed = {
+        split: pack(tokenize(getattr(corpus, split), tokenizer, desc=f"tokenize {split}"), config.seq_len, pad, caps[split])
+        for split in SPLITS
+    }
+    if len(packed["train"]) == 0:
+        raise CacheError("the corpus yields no training sequence (fewer than two tokens)")
+    if len(packed["validation"]) == 0:
+        print("warning: no validation documents; raise --val-fraction to measure specialization", file=sys.stderr)
+    vocab_size = len(tokenizer)
+    if config.top_k > vocab_size:
+        raise ValueError(f"--top-k {config.top_k} exceeds the tokenizer's vocabulary of {vocab_size}")
+    if backend_name(config) == "vllm" and config.top_k > VLLM_MAX_TOP_K:
+        raise ValueError(f"--top-k {config.top_k} exceeds the vllm backend's limit of {VLLM_MAX_TOP_K}; use --backend transformers")
+
+    teacher, fingerprint = make_teacher(config)
+    if config.top_k > teacher.max_top_k:
+        raise ValueError(f"--top-k {config.top_k} exceeds the {teacher.name} backend's limit of {teacher.max_top_k}")
+    if vocab_size > teacher.vocab_size:
+        raise CacheError(
+            f"tokenizer has {vocab_size} tokens but the model's output layer has {teacher.vocab_size}: they don't belong together"
+        )
+    settings = {
+        "schema_version": SCHEMA_VERSION,
+        "model": {"id": config.model, "fingerprint": fingerprint, "vocab_size": teacher.vocab_size},
+        "tokenizer": {
+            "id": config.tokenizer or config.model,
+            "fingerprint": tokenizer_fingerprint(tokenizer),
+            "vocab_size": vocab_size,
+            "eos_token_id": tokenizer.eos_token_id,
+        },
+        "top_k": config.top_k,
+        "seq_len": config.seq_len,
+        "corpus": {
+            "path": str(config.corpus),
+            "fingerprint": corpus.fingerprint,
+            "text_field": config.text_field,
+            "sample_by": config.sample_by,
+            "num_documents": corpus.num_documents,
+            "val_fraction": config.val_fraction,
+            "validation_documents": len(corpus.validation),
+            "max_train_sequences": config.max_train_sequences,
+            "max_val_sequences": config.max_val_sequences,
+        },
+        "rows_per_shard": config.rows_per_shard,
+        "num_workers": config.num_shards,
+        "backend": {"name": teacher.name, "versions": teacher.library_versions()},
+        "plan": _plan(packed, config.rows_per_shard, config.num_shards),
+    }
+    schema = arrow_schema(config.seq_len, config.top_k, teacher.vocab_size)
+    mine = [s for s in settings["plan"] if s["worker"] == config.shard_index]
+    with CacheWriter(
+        config.out, settings, shard_index=config.shard_index, num_shards=config.num_shards, resume=config.resume, overwrite=config.overwrite
+    ) as writer:
+        todo = [s for s in mine if not writer.finished(s["file"])]
+        with tqdm(total=sum(s["rows"] for s in todo), desc=f"teacher ({teacher.name})", unit="seq") as bar:
+            for s in todo:
+                table = _shard_table(schema, packed[s["split"]], s["start"], s["start"] + s["rows"], teacher, config, bar)
+                writer.write_shard(s["file"], table)
+    return Path(config.out)

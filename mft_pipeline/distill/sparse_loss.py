@@ -1,0 +1,199 @@
+"""The MFT loss against sparse cached teacher targets (spec section 3).
+
+The cache keeps, per position, the teacher's top-k ids and log-probs plus the exact
+log-prob of the label. The target lives on the support ``S = topk ∪ {l}`` plus one tail
+bucket ``R`` holding the teacher's uncached mass, so the student is asked to keep as
+much total mass outside ``S`` as the teacher had, without saying where.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .correction import check_tau, check_variant, correction_weight
+
+IGNORE_INDEX = -100
+TAILS = ("bucket", "renormalize")
+
+
+def sparse_mft_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    label_logprobs: torch.Tensor,
+    tau: float,
+    variant: str = "mft",
+    ignore_index: int = IGNORE_INDEX,
+    tail: str = "bucket",
+    chunk_size: int = 4096,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed MFT cross-entropy of the student against the corrected sparse teacher target.
+
+    Args:
+        logits: (B, T, V) student logits, aligned so ``logits[:, t]`` predicts
+            ``labels[:, t]``. Any float dtype; computed in at least float32. A contiguous
+            tensor is used without a copy; a non-contiguous one such as ``logits[:, :-1]``
+            is copied once (shift the labels instead to avoid that).
+        labels: (B, T) int64 label ids; ``ignore_index`` marks positions that do not count.
+        topk_ids: (B, T, k) int64 teacher top-k ids sorted by probability (``[..., 0]`` is
+            the argmax). May be garbage at ignored positions.
+        topk_logprobs: (B, T, k) float teacher log-probs of ``topk_ids``; ``[..., 0]`` is the
+            exact argmax log-prob.
+        label_logprobs: (B, T) float teacher log-prob of the label, in or out of the top-k.
+        tau: correction margin in [0, 1].
+        variant: one of ``correction.VARIANTS``.
+        ignore_index: label value of positions to skip.
+        tail: "bucket" (default, spec) keeps the teacher's uncached mass as one tail target;
+            "renormalize" drops it and rescales the teacher over ``S`` to sum to 1 first.
+        chunk_size: positions per chunk; bounds the float32 vocab-sized intermediates, which
+            are recomputed in backward instead of being kept.
+
+    Returns:
+        ``(loss_sum, n_tokens)``: 0-dim loss summed over non-ignored positions
+        (differentiable w.r.t. ``logits``) and 0-dim int64 count of those positions. Sum
+        both over micro-batches and divide once per optimizer step.
+    """
+    tau = check_tau(tau)
+    check_variant(variant)
+    if tail not in TAILS:
+        raise ValueError(f"unknown tail {tail!r}; expected one of {', '.join(TAILS)}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    _check_inputs(logits, labels, topk_ids, topk_logprobs, label_logprobs)
+
+    batch, seq, vocab = logits.shape
+    k = topk_ids.shape[-1]
+    n = batch * seq
+    valid = labels != ignore_index
+    n_tokens = valid.sum()
+    # Ignored positions may hold anything; only the counted ones must be real ids.
+    bad_ids = (topk_ids < 0) | (topk_ids >= vocab)
+    bad_labels = (labels < 0) | (labels >= vocab)
+    if (valid & (bad_labels | bad_ids.any(-1))).any():
+        raise ValueError(f"labels and topk_ids of non-ignored positions must be in [0, {vocab})")
+
+    compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+    if n == 0:
+        # Summing the empty logits keeps the result attached to the graph, so a caller's
+        # backward() still works.
+        return logits.to(compute_dtype).sum(), n_tokens
+
+    flat = (
+        logits.reshape(n, vocab),
+        labels.reshape(n).long(),
+        topk_ids.reshape(n, k).long(),
+        topk_logprobs.reshape(n, k),
+        label_logprobs.reshape(n),
+    )
+    chunk_loss = functools.partial(
+        _chunk_loss, tau=tau, variant=variant, ignore_index=ignore_index, tail=tail
+    )
+    # Checkpointing keeps only the (views of the) input logits alive between forward and
+    # backward; each chunk's float32 log-softmax is rebuilt during backward.
+    use_checkpoint = torch.is_grad_enabled() and logits.requires_grad
+    loss_sum = None
+    for pieces in zip(*(t.split(chunk_size) for t in flat)):
+        if use_checkpoint:
+            part = checkpoint(chunk_loss, *pieces, use_reentrant=False)
+        else:
+            part = chunk_loss(*pieces)
+        loss_sum = part if loss_sum is None else loss_sum + part
+    return loss_sum, n_tokens
+
+
+def _check_inputs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    label_logprobs: torch.Tensor,
+) -> None:
+    """Raise ``ValueError`` on shapes or dtypes that do not fit the documented layout."""
+    if logits.dim() != 3 or not logits.dtype.is_floating_point:
+        raise ValueError(f"logits must be a (B, T, V) float tensor, got {logits.dtype} {tuple(logits.shape)}")
+    batch, seq, vocab = logits.shape
+    for name, tensor in (("labels", labels), ("topk_ids", topk_ids)):
+        if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor, got {tensor.dtype}")
+    for name, tensor in (("topk_logprobs", topk_logprobs), ("label_logprobs", label_logprobs)):
+        if not tensor.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a float tensor, got {tensor.dtype}")
+    if labels.shape != (batch, seq):
+        raise ValueError(f"labels shape {tuple(labels.shape)} must be (B, T) = {(batch, seq)}")
+    if label_logprobs.shape != (batch, seq):
+        raise ValueError(f"label_logprobs shape {tuple(label_logprobs.shape)} must be (B, T) = {(batch, seq)}")
+    if topk_ids.dim() != 3 or topk_ids.shape[:2] != (batch, seq):
+        raise ValueError(f"topk_ids shape {tuple(topk_ids.shape)} must be (B, T, k) with (B, T) = {(batch, seq)}")
+    if topk_logprobs.shape != topk_ids.shape:
+        raise ValueError(
+            f"topk_logprobs shape {tuple(topk_logprobs.shape)} must equal topk_ids shape {tuple(topk_ids.shape)}"
+        )
+    k = topk_ids.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"top-k size must be in [1, V={vocab}], got {k}")
+
+
+def _chunk_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    label_logprobs: torch.Tensor,
+    *,
+    tau: float,
+    variant: str,
+    ignore_index: int,
+    tail: str,
+) -> torch.Tensor:
+    """Summed loss of n flattened positions: logits (n, V), labels (n,), topk (n, k), label_logprobs (n,)."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    z = logits.to(dtype)
+    vocab = z.shape[-1]
+    valid = labels != ignore_index
+    # Ignored positions may carry garbage ids; clamping keeps the gathers in range.
+    label = torch.where(valid, labels, 0).clamp(0, vocab - 1).unsqueeze(-1)  # (n, 1)
+    ids = topk_ids.clamp(0, vocab - 1)  # (n, k)
+
+    # Teacher side.
+    p_top = topk_logprobs.to(dtype).exp().clamp(0.0, 1.0)  # (n, k)
+    p_l = label_logprobs.to(dtype).exp().clamp(0.0, 1.0)  # (n,)
+    p_m = p_top[:, 0]
+    label_is_argmax = ids[:, 0] == label[:, 0]
+    # The label is counted once, with its exact probability, so its top-k copy is dropped.
+    p_top = p_top.masked_fill(ids == label, 0.0)
+    support_mass = p_top.sum(-1) + p_l
+    if tail == "renormalize":
+        scale = 1.0 / support_mass.clamp_min(torch.finfo(dtype).tiny)
+        p_top, p_l, p_m = p_top * scale[:, None], p_l * scale, p_m * scale
+        uncached = torch.zeros_like(p_l)
+    else:
+        uncached = (1.0 - support_mass).clamp_min(0.0)
+
+    a = correction_weight(p_m, p_l, label_is_argmax, tau, variant)
+    # Ignored positions may hold NaN; zeroing their target weights (rather than masking
+    # the loss afterwards) keeps 0 * NaN out of the gradient.
+    c_top = torch.where(valid[:, None], (1.0 - a)[:, None] * p_top, 0.0)  # (n, k)
+    c_label = torch.where(valid, (1.0 - a) * p_l + a, 0.0)  # (n,)
+    c_tail = torch.where(valid, (1.0 - a) * uncached, 0.0)  # (n,)
+
+    # Student side.
+    lse = torch.logsumexp(z, dim=-1)  # (n,)
+    s_top = z.gather(-1, ids) - lse[:, None]
+    s_label = z.gather(-1, label).squeeze(-1) - lse
+    support = torch.zeros_like(z, dtype=torch.bool)
+    support.scatter_(-1, ids, True).scatter_(-1, label, True)
+    # A finite floor instead of -inf: when S covers the whole vocabulary the tail
+    # logsumexp stays finite, and so does its gradient (which is then multiplied by 0).
+    tail_logits = z.masked_fill(support, -torch.inf)
+    log_tail = torch.logsumexp(tail_logits, dim=-1) - lse
+    # With an empty tail any positive c_tail is rounding noise of the cached log-probs;
+    # multiplying it by the floor would swamp the loss.
+    use_tail = (c_tail > 0) & ~support.all(-1)
+    tail_term = torch.where(use_tail, c_tail * log_tail, 0.0)
+
+    loss = -(c_top * s_top).sum(-1) - c_label * s_label - tail_term
+    return loss.sum()

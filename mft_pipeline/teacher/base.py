@@ -1,0 +1,56 @@
+"""What every teacher backend returns, so the cache writer never knows which one ran."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TeacherScores:
+    """The teacher's sparse view of one batch of packed sequences.
+
+    Position ``t`` holds the teacher's prediction of ``input_ids[:, t + 1]`` given
+    ``input_ids[:, : t + 1]``. Positions at or past ``num_tokens - 1`` (padding) are zero.
+
+    Attributes:
+        topk_ids: (B, T - 1, k) int64, sorted by probability, so ``[..., 0]`` is the argmax.
+        topk_logprobs: (B, T - 1, k) float32, natural-log probabilities, descending.
+        label_logprobs: (B, T - 1) float32, log-probability of the actual next token,
+            whether or not it is in the top-k.
+    """
+
+    topk_ids: np.ndarray
+    topk_logprobs: np.ndarray
+    label_logprobs: np.ndarray
+
+
+class TeacherBackend(Protocol):
+    """A frozen teacher that scores packed sequences.
+
+    Attributes:
+        name: "transformers" or "vllm", recorded in the cache manifest.
+        max_top_k: the largest k this backend can return (vocab size, or vLLM's cap).
+        vocab_size: the teacher's output vocabulary size.
+    """
+
+    name: str
+    max_top_k: int
+    vocab_size: int
+
+    def score(self, input_ids: np.ndarray, num_tokens: np.ndarray, top_k: int) -> TeacherScores:
+        """Score one batch.
+
+        Args:
+            input_ids: (B, T) int64 packed token ids; row ``b`` is real up to ``num_tokens[b]``.
+            num_tokens: (B,) int64 count of real tokens per row (``T`` except in a last,
+                padded sequence).
+            top_k: how many candidates to keep per position.
+        """
+        ...
+
+    def library_versions(self) -> dict[str, str]:
+        """Versions of the libraries that produced the scores, for the manifest."""
+        ...

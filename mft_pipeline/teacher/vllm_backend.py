@@ -1,0 +1,335 @@
+"""Teacher on vLLM's offline engine: one prefill per packed sequence, prompt log-probs only.
+
+The teacher never generates: each packed row goes in as a pre-tokenized prompt with
+``SamplingParams(prompt_logprobs=k, max_tokens=1)`` and only ``RequestOutput.prompt_logprobs``
+is read back. Facts about vLLM this module relies on (checked against vLLM's source,
+``vllm/logprobs.py``, ``vllm/v1/engine/logprobs.py``, ``vllm/sampling_params.py``,
+``vllm/config/model.py``, ``vllm/v1/sample/sampler.py``, late-2025 main / v0.11-v0.12):
+
+* ``RequestOutput.prompt_logprobs`` has one entry per prompt token. Entry 0 is ``None``
+  (nothing predicts the first token); entry ``i`` is the distribution that predicted
+  prompt token ``i``, as ``dict[token_id, Logprob(logprob, rank, decoded_token)]``. It
+  holds the top ``prompt_logprobs`` tokens (``rank`` 1..k, from ``torch.topk``) plus the
+  actual prompt token, whose rank is its rank in the whole vocabulary (number of tokens
+  with log-prob >= its own). When the prompt token is also in the top-k the two collapse
+  into one dict key, so an entry has k or k + 1 items.
+* ``SamplingParams.flat_logprobs=True`` (a per-request field, vLLM >= ~0.12, added in
+  vllm-project/vllm#28171 / #28914) returns a ``FlatLogprobs`` container instead: flat
+  lists ``token_ids``, ``logprobs``, ``ranks``, ``decoded_tokens`` and per-position
+  ``start_indices`` / ``end_indices`` (end exclusive). Position 0 is an empty range.
+  Each position is written as the prompt token first, then the top-k in rank order,
+  *without* de-duplication, so a prompt token inside the top-k appears twice.
+* ``LLM(max_logprobs=...)`` (a ``ModelConfig`` / engine argument) caps both ``logprobs``
+  and ``prompt_logprobs``; the default is 20 and a larger request is rejected, so it is
+  set to this backend's ``max_top_k``.
+* ``LLM(logprobs_mode=...)`` chooses what logprobs and prompt_logprobs hold;
+  ``"raw_logprobs"`` (the default) is the log-softmax of the model's raw logits, before
+  temperature, penalties or any logits processor, which is what a teacher must give.
+* Pre-tokenized prompts are ``TokensPrompt(prompt_token_ids=[...])`` from
+  ``vllm.inputs``, a TypedDict, so a plain ``{"prompt_token_ids": [...]}`` is the same.
+* ``SamplingParams(detokenize=False)`` leaves ``decoded_token`` as ``None`` and skips
+  detokenizing every candidate, which is pure overhead here.
+* Requests that ask for prompt logprobs bypass the prefix cache, so every position is
+  scored; ``LLM.generate`` returns outputs in the order of the prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from mft_pipeline.teacher.base import TeacherScores
+
+INSTALL_HINT = (
+    "The vLLM teacher backend needs vLLM and a CUDA GPU. Install it with "
+    "`pip install 'mft-pipeline[vllm]'` on a machine with an NVIDIA GPU, or use "
+    "`--backend transformers`, which runs anywhere (CPU or GPU)."
+)
+
+
+class VLLMUnavailableError(ImportError, RuntimeError):
+    """vLLM is not installed, or cannot run here (no CUDA GPU).
+
+    It is both an ImportError and a RuntimeError so callers that probe for optional
+    backends with either can fall back to the transformers backend.
+    """
+
+
+def _import_vllm():
+    try:
+        import vllm
+    except ImportError as exc:  # also raised when sys.modules["vllm"] is None
+        raise VLLMUnavailableError(f"vLLM is not installed ({exc}). {INSTALL_HINT}") from exc
+    return vllm
+
+
+def _require_cuda() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise VLLMUnavailableError(
+            f"vLLM is installed but torch.cuda.is_available() is False: no usable CUDA GPU. {INSTALL_HINT}"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Conversion of vLLM's prompt_logprobs into dense (T-1, k) arrays. Pure numpy, no vllm.
+# ---------------------------------------------------------------------------------------
+
+
+def _is_flat(prompt_logprobs: Any) -> bool:
+    return all(hasattr(prompt_logprobs, a) for a in ("start_indices", "end_indices", "token_ids", "logprobs"))
+
+
+def _select_topk(entries: dict[int, tuple[float, int | None]], label: int, top_k: int, pos: int):
+    """Top-k (ids, logprobs) and the label's log-prob from one position's candidates.
+
+    ``entries`` maps token id -> (logprob, rank), later duplicates having overridden
+    earlier ones (as a dict built from vLLM's output does), so a label that is in the
+    top-k carries its top-k rank.
+    """
+    if label not in entries:
+        raise ValueError(
+            f"prompt_logprobs position {pos} has no entry for the prompt token {label}; "
+            "the outputs do not belong to this row"
+        )
+    label_lp, label_rank = entries[label]
+    candidates = entries
+    # vLLM adds the prompt token to the top-k when it is outside it; it is not a top-k
+    # candidate then, so drop it (its rank is above k).
+    if label_rank is not None and label_rank > top_k:
+        candidates = {t: v for t, v in entries.items() if t != label}
+    if len(candidates) < top_k:
+        raise ValueError(
+            f"prompt_logprobs position {pos} has {len(candidates)} top candidates, fewer than "
+            f"top_k={top_k}; was the request made with prompt_logprobs >= top_k?"
+        )
+    best = sorted(candidates.items(), key=lambda kv: (-kv[1][0], kv[0]))[:top_k]
+    return [t for t, _ in best], [v[0] for _, v in best], label_lp
+
+
+def _flat_fast_path(flat, n: int, labels: np.ndarray, top_k: int):
+    """Vectorized conversion of vLLM's own FlatLogprobs layout, or None if it doesn't match.
+
+    The layout is: every scored position has the same width ``1 + K``, stored back to back,
+    prompt token first, then the top-K with ranks 1..K.
+    """
+    m = n - 1
+    starts = np.asarray(flat.start_indices[1:n], dtype=np.int64)
+    ends = np.asarray(flat.end_indices[1:n], dtype=np.int64)
+    width = int(ends[0] - starts[0])
+    if width < top_k + 1 or not np.all(ends - starts == width):
+        return None
+    if not np.array_equal(starts, starts[0] + width * np.arange(m)):
+        return None
+    lo, hi = int(starts[0]), int(starts[0]) + width * m
+    tok = np.asarray(flat.token_ids[lo:hi], dtype=np.int64).reshape(m, width)
+    lp = np.asarray(flat.logprobs[lo:hi], dtype=np.float64).reshape(m, width)
+    ranks = np.asarray(flat.ranks[lo:hi], dtype=np.float64).reshape(m, width)  # None -> nan
+    if not np.array_equal(tok[:, 0], labels) or not np.array_equal(ranks[:, 1:], np.broadcast_to(np.arange(1, width), (m, width - 1))):
+        return None
+    cand_ids, cand_lp = tok[:, 1:], lp[:, 1:]
+    order = np.lexsort((cand_ids, -cand_lp), axis=-1)[:, :top_k]
+    return (
+        np.take_along_axis(cand_ids, order, axis=-1),
+        np.take_along_axis(cand_lp, order, axis=-1),
+        lp[:, 0],
+    )
+
+
+def _position_entries(prompt_logprobs: Any, flat: bool, i: int) -> dict[int, tuple[float, int | None]]:
+    if flat:
+        s, e = prompt_logprobs.start_indices[i], prompt_logprobs.end_indices[i]
+        ranks = getattr(prompt_logprobs, "ranks", None)
+        return {
+            int(prompt_logprobs.token_ids[j]): (float(prompt_logprobs.logprobs[j]), None if ranks is None else ranks[j])
+            for j in range(s, e)
+        }
+    entry = prompt_logprobs[i]
+    if entry is None:
+        raise ValueError(f"prompt_logprobs position {i} is None; only position 0 may be")
+    return {int(t): (float(lp.logprob), getattr(lp, "rank", None)) for t, lp in entry.items()}
+
+
+def scores_from_prompt_logprobs(
+    prompt_logprobs: Any,
+    ids_row: Sequence[int] | np.ndarray,
+    top_k: int,
+    seq_len: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Turn one request's ``RequestOutput.prompt_logprobs`` into one row of TeacherScores.
+
+    Args:
+        prompt_logprobs: vLLM's prompt log-probs for a prompt of ``n`` tokens, either the
+            list form (``[None, {token_id: Logprob}, ...]``) or the flat form (an object with
+            ``start_indices``, ``end_indices``, ``token_ids``, ``logprobs``, ``ranks``).
+        ids_row: the row's token ids; its first ``n`` are the prompt (padding may follow).
+        top_k: candidates to keep per position; the output holds exactly the ``top_k`` best.
+        seq_len: the packed length ``T``; outputs have ``T - 1`` positions.
+
+    Returns:
+        ``(topk_ids (T-1, k) int64, topk_logprobs (T-1, k) float32, label_logprobs (T-1,)
+        float32)``. Position ``t`` predicts ``ids_row[t + 1]`` (prompt_logprobs entry
+        ``t + 1``); candidates are sorted by log-prob, descending, ties by token id; positions
+        at or past ``n - 1`` are zero.
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    if prompt_logprobs is None:
+        raise ValueError("prompt_logprobs is None: the request was made without SamplingParams(prompt_logprobs=k)")
+    flat = _is_flat(prompt_logprobs)
+    n = len(prompt_logprobs.start_indices) if flat else len(prompt_logprobs)
+    ids = np.asarray(ids_row, dtype=np.int64)
+    if n > seq_len:
+        raise ValueError(f"prompt_logprobs has {n} positions, more than seq_len={seq_len}")
+    if n > len(ids):
+        raise ValueError(f"prompt_logprobs has {n} positions but the row has only {len(ids)} ids")
+
+    out_ids = np.zeros((seq_len - 1, top_k), dtype=np.int64)
+    out_lp = np.zeros((seq_len - 1, top_k), dtype=np.float32)
+    out_label = np.zeros(seq_len - 1, dtype=np.float32)
+    if n < 2:
+        return out_ids, out_lp, out_label
+    labels = ids[1:n]
+
+    fast = _flat_fast_path(prompt_logprobs, n, labels, top_k) if flat else None
+    if fast is not None:
+        out_ids[: n - 1], out_lp[: n - 1], out_label[: n - 1] = fast
+        return out_ids, out_lp, out_label
+
+    for t in range(n - 1):
+        entries = _position_entries(prompt_logprobs, flat, t + 1)
+        top_ids, top_lps, label_lp = _select_topk(entries, int(labels[t]), top_k, t + 1)
+        out_ids[t] = top_ids
+        out_lp[t] = top_lps
+        out_label[t] = label_lp
+    return out_ids, out_lp, out_label
+
+
+# ---------------------------------------------------------------------------------------
+# The backend.
+# ---------------------------------------------------------------------------------------
+
+
+def _engine_vocab_size(llm) -> int:
+    """The model's output vocabulary (logit width), from the engine's ModelConfig."""
+    engine = getattr(llm, "llm_engine", None)
+    for owner in (llm, engine, getattr(engine, "vllm_config", None)):
+        model_config = getattr(owner, "model_config", None)
+        if model_config is not None and hasattr(model_config, "get_vocab_size"):
+            return int(model_config.get_vocab_size())
+    return len(llm.get_tokenizer())
+
+
+class VLLMTeacher:
+    """Scores packed sequences with vLLM's offline ``LLM`` engine (CUDA only).
+
+    Args:
+        model: hub id or local folder of the teacher.
+        tokenizer: tokenizer id or folder, if not the model's own.
+        max_top_k: the largest ``top_k`` ``score`` will be asked for; passed to vLLM as
+            ``max_logprobs`` (vLLM's default cap is 20).
+        tensor_parallel_size: GPUs to shard the teacher over.
+        dtype: weights/activations dtype (vLLM's ``"auto"``: bf16 for bf16 checkpoints,
+            fp16 for fp16/fp32 ones).
+        gpu_memory_utilization: share of GPU memory vLLM may take (weights + KV cache).
+        max_model_len: the packed sequence length; no prompt is longer.
+        seed: engine seed (nothing is sampled that we read, but runs stay reproducible).
+        extra_llm_kwargs: anything else for ``vllm.LLM(...)``; overrides the above.
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model: str,
+        tokenizer: str | None = None,
+        max_top_k: int = 20,
+        tensor_parallel_size: int = 1,
+        dtype: str = "auto",
+        gpu_memory_utilization: float = 0.85,
+        max_model_len: int | None = None,
+        seed: int = 0,
+        extra_llm_kwargs: dict[str, Any] | None = None,
+    ):
+        if max_top_k < 1:
+            raise ValueError(f"max_top_k must be at least 1, got {max_top_k}")
+        self._vllm = _import_vllm()
+        _require_cuda()
+        kwargs: dict[str, Any] = dict(
+            model=model,
+            tokenizer=tokenizer,
+            tensor_parallel_size=tensor_parallel_size,
+            dtype=dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            seed=seed,
+            max_logprobs=max_top_k,
+            logprobs_mode="raw_logprobs",
+        )
+        kwargs.update(extra_llm_kwargs or {})
+        self._llm = self._vllm.LLM(**kwargs)
+        self.vocab_size = _engine_vocab_size(self._llm)
+        if max_top_k > self.vocab_size:
+            raise ValueError(f"max_top_k={max_top_k} exceeds the teacher's vocabulary ({self.vocab_size})")
+        self.max_top_k = max_top_k
+        self.max_model_len = max_model_len
+        self._sampling_params: dict[int, Any] = {}
+        try:  # a TypedDict; a plain {"prompt_token_ids": [...]} is what it builds
+            from vllm.inputs import TokensPrompt
+
+            self._tokens_prompt = TokensPrompt
+        except ImportError:
+            self._tokens_prompt = dict
+
+    def _params(self, top_k: int):
+        if top_k not in self._sampling_params:
+            base = dict(prompt_logprobs=top_k, max_tokens=1, temperature=1.0, n=1, detokenize=False)
+            try:
+                params = self._vllm.SamplingParams(**base, flat_logprobs=True)
+            except TypeError:  # vLLM before flat_logprobs existed
+                params = self._vllm.SamplingParams(**base)
+            self._sampling_params[top_k] = params
+        return self._sampling_params[top_k]
+
+    def _prompt(self, token_ids: list[int]):
+        return self._tokens_prompt(prompt_token_ids=token_ids)
+
+    def score(self, input_ids: np.ndarray, num_tokens: np.ndarray, top_k: int) -> TeacherScores:
+        if top_k > self.max_top_k:
+            raise ValueError(
+                f"top_k={top_k} exceeds this vLLM teacher's max_top_k={self.max_top_k} "
+                "(vLLM's max_logprobs); build the teacher with a larger max_top_k"
+            )
+        if top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}")
+        ids = np.asarray(input_ids, dtype=np.int64)
+        num = np.asarray(num_tokens, dtype=np.int64)
+        B, T = ids.shape
+        if num.shape != (B,) or np.any(num < 0) or np.any(num > T):
+            raise ValueError(f"num_tokens must be {B} counts in [0, {T}], got {num_tokens!r}")
+
+        topk_ids = np.zeros((B, T - 1, top_k), dtype=np.int64)
+        topk_lp = np.zeros((B, T - 1, top_k), dtype=np.float32)
+        label_lp = np.zeros((B, T - 1), dtype=np.float32)
+        rows = [b for b in range(B) if num[b] >= 2]  # a row of 0 or 1 tokens predicts nothing
+        if not rows:
+            return TeacherScores(topk_ids, topk_lp, label_lp)
+
+        prompts = [self._prompt(ids[b, : num[b]].tolist()) for b in rows]
+        outputs = self._llm.generate(prompts, self._params(top_k), use_tqdm=False)
+        if len(outputs) != len(rows):
+            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(rows)} prompts")
+        for b, out in zip(rows, outputs):
+            got = getattr(out, "prompt_token_ids", None)
+            if got is not None and (len(got) != num[b] or not np.array_equal(np.asarray(got), ids[b, : num[b]])):
+                raise RuntimeError("vLLM returned outputs out of prompt order")
+            topk_ids[b], topk_lp[b], label_lp[b] = scores_from_prompt_logprobs(out.prompt_logprobs, ids[b], top_k, T)
+        return TeacherScores(topk_ids=topk_ids, topk_logprobs=topk_lp, label_logprobs=label_lp)
+
+    def library_versions(self) -> dict[str, str]:
+        import torch
+
+        return {"vllm": str(self._vllm.__version__), "torch": torch.__version__}

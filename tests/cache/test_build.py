@@ -1,0 +1,236 @@
+"""Stage one against a direct dense computation, plus crash/resume, refusal and worker behaviour."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM
+
+from cli.main import mft
+from conftest import make_documents, write_jsonl
+from mft_pipeline.cache.build import build_cache
+from mft_pipeline.cache.format import MANIFEST, CacheError
+from mft_pipeline.cache.inspect import cache_info, merge_cache, verify_cache
+from mft_pipeline.cache.reader import Cache
+from mft_pipeline.cache.writer import CacheWriter
+from mft_pipeline.config import CacheConfig
+from mft_pipeline.data.corpus import CorpusError
+
+
+def config(corpus, out, model, **kw):
+    base = dict(corpus=str(corpus), out=str(out), model=str(model), seq_len=24, top_k=4, rows_per_shard=5, batch_size=3, val_fraction=0.2)
+    return CacheConfig(**{**base, **kw})
+
+
+def shard_digests(path):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.glob("*.parquet"))}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_model_dir):
+    d = tmp_path_factory.mktemp("built")
+    corpus = write_jsonl(d / "corpus.jsonl", make_documents(40))
+    build_cache(config(corpus, d / "cache", tiny_model_dir))
+    return d / "cache", corpus
+
+
+def test_cached_targets_equal_dense_teacher(built, tiny_model_dir):
+    cache_dir, _ = built
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval()
+    cache = Cache(cache_dir)
+    for name in ("train", "validation"):
+        split = cache.split(name)
+        assert len(split) > 1
+        with torch.no_grad():
+            dense = torch.log_softmax(model(torch.as_tensor(split.input_ids, dtype=torch.long)).logits[:, :-1], -1)
+        labels = split.labels()
+        valid = labels >= 0
+        top = dense.topk(cache.top_k, dim=-1)
+        ids = split.topk_ids.astype(np.int64)
+        assert (ids[valid] == top.indices.numpy()[valid]).all()
+        np.testing.assert_allclose(split.argmax_logprob[valid], top.values[..., 0].numpy()[valid], atol=2e-5)
+        np.testing.assert_allclose(split.topk_logprobs[valid].astype(np.float64), top.values.numpy()[valid], rtol=2e-3, atol=2e-3)
+        label_dense = dense.gather(-1, torch.as_tensor(np.where(valid, labels, 0))[..., None]).squeeze(-1).numpy()
+        np.testing.assert_allclose(split.label_logprobs[valid], label_dense[valid], atol=2e-5)
+        assert (split.label_logprobs[~valid] == 0).all() and (ids[~valid] == 0).all()
+
+
+def test_label_outside_top_k_is_stored(built, tiny_model_dir):
+    split = Cache(built[0]).split("train")
+    labels = split.labels()
+    valid = labels >= 0
+    outside = valid & ~(split.topk_ids.astype(np.int64) == labels[..., None]).any(-1)
+    assert outside.sum() > 10, "the test model must put labels outside the top-k"
+    # Outside the top-k, a label is less likely than the k-th candidate.
+    assert (split.label_logprobs[outside] <= split.topk_logprobs[outside][:, -1].astype(np.float32) + 1e-2).all()
+
+
+def test_every_label_cached_once(built, tiny_tokenizer):
+    cache_dir, corpus = built
+    cache = Cache(cache_dir)
+    manifest = cache.manifest
+    total_docs = manifest["corpus"]["num_documents"]
+    assert total_docs == 40 and 0 < manifest["corpus"]["validation_documents"] < 40
+    for name in ("train", "validation"):
+        split = cache.split(name)
+        assert manifest["splits"][name]["num_labels"] == int((split.labels() >= 0).sum())
+
+
+def test_info_reports_teacher_perplexity(built):
+    cache_dir, _ = built
+    info = cache_info(cache_dir)
+    split = Cache(cache_dir).split("validation")
+    valid = split.labels() >= 0
+    expected = float(np.exp(-split.label_logprobs[valid].astype(np.float64).mean()))
+    row = info["splits"]["validation"]
+    assert row["teacher_perplexity"] == pytest.approx(expected, rel=1e-9)
+    assert row["bytes_per_candidate"] == pytest.approx(row["bytes"] / (row["tokens"] * 4))
+    argmax_acc = ((split.topk_ids[..., 0].astype(np.int64) == split.labels()) & valid).sum() / valid.sum()
+    assert row["teacher_argmax_accuracy"] == pytest.approx(argmax_acc)
+
+
+def test_resume_after_crash_matches_uninterrupted_run(tmp_path, tiny_model_dir, monkeypatch):
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(40))
+    build_cache(config(corpus, tmp_path / "whole", tiny_model_dir))
+
+    real_write = CacheWriter.write_shard
+    calls = {"n": 0}
+
+    def crashing(self, name, table):
+        if calls["n"] == 3:
+            # Die mid-write: a temp file exists, the final name must not.
+            (self.out / f".{name}.tmp").write_bytes(b"partial")
+            raise KeyboardInterrupt("simulated crash")
+        calls["n"] += 1
+        return real_write(self, name, table)
+
+    monkeypatch.setattr(CacheWriter, "write_shard", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(config(corpus, tmp_path / "crashed", tiny_model_dir))
+    crashed = tmp_path / "crashed"
+    assert not (crashed / MANIFEST).exists()
+    assert len(list(crashed.glob("*.parquet"))) == 3
+    assert verify_cache(crashed)  # not a finished cache
+    with pytest.raises(CacheError, match="resume"):
+        build_cache(config(corpus, crashed, tiny_model_dir))
+
+    monkeypatch.setattr(CacheWriter, "write_shard", real_write)
+    build_cache(config(corpus, crashed, tiny_model_dir, resume=True))
+    assert not list(crashed.glob(".*.tmp"))
+    assert shard_digests(crashed) == shard_digests(tmp_path / "whole")
+    assert verify_cache(crashed) == []
+
+
+def test_two_workers_merge_to_single_worker_cache(tmp_path, tiny_model_dir):
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(40))
+    build_cache(config(corpus, tmp_path / "one", tiny_model_dir))
+    build_cache(config(corpus, tmp_path / "two", tiny_model_dir, num_shards=2, shard_index=1))
+    assert not (tmp_path / "two" / MANIFEST).exists()
+    with pytest.raises(CacheError, match="not finished|have not finished"):
+        merge_cache(tmp_path / "two")
+    build_cache(config(corpus, tmp_path / "two", tiny_model_dir, num_shards=2, shard_index=0))
+    assert (tmp_path / "two" / MANIFEST).exists()  # the worker that completes the set writes it
+    assert shard_digests(tmp_path / "two") == shard_digests(tmp_path / "one")
+    assert verify_cache(tmp_path / "two") == []
+    merged = merge_cache(tmp_path / "two")
+    assert merged["splits"] == Cache(tmp_path / "one").manifest["splits"]
+
+
+def test_verify_catches_corruption(built, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(built[0], copy)
+    runner = CliRunner()
+    assert runner.invoke(mft, ["cache-verify", str(copy)]).exit_code == 0
+    shard = sorted(copy.glob("train-*.parquet"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    result = runner.invoke(mft, ["cache-verify", str(copy)])
+    assert result.exit_code == 1 and "checksum" in result.output
+    (copy / "validation-00000.parquet").unlink()
+    assert any("missing" in p for p in verify_cache(copy))
+
+
+# --- refusals: each leaves the output folder untouched -------------------------------------
+
+
+def assert_refused(cfg, exc, match):
+    out = cfg.out
+    before = sorted(os.listdir(out)) if os.path.exists(out) else None
+    with pytest.raises(exc, match=match):
+        build_cache(cfg)
+    after = sorted(os.listdir(out)) if os.path.exists(out) else None
+    assert before == after
+
+
+def test_refuses_empty_corpus(tmp_path, tiny_model_dir):
+    (tmp_path / "empty.jsonl").write_text('{"text": ""}\n{"text": "   "}\n')
+    assert_refused(config(tmp_path / "empty.jsonl", tmp_path / "out", tiny_model_dir), CorpusError, "empty")
+
+
+def test_refuses_missing_text_field(tmp_path, tiny_model_dir):
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(5), field="body")
+    assert_refused(config(corpus, tmp_path / "out", tiny_model_dir), CorpusError, "no text field 'text'.*body")
+
+
+def test_refuses_non_utf8(tmp_path, tiny_model_dir):
+    (tmp_path / "bad.txt").write_bytes(b"fine text\n\nbad \xff\xfe bytes\n")
+    assert_refused(config(tmp_path / "bad.txt", tmp_path / "out", tiny_model_dir), CorpusError, "UTF-8")
+
+
+def test_refuses_k_above_vocab(tmp_path, tiny_model_dir, tiny_tokenizer):
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(5))
+    assert_refused(config(corpus, tmp_path / "out", tiny_model_dir, top_k=len(tiny_tokenizer) + 1), ValueError, "vocabulary")
+
+
+def test_refuses_k_above_vllm_cap_before_loading(tmp_path, tiny_model_dir):
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(5))
+    cfg = config(corpus, tmp_path / "out", "no/such-model-needed", top_k=257, backend="vllm", tokenizer=str(tiny_model_dir))
+    assert_refused(cfg, ValueError, "vllm backend's limit")
+
+
+@pytest.mark.parametrize("what", ["model", "tokenizer"])
+def test_refuses_cache_from_other_model_or_tokenizer(tmp_path, tiny_model_dir, other_model_dir, what):
+    from conftest import train_tokenizer
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(20))
+    out = tmp_path / "cache"
+    build_cache(config(corpus, out, tiny_model_dir))
+    if what == "model":
+        other = other_model_dir
+    else:
+        other = tmp_path / "retok"
+        tok = train_tokenizer(vocab_size=110)
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(other)
+        tok.save_pretrained(other)
+    assert_refused(config(corpus, out, other, resume=True), CacheError, f"other settings(.|\n)*{what}")
+
+
+def test_refuses_non_empty_folder_and_overwrites_on_request(tmp_path, tiny_model_dir):
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(20))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert_refused(config(corpus, out, tiny_model_dir), CacheError, "not a cache")
+    assert_refused(config(corpus, out, tiny_model_dir, overwrite=True), CacheError, "refusing to delete")
+    (out / "notes.txt").unlink()
+    build_cache(config(corpus, out, tiny_model_dir))
+    assert_refused(config(corpus, out, tiny_model_dir), CacheError, "finished cache")
+    build_cache(config(corpus, out, tiny_model_dir, overwrite=True, top_k=3))
+    assert Cache(out).top_k == 3 and verify_cache(out) == []
+
+
+def test_cli_reports_bad_input_without_traceback(tmp_path, tiny_model_dir):
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(5), field="body")
+    result = CliRunner().invoke(mft, ["cache-teacher", "--corpus", str(corpus), "--out", str(tmp_path / "o"), "--model", str(tiny_model_dir)])
+    assert result.exit_code == 2 and "error: " in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(mft, ["cache-teacher", "--corpus", str(corpus), "--out", str(tmp_path / "o"), "--top-k", "0"])
+    assert result.exit_code == 2 and "top_k" in result.output
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,95 @@
+"""Tiny real models and tokenizers, built and trained inside the tests: no network, seconds on CPU."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+WORDS = (
+    "the law of contract requires offer acceptance and consideration between parties "
+    "a court may award damages when a party breaches its duty under the agreement "
+    "general words like river mountain bread music travel garden weather friend "
+    "numbers 1 2 3 4 5 6 7 8 9 0 and symbols , . ; : ( ) - é ü"
+).split()
+
+
+def make_documents(n: int, seed: int = 0, words=WORDS, length=(8, 40)) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(*length))) + "." for _ in range(n)]
+
+
+def write_jsonl(path, docs, field="text"):
+    with open(path, "w") as f:
+        for d in docs:
+            f.write(json.dumps({field: d}) + "\n")
+    return path
+
+
+def train_tokenizer(vocab_size: int = 120):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(make_documents(300, seed=1), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>")
+
+
+def make_model(vocab_size: int, seed: int = 0, layers: int = 2, hidden: int = 32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    # Random init gives near-uniform predictions; a sharper output layer makes top-k
+    # truncation and wrong/right-argmax branches actually occur.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return train_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A from_pretrained folder: a 2-layer, 32-wide Llama and its trained BPE tokenizer."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    make_model(len(tiny_tokenizer)).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def other_model_dir(tmp_path_factory, tiny_tokenizer):
+    """Same architecture and tokenizer, different weights."""
+    path = tmp_path_factory.mktemp("other-model")
+    make_model(len(tiny_tokenizer), seed=1).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    return write_jsonl(tmp_path / "corpus.jsonl", make_documents(60))
