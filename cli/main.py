@@ -8,7 +8,7 @@ import sys
 import click
 
 from cli.options import build, options_from
-from mft_pipeline.config import CacheConfig
+from mft_pipeline.config import CacheConfig, TrainConfig
 
 
 class _Group(click.Group):
@@ -86,3 +86,25 @@ def cache_merge(cache_dir):
     manifest = merge_cache(cache_dir)
     counts = ", ".join(f"{s}: {v['num_sequences']} sequences" for s, v in manifest["splits"].items())
     click.echo(f"merged {cache_dir} ({counts})")
+
+
+@mft.command("train")
+@options_from(TrainConfig)
+def train(**params):
+    """Stage two: train the student on the cached, MFT-corrected teacher targets."""
+    from mft_pipeline.train.loop import train as run
+
+    summary = run(build(TrainConfig, params))
+    click.echo(format_summary(summary))
+
+
+def format_summary(summary: dict) -> str:
+    best, before = summary["best"] or {}, summary["before"]
+    lines = [f"best checkpoint: step {best.get('step')} -> {summary['config']['out']}/best"]
+    if "ppl_spec" in best:
+        lines.append(f"specialized perplexity {before['ppl_spec']:.3f} -> {best['ppl_spec']:.3f}   S  = {100 * best['S']:.2f}%")
+    if "ppl_gen" in best:
+        lines.append(f"general perplexity     {before['ppl_gen']:.3f} -> {best['ppl_gen']:.3f}   DG = {100 * best['DG']:.2f}%")
+    if "DG_over_S" in best:
+        lines.append(f"DG/S = {best['DG_over_S']:.3f}")
+    return "\n".join(lines)

@@ -13,7 +13,7 @@ from mft_pipeline.cache.format import SCHEMA_VERSION, SPLITS, CacheError, arrow_
 from mft_pipeline.cache.writer import CacheWriter
 from mft_pipeline.config import CacheConfig
 from mft_pipeline.data.corpus import load_corpus
-from mft_pipeline.data.packing import Packed, pack, tokenize
+from mft_pipeline.data.packing import Packed, pack_documents
 from mft_pipeline.models import load_model, load_tokenizer, pick_device, tokenizer_fingerprint, weights_fingerprint
 
 # vLLM returns every prompt candidate through its Python output path; past a few hundred
@@ -103,10 +103,9 @@ def build_cache(config: CacheConfig) -> Path:
     """Run stage one. Everything that can be checked is checked before the folder is touched."""
     tokenizer = load_tokenizer(config.tokenizer or config.model)
     corpus = load_corpus(config.corpus, config.text_field, config.sample_by, config.val_fraction)
-    pad = tokenizer.eos_token_id
     caps = {"train": config.max_train_sequences, "validation": config.max_val_sequences}
     packed = {
-        split: pack(tokenize(getattr(corpus, split), tokenizer, desc=f"tokenize {split}"), config.seq_len, pad, caps[split])
+        split: pack_documents(getattr(corpus, split), tokenizer, config.seq_len, caps[split], desc=f"tokenize {split}")
         for split in SPLITS
     }
     if len(packed["train"]) == 0:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -41,12 +40,11 @@ def cache_info(path: str | Path) -> dict:
             labels = split.labels()
             valid = labels != IGNORE_INDEX
             argmax_right = (split.topk_ids[..., 0].astype(np.int64) == labels) & valid
-            nll = -split.label_logprobs[valid].astype(np.float64).sum()
             row.update(
                 bytes_per_token=size / tokens,
                 bytes_per_candidate=size / (tokens * k),
                 teacher_argmax_accuracy=float(argmax_right.sum() / valid.sum()),
-                teacher_perplexity=math.exp(nll / tokens),
+                teacher_perplexity=split.teacher_perplexity(),
             )
         out["splits"][name] = row
     return out

@@ -42,16 +42,31 @@ class CachedSplit:
         valid = np.arange(ids.shape[1])[None] < (self.num_tokens[rows, None] - 1)
         return np.where(valid, ids, IGNORE_INDEX)
 
+    def teacher_perplexity(self) -> float:
+        """The teacher's perplexity on this split, from the cached label log-probs (no forward)."""
+        valid = self.labels() >= 0
+        return float(np.exp(-self.label_logprobs[valid].astype(np.float64).mean()))
+
     def batch(self, rows, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """Tensors for ``sparse_mft_loss``; index 0 of the top-k log-probs is the exact argmax."""
+        """Tensors for ``sparse_mft_loss``, aligned with the model's full (B, T, V) logits.
+
+        Targets are padded by one ignored position at the end instead of the logits being
+        sliced, because slicing the logits would copy them whole.
+
+        Returns: input_ids (B, T); labels (B, T), IGNORE_INDEX where there is no next token;
+        topk_ids (B, T, k); topk_logprobs (B, T, k) with the exact argmax at index 0;
+        label_logprobs (B, T).
+        """
         topk_lp = self.topk_logprobs[rows].astype(np.float32)
         topk_lp[..., 0] = self.argmax_logprob[rows]
+        labels = self.labels(rows)
+        pad = lambda a, value=0: np.concatenate([a, np.full_like(a[:, :1], value)], axis=1)  # noqa: E731
         out = {
             "input_ids": torch.from_numpy(self.input_ids[rows].astype(np.int64)),
-            "labels": torch.from_numpy(self.labels(rows)),
-            "topk_ids": torch.from_numpy(self.topk_ids[rows].astype(np.int64)),
-            "topk_logprobs": torch.from_numpy(topk_lp),
-            "label_logprobs": torch.from_numpy(np.ascontiguousarray(self.label_logprobs[rows])),
+            "labels": torch.from_numpy(pad(labels, IGNORE_INDEX)),
+            "topk_ids": torch.from_numpy(pad(self.topk_ids[rows].astype(np.int64))),
+            "topk_logprobs": torch.from_numpy(pad(topk_lp)),
+            "label_logprobs": torch.from_numpy(pad(self.label_logprobs[rows])),
         }
         return {k: v.to(device) for k, v in out.items()}
 

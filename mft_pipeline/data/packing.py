@@ -54,3 +54,8 @@ def pack(stream: np.ndarray, seq_len: int, pad_id: int, max_sequences: int | Non
         ids[r, : len(chunk)] = chunk
         num[r] = len(chunk)
     return Packed(ids, num)
+
+
+def pack_documents(docs: list[str], tokenizer, seq_len: int, max_sequences: int | None = None, desc: str = "tokenize") -> Packed:
+    """Tokenize and pack in one go; pads with EOS."""
+    return pack(tokenize(docs, tokenizer, desc=desc), seq_len, tokenizer.eos_token_id, max_sequences)

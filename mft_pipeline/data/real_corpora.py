@@ -502,18 +502,28 @@ def gcide_documents(
     """Consecutive cleaned entries grouped into documents of about ``target_chars``.
 
     A document never spans two initial letters; entries are separated by a blank line.
+    ``dict_path``/``index_path`` as in :func:`read_gcide_entries`.
     Ids are ``gcide-000000``, ``gcide-000001``, ... in file (alphabetical) order.
     """
     group: list[str] = []
     size = 0
     letter = None
     n = 0
-    for _headwords, raw in read_gcide_entries(dict_path, index_path):
-        text = clean_gcide_entry(raw)
+    for headwords, raw in read_gcide_entries(dict_path, index_path):
+        # An entry starts at its headword line; text before it (the quotation that
+        # ends dictd's info block) is dropped. dictd splits a few very long entries:
+        # a piece with no headword line continues the entry before it.
+        lines = raw.split("\n")
+        head = next(
+            (i for i, line in enumerate(lines) if line and any(line.startswith(h) for h in headwords)),
+            None,
+        )
+        continuation = head is None
+        text = clean_gcide_entry(raw if continuation else "\n".join(lines[head:]))
         if not text:
             continue
-        first = _letter(text)
-        if group and (first != letter or size >= target_chars):
+        first = letter if continuation else _letter(text)
+        if group and (first != letter or (size >= target_chars and not continuation)):
             yield {"id": f"gcide-{n:06d}", "text": "\n\n".join(group)}
             n += 1
             group, size = [], 0
@@ -530,7 +540,7 @@ _MM_COMMENT_OR_PROOF = re.compile(r"(\$\(.*?\$\))|\$=.*?\$\.", re.S)
 _MM_TOOL_COMMENT = re.compile(r"\$\(\s+\$[tj]\s")
 _MM_COMMENT = re.compile(r"\$\(.*?\$\)", re.S)
 _MM_BANNER = re.compile(
-    r"^[ \t]*\$\([ \t]*\n[ \t]*(?:#{4,}|(?:#\*){3,}|(?:=-){3,}|(?:-\.){3,})", re.M
+    r"^[ \t]*\$\([ \t]*\n\s*(?:#{4,}|(?:#\*){3,}|(?:=-){3,}|(?:-\.){3,})", re.M
 )
 
 
@@ -552,10 +562,26 @@ def strip_metamath_proofs(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", text)
 
 
-def _metamath_chunks(section: str, cut_points: list[int], target: int, minimum: int) -> Iterator[str]:
+def _metamath_chunks(section: str, target: int, minimum: int) -> Iterator[str]:
+    """Cut ``section`` into pieces of about ``target`` characters.
+
+    Preferred cuts are blank lines between statements (outside comments), taken once a
+    piece reaches ``target``; a paragraph break inside a comment is taken past twice
+    that, and any line break past four times that (the label-rename tables in the
+    set.mm header have no blank lines at all). No piece is left under ``minimum``.
+    """
+    comments = [(m.start(), m.end()) for m in _MM_COMMENT.finditer(section)]
+    comment_starts = [a for a, _ in comments]
+    factor: dict[int, int] = {}
+    for m in re.finditer(r"\n", section):
+        factor[m.end()] = 4
+    for m in re.finditer(r"\n[ \t]*\n", section):
+        j = bisect.bisect_right(comment_starts, m.start()) - 1
+        inside = j >= 0 and comments[j][0] <= m.start() < comments[j][1]
+        factor[m.end()] = 2 if inside else 1
     start = 0
-    for cut in cut_points:
-        if cut - start >= target and len(section) - cut >= minimum:
+    for cut in sorted(factor):
+        if cut - start >= factor[cut] * target and len(section) - cut >= minimum:
             yield section[start:cut]
             start = cut
     yield section[start:]
@@ -571,7 +597,8 @@ def metamath_documents(
     """set.mm split at its section banners (``####``, ``#*#*``, ``=-=-``, ``-.-.``).
 
     Sections longer than ``target_chars`` are cut at blank lines outside comments
-    (between statements) into pieces of about that size; a piece or section under
+    (between statements) into pieces of about that size (see ``_metamath_chunks``
+    for comments and tables without blank lines); a piece or section under
     ``min_chars`` is merged into its neighbour. Ids are ``set.mm-00000``, ... in file order.
     """
     if strip_proofs:
@@ -587,15 +614,7 @@ def metamath_documents(
             carry = section
             continue
         carry = ""
-        comments = [(m.start(), m.end()) for m in _MM_COMMENT.finditer(section)]
-        comment_starts = [a for a, _ in comments]
-        cuts = []
-        for m in re.finditer(r"\n[ \t]*\n", section):
-            j = bisect.bisect_right(comment_starts, m.start()) - 1
-            if j >= 0 and comments[j][0] <= m.start() < comments[j][1]:
-                continue  # inside a comment
-            cuts.append(m.end())
-        for chunk in _metamath_chunks(section, cuts, target_chars, min_chars):
+        for chunk in _metamath_chunks(section, target_chars, min_chars):
             chunk = chunk.strip("\n").rstrip()
             if chunk.strip():
                 yield {"id": f"set.mm-{n:05d}", "text": chunk}

@@ -70,7 +70,9 @@ def sparse_mft_loss(
     n = batch * seq
     valid = labels != ignore_index
     n_tokens = valid.sum()
-    # Ignored positions may hold anything; only the counted ones must be real ids.
+    # Ignored positions may hold anything; only the counted ones must be real ids. This is
+    # one host sync per call, cheap next to the forward pass, and turns a silent wrong
+    # gather into a clear error.
     bad_ids = (topk_ids < 0) | (topk_ids >= vocab)
     bad_labels = (labels < 0) | (labels >= vocab)
     if (valid & (bad_labels | bad_ids.any(-1))).any():
@@ -114,7 +116,9 @@ def _check_inputs(
 ) -> None:
     """Raise ``ValueError`` on shapes or dtypes that do not fit the documented layout."""
     if logits.dim() != 3 or not logits.dtype.is_floating_point:
-        raise ValueError(f"logits must be a (B, T, V) float tensor, got {logits.dtype} {tuple(logits.shape)}")
+        raise ValueError(
+            f"logits must be a (B, T, V) float tensor, got {logits.dtype} {tuple(logits.shape)}"
+        )
     batch, seq, vocab = logits.shape
     for name, tensor in (("labels", labels), ("topk_ids", topk_ids)):
         if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
@@ -122,15 +126,17 @@ def _check_inputs(
     for name, tensor in (("topk_logprobs", topk_logprobs), ("label_logprobs", label_logprobs)):
         if not tensor.dtype.is_floating_point:
             raise ValueError(f"{name} must be a float tensor, got {tensor.dtype}")
-    if labels.shape != (batch, seq):
-        raise ValueError(f"labels shape {tuple(labels.shape)} must be (B, T) = {(batch, seq)}")
-    if label_logprobs.shape != (batch, seq):
-        raise ValueError(f"label_logprobs shape {tuple(label_logprobs.shape)} must be (B, T) = {(batch, seq)}")
+    for name, tensor in (("labels", labels), ("label_logprobs", label_logprobs)):
+        if tensor.shape != (batch, seq):
+            raise ValueError(f"{name} shape {tuple(tensor.shape)} must be (B, T) = {(batch, seq)}")
     if topk_ids.dim() != 3 or topk_ids.shape[:2] != (batch, seq):
-        raise ValueError(f"topk_ids shape {tuple(topk_ids.shape)} must be (B, T, k) with (B, T) = {(batch, seq)}")
+        raise ValueError(
+            f"topk_ids shape {tuple(topk_ids.shape)} must be (B, T, k) with (B, T) = {(batch, seq)}"
+        )
     if topk_logprobs.shape != topk_ids.shape:
         raise ValueError(
-            f"topk_logprobs shape {tuple(topk_logprobs.shape)} must equal topk_ids shape {tuple(topk_ids.shape)}"
+            f"topk_logprobs shape {tuple(topk_logprobs.shape)} must equal "
+            f"topk_ids shape {tuple(topk_ids.shape)}"
         )
     k = topk_ids.shape[-1]
     if not 1 <= k <= vocab:
@@ -149,7 +155,10 @@ def _chunk_loss(
     ignore_index: int,
     tail: str,
 ) -> torch.Tensor:
-    """Summed loss of n flattened positions: logits (n, V), labels (n,), topk (n, k), label_logprobs (n,)."""
+    """Summed loss of n flattened positions.
+
+    Shapes: logits (n, V), labels (n,), topk_ids and topk_logprobs (n, k), label_logprobs (n,).
+    """
     dtype = torch.promote_types(logits.dtype, torch.float32)
     z = logits.to(dtype)
     vocab = z.shape[-1]
@@ -188,7 +197,7 @@ def _chunk_loss(
     support.scatter_(-1, ids, True).scatter_(-1, label, True)
     # A finite floor instead of -inf: when S covers the whole vocabulary the tail
     # logsumexp stays finite, and so does its gradient (which is then multiplied by 0).
-    tail_logits = z.masked_fill(support, -torch.inf)
+    tail_logits = z.masked_fill(support, torch.finfo(dtype).min)
     log_tail = torch.logsumexp(tail_logits, dim=-1) - lse
     # With an empty tail any positive c_tail is rounding noise of the cached log-probs;
     # multiplying it by the floor would swamp the loss.

@@ -31,6 +31,9 @@ is read back. Facts about vLLM this module relies on (checked against vLLM's sou
   detokenizing every candidate, which is pure overhead here.
 * Requests that ask for prompt logprobs bypass the prefix cache, so every position is
   scored; ``LLM.generate`` returns outputs in the order of the prompts.
+* The V1 engine (vLLM >= 0.8) refuses a generate request whose prompt is as long as
+  ``max_model_len`` (vllm-project/vllm#16445), and a request must generate at least one
+  token, so the engine is given ``max_model_len = seq_len + 1``.
 """
 
 from __future__ import annotations
@@ -128,7 +131,9 @@ def _flat_fast_path(flat, n: int, labels: np.ndarray, top_k: int):
     tok = np.asarray(flat.token_ids[lo:hi], dtype=np.int64).reshape(m, width)
     lp = np.asarray(flat.logprobs[lo:hi], dtype=np.float64).reshape(m, width)
     ranks = np.asarray(flat.ranks[lo:hi], dtype=np.float64).reshape(m, width)  # None -> nan
-    if not np.array_equal(tok[:, 0], labels) or not np.array_equal(ranks[:, 1:], np.broadcast_to(np.arange(1, width), (m, width - 1))):
+    if not np.array_equal(tok[:, 0], labels):
+        return None
+    if not np.array_equal(ranks[:, 1:], np.broadcast_to(np.arange(1, width), (m, width - 1))):
         return None
     cand_ids, cand_lp = tok[:, 1:], lp[:, 1:]
     order = np.lexsort((cand_ids, -cand_lp), axis=-1)[:, :top_k]
@@ -235,7 +240,8 @@ class VLLMTeacher:
         dtype: weights/activations dtype (vLLM's ``"auto"``: bf16 for bf16 checkpoints,
             fp16 for fp16/fp32 ones).
         gpu_memory_utilization: share of GPU memory vLLM may take (weights + KV cache).
-        max_model_len: the packed sequence length; no prompt is longer.
+        max_model_len: the packed sequence length; no prompt is longer. The engine gets
+            one more position, for the single token vLLM insists on generating.
         seed: engine seed (nothing is sampled that we read, but runs stay reproducible).
         extra_llm_kwargs: anything else for ``vllm.LLM(...)``; overrides the above.
     """
@@ -264,7 +270,7 @@ class VLLMTeacher:
             tensor_parallel_size=tensor_parallel_size,
             dtype=dtype,
             gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len,
+            max_model_len=None if max_model_len is None else max_model_len + 1,
             seed=seed,
             max_logprobs=max_top_k,
             logprobs_mode="raw_logprobs",
@@ -276,6 +282,7 @@ class VLLMTeacher:
             raise ValueError(f"max_top_k={max_top_k} exceeds the teacher's vocabulary ({self.vocab_size})")
         self.max_top_k = max_top_k
         self.max_model_len = max_model_len
+        self._engine_max_len = kwargs.get("max_model_len")
         self._sampling_params: dict[int, Any] = {}
         try:  # a TypedDict; a plain {"prompt_token_ids": [...]} is what it builds
             from vllm.inputs import TokensPrompt
@@ -314,6 +321,12 @@ class VLLMTeacher:
         topk_ids = np.zeros((B, T - 1, top_k), dtype=np.int64)
         topk_lp = np.zeros((B, T - 1, top_k), dtype=np.float32)
         label_lp = np.zeros((B, T - 1), dtype=np.float32)
+        if self._engine_max_len is not None and num.max(initial=0) >= self._engine_max_len:
+            raise ValueError(
+                f"a row has {int(num.max())} tokens but vLLM's max_model_len is {self._engine_max_len}; "
+                "vLLM needs one position more than the longest prompt: build VLLMTeacher with "
+                "max_model_len >= the packed sequence length"
+            )
         rows = [b for b in range(B) if num[b] >= 2]  # a row of 0 or 1 tokens predicts nothing
         if not rows:
             return TeacherScores(topk_ids, topk_lp, label_lp)

@@ -83,11 +83,11 @@ def test_weight_matches_variant_table(variant, tau):
     a = correction_weight(p_m, p_l, right, tau, variant)
 
     assert a.shape == (4, 3) and a.dtype == torch.float64
-    expected = [
-        reference_weight(pm, pl, r, tau, variant)
-        for pm, pl, r in zip(p_m.flatten().tolist(), p_l.flatten().tolist(), right.flatten().tolist())
-    ]
-    torch.testing.assert_close(a.flatten(), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-15)
+    rows = zip(p_m.flatten().tolist(), p_l.flatten().tolist(), right.flatten().tolist())
+    expected = torch.tensor(
+        [reference_weight(pm, pl, r, tau, variant) for pm, pl, r in rows], dtype=torch.float64
+    )
+    torch.testing.assert_close(a.flatten(), expected, rtol=0, atol=1e-15)
     assert ((a >= 0) & (a <= 1)).all()
 
 
@@ -123,9 +123,9 @@ def test_dense_target_matches_reference(variant, tau):
     p = random_distributions(12, 9, seed=1)
     labels = right_and_wrong_labels(p)
     c = dense_corrected_target(p, labels, tau, variant)
+    rows = zip(p.tolist(), labels.tolist())
     expected = torch.tensor(
-        [reference_target(row, label, tau, variant) for row, label in zip(p.tolist(), labels.tolist())],
-        dtype=torch.float64,
+        [reference_target(row, label, tau, variant) for row, label in rows], dtype=torch.float64
     )
     torch.testing.assert_close(c, expected, rtol=0, atol=1e-14)
 
@@ -148,7 +148,8 @@ def test_wrong_branch_label_beats_old_argmax_by_tau(tau):
         c = dense_corrected_target(p, labels, tau, variant)
         rows = torch.arange(10)
         gap = c[rows, labels] - c[rows, order[:, 0]]
-        torch.testing.assert_close(gap, torch.full((10,), tau, dtype=torch.float64), rtol=0, atol=1e-14)
+        expected = torch.full((10,), tau, dtype=torch.float64)
+        torch.testing.assert_close(gap, expected, rtol=0, atol=1e-14)
 
 
 @pytest.mark.parametrize("tau", TAUS)

@@ -48,7 +48,9 @@ def dense_mft_ce(student_logits, teacher_logprobs, labels, tau, variant="mft"):
     return total
 
 
-def bucketed_ce(student_logits, teacher_logprobs, labels, topk_ids, tau, variant="mft", tail="bucket"):
+def bucketed_ce(
+    student_logits, teacher_logprobs, labels, topk_ids, tau, variant="mft", tail="bucket"
+):
     """Sum over positions of the cross-entropy against the sparse target on S = topk + {l}.
 
     "bucket": the teacher's mass outside S becomes one target entry c_R = (1 - a) r matched
@@ -88,7 +90,8 @@ def make_case(seed, vocab=V, batch=B, seq=T, dtype=torch.float64):
     gen = torch.Generator().manual_seed(seed)
     student = torch.randn(batch, seq, vocab, generator=gen, dtype=torch.float64).to(dtype)
     student.requires_grad_(True)
-    teacher_logprobs = (torch.randn(batch, seq, vocab, generator=gen, dtype=torch.float64) * 2.5).log_softmax(-1)
+    teacher_logits = torch.randn(batch, seq, vocab, generator=gen, dtype=torch.float64) * 2.5
+    teacher_logprobs = teacher_logits.log_softmax(-1)
     random_labels = torch.randint(0, vocab, (batch, seq), generator=gen)
     right = (torch.arange(seq) % 2 == 0).expand(batch, seq)
     labels = torch.where(right, teacher_logprobs.argmax(-1), random_labels)
@@ -111,7 +114,15 @@ def loss_and_grad(loss_fn, student):
 
 def sparse_loss_fn(teacher_logprobs, labels, k, tau, **kwargs):
     topk_ids, topk_logprobs, label_logprobs = cache_for(teacher_logprobs, labels, k)
-    return lambda z: sparse_mft_loss(z, labels, topk_ids, topk_logprobs, label_logprobs, tau, **kwargs)[0]
+    cache = (topk_ids, topk_logprobs, label_logprobs)
+    return lambda z: sparse_mft_loss(z, labels, *cache, tau, **kwargs)[0]
+
+
+def cross_entropy_fn(labels):
+    def loss_fn(z):
+        return F.cross_entropy(z.reshape(-1, z.shape[-1]), labels.reshape(-1), reduction="sum")
+
+    return loss_fn
 
 
 # 1. k = V: the sparse loss is the dense MFT cross-entropy.
@@ -122,7 +133,9 @@ def sparse_loss_fn(teacher_logprobs, labels, k, tau, **kwargs):
 def test_full_vocab_equals_dense_mft(variant, tau):
     student, teacher, labels = make_case(seed=1)
     got, got_grad = loss_and_grad(sparse_loss_fn(teacher, labels, V, tau, variant=variant), student)
-    want, want_grad = loss_and_grad(lambda z: dense_mft_ce(z, teacher, labels, tau, variant), student)
+    want, want_grad = loss_and_grad(
+        lambda z: dense_mft_ce(z, teacher, labels, tau, variant), student
+    )
     torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
     torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=1e-9)
     assert torch.isfinite(got_grad).all()
@@ -143,9 +156,7 @@ def test_return_types():
 def test_plain_finetuning_is_cross_entropy(k, tau, variant):
     student, teacher, labels = make_case(seed=3)
     got, got_grad = loss_and_grad(sparse_loss_fn(teacher, labels, k, tau, variant=variant), student)
-    want, want_grad = loss_and_grad(
-        lambda z: F.cross_entropy(z.reshape(-1, V), labels.reshape(-1), reduction="sum"), student
-    )
+    want, want_grad = loss_and_grad(cross_entropy_fn(labels), student)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=1e-12)
 
@@ -160,7 +171,9 @@ def test_bucket_matches_reference(k, variant, tau):
     student, teacher, labels = make_case(seed=4)
     topk_ids = teacher.topk(k, dim=-1).indices
     got, got_grad = loss_and_grad(sparse_loss_fn(teacher, labels, k, tau, variant=variant), student)
-    want, want_grad = loss_and_grad(lambda z: bucketed_ce(z, teacher, labels, topk_ids, tau, variant), student)
+    want, want_grad = loss_and_grad(
+        lambda z: bucketed_ce(z, teacher, labels, topk_ids, tau, variant), student
+    )
     torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
     torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=1e-9)
 
@@ -169,7 +182,8 @@ def test_bucket_matches_reference(k, variant, tau):
 def test_renormalize_matches_its_reference(k):
     student, teacher, labels = make_case(seed=5)
     topk_ids = teacher.topk(k, dim=-1).indices
-    got, got_grad = loss_and_grad(sparse_loss_fn(teacher, labels, k, 0.25, tail="renormalize"), student)
+    loss_fn = sparse_loss_fn(teacher, labels, k, 0.25, tail="renormalize")
+    got, got_grad = loss_and_grad(loss_fn, student)
     want, want_grad = loss_and_grad(
         lambda z: bucketed_ce(z, teacher, labels, topk_ids, 0.25, tail="renormalize"), student
     )
@@ -195,7 +209,8 @@ def test_renormalize_is_over_confident_bucket_is_not():
     _, teacher, _ = make_case(seed=7)
     labels = teacher.argmax(-1)
     k = 3
-    support = torch.zeros_like(teacher, dtype=torch.bool).scatter(-1, teacher.topk(k, dim=-1).indices, True)
+    topk_ids = teacher.topk(k, dim=-1).indices
+    support = torch.zeros_like(teacher, dtype=torch.bool).scatter(-1, topk_ids, True)
     teacher_mass_on_s = (teacher.exp() * support).sum(-1)
     assert (teacher_mass_on_s < 0.999).all()
 
@@ -208,7 +223,8 @@ def test_renormalize_is_over_confident_bucket_is_not():
             torch.testing.assert_close(grad, torch.zeros_like(grad), rtol=0, atol=1e-12)
 
     torch.testing.assert_close(implied_mass["bucket"], teacher_mass_on_s, rtol=0, atol=1e-12)
-    torch.testing.assert_close(implied_mass["renormalize"], torch.ones_like(teacher_mass_on_s), rtol=0, atol=1e-12)
+    ones = torch.ones_like(teacher_mass_on_s)
+    torch.testing.assert_close(implied_mass["renormalize"], ones, rtol=0, atol=1e-12)
 
 
 def test_label_outside_topk():
@@ -218,7 +234,8 @@ def test_label_outside_topk():
     topk_ids = teacher.topk(k, dim=-1).indices
     assert not (topk_ids == labels.unsqueeze(-1)).any()
     for variant in VARIANTS:
-        got, got_grad = loss_and_grad(sparse_loss_fn(teacher, labels, k, 0.25, variant=variant), student)
+        loss_fn = sparse_loss_fn(teacher, labels, k, 0.25, variant=variant)
+        got, got_grad = loss_and_grad(loss_fn, student)
         want, want_grad = loss_and_grad(
             lambda z: bucketed_ce(z, teacher, labels, topk_ids, 0.25, variant), student
         )
@@ -232,7 +249,9 @@ def test_label_inside_topk_counted_once():
     topk_ids = teacher.topk(k, dim=-1).indices
     labels = topk_ids[..., 2]  # in the top-k, not the argmax
     got, got_grad = loss_and_grad(sparse_loss_fn(teacher, labels, k, 0.25), student)
-    want, want_grad = loss_and_grad(lambda z: bucketed_ce(z, teacher, labels, topk_ids, 0.25), student)
+    want, want_grad = loss_and_grad(
+        lambda z: bucketed_ce(z, teacher, labels, topk_ids, 0.25), student
+    )
     torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
     torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=1e-9)
 
@@ -241,12 +260,11 @@ def test_certain_teacher_has_no_nan():
     # A one-hot teacher: p_l == 1 (a = 1 by definition) and -inf log-probs in the cache.
     student, _, _ = make_case(seed=10)
     labels = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0))
-    teacher = torch.full((B, T, V), -math.inf, dtype=torch.float64).scatter(-1, labels.unsqueeze(-1), 0.0)
+    teacher = torch.full((B, T, V), -math.inf, dtype=torch.float64)
+    teacher.scatter_(-1, labels.unsqueeze(-1), 0.0)
     for k in (1, 3, V):
         got, got_grad = loss_and_grad(sparse_loss_fn(teacher, labels, k, 0.25), student)
-        want, want_grad = loss_and_grad(
-            lambda z: F.cross_entropy(z.reshape(-1, V), labels.reshape(-1), reduction="sum"), student
-        )
+        want, want_grad = loss_and_grad(cross_entropy_fn(labels), student)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
         torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=1e-12)
 
@@ -269,7 +287,10 @@ def test_ignored_positions_contribute_nothing_even_with_garbage_cache():
     loss.backward()
     assert n_tokens.item() == B * T - 3
     reference_ids = teacher.topk(3, dim=-1).indices
-    want, want_grad = loss_and_grad(lambda z: bucketed_ce(z, teacher, labels, reference_ids, 0.25), student.detach().clone().requires_grad_(True))
+    want, want_grad = loss_and_grad(
+        lambda z: bucketed_ce(z, teacher, labels, reference_ids, 0.25),
+        student.detach().clone().requires_grad_(True),
+    )
     torch.testing.assert_close(loss.detach(), want, rtol=0, atol=1e-9)
     torch.testing.assert_close(student.grad, want_grad, rtol=0, atol=1e-9)
     assert torch.equal(student.grad[ignored], torch.zeros_like(student.grad[ignored]))
@@ -279,10 +300,22 @@ def test_all_ignored_batch_is_zero_not_nan():
     student, teacher, labels = make_case(seed=12)
     topk_ids, topk_logprobs, label_logprobs = cache_for(teacher, labels, 3)
     labels = torch.full_like(labels, IGNORE_INDEX)
-    loss, n_tokens = sparse_mft_loss(student, labels, topk_ids.zero_(), topk_logprobs.zero_(), label_logprobs, 0.25)
+    garbage = (topk_ids.zero_(), topk_logprobs.zero_(), label_logprobs)
+    loss, n_tokens = sparse_mft_loss(student, labels, *garbage, 0.25)
     loss.backward()
     assert loss.item() == 0.0 and n_tokens.item() == 0
     assert torch.equal(student.grad, torch.zeros_like(student.grad))
+
+
+def test_empty_batch():
+    student = torch.zeros(2, 0, V, dtype=torch.float64, requires_grad=True)
+    empty = torch.zeros(2, 0, dtype=torch.int64)
+    loss, n_tokens = sparse_mft_loss(
+        student, empty, torch.zeros(2, 0, 3, dtype=torch.int64),
+        torch.zeros(2, 0, 3), torch.zeros(2, 0), 0.25,
+    )
+    loss.backward()
+    assert loss.item() == 0.0 and n_tokens.item() == 0
 
 
 def test_custom_ignore_index():
@@ -401,7 +434,13 @@ def test_rejects_bad_arguments():
 def test_rejects_mismatched_shapes_and_dtypes(which, bad):
     student, teacher, labels = make_case(seed=19)
     ids, logprobs, label_logprobs = cache_for(teacher, labels, 3)
-    args = {"logits": student, "labels": labels, "topk_ids": ids, "topk_logprobs": logprobs, "label_logprobs": label_logprobs}
+    args = {
+        "logits": student,
+        "labels": labels,
+        "topk_ids": ids,
+        "topk_logprobs": logprobs,
+        "label_logprobs": label_logprobs,
+    }
     args[which] = bad(args[which])
     with pytest.raises(ValueError):
         sparse_mft_loss(**args, tau=0.25)
@@ -427,7 +466,8 @@ def test_rejects_out_of_range_ids_at_counted_positions():
 def test_low_precision_logits(dtype, atol):
     student, teacher, labels = make_case(seed=21, vocab=40, dtype=dtype)
     # The cache stores float32 log-probs.
-    ids, logprobs, label_logprobs = (t.float() if t.is_floating_point() else t for t in cache_for(teacher, labels, 5))
+    ids, logprobs, label_logprobs = cache_for(teacher, labels, 5)
+    logprobs, label_logprobs = logprobs.float(), label_logprobs.float()
     loss, _ = sparse_mft_loss(student, labels, ids, logprobs, label_logprobs, 0.25)
     loss.backward()
     assert loss.dtype == torch.float32 and torch.isfinite(loss)

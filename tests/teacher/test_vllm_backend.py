@@ -329,6 +329,8 @@ def make_fake_vllm(flat_supported: bool = True):
             outs = []
             for p in prompts:
                 ids = list(p["prompt_token_ids"])
+                limit = self.kwargs.get("max_model_len")
+                assert limit is None or len(ids) < limit, "V1 refuses a prompt as long as max_model_len"
                 outs.append(RequestOutput(ids, build(fake_table(ids), np.array(ids), k)))
             return outs
 
@@ -370,7 +372,8 @@ def test_teacher_end_to_end_on_fake_vllm(fake_vllm, flat_supported):
     assert teacher.name == "vllm" and teacher.max_top_k == 8 and teacher.vocab_size == V_FAKE
     assert llm.kwargs["max_logprobs"] == 8 and llm.kwargs["logprobs_mode"] == "raw_logprobs"
     assert llm.kwargs["model"] == "tiny/model" and llm.kwargs["tokenizer"] == "tiny/tok"
-    assert llm.kwargs["max_model_len"] == 10 and llm.kwargs["seed"] == 3 and llm.kwargs["enforce_eager"]
+    # One position beyond the packed length: V1 refuses a prompt as long as max_model_len.
+    assert llm.kwargs["max_model_len"] == 11 and llm.kwargs["seed"] == 3 and llm.kwargs["enforce_eager"]
     assert llm.kwargs["tensor_parallel_size"] == 1 and llm.kwargs["dtype"] == "auto"
     assert llm.kwargs["gpu_memory_utilization"] == 0.85
 
@@ -403,6 +406,8 @@ def test_teacher_end_to_end_on_fake_vllm(fake_vllm, flat_supported):
 
     with pytest.raises(ValueError, match="max_top_k"):
         teacher.score(input_ids, num_tokens, top_k=9)
+    with pytest.raises(ValueError, match="max_model_len"):
+        teacher.score(rng.integers(0, V_FAKE, size=(1, 12)), np.array([11]), top_k=k)
     assert teacher.library_versions()["vllm"] == "0.0.fake"
     assert "torch" in teacher.library_versions()
 
