@@ -28,7 +28,7 @@ def write_jsonl(path, docs, field="text"):
     return path
 
 
-def train_tokenizer(vocab_size: int = 120):
+def train_tokenizer(vocab_size: int = 400, seed: int = 1):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -41,7 +41,7 @@ def train_tokenizer(vocab_size: int = 120):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(make_documents(300, seed=1), trainer=trainer)
+    tok.train_from_iterator(make_documents(300, seed=seed), trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>")
 
 
@@ -79,6 +79,13 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     make_model(len(tiny_tokenizer)).save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
+
+
+def other_tokenizer():
+    """A tokenizer that really differs: fewer merges, learned from other text."""
+    tok = train_tokenizer(vocab_size=330, seed=7)
+    assert tok.get_vocab() != train_tokenizer().get_vocab()
+    return tok
 
 
 @pytest.fixture(scope="session")

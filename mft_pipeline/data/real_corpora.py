@@ -67,6 +67,8 @@ __all__ = [
     "iter_corpus",
     "gcide_documents",
     "clean_gcide_entry",
+    "gcide_accents",
+    "fetch_deb",
     "read_gcide_entries",
     "strip_metamath_proofs",
     "metamath_documents",
@@ -125,6 +127,15 @@ def corpus_filename(name: str, max_documents: int | None = None, max_chars: int 
     return "-".join(parts) + ".jsonl"
 
 
+def _json_line(obj: dict) -> str:
+    """One JSON line, UTF-8 text, with the characters ``str.splitlines`` would split on
+    (U+2028, U+2029, U+0085, left raw by json.dumps) escaped so readers can't misparse."""
+    line = json.dumps(obj, ensure_ascii=False)
+    for ch in ("\u2028", "\u2029", "\x85"):
+        line = line.replace(ch, f"\\u{ord(ch):04x}")
+    return line + "\n"
+
+
 def write_jsonl(
     docs: Iterable[dict],
     path: str | os.PathLike,
@@ -154,7 +165,7 @@ def write_jsonl(
                     if n_docs:
                         break
                     text = text[:max_chars]
-                f.write(json.dumps({"id": doc["id"], "text": text}, ensure_ascii=False) + "\n")
+                f.write(_json_line({"id": doc["id"], "text": text}))
                 n_docs += 1
                 n_chars += len(text)
         if n_docs == 0:
@@ -220,7 +231,8 @@ def _run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess
 
 
 def _deb_manual(package: str, cache: Path) -> str:
-    return f"cd {cache} && apt-get download {package} && dpkg -x {package}_*.deb {package}"
+    cache = Path(cache).resolve()
+    return f"mkdir -p {cache} && cd {cache} && apt-get download {package} && dpkg -x {package}_*.deb {package}"
 
 
 def _apt_needs_update(stderr: str) -> bool:
@@ -363,7 +375,9 @@ def _decode_entry(raw: bytes) -> str:
         return raw.decode("cp1252", errors="replace")
 
 
-def read_gcide_entries(dict_path: str | os.PathLike, index_path: str | os.PathLike | None = None) -> list[tuple[list[str], str]]:
+def read_gcide_entries(
+    dict_path: str | os.PathLike, index_path: str | os.PathLike | None = None
+) -> list[tuple[list[str], str]]:
     """The dictionary's entries in file order as ``(headwords, raw_text)``.
 
     ``dict_path`` is the dictd ``.dict.dz`` (gzip-compatible) or plain ``.dict``; the

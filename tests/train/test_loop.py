@@ -1,0 +1,167 @@
+"""Stage two end to end on a tiny model: learning, resume, refusals, batching and the budget."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from cli.main import mft
+from conftest import WORDS, make_documents, make_model, write_jsonl
+from mft_pipeline.cache.build import build_cache
+from mft_pipeline.config import CacheConfig, TrainConfig
+from mft_pipeline.train import loop
+from mft_pipeline.train.loop import MismatchError, train
+
+SPECIAL = WORDS[:25]  # the "legal" words
+GENERAL = WORDS[25:45]
+
+
+def pretrain(model, tokenizer, docs, steps=60, lr=3e-3):
+    """A few steps on general text, so the teacher knows something it can forget."""
+    ids = torch.tensor(tokenizer("\n".join(docs))["input_ids"][: 32 * 64]).view(-1, 32)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for step in range(steps):
+        batch = ids[(step * 8) % len(ids) :][:8]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_tokenizer):
+    d = tmp_path_factory.mktemp("train")
+    general = make_documents(200, seed=3, words=GENERAL)
+    model = pretrain(make_model(len(tiny_tokenizer), seed=2), tiny_tokenizer, general)
+    model.save_pretrained(d / "teacher")
+    tiny_tokenizer.save_pretrained(d / "teacher")
+    corpus = write_jsonl(d / "special.jsonl", make_documents(80, seed=4, words=SPECIAL))
+    gen_eval = write_jsonl(d / "general.jsonl", make_documents(30, seed=5, words=GENERAL))
+    build_cache(CacheConfig(corpus=str(corpus), out=str(d / "cache"), model=str(d / "teacher"), seq_len=32, top_k=6, val_fraction=0.2))
+    return d
+
+
+def cfg(setup, out, **kw):
+    base = dict(cache=str(setup / "cache"), out=str(out), steps=8, batch_size=4, lr=2e-3, eval_every=4, general_eval=str(setup / "general.jsonl"), general_max_sequences=8)
+    return TrainConfig(**{**base, **kw})
+
+
+def rows(run, kind):
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def test_specialized_loss_falls_and_checkpoint_loads(setup, tmp_path):
+    summary = train(cfg(setup, tmp_path / "run", steps=12))
+    before, best = summary["before"], summary["best"]
+    assert best["ppl_spec"] < before["ppl_spec"] and best["S"] > 0.05
+    # The student starts as the teacher: its before-perplexity is the cached teacher's.
+    assert before["ppl_spec"] == pytest.approx(before["teacher_ppl_spec"], rel=1e-4)
+    evals = rows(tmp_path / "run", "eval")
+    assert [r["step"] for r in evals] == [4, 8, 12]
+    assert best["ppl_spec"] == min(r["ppl_spec"] for r in evals)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "best")
+    AutoTokenizer.from_pretrained(tmp_path / "run" / "best")
+    assert (tmp_path / "run" / "best" / "model.safetensors").exists()
+    from mft_pipeline.eval.metrics import model_perplexity
+    from mft_pipeline.cache.reader import Cache
+
+    val = Cache(setup / "cache").split("validation")
+    assert model_perplexity(model, val.input_ids, val.num_tokens) == pytest.approx(best["ppl_spec"], rel=1e-4)
+
+
+def test_mft_forgets_less_than_ft(setup, tmp_path):
+    ft = train(cfg(setup, tmp_path / "ft", variant="ft", steps=12))["best"]
+    mft_ = train(cfg(setup, tmp_path / "mft", variant="mft", tau=0.25, steps=12))["best"]
+    assert ft["DG"] > 0, "finetuning on the special words must cost general perplexity here"
+    assert mft_["DG"] < ft["DG"]
+    assert ft["S"] > mft_["S"] > 0
+
+
+def test_tau_one_is_plain_finetuning(setup, tmp_path):
+    a = train(cfg(setup, tmp_path / "a", variant="ft", steps=3, eval_every=3))
+    b = train(cfg(setup, tmp_path / "b", variant="mft", tau=1.0, steps=3, eval_every=3))
+    assert [r["loss"] for r in rows(tmp_path / "a", "train")] == pytest.approx([r["loss"] for r in rows(tmp_path / "b", "train")], rel=1e-6)
+    assert a["best"]["ppl_spec"] == pytest.approx(b["best"]["ppl_spec"], rel=1e-5)
+
+
+def test_micro_batch_accumulation_matches_one_big_batch(setup, tmp_path):
+    train(cfg(setup, tmp_path / "big", steps=2, batch_size=4, grad_accum=1, eval_every=2))
+    train(cfg(setup, tmp_path / "small", steps=2, batch_size=1, grad_accum=4, eval_every=2))
+    big = AutoModelForCausalLM.from_pretrained(tmp_path / "big" / "best").state_dict()
+    small = AutoModelForCausalLM.from_pretrained(tmp_path / "small" / "best").state_dict()
+    for name in big:
+        torch.testing.assert_close(big[name], small[name], rtol=1e-4, atol=1e-6)
+
+
+def test_resume_continues_the_same_trajectory(setup, tmp_path, monkeypatch):
+    train(cfg(setup, tmp_path / "whole", steps=8, eval_every=2, schedule="cosine", warmup_steps=2))
+
+    real_save = loop.save_pretrained
+
+    def dying_save(model, tokenizer, path, state=None):
+        real_save(model, tokenizer, path, state)
+        if state is not None and state["step"] == 4:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(loop, "save_pretrained", dying_save)
+    killed = cfg(setup, tmp_path / "killed", steps=8, eval_every=2, schedule="cosine", warmup_steps=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(killed)
+    monkeypatch.setattr(loop, "save_pretrained", real_save)
+    with pytest.raises(Exception, match="not empty"):
+        train(killed)
+    with pytest.raises(ValueError, match="same settings"):
+        train(cfg(setup, tmp_path / "killed", steps=9, eval_every=2, schedule="cosine", warmup_steps=2, resume=True))
+    train(cfg(setup, tmp_path / "killed", steps=8, eval_every=2, schedule="cosine", warmup_steps=2, resume=True))
+
+    whole, resumed = rows(tmp_path / "whole", "train"), rows(tmp_path / "killed", "train")
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in whole], rel=1e-5)
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "whole" / "last").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "killed" / "last").state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7)
+
+
+def test_refuses_a_student_of_another_teacher(setup, tmp_path, other_model_dir):
+    with pytest.raises(MismatchError, match="allow-different-student"):
+        train(cfg(setup, tmp_path / "r", student=str(other_model_dir)))
+    assert not (tmp_path / "r").exists()
+    summary = train(cfg(setup, tmp_path / "ok", student=str(other_model_dir), allow_different_student=True, steps=2, eval_every=2))
+    assert summary["best"]["step"] == 2
+
+
+def test_refuses_another_tokenizer_even_when_allowed(setup, tmp_path):
+    from conftest import other_tokenizer
+
+    other = tmp_path / "retok"
+    tok = other_tokenizer()
+    AutoModelForCausalLM.from_pretrained(setup / "teacher").save_pretrained(other)
+    tok.save_pretrained(other)
+    with pytest.raises(MismatchError, match="tokenizer"):
+        train(cfg(setup, tmp_path / "r", student=str(other), allow_different_student=True))
+
+
+def test_degeneralization_budget_stops_and_keeps_best_within(setup, tmp_path):
+    summary = train(cfg(setup, tmp_path / "run", variant="ft", lr=5e-3, steps=40, eval_every=2, max_degeneralization=1.0))
+    evals = rows(tmp_path / "run", "eval")
+    assert summary["stopped_early"] and not evals[-1]["within_budget"] and evals[-1]["step"] < 40
+    assert all(r["within_budget"] for r in evals[:-1])
+    if summary["best"] is not None:
+        assert 100 * summary["best"]["DG"] <= 1.0
+
+
+def test_cli_train_prints_s_and_dg(setup, tmp_path):
+    result = CliRunner().invoke(mft, ["train", "--cache", str(setup / "cache"), "--out", str(tmp_path / "cli"), "--steps", "2", "--eval-every", "2", "--general-eval", str(setup / "general.jsonl")])
+    assert result.exit_code == 0, result.output
+    assert "S  =" in result.output and "DG =" in result.output
+    bad = CliRunner().invoke(mft, ["train", "--cache", str(setup / "cache"), "--out", str(tmp_path / "x"), "--tau", "1.5"])
+    assert bad.exit_code == 2 and "tau" in bad.output
+    missing = CliRunner().invoke(mft, ["train", "--cache", str(tmp_path / "nope"), "--out", str(tmp_path / "y")])
+    assert missing.exit_code == 2 and "not a finished cache" in missing.output
