@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Install, then run the unit suite (CPU, no network; GPU, vLLM and slow tests are opt-in markers).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+. .venv/bin/activate
+python -m pytest -q "$@"
