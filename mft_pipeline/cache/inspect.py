@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ from mft_pipeline.cache.format import (
     worker_name,
 )
 from mft_pipeline.cache.reader import Cache
-from mft_pipeline.cache.writer import write_manifest
+from mft_pipeline.cache.writer import settings_differences, write_manifest
 from mft_pipeline.distill.sparse_loss import IGNORE_INDEX
 
 
@@ -89,13 +91,17 @@ def verify_cache(path: str | Path) -> list[str]:
     return problems
 
 
-def merge_cache(path: str | Path) -> dict:
-    """Write ``manifest.json`` from the parts that ``--num-shards`` workers left in one folder.
+def merge_cache(path: str | Path, sources: tuple[str | Path, ...] = ()) -> dict:
+    """Make one finished cache from the parts that ``--num-shards`` workers wrote.
 
-    Checks that every worker finished with the same settings and that the shards cover the
-    planned corpus with no gap.
+    With no ``sources``, the workers shared the folder ``path``. With ``sources``, each worker
+    (or group of workers, e.g. one per node) wrote its own folder; their shards are linked or
+    copied into the new folder ``path``. Either way the parts must come from the same model,
+    tokenizer and settings, and cover the planned corpus with no gap and no overlap.
     """
     path = Path(path)
+    if sources:
+        _gather(path, [Path(s) for s in sources])
     settings_path = path / SETTINGS
     if not settings_path.exists():
         raise CacheError(f"{path}: no {SETTINGS}; is this a stage-one output folder?")
@@ -112,3 +118,48 @@ def merge_cache(path: str | Path) -> dict:
                 raise CacheError(f"{f}: missing or changed since worker {i} wrote it")
     write_manifest(path, settings, n)
     return read_json(path / MANIFEST)
+
+
+def _gather(out: Path, sources: list[Path]) -> None:
+    """Link (or copy) the workers' parts from ``sources`` into the new folder ``out``."""
+    if out.exists() and any(out.iterdir()):
+        raise CacheError(f"{out}: merge target must be a new or empty folder")
+    settings = None
+    owner: dict[str, Path] = {}
+    for src in sources:
+        if not (src / SETTINGS).exists():
+            raise CacheError(f"{src}: no {SETTINGS}; not a stage-one output folder")
+        theirs = read_json(src / SETTINGS)
+        if settings is None:
+            settings = theirs
+        elif theirs != settings:
+            diffs = settings_differences(settings, theirs)
+            raise CacheError(f"{src}: made with other settings than {sources[0]}:\n  " + "\n  ".join(diffs[:10]))
+        for part in sorted(src.glob("worker-*-of-*.json")):
+            if part.name in owner:
+                raise CacheError(f"{part.name} is in both {owner[part.name]} and {src} (overlapping parts)")
+            owner[part.name] = src
+    n = settings["num_workers"]
+    missing = [i for i in range(n) if worker_name(i, n) not in owner]
+    if missing:
+        raise CacheError(f"workers {missing} of {n} have not finished in any of the given folders; rerun them with --shard-index I --resume")
+    tmp = out.with_name(out.name + ".merging")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copy2(sources[0] / SETTINGS, tmp / SETTINGS)
+    for name, src in owner.items():
+        for shard in read_json(src / name)["shards"]:
+            _link_or_copy(src / shard, tmp / shard)
+        shutil.copy2(src / name, tmp / name)
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    if not src.exists():
+        raise CacheError(f"{src}: recorded by its worker but missing")
+    try:
+        os.link(src, dst)  # same filesystem: no copy of possibly large shards
+    except OSError:
+        shutil.copy2(src, dst)

@@ -26,12 +26,12 @@ from mft_pipeline.cache.format import (
 _OWN = re.compile(r"^(\.?.*\.tmp|(train|validation)-\d{5}\.parquet|worker-\d{5}-of-\d{5}\.json|manifest\.json|cache-settings\.json)$")
 
 
-def _differences(a: dict, b: dict, prefix="") -> list[str]:
+def settings_differences(a: dict, b: dict, prefix="") -> list[str]:
     out = []
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key), b.get(key)
         if isinstance(va, dict) and isinstance(vb, dict):
-            out += _differences(va, vb, f"{prefix}{key}.")
+            out += settings_differences(va, vb, f"{prefix}{key}.")
         elif va != vb:
             out.append(f"{prefix}{key}: existing {va!r} vs now {vb!r}")
     return out
@@ -69,7 +69,7 @@ class CacheWriter:
         if entries:
             if not settings_path.exists():
                 raise CacheError(f"{self.out}: holds cache files but no {SETTINGS}; use --overwrite")
-            diffs = _differences(read_json(settings_path), self.settings)
+            diffs = settings_differences(read_json(settings_path), self.settings)
             if diffs:
                 raise CacheError(
                     f"{self.out}: the existing cache was made with other settings:\n  "
@@ -123,10 +123,16 @@ class CacheWriter:
 
 def write_manifest(out: Path, settings: dict, num_workers: int) -> dict:
     """Join the workers' shard records into ``manifest.json``, checking none is missing."""
-    records = {}
+    planned_by = {p["file"]: p["worker"] for p in settings["plan"]}
+    records: dict[str, dict] = {}
     for i in range(num_workers):
         part = read_json(out / worker_name(i, num_workers))
-        records.update(part["shards"])
+        for name, record in part["shards"].items():
+            if name in records:
+                raise CacheError(f"{out}: shard {name} is recorded by two workers (overlapping parts)")
+            if planned_by.get(name) != i:
+                raise CacheError(f"{out}: worker {i} recorded {name}, which the plan gives to worker {planned_by.get(name)}")
+            records[name] = record
     splits: dict[str, dict] = {}
     for planned in settings["plan"]:
         name = planned["file"]

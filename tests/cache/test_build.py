@@ -234,3 +234,48 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, tiny_model_dir):
     result = CliRunner().invoke(mft, ["cache-teacher", "--corpus", str(corpus), "--out", str(tmp_path / "o"), "--top-k", "0"])
     assert result.exit_code == 2 and "top_k" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_workers_in_separate_folders_merge_into_one_cache(tmp_path, tiny_model_dir):
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(40))
+    build_cache(config(corpus, tmp_path / "one", tiny_model_dir))
+    for i in range(2):
+        build_cache(config(corpus, tmp_path / f"node{i}", tiny_model_dir, num_shards=2, shard_index=i))
+    result = CliRunner().invoke(mft, ["cache-merge", str(tmp_path / "merged"), str(tmp_path / "node0"), str(tmp_path / "node1")])
+    assert result.exit_code == 0, result.output
+    assert shard_digests(tmp_path / "merged") == shard_digests(tmp_path / "one")
+    assert verify_cache(tmp_path / "merged") == []
+    one, merged = Cache(tmp_path / "one"), Cache(tmp_path / "merged")
+    for split in ("train", "validation"):
+        np.testing.assert_array_equal(one.split(split).topk_ids, merged.split(split).topk_ids)
+
+
+def test_merge_refuses_gaps_overlaps_and_mixed_settings(tmp_path, tiny_model_dir):
+    import shutil
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(40))
+    for i in range(2):
+        build_cache(config(corpus, tmp_path / f"node{i}", tiny_model_dir, num_shards=2, shard_index=i))
+    with pytest.raises(CacheError, match=r"workers \[1\] of 2 have not finished"):
+        merge_cache(tmp_path / "gap", (tmp_path / "node0",))
+    shutil.copytree(tmp_path / "node0", tmp_path / "node0-again")
+    with pytest.raises(CacheError, match="overlapping"):
+        merge_cache(tmp_path / "overlap", (tmp_path / "node0", tmp_path / "node0-again", tmp_path / "node1"))
+    build_cache(config(corpus, tmp_path / "k3", tiny_model_dir, num_shards=2, shard_index=1, top_k=3))
+    with pytest.raises(CacheError, match="other settings(.|\n)*top_k"):
+        merge_cache(tmp_path / "mixed", (tmp_path / "node0", tmp_path / "k3"))
+    # A worker that claims a shard the plan gives to another worker is an overlap too.
+    part = tmp_path / "node1" / "worker-00001-of-00002.json"
+    import json
+
+    data = json.loads(part.read_text())
+    stolen = json.loads((tmp_path / "node0" / "worker-00000-of-00002.json").read_text())["shards"]
+    name, record = next(iter(stolen.items()))
+    data["shards"][name] = record
+    part.write_text(json.dumps(data))
+    shutil.copy(tmp_path / "node0" / name, tmp_path / "node1" / name)
+    with pytest.raises(CacheError, match="plan gives to worker 0|two workers"):
+        merge_cache(tmp_path / "stolen", (tmp_path / "node0", tmp_path / "node1"))
+    for bad in ("gap", "overlap", "mixed"):
+        assert not (tmp_path / bad).exists()
+    assert not (tmp_path / "stolen" / MANIFEST).exists()
