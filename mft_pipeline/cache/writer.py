@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mft_pipeline.cache.format import (
+    BYTE_STREAM_SPLIT,
     COMPRESSION,
     COMPRESSION_LEVEL,
     MANIFEST,
@@ -102,7 +103,10 @@ class CacheWriter:
     def write_shard(self, name: str, table: pa.Table) -> None:
         final = self.out / name
         tmp = self.out / f".{name}.tmp"
-        pq.write_table(table, tmp, compression=COMPRESSION, compression_level=COMPRESSION_LEVEL)
+        pq.write_table(
+            table, tmp, compression=COMPRESSION, compression_level=COMPRESSION_LEVEL,
+            use_dictionary=False, use_byte_stream_split=list(BYTE_STREAM_SPLIT),
+        )
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, final)  # atomic: a shard under its final name is always complete
