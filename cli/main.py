@@ -9,6 +9,7 @@ import click
 
 from cli.options import build, options_from
 from mft_pipeline.config import CacheConfig, TrainConfig
+from mft_pipeline.sweep.grid import GRID_FIELDS, SweepConfig
 
 
 class _Group(click.Group):
@@ -78,14 +79,31 @@ def cache_verify(cache_dir):
 
 
 @mft.command("cache-merge")
-@click.argument("cache_dir", type=click.Path(exists=True, file_okay=False))
-def cache_merge(cache_dir):
-    """Join the parts written by --num-shards workers into one cache (manifest.json)."""
+@click.argument("cache_dir", type=click.Path(file_okay=False))
+@click.argument("parts", nargs=-1, type=click.Path(exists=True, file_okay=False))
+def cache_merge(cache_dir, parts):
+    """Join the parts of --num-shards workers into one cache.
+
+    With only CACHE_DIR, the workers shared that folder. With PARTS, each worker wrote its own
+    folder and CACHE_DIR is the new, merged cache.
+    """
     from mft_pipeline.cache.inspect import merge_cache
 
-    manifest = merge_cache(cache_dir)
+    manifest = merge_cache(cache_dir, tuple(parts))
     counts = ", ".join(f"{s}: {v['num_sequences']} sequences" for s, v in manifest["splits"].items())
     click.echo(f"merged {cache_dir} ({counts})")
+
+
+@mft.command("quickstart")
+@click.option("--workdir", default=".mft-quickstart", show_default=True, help="Where corpora, cache and runs go; finished parts are reused.")
+@click.option("--steps", default=16, show_default=True, help="Optimizer steps per method.")
+@click.option("--no-ft", is_flag=True, help="Train only MFT, not the plain-finetuning comparison.")
+def quickstart(workdir, steps, no_ft):
+    """Cache SmolLM2-135M on license texts and train MFT and FT from it on CPU; print S and DG."""
+    from mft_pipeline.quickstart import run_quickstart
+
+    for variant, summary in run_quickstart(workdir, steps=steps, compare_ft=not no_ft).items():
+        click.echo(f"\n== {variant.upper()} ==\n" + format_summary(summary))
 
 
 @mft.command("train")
@@ -107,4 +125,38 @@ def format_summary(summary: dict) -> str:
         lines.append(f"general perplexity     {before['ppl_gen']:.3f} -> {best['ppl_gen']:.3f}   DG = {100 * best['DG']:.2f}%")
     if "DG_over_S" in best:
         lines.append(f"DG/S = {best['DG_over_S']:.3f}")
+    if summary.get("adapter"):
+        lines.append("checkpoints are PEFT adapters (adapter_model.safetensors + adapter_config.json)")
+    if summary.get("merged"):
+        lines.append(f"merged model: {summary['merged']}")
+    if summary.get("uses_general_data"):
+        lines.append("note: this run used general-domain data (replay)")
     return "\n".join(lines)
+
+
+@mft.command("sweep")
+@options_from(SweepConfig)
+@options_from(TrainConfig, exclude=GRID_FIELDS)
+def sweep(**params):
+    """Train a grid of methods from one cache (one run folder each; finished runs are skipped), then report.
+
+    Every run gets the same data, steps and seed; only the method changes. The other options
+    are those of `mft train` and apply to every run.
+    """
+    from mft_pipeline.sweep.grid import run_sweep
+
+    run_sweep(build(SweepConfig, params), params, log=click.echo)
+
+
+@mft.command("report")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for report.md, report.csv and tradeoff.png.")
+def report(run_dirs, out):
+    """Table (markdown, CSV) of S, DG and DG/S per run, like the paper's Table 2, and a DG-vs-S plot.
+
+    RUN_DIRS are run folders of `mft train`, or folders holding them (a sweep folder).
+    """
+    from mft_pipeline.sweep.report import write_report
+
+    for path in write_report(run_dirs, out):
+        click.echo(f"wrote {path}")

@@ -19,16 +19,17 @@ def _base(tp):
     return tp, False
 
 
-def options_from(cls, positional: tuple[str, ...] = ()):
+def options_from(cls, positional: tuple[str, ...] = (), exclude: tuple[str, ...] = ()):
     """Decorator adding one click parameter per field of ``cls``.
 
     Fields named in ``positional`` become arguments; booleans become ``--flag``s; every other
-    field becomes ``--field-name`` with the field's default and help.
+    field becomes ``--field-name`` with the field's default and help. Fields in ``exclude``
+    get no parameter.
     """
     hints = typing.get_type_hints(cls)
 
     def decorate(f):
-        for fld in reversed(dataclasses.fields(cls)):
+        for fld in reversed([d for d in dataclasses.fields(cls) if d.name not in exclude]):
             tp, _ = _base(hints[fld.name])
             help_ = fld.metadata.get("help", "")
             if fld.name in positional:

@@ -11,6 +11,8 @@ DEFAULT_MODEL = "smollm2-135m"
 BACKENDS = ("auto", "transformers", "vllm")
 SAMPLE_BY = ("paragraph", "document", "line")
 SCHEDULES = ("constant", "cosine")
+PEFT_METHODS = ("none", "lora", "dora", "ia3")
+DEFAULT_REPLAY_FRACTION = 0.5
 
 
 def doc(help: str, **kw):
@@ -96,6 +98,34 @@ class TrainConfig:
         default=None,
     )
     allow_different_student: bool = doc("Train a student whose weights differ from the teacher's (the tokenizer must still match).", default=False)
+    peft: str = doc(
+        "Parameter-efficient finetuning: none (all weights train), lora, dora or ia3 (from the peft library). "
+        "Composes with every --variant; checkpoints are then adapters.",
+        default="none",
+    )
+    peft_rank: int = doc("LoRA/DoRA rank.", default=8)
+    peft_alpha: float = doc("LoRA/DoRA scaling alpha (the update is scaled by alpha / rank).", default=16.0)
+    peft_targets: str | None = doc(
+        "Comma-separated module names the adapter wraps (e.g. q_proj,v_proj). Default: every Linear layer but the "
+        "output head, i.e. all attention and MLP projections.",
+        default=None,
+    )
+    merge_adapter: bool = doc("With --peft: also write best-merged/, the best adapter merged into a plain from_pretrained model.", default=False)
+    replay: str | None = doc(
+        "Replay: a stage-one cache of GENERAL-domain text made with the same teacher; its training sequences are mixed "
+        "into every batch (targets corrected under MFT, one-hot under FT). Results are labelled as using general data.",
+        default=None,
+    )
+    replay_fraction: float | None = doc(
+        f"With --replay: share of each optimizer step's sequences (batch-size x grad-accum) drawn from the general-domain "
+        f"cache, in (0, 1); the rest come from the specialized cache. Default {DEFAULT_REPLAY_FRACTION} (the paper's 50%).",
+        default=None,
+    )
+    online: bool = doc(
+        "Online reference mode: load the cache's teacher next to the student and train on its dense, full-vocabulary "
+        "corrected distribution instead of the cached top-k. Slower; for measuring the sparse cache's fidelity.",
+        default=False,
+    )
     device: str = doc("Torch device (auto, cpu, cuda, ...).", default="auto")
     resume: bool = doc("Continue a killed run from its last checkpoint.", default=False)
 
@@ -118,6 +148,25 @@ class TrainConfig:
             raise ValueError("warmup_steps must be >= 0")
         if self.max_degeneralization is not None and not self.max_degeneralization >= 0:
             raise ValueError("max_degeneralization is a percentage >= 0")
+        _check_choice("peft", self.peft, PEFT_METHODS)
+        _check_positive("peft_rank", self.peft_rank)
+        if not (self.peft_alpha > 0 and math.isfinite(self.peft_alpha)):
+            raise ValueError(f"peft_alpha must be positive, got {self.peft_alpha}")
+        if self.peft == "none" and (self.merge_adapter or self.peft_targets is not None):
+            raise ValueError("--merge-adapter and --peft-targets need --peft lora, dora or ia3")
+        if self.peft_targets is not None and not [t for t in self.peft_targets.split(",") if t.strip()]:
+            raise ValueError("peft_targets names no module")
+        if self.replay is None:
+            if self.replay_fraction is not None:
+                raise ValueError("--replay-fraction needs --replay (a general-domain cache)")
+        else:
+            if self.replay_fraction is None:
+                # Frozen dataclass: the effective default is stored, so run-config.json and reports show it.
+                object.__setattr__(self, "replay_fraction", DEFAULT_REPLAY_FRACTION)
+            if not (isinstance(self.replay_fraction, (int, float)) and 0 < self.replay_fraction < 1):
+                raise ValueError(f"replay_fraction must be in (0, 1), got {self.replay_fraction}")
+        if self.online and self.tail != "bucket":
+            raise ValueError("--tail is about cached top-k targets; --online uses the dense teacher distribution")
 
 
 def _check_choice(name, value, choices):

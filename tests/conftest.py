@@ -100,3 +100,55 @@ def other_model_dir(tmp_path_factory, tiny_tokenizer):
 @pytest.fixture
 def corpus_file(tmp_path):
     return write_jsonl(tmp_path / "corpus.jsonl", make_documents(60))
+
+
+# Stage two: a teacher that knows general words, a cache of "legal" text it was not trained on.
+SPECIAL = WORDS[:25]
+GENERAL = WORDS[25:45]
+
+
+def pretrain(model, tokenizer, docs, steps=60, lr=3e-3):
+    """A few steps on general text, so the teacher knows something it can forget."""
+    ids = torch.tensor(tokenizer("\n".join(docs))["input_ids"][: 32 * 64]).view(-1, 32)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for step in range(steps):
+        batch = ids[(step * 8) % len(ids) :][:8]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def stage_two(tmp_path_factory, tiny_tokenizer):
+    """Folder with teacher/, cache/ (special words, k=6), general.jsonl (for DG) and general-cache/
+    (other general-domain text cached with the same teacher, for replay)."""
+    from mft_pipeline.cache.build import build_cache
+    from mft_pipeline.config import CacheConfig
+
+    d = tmp_path_factory.mktemp("stage-two")
+    general = make_documents(200, seed=3, words=GENERAL)
+    model = pretrain(make_model(len(tiny_tokenizer), seed=2), tiny_tokenizer, general)
+    model.save_pretrained(d / "teacher")
+    tiny_tokenizer.save_pretrained(d / "teacher")
+    corpus = write_jsonl(d / "special.jsonl", make_documents(80, seed=4, words=SPECIAL))
+    write_jsonl(d / "general.jsonl", make_documents(30, seed=5, words=GENERAL))
+    replay = write_jsonl(d / "replay.jsonl", make_documents(60, seed=6, words=GENERAL))
+    build_cache(CacheConfig(corpus=str(corpus), out=str(d / "cache"), model=str(d / "teacher"), seq_len=32, top_k=6, val_fraction=0.2))
+    build_cache(CacheConfig(corpus=str(replay), out=str(d / "general-cache"), model=str(d / "teacher"), seq_len=32, top_k=4, val_fraction=0.0))
+    return d
+
+
+def train_config(d, out, **kw):
+    """A few-step TrainConfig on the ``stage_two`` folder ``d``."""
+    from mft_pipeline.config import TrainConfig
+
+    base = dict(cache=str(d / "cache"), out=str(out), steps=8, batch_size=4, lr=2e-3, eval_every=4, general_eval=str(d / "general.jsonl"), general_max_sequences=8)
+    return TrainConfig(**{**base, **kw})
+
+
+def metric_rows(run, kind):
+    """The rows of one kind ("before", "train", "eval") in a run's metrics.jsonl."""
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]

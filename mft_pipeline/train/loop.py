@@ -17,9 +17,11 @@ from mft_pipeline.cache.reader import Cache
 from mft_pipeline.config import TrainConfig
 from mft_pipeline.data.corpus import load_documents
 from mft_pipeline.data.packing import pack_documents
+from mft_pipeline.distill.online import dense_mft_loss
 from mft_pipeline.distill.sparse_loss import sparse_mft_loss
 from mft_pipeline.eval.metrics import degeneralization, dg_over_s, model_perplexity, specialization
 from mft_pipeline.models import load_model, load_tokenizer, pick_device, tokenizer_fingerprint, weights_fingerprint
+from mft_pipeline.train import peft as adapters
 from mft_pipeline.train.checkpoint import find_resumable, load_state, save_pretrained
 
 RUN_CONFIG = "run-config.json"
@@ -58,10 +60,70 @@ def lr_lambda(config: TrainConfig, total_steps: int):
     return factor
 
 
-def batch_order(n_rows: int, rows_needed: int, seed: int) -> np.ndarray:
-    """Row indices for the whole run: one fresh seeded permutation per epoch, concatenated."""
+def batch_order(n_rows: int, rows_needed: int, seed: int, stream: int | None = None) -> np.ndarray:
+    """Row indices for the whole run: one fresh seeded permutation per epoch, concatenated.
+
+    ``stream`` gives another source (the replay cache) its own order under the same seed.
+    """
+    if rows_needed == 0:
+        return np.zeros(0, dtype=np.int64)
     epochs = -(-rows_needed // n_rows)
-    return np.concatenate([np.random.default_rng([seed, e]).permutation(n_rows) for e in range(epochs)])[:rows_needed]
+    key = lambda e: [seed, e] if stream is None else [seed, stream, e]  # noqa: E731
+    return np.concatenate([np.random.default_rng(key(e)).permutation(n_rows) for e in range(epochs)])[:rows_needed]
+
+
+def micro_batches(special_rows: np.ndarray, replay_rows: np.ndarray, batch_size: int):
+    """Split one optimizer step's rows (specialized first, then replay) into micro-batches.
+
+    Yields ``(special, replay)`` row arrays per micro-batch. The step's set of rows does not
+    depend on how it is cut, so accumulation stays equivalent to one big batch.
+    """
+    n_special = len(special_rows)
+    for start in range(0, n_special + len(replay_rows), batch_size):
+        stop = start + batch_size
+        yield special_rows[start:stop], replay_rows[max(0, start - n_special) : max(0, stop - n_special)]
+
+
+def replay_rows_per_step(config: TrainConfig) -> int:
+    """General-domain sequences in each optimizer step: the replay fraction of batch_size x grad_accum."""
+    if not config.replay:
+        return 0
+    rows_per_step = config.batch_size * config.grad_accum
+    n = round(config.replay_fraction * rows_per_step)
+    if not 0 < n < rows_per_step:
+        raise ValueError(
+            f"replay fraction {config.replay_fraction} of {rows_per_step} sequences per step leaves {n} general-domain "
+            "ones; use a larger --batch-size or --grad-accum"
+        )
+    return n
+
+
+def open_replay(config: TrainConfig, cache: Cache) -> Cache:
+    """The general-domain replay cache, refused unless the same teacher and tokenizer made it."""
+    replay_rows_per_step(config)  # refuse an impossible share before anything is loaded
+    replay = Cache(config.replay)
+    for part in ("model", "tokenizer"):
+        if replay.manifest[part]["fingerprint"] != cache.manifest[part]["fingerprint"]:
+            raise MismatchError(
+                f"--replay {config.replay}: made with another {part} ({replay.manifest[part]['id']}) than the training cache "
+                f"({cache.manifest[part]['id']}); cache the general-domain corpus with the same teacher"
+            )
+    if replay.seq_len != cache.seq_len:
+        raise CacheError(f"--replay {config.replay}: seq_len {replay.seq_len} differs from the training cache's {cache.seq_len}")
+    if not replay.has("train"):
+        raise CacheError(f"--replay {config.replay}: no training sequences")
+    if config.general_eval and Path(config.general_eval).resolve() == Path(replay.manifest["corpus"]["path"]).resolve():
+        print("warning: --general-eval is the corpus replay trains on; DG will look better than it is", file=sys.stderr)
+    return replay
+
+
+def load_online_teacher(cache: Cache, device: torch.device):
+    """The cache's own teacher, frozen, for the online reference mode."""
+    # Fingerprinted in float32 like the student; kept in bf16 on GPU, where it runs under autocast anyway.
+    teacher = load_model(cache.manifest["model"]["id"], device, dtype=torch.float32).eval().requires_grad_(False)
+    if weights_fingerprint(teacher) != cache.manifest["model"]["fingerprint"]:
+        raise MismatchError(f"{cache.manifest['model']['id']}: the teacher's weights changed since the cache was made")
+    return teacher.to(torch.bfloat16) if device.type == "cuda" else teacher
 
 
 def _prepare_run_dir(config: TrainConfig) -> Path | None:
@@ -92,7 +154,12 @@ def train(config: TrainConfig) -> dict:
     torch.manual_seed(config.seed)
     # fp32 master weights everywhere; bf16 only inside autocast on GPU.
     model = load_model(student_spec, device, dtype=torch.float32)
+    # Checked on the base weights, before any adapter is put on them.
     check_student(cache, tokenizer, model, config.allow_different_student)
+    replay = open_replay(config, cache) if config.replay else None
+    teacher = load_online_teacher(cache, device) if config.online else None
+    if config.peft != "none":
+        model = adapters.wrap(model, config)
     resume_from = _prepare_run_dir(config)
     out = Path(config.out)
 
@@ -106,10 +173,16 @@ def train(config: TrainConfig) -> dict:
         print("warning: the cache has no validation split; S cannot be measured and the last step is kept", file=sys.stderr)
 
     rows_per_step = config.batch_size * config.grad_accum
+    # Every method gets the same number of steps of the same size; replay takes its share of each step.
     total_steps = config.steps or max(1, math.ceil((config.epochs or 1.0) * len(train_split) / rows_per_step))
-    order = batch_order(len(train_split), total_steps * rows_per_step, config.seed)
+    replay_per_step = replay_rows_per_step(config)
+    special_per_step = rows_per_step - replay_per_step
+    order = batch_order(len(train_split), total_steps * special_per_step, config.seed)
+    replay_split = replay.split("train") if replay else None
+    replay_order = batch_order(len(replay_split), total_steps * replay_per_step, config.seed, stream=1) if replay else order[:0]
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -123,7 +196,10 @@ def train(config: TrainConfig) -> dict:
 
     if resume_from is not None:
         state = load_state(resume_from)
-        model.load_state_dict(load_model(str(resume_from), device, dtype=torch.float32).state_dict())
+        if config.peft != "none":
+            adapters.load_adapter_weights(model, resume_from)
+        else:
+            model.load_state_dict(load_model(str(resume_from), device, dtype=torch.float32).state_dict())
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
@@ -136,7 +212,29 @@ def train(config: TrainConfig) -> dict:
         before = evaluate()
         if val_split is not None:
             before["teacher_ppl_spec"] = val_split.teacher_perplexity()
-        _log(out, {"step": 0, "kind": "before", **before})
+        _log(out, {"step": 0, "kind": "before", "uses_general_data": replay is not None, **before})
+
+    def micro_batch_loss(parts: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed loss and token count of one micro-batch: rows of the specialized cache, then of the replay cache."""
+        input_ids = torch.cat([part["input_ids"] for part in parts])
+        with torch.autocast(**autocast):
+            logits = model(input_ids=input_ids).logits
+        if teacher is not None:
+            # Online reference mode: the live teacher's dense distribution replaces the cached top-k.
+            with torch.no_grad(), torch.autocast(**autocast):
+                teacher_logits = teacher(input_ids=input_ids).logits
+            labels = torch.cat([part["labels"] for part in parts])
+            return dense_mft_loss(logits, teacher_logits, labels, tau=config.tau, variant=config.variant)
+        # One loss call per source, on its rows of the logits: the two caches may keep different top-k sizes.
+        loss_sum, n_tokens, first = 0.0, 0, 0
+        for part in parts:
+            n_rows = len(part["input_ids"])
+            part_loss, part_tokens = sparse_mft_loss(
+                logits[first : first + n_rows], part["labels"], part["topk_ids"], part["topk_logprobs"], part["label_logprobs"],
+                tau=config.tau, variant=config.variant, tail=config.tail,
+            )
+            loss_sum, n_tokens, first = loss_sum + part_loss, n_tokens + part_tokens, first + n_rows
+        return loss_sum, n_tokens
 
     def metrics_row(step: int, current: dict) -> dict:
         row = {"step": step, "kind": "eval", **current}
@@ -149,19 +247,21 @@ def train(config: TrainConfig) -> dict:
         return row
 
     stopped_early = False
-    bar = tqdm(total=total_steps, initial=start_step, desc=f"train ({config.variant}, tau={config.tau})", unit="step")
+    method = [config.variant, f"tau={config.tau:g}"]
+    method += [config.peft] if config.peft != "none" else []
+    method += [f"replay {config.replay_fraction:g}"] if replay else []
+    method += ["online"] if config.online else []
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"train ({', '.join(method)})", unit="step")
     for step in range(start_step, total_steps):
         model.train()
         loss_total, tokens_total = torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device)
-        for micro in range(config.grad_accum):
-            first = (step * config.grad_accum + micro) * config.batch_size
-            batch = train_split.batch(order[first : first + config.batch_size], device)
-            with torch.autocast(**autocast):
-                logits = model(input_ids=batch["input_ids"]).logits
-            loss_sum, n_tokens = sparse_mft_loss(
-                logits, batch["labels"], batch["topk_ids"], batch["topk_logprobs"], batch["label_logprobs"],
-                tau=config.tau, variant=config.variant, tail=config.tail,
-            )
+        special_rows = order[step * special_per_step : (step + 1) * special_per_step]
+        replay_rows = replay_order[step * replay_per_step : (step + 1) * replay_per_step]
+        for special, general_rows in micro_batches(special_rows, replay_rows, config.batch_size):
+            parts = [train_split.batch(special, device)] if len(special) else []
+            if len(general_rows):
+                parts.append(replay_split.batch(general_rows, device))
+            loss_sum, n_tokens = micro_batch_loss(parts)
             loss_sum.backward()
             loss_total += loss_sum.detach()
             tokens_total += n_tokens
@@ -170,7 +270,7 @@ def train(config: TrainConfig) -> dict:
         for p in model.parameters():
             if p.grad is not None:
                 p.grad.div_(n)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm or float("inf"))
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -206,7 +306,21 @@ def train(config: TrainConfig) -> dict:
         save_pretrained(model, tokenizer, out / "last", state=state)
     bar.close()
 
-    summary = {"before": before, "best": best, "steps": total_steps, "stopped_early": stopped_early, "config": dataclasses.asdict(config)}
+    merged = None
+    if config.merge_adapter and (out / "best").exists():
+        merged = out / "best-merged"
+        adapters.merge(student_spec, out / "best", tokenizer, merged)
+    summary = {
+        "before": before,
+        "best": best,
+        "steps": total_steps,
+        "stopped_early": stopped_early,
+        # Replay trains on general-domain data; reports must not compare it on equal terms.
+        "uses_general_data": replay is not None,
+        "adapter": config.peft != "none",
+        "merged": str(merged) if merged else None,
+        "config": dataclasses.asdict(config),
+    }
     (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

@@ -10,50 +10,15 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cli.main import mft
-from conftest import WORDS, make_documents, make_model, write_jsonl
-from mft_pipeline.cache.build import build_cache
-from mft_pipeline.config import CacheConfig, TrainConfig
+from conftest import metric_rows as rows
+from conftest import train_config as cfg
 from mft_pipeline.train import loop
 from mft_pipeline.train.loop import MismatchError, train
 
-SPECIAL = WORDS[:25]  # the "legal" words
-GENERAL = WORDS[25:45]
 
-
-def pretrain(model, tokenizer, docs, steps=60, lr=3e-3):
-    """A few steps on general text, so the teacher knows something it can forget."""
-    ids = torch.tensor(tokenizer("\n".join(docs))["input_ids"][: 32 * 64]).view(-1, 32)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    model.train()
-    for step in range(steps):
-        batch = ids[(step * 8) % len(ids) :][:8]
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_tokenizer):
-    d = tmp_path_factory.mktemp("train")
-    general = make_documents(200, seed=3, words=GENERAL)
-    model = pretrain(make_model(len(tiny_tokenizer), seed=2), tiny_tokenizer, general)
-    model.save_pretrained(d / "teacher")
-    tiny_tokenizer.save_pretrained(d / "teacher")
-    corpus = write_jsonl(d / "special.jsonl", make_documents(80, seed=4, words=SPECIAL))
-    gen_eval = write_jsonl(d / "general.jsonl", make_documents(30, seed=5, words=GENERAL))
-    build_cache(CacheConfig(corpus=str(corpus), out=str(d / "cache"), model=str(d / "teacher"), seq_len=32, top_k=6, val_fraction=0.2))
-    return d
-
-
-def cfg(setup, out, **kw):
-    base = dict(cache=str(setup / "cache"), out=str(out), steps=8, batch_size=4, lr=2e-3, eval_every=4, general_eval=str(setup / "general.jsonl"), general_max_sequences=8)
-    return TrainConfig(**{**base, **kw})
-
-
-def rows(run, kind):
-    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+@pytest.fixture
+def setup(stage_two):
+    return stage_two
 
 
 def test_specialized_loss_falls_and_checkpoint_loads(setup, tmp_path):
