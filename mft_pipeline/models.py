@@ -84,16 +84,17 @@ def pick_device(name: str) -> torch.device:
 
 
 def weights_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 4096) -> str:
-    """Hash of every tensor's name, shape and a strided sample of its values (as float32).
+    """Hash of every tensor's name, shape and a strided sample of its values, rounded to bfloat16.
 
     Sampling keeps this to a second even for large models; any real change of weights
-    (finetuning, another checkpoint) moves the sampled values.
+    (finetuning, another checkpoint) moves the sampled values. Rounding to bfloat16 makes a
+    teacher loaded in bf16 on a GPU fingerprint like the same weights loaded in fp32.
     """
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         flat = tensor.detach().reshape(-1)
         step = max(1, flat.numel() // samples_per_tensor)
-        sample = flat[::step][:samples_per_tensor].to("cpu", torch.float32).contiguous()
+        sample = flat[::step][:samples_per_tensor].to("cpu", torch.bfloat16).float().contiguous()
         h.update(f"{name}:{tuple(tensor.shape)}".encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()[:32]
