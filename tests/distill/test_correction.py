@@ -10,20 +10,9 @@ import torch
 from mft_pipeline.distill import VARIANTS, check_tau, correction_weight, dense_corrected_target
 from mft_pipeline.distill.correction import check_variant
 
+from mft_reference import reference_weight
+
 TAUS = (0.0, 0.1, 0.25, 0.7, 1.0)
-
-
-def reference_weight(p_m: float, p_l: float, right: bool, tau: float, variant: str) -> float:
-    """The spec's table, written out for one position."""
-    if variant == "ft":
-        return 1.0
-    if right:
-        if variant in ("distill+ft", "single-correction"):
-            return 0.0
-        return 1.0 if p_l == 1.0 else (min(1.0, p_l + tau) - p_l) / (1.0 - p_l)
-    if variant == "distill+ft":
-        return 1.0
-    return (p_m - p_l + tau) / (1.0 + p_m - p_l)
 
 
 def reference_target(p: list[float], label: int, tau: float, variant: str) -> list[float]:
