@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -19,10 +20,11 @@ class _Group(click.Group):
         from mft_pipeline.cache.format import CacheError
         from mft_pipeline.data.corpus import CorpusError
         from mft_pipeline.models import ModelLoadError
+        from mft_pipeline.teacher.vllm_backend import VLLMUnavailableError
 
         try:
             return super().invoke(ctx)
-        except (CacheError, CorpusError, ModelLoadError, ValueError) as e:
+        except (CacheError, CorpusError, ModelLoadError, VLLMUnavailableError, ValueError) as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
 
@@ -113,7 +115,8 @@ def train(**params):
     from mft_pipeline.train.loop import train as run
 
     summary = run(build(TrainConfig, params))
-    click.echo(format_summary(summary))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports for all
+        click.echo(format_summary(summary))
 
 
 def format_summary(summary: dict) -> str:
@@ -160,3 +163,7 @@ def report(run_dirs, out):
 
     for path in write_report(run_dirs, out):
         click.echo(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    mft()

@@ -289,3 +289,15 @@ def test_shards_use_zstd_and_byte_stream_split(built):
     assert all(c.compression == "ZSTD" for c in columns.values())
     for path in ("topk_ids.list.element.list.element", "topk_logprobs.list.element.list.element", "label_logprobs.list.element"):
         assert "BYTE_STREAM_SPLIT" in columns[path].encodings, (path, columns[path].encodings)
+
+
+def test_cli_says_clearly_when_vllm_is_missing(tmp_path, tiny_model_dir, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(5))
+    result = CliRunner().invoke(
+        mft, ["cache-teacher", "--corpus", str(corpus), "--out", str(tmp_path / "o"), "--model", str(tiny_model_dir), "--backend", "vllm", "--seq-len", "16"]
+    )
+    assert result.exit_code == 2 and "mft-pipeline[vllm]" in result.output and "--backend transformers" in result.output
+    assert not (tmp_path / "o").exists()
