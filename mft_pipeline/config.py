@@ -12,6 +12,7 @@ BACKENDS = ("auto", "transformers", "vllm")
 SAMPLE_BY = ("paragraph", "document", "line")
 SCHEDULES = ("constant", "cosine")
 PEFT_METHODS = ("none", "lora", "dora", "ia3")
+DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
 DEFAULT_REPLAY_FRACTION = 0.5
 
 
@@ -80,7 +81,11 @@ class TrainConfig:
     tail: str = doc("Teacher mass outside the top-k: bucket (keeps it as one tail class) or renormalize.", default="bucket")
     steps: int | None = doc("Optimizer steps (default: one epoch, or --epochs).", default=None)
     epochs: float | None = doc("Passes over the cached training sequences, if --steps is not given.", default=None)
-    batch_size: int = doc("Sequences per micro-batch.", default=4)
+    batch_size: int = doc(
+        "Sequences per micro-batch, over all processes: under torchrun each of N ranks takes batch-size / N of them, "
+        "so a run's result does not depend on N.",
+        default=4,
+    )
     grad_accum: int = doc("Micro-batches per optimizer step.", default=1)
     lr: float = doc("Peak learning rate (AdamW).", default=2e-5)
     weight_decay: float = doc("AdamW weight decay.", default=0.0)
@@ -126,8 +131,14 @@ class TrainConfig:
         "corrected distribution instead of the cached top-k. Slower; for measuring the sparse cache's fidelity.",
         default=False,
     )
-    device: str = doc("Torch device (auto, cpu, cuda, ...).", default="auto")
-    resume: bool = doc("Continue a killed run from its last checkpoint.", default=False)
+    device: str = doc("Torch device (auto, cpu, cuda, ...). Under torchrun each rank uses cuda:LOCAL_RANK.", default="auto")
+    distributed: str = doc(
+        "Under torchrun: ddp (a full copy of the model per process) or fsdp (FSDP2: weights, gradients and optimizer "
+        "state sharded over the processes, for models that do not fit on one device); auto is ddp with several "
+        "processes and none with one. See docs/distributed.md.",
+        default="auto",
+    )
+    resume: bool = doc("Continue a killed run from its last checkpoint, with any number of processes.", default=False)
 
     def __post_init__(self):
         check_tau(self.tau)
@@ -149,6 +160,9 @@ class TrainConfig:
         if self.max_degeneralization is not None and not self.max_degeneralization >= 0:
             raise ValueError("max_degeneralization is a percentage >= 0")
         _check_choice("peft", self.peft, PEFT_METHODS)
+        _check_choice("distributed", self.distributed, DISTRIBUTED)
+        if self.distributed == "fsdp" and self.peft != "none":
+            raise ValueError("--distributed fsdp does not shard --peft adapters; use --distributed ddp (the adapter is small)")
         _check_positive("peft_rank", self.peft_rank)
         if not (self.peft_alpha > 0 and math.isfinite(self.peft_alpha)):
             raise ValueError(f"peft_alpha must be positive, got {self.peft_alpha}")

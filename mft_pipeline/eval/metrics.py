@@ -31,9 +31,14 @@ def dg_over_s(dg: float, s: float) -> float:
     return dg / s if s > 0 else float("nan")
 
 
-@torch.no_grad()
 def model_perplexity(model, input_ids: np.ndarray, num_tokens: np.ndarray, batch_size: int = 8) -> float:
     """Perplexity of ``model`` on packed sequences (N, T), counting each row's real labels only."""
+    return perplexity(*model_nll(model, input_ids, num_tokens, batch_size))
+
+
+@torch.no_grad()
+def model_nll(model, input_ids: np.ndarray, num_tokens: np.ndarray, batch_size: int = 8) -> tuple[float, int]:
+    """Summed NLL and label count of ``model`` on packed sequences (N, T), for sums over several processes."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -50,4 +55,4 @@ def model_perplexity(model, input_ids: np.ndarray, num_tokens: np.ndarray, batch
             nll += F.cross_entropy(logits[row].float(), labels[row], ignore_index=IGNORE_INDEX, reduction="sum").item()
         count += int((labels != IGNORE_INDEX).sum())
     model.train(was_training)
-    return perplexity(nll, count)
+    return nll, count

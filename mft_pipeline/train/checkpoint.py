@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from mft_pipeline.train import distributed
+
 STATE = "trainer_state.pt"
 
 
@@ -14,13 +16,20 @@ def save_pretrained(model, tokenizer, path: Path, state: dict | None = None) -> 
     """Write a folder that ``AutoModelForCausalLM.from_pretrained`` loads, replacing ``path`` whole.
 
     The folder is built beside ``path`` and swapped in, so a crash mid-save leaves the previous
-    checkpoint intact.
+    checkpoint intact. Under torchrun only rank 0 writes; an FSDP-sharded model is first gathered
+    into one full state dict, so then every rank must call this.
     """
+    weights = distributed.full_state_dict(model)
+    if distributed.rank() != 0:
+        return
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     old = path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    if weights is None:
+        model.save_pretrained(tmp, safe_serialization=True)
+    else:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
     tokenizer.save_pretrained(tmp)
     if state is not None:
         torch.save(state, tmp / STATE)

@@ -19,8 +19,9 @@ from mft_pipeline.data.corpus import load_documents
 from mft_pipeline.data.packing import pack_documents
 from mft_pipeline.distill.online import dense_mft_loss
 from mft_pipeline.distill.sparse_loss import sparse_mft_loss
-from mft_pipeline.eval.metrics import degeneralization, dg_over_s, model_perplexity, specialization
-from mft_pipeline.models import load_model, load_tokenizer, pick_device, tokenizer_fingerprint, weights_fingerprint
+from mft_pipeline.eval.metrics import degeneralization, dg_over_s, specialization
+from mft_pipeline.models import load_model, load_tokenizer, tokenizer_fingerprint, weights_fingerprint
+from mft_pipeline.train import distributed
 from mft_pipeline.train import peft as adapters
 from mft_pipeline.train.checkpoint import find_resumable, load_state, save_pretrained
 
@@ -72,15 +73,18 @@ def batch_order(n_rows: int, rows_needed: int, seed: int, stream: int | None = N
     return np.concatenate([np.random.default_rng(key(e)).permutation(n_rows) for e in range(epochs)])[:rows_needed]
 
 
-def micro_batches(special_rows: np.ndarray, replay_rows: np.ndarray, batch_size: int):
+def micro_batches(special_rows: np.ndarray, replay_rows: np.ndarray, batch_size: int, rank: int = 0, world: int = 1):
     """Split one optimizer step's rows (specialized first, then replay) into micro-batches.
 
     Yields ``(special, replay)`` row arrays per micro-batch. The step's set of rows does not
-    depend on how it is cut, so accumulation stays equivalent to one big batch.
+    depend on how it is cut, so accumulation stays equivalent to one big batch. With ``world``
+    processes each micro-batch is cut into ``world`` contiguous parts and this rank gets part
+    ``rank``: N ranks together train on exactly the rows one process would.
     """
-    n_special = len(special_rows)
+    n_special, part = len(special_rows), batch_size // world
     for start in range(0, n_special + len(replay_rows), batch_size):
-        stop = start + batch_size
+        start += rank * part
+        stop = start + part
         yield special_rows[start:stop], replay_rows[max(0, start - n_special) : max(0, stop - n_special)]
 
 
@@ -134,7 +138,8 @@ def _prepare_run_dir(config: TrainConfig) -> Path | None:
         if resume_from is None:
             raise CacheError(f"{out}: nothing to resume (no last/ checkpoint); run without --resume")
         before = json.loads((out / RUN_CONFIG).read_text())
-        diffs = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in saved.items() if before.get(k) != v]
+        # How many processes train, and how (DDP, FSDP), does not change the trajectory: it may change on resume.
+        diffs = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in saved.items() if before.get(k) != v and k != "distributed"]
         if diffs:
             raise ValueError("--resume needs the same settings as the interrupted run; changed: " + "; ".join(diffs))
         return resume_from
@@ -146,22 +151,40 @@ def _prepare_run_dir(config: TrainConfig) -> Path | None:
 
 
 def train(config: TrainConfig) -> dict:
-    """Train, evaluate every ``eval_every`` steps, keep the best checkpoint. Returns the summary."""
+    """Train, evaluate every ``eval_every`` steps, keep the best checkpoint. Returns the summary.
+
+    Under ``torchrun`` every process runs this same function (docs/distributed.md).
+    """
+    with distributed.process_group(config) as ranks:
+        return _train(config, ranks)
+
+
+def _train(config: TrainConfig, ranks: distributed.Ranks) -> dict:
     cache = Cache(config.cache)
     student_spec = config.student or cache.manifest["model"]["id"]
-    device = pick_device(config.device)
+    device = ranks.device
     tokenizer = load_tokenizer(student_spec)
     torch.manual_seed(config.seed)
     # fp32 master weights everywhere; bf16 only inside autocast on GPU.
-    model = load_model(student_spec, device, dtype=torch.float32)
+    model = load_model(student_spec, ranks.load_device, dtype=torch.float32)
     # Checked on the base weights, before any adapter is put on them.
     check_student(cache, tokenizer, model, config.allow_different_student)
     replay = open_replay(config, cache) if config.replay else None
     teacher = load_online_teacher(cache, device) if config.online else None
     if config.peft != "none":
         model = adapters.wrap(model, config)
-    resume_from = _prepare_run_dir(config)
+    # Rank 0 alone makes or checks the run folder (and alone writes to it); every rank gets its answer.
+    resume_from = distributed.on_main(lambda: _prepare_run_dir(config))
     out = Path(config.out)
+    if resume_from is not None:
+        # Into the plain model, before DDP or FSDP takes it: the same at any number of processes.
+        if config.peft != "none":
+            adapters.load_adapter_weights(model, resume_from)
+        else:
+            model.load_state_dict(load_model(str(resume_from), torch.device("cpu"), dtype=torch.float32).state_dict())
+    model = distributed.wrap(model, ranks)
+    # Evaluation and checkpoints use the Hugging Face model itself (inside DDP; FSDP shards it in place).
+    hf_model = distributed.unwrap(model)
 
     train_split = cache.split("train")
     val_split = cache.split("validation") if cache.has("validation") else None
@@ -169,7 +192,7 @@ def train(config: TrainConfig) -> dict:
     if config.general_eval:
         docs = load_documents(config.general_eval, config.general_text_field)
         general = pack_documents(docs, tokenizer, cache.seq_len, config.general_max_sequences, desc="tokenize general")
-    if val_split is None:
+    if val_split is None and ranks.main:
         print("warning: the cache has no validation split; S cannot be measured and the last step is kept", file=sys.stderr)
 
     rows_per_step = config.batch_size * config.grad_accum
@@ -186,33 +209,37 @@ def train(config: TrainConfig) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
+    def log(row: dict) -> None:
+        if ranks.main:
+            with open(out / METRICS, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
     def evaluate() -> dict:
+        """Perplexities; with several processes each scores a share of the rows and the sums are all-reduced."""
         row = {}
         if val_split is not None:
-            row["ppl_spec"] = model_perplexity(model, val_split.input_ids, val_split.num_tokens, config.eval_batch_size)
+            row["ppl_spec"] = distributed.perplexity(hf_model, val_split.input_ids, val_split.num_tokens, config.eval_batch_size)
         if general is not None:
-            row["ppl_gen"] = model_perplexity(model, general.input_ids, general.num_tokens, config.eval_batch_size)
-        return row
+            row["ppl_gen"] = distributed.perplexity(hf_model, general.input_ids, general.num_tokens, config.eval_batch_size)
+        # Rank 0's numbers everywhere, so every rank takes the same best-checkpoint and stopping decisions.
+        return distributed.from_main(row)
 
     if resume_from is not None:
         state = load_state(resume_from)
-        if config.peft != "none":
-            adapters.load_adapter_weights(model, resume_from)
-        else:
-            model.load_state_dict(load_model(str(resume_from), device, dtype=torch.float32).state_dict())
-        optimizer.load_state_dict(state["optimizer"])
+        distributed.load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         start_step, before, best = state["step"], state["before"], state["best"]
-        # Drop metric rows written after the checkpoint, so the log matches the resumed trajectory.
-        rows = [json.loads(l) for l in (out / METRICS).read_text().splitlines() if l.strip()]
-        (out / METRICS).write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= start_step))
+        if ranks.main:
+            # Drop metric rows written after the checkpoint, so the log matches the resumed trajectory.
+            rows = [json.loads(l) for l in (out / METRICS).read_text().splitlines() if l.strip()]
+            (out / METRICS).write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= start_step))
     else:
         start_step, best = 0, None
         before = evaluate()
         if val_split is not None:
             before["teacher_ppl_spec"] = val_split.teacher_perplexity()
-        _log(out, {"step": 0, "kind": "before", "uses_general_data": replay is not None, **before})
+        log({"step": 0, "kind": "before", "uses_general_data": replay is not None, **before})
 
     def micro_batch_loss(parts: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed loss and token count of one micro-batch: rows of the specialized cache, then of the replay cache."""
@@ -251,32 +278,39 @@ def train(config: TrainConfig) -> dict:
     method += [config.peft] if config.peft != "none" else []
     method += [f"replay {config.replay_fraction:g}"] if replay else []
     method += ["online"] if config.online else []
-    bar = tqdm(total=total_steps, initial=start_step, desc=f"train ({', '.join(method)})", unit="step")
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"train ({', '.join(method)})", unit="step", disable=not ranks.main)
     for step in range(start_step, total_steps):
         model.train()
         loss_total, tokens_total = torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device)
         special_rows = order[step * special_per_step : (step + 1) * special_per_step]
         replay_rows = replay_order[step * replay_per_step : (step + 1) * replay_per_step]
-        for special, general_rows in micro_batches(special_rows, replay_rows, config.batch_size):
+        # This rank's share of each micro-batch; all ranks together cover the step's rows once.
+        batches = list(micro_batches(special_rows, replay_rows, config.batch_size, ranks.rank, ranks.world))
+        for i, (special, general_rows) in enumerate(batches):
             parts = [train_split.batch(special, device)] if len(special) else []
             if len(general_rows):
                 parts.append(replay_split.batch(general_rows, device))
-            loss_sum, n_tokens = micro_batch_loss(parts)
-            loss_sum.backward()
+            with distributed.gradient_sync(model, last_micro_batch=i == len(batches) - 1):
+                loss_sum, n_tokens = micro_batch_loss(parts)
+                loss_sum.backward()
             loss_total += loss_sum.detach()
             tokens_total += n_tokens
-        # Sum over micro-batches, divide once: every token weighs the same however it is batched.
+        # Sum over micro-batches and ranks, divide once: every token weighs the same however it is batched or spread.
+        loss_total, tokens_total = distributed.all_reduce_sum(loss_total), distributed.all_reduce_sum(tokens_total)
         n = max(1, int(tokens_total))
-        for p in model.parameters():
+        # Each rank backpropagated its own loss SUM. DDP's all-reduce and FSDP's reduce-scatter AVERAGE
+        # gradients over the ranks, i.e. divide the sum by the world size; dividing by n / world instead of n
+        # undoes that, leaving (sum over all ranks' tokens) / (global token count), exactly as one process.
+        for p in trainable:
             if p.grad is not None:
-                p.grad.div_(n)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm or float("inf"))
+                p.grad.div_(n / ranks.world)
+        grad_norm = distributed.clip_grad_norm(trainable, config.max_grad_norm or float("inf"))
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         train_loss = float(loss_total) / n
-        _log(out, {"step": step + 1, "kind": "train", "loss": train_loss, "tokens": int(tokens_total), "lr": lr, "grad_norm": float(grad_norm)})
+        log({"step": step + 1, "kind": "train", "loss": train_loss, "tokens": int(tokens_total), "lr": lr, "grad_norm": grad_norm})
         bar.update(1)
         bar.set_postfix(loss=f"{train_loss:.4f}")
 
@@ -286,30 +320,32 @@ def train(config: TrainConfig) -> dict:
         row = metrics_row(step + 1, evaluate())
         over_budget = config.max_degeneralization is not None and "DG" in row and 100 * row["DG"] > config.max_degeneralization
         row["within_budget"] = not over_budget
-        _log(out, row)
+        log(row)
         bar.set_postfix(loss=f"{train_loss:.4f}", **{k: f"{row[k]:.4f}" for k in ("S", "DG") if k in row})
         if not over_budget and (best is None or val_split is None or row["ppl_spec"] < best["ppl_spec"]):
             best = row
-            save_pretrained(model, tokenizer, out / "best")
+            save_pretrained(hf_model, tokenizer, out / "best")
         if over_budget:
             stopped_early = True
             print(f"stopping at step {step + 1}: degeneralization {100 * row['DG']:.2f}% exceeds {config.max_degeneralization}%", file=sys.stderr)
             break
         state = {
             "step": step + 1,
-            "optimizer": optimizer.state_dict(),
+            # Keyed by parameter name and gathered whole, so any number of processes can resume it.
+            "optimizer": distributed.optimizer_state(model, optimizer),
             "scheduler": scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "before": before,
             "best": best,
         }
-        save_pretrained(model, tokenizer, out / "last", state=state)
+        save_pretrained(hf_model, tokenizer, out / "last", state=state)
     bar.close()
 
     merged = None
-    if config.merge_adapter and (out / "best").exists():
+    if config.merge_adapter and best is not None:
         merged = out / "best-merged"
-        adapters.merge(student_spec, out / "best", tokenizer, merged)
+        if ranks.main:
+            adapters.merge(student_spec, out / "best", tokenizer, merged)
     summary = {
         "before": before,
         "best": best,
@@ -320,11 +356,10 @@ def train(config: TrainConfig) -> dict:
         "adapter": config.peft != "none",
         "merged": str(merged) if merged else None,
         "config": dataclasses.asdict(config),
+        "world_size": ranks.world,
     }
-    (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    if ranks.main:
+        (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    # Every rank returns once rank 0's files are all written.
+    distributed.barrier()
     return summary
-
-
-def _log(out: Path, row: dict) -> None:
-    with open(out / METRICS, "a") as f:
-        f.write(json.dumps(row) + "\n")
