@@ -2,7 +2,7 @@
 
     python -m benchmarks.stage_one [--model smollm2-135m] [--device auto] [--seq-len 256]
         [--batch-size 4] [--batches 4] [--top-k 20] [--repeats 3] [--extra-k 5,50]
-        [--corpus FILE.jsonl] [--out docs/results/stage-one-<device>.md]
+        [--threads N] [--corpus FILE.jsonl] [--out docs/results/stage-one-<device>.md]
 
 On the same packed batches of real text it measures:
 
@@ -61,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per variant (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up batches per variant")
     p.add_argument("--extra-k", default="5,50", help="other k to measure cache size at, comma-separated ('' for none)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--corpus", default=None, help="a .jsonl file with a 'text' field (default: the CPython standard library's .py files)")
     p.add_argument("--out", default=None, help="markdown results file (default docs/results/stage-one-<device>.md); a .json is written beside it")
     args = p.parse_args(argv)
@@ -469,6 +470,8 @@ def main(argv=None) -> dict:
     from mft_pipeline.models import load_model, load_tokenizer, pick_device, weights_fingerprint
     from mft_pipeline.teacher.transformers_backend import TransformersTeacher
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     cuda = device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
