@@ -210,7 +210,7 @@ def plot_low_data(low: dict[str, list[dict]], path: Path) -> None:
 def write_results(path: Path, args, p: Profile, table, fidelity, low, seconds: float) -> None:
     import transformers
 
-    rel = path.parent.name
+    rel = f"quality-{args.profile}"  # figures sit in a folder beside the results file
     lines = [
         f"# Quality benchmark, `{args.profile}` profile",
         "",
