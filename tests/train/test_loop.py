@@ -2,31 +2,24 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cli.main import mft
-from conftest import metric_rows as rows
-from conftest import train_config as cfg
+from conftest import metric_rows, train_config
 from mft_pipeline.train import loop
 from mft_pipeline.train.loop import MismatchError, train
 
 
-@pytest.fixture
-def setup(stage_two):
-    return stage_two
-
-
-def test_specialized_loss_falls_and_checkpoint_loads(setup, tmp_path):
-    summary = train(cfg(setup, tmp_path / "run", steps=12))
+def test_specialized_loss_falls_and_checkpoint_loads(stage_two, tmp_path):
+    summary = train(train_config(stage_two, tmp_path / "run", steps=12))
     before, best = summary["before"], summary["best"]
     assert best["ppl_spec"] < before["ppl_spec"] and best["S"] > 0.05
     # The student starts as the teacher: its before-perplexity is the cached teacher's.
     assert before["ppl_spec"] == pytest.approx(before["teacher_ppl_spec"], rel=1e-4)
-    evals = rows(tmp_path / "run", "eval")
+    evals = metric_rows(tmp_path / "run", "eval")
     assert [r["step"] for r in evals] == [4, 8, 12]
     assert best["ppl_spec"] == min(r["ppl_spec"] for r in evals)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "best")
@@ -35,36 +28,36 @@ def test_specialized_loss_falls_and_checkpoint_loads(setup, tmp_path):
     from mft_pipeline.eval.metrics import model_perplexity
     from mft_pipeline.cache.reader import Cache
 
-    val = Cache(setup / "cache").split("validation")
+    val = Cache(stage_two / "cache").split("validation")
     assert model_perplexity(model, val.input_ids, val.num_tokens) == pytest.approx(best["ppl_spec"], rel=1e-4)
 
 
-def test_mft_forgets_less_than_ft(setup, tmp_path):
-    ft = train(cfg(setup, tmp_path / "ft", variant="ft", steps=12))["best"]
-    mft_ = train(cfg(setup, tmp_path / "mft", variant="mft", tau=0.25, steps=12))["best"]
+def test_mft_forgets_less_than_ft(stage_two, tmp_path):
+    ft = train(train_config(stage_two, tmp_path / "ft", variant="ft", steps=12))["best"]
+    mft_ = train(train_config(stage_two, tmp_path / "mft", variant="mft", tau=0.25, steps=12))["best"]
     assert ft["DG"] > 0, "finetuning on the special words must cost general perplexity here"
     assert mft_["DG"] < ft["DG"]
     assert ft["S"] > mft_["S"] > 0
 
 
-def test_tau_one_is_plain_finetuning(setup, tmp_path):
-    a = train(cfg(setup, tmp_path / "a", variant="ft", steps=3, eval_every=3))
-    b = train(cfg(setup, tmp_path / "b", variant="mft", tau=1.0, steps=3, eval_every=3))
-    assert [r["loss"] for r in rows(tmp_path / "a", "train")] == pytest.approx([r["loss"] for r in rows(tmp_path / "b", "train")], rel=1e-6)
+def test_tau_one_is_plain_finetuning(stage_two, tmp_path):
+    a = train(train_config(stage_two, tmp_path / "a", variant="ft", steps=3, eval_every=3))
+    b = train(train_config(stage_two, tmp_path / "b", variant="mft", tau=1.0, steps=3, eval_every=3))
+    assert [r["loss"] for r in metric_rows(tmp_path / "a", "train")] == pytest.approx([r["loss"] for r in metric_rows(tmp_path / "b", "train")], rel=1e-6)
     assert a["best"]["ppl_spec"] == pytest.approx(b["best"]["ppl_spec"], rel=1e-5)
 
 
-def test_micro_batch_accumulation_matches_one_big_batch(setup, tmp_path):
-    train(cfg(setup, tmp_path / "big", steps=2, batch_size=4, grad_accum=1, eval_every=2))
-    train(cfg(setup, tmp_path / "small", steps=2, batch_size=1, grad_accum=4, eval_every=2))
+def test_micro_batch_accumulation_matches_one_big_batch(stage_two, tmp_path):
+    train(train_config(stage_two, tmp_path / "big", steps=2, batch_size=4, grad_accum=1, eval_every=2))
+    train(train_config(stage_two, tmp_path / "small", steps=2, batch_size=1, grad_accum=4, eval_every=2))
     big = AutoModelForCausalLM.from_pretrained(tmp_path / "big" / "best").state_dict()
     small = AutoModelForCausalLM.from_pretrained(tmp_path / "small" / "best").state_dict()
     for name in big:
         torch.testing.assert_close(big[name], small[name], rtol=1e-4, atol=1e-6)
 
 
-def test_resume_continues_the_same_trajectory(setup, tmp_path, monkeypatch):
-    train(cfg(setup, tmp_path / "whole", steps=8, eval_every=2, schedule="cosine", warmup_steps=2))
+def test_resume_continues_the_same_trajectory(stage_two, tmp_path, monkeypatch):
+    train(train_config(stage_two, tmp_path / "whole", steps=8, eval_every=2, schedule="cosine", warmup_steps=2))
 
     real_save = loop.save_pretrained
 
@@ -74,17 +67,17 @@ def test_resume_continues_the_same_trajectory(setup, tmp_path, monkeypatch):
             raise KeyboardInterrupt("killed")
 
     monkeypatch.setattr(loop, "save_pretrained", dying_save)
-    killed = cfg(setup, tmp_path / "killed", steps=8, eval_every=2, schedule="cosine", warmup_steps=2)
+    killed = train_config(stage_two, tmp_path / "killed", steps=8, eval_every=2, schedule="cosine", warmup_steps=2)
     with pytest.raises(KeyboardInterrupt):
         train(killed)
     monkeypatch.setattr(loop, "save_pretrained", real_save)
     with pytest.raises(Exception, match="not empty"):
         train(killed)
     with pytest.raises(ValueError, match="same settings"):
-        train(cfg(setup, tmp_path / "killed", steps=9, eval_every=2, schedule="cosine", warmup_steps=2, resume=True))
-    train(cfg(setup, tmp_path / "killed", steps=8, eval_every=2, schedule="cosine", warmup_steps=2, resume=True))
+        train(train_config(stage_two, tmp_path / "killed", steps=9, eval_every=2, schedule="cosine", warmup_steps=2, resume=True))
+    train(train_config(stage_two, tmp_path / "killed", steps=8, eval_every=2, schedule="cosine", warmup_steps=2, resume=True))
 
-    whole, resumed = rows(tmp_path / "whole", "train"), rows(tmp_path / "killed", "train")
+    whole, resumed = metric_rows(tmp_path / "whole", "train"), metric_rows(tmp_path / "killed", "train")
     assert [r["step"] for r in resumed] == list(range(1, 9))
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in whole], rel=1e-5)
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "whole" / "last").state_dict()
@@ -93,39 +86,39 @@ def test_resume_continues_the_same_trajectory(setup, tmp_path, monkeypatch):
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7)
 
 
-def test_refuses_a_student_of_another_teacher(setup, tmp_path, other_model_dir):
+def test_refuses_a_student_of_another_teacher(stage_two, tmp_path, other_model_dir):
     with pytest.raises(MismatchError, match="allow-different-student"):
-        train(cfg(setup, tmp_path / "r", student=str(other_model_dir)))
+        train(train_config(stage_two, tmp_path / "r", student=str(other_model_dir)))
     assert not (tmp_path / "r").exists()
-    summary = train(cfg(setup, tmp_path / "ok", student=str(other_model_dir), allow_different_student=True, steps=2, eval_every=2))
+    summary = train(train_config(stage_two, tmp_path / "ok", student=str(other_model_dir), allow_different_student=True, steps=2, eval_every=2))
     assert summary["best"]["step"] == 2
 
 
-def test_refuses_another_tokenizer_even_when_allowed(setup, tmp_path):
+def test_refuses_another_tokenizer_even_when_allowed(stage_two, tmp_path):
     from conftest import other_tokenizer
 
     other = tmp_path / "retok"
     tok = other_tokenizer()
-    AutoModelForCausalLM.from_pretrained(setup / "teacher").save_pretrained(other)
+    AutoModelForCausalLM.from_pretrained(stage_two / "teacher").save_pretrained(other)
     tok.save_pretrained(other)
     with pytest.raises(MismatchError, match="tokenizer"):
-        train(cfg(setup, tmp_path / "r", student=str(other), allow_different_student=True))
+        train(train_config(stage_two, tmp_path / "r", student=str(other), allow_different_student=True))
 
 
-def test_degeneralization_budget_stops_and_keeps_best_within(setup, tmp_path):
-    summary = train(cfg(setup, tmp_path / "run", variant="ft", lr=5e-3, steps=40, eval_every=2, max_degeneralization=1.0))
-    evals = rows(tmp_path / "run", "eval")
+def test_degeneralization_budget_stops_and_keeps_best_within(stage_two, tmp_path):
+    summary = train(train_config(stage_two, tmp_path / "run", variant="ft", lr=5e-3, steps=40, eval_every=2, max_degeneralization=1.0))
+    evals = metric_rows(tmp_path / "run", "eval")
     assert summary["stopped_early"] and not evals[-1]["within_budget"] and evals[-1]["step"] < 40
     assert all(r["within_budget"] for r in evals[:-1])
     if summary["best"] is not None:
         assert 100 * summary["best"]["DG"] <= 1.0
 
 
-def test_cli_train_prints_s_and_dg(setup, tmp_path):
-    result = CliRunner().invoke(mft, ["train", "--cache", str(setup / "cache"), "--out", str(tmp_path / "cli"), "--steps", "2", "--eval-every", "2", "--general-eval", str(setup / "general.jsonl")])
+def test_cli_train_prints_s_and_dg(stage_two, tmp_path):
+    result = CliRunner().invoke(mft, ["train", "--cache", str(stage_two / "cache"), "--out", str(tmp_path / "cli"), "--steps", "2", "--eval-every", "2", "--general-eval", str(stage_two / "general.jsonl")])
     assert result.exit_code == 0, result.output
     assert "S  =" in result.output and "DG =" in result.output
-    bad = CliRunner().invoke(mft, ["train", "--cache", str(setup / "cache"), "--out", str(tmp_path / "x"), "--tau", "1.5"])
+    bad = CliRunner().invoke(mft, ["train", "--cache", str(stage_two / "cache"), "--out", str(tmp_path / "x"), "--tau", "1.5"])
     assert bad.exit_code == 2 and "tau" in bad.output
     missing = CliRunner().invoke(mft, ["train", "--cache", str(tmp_path / "nope"), "--out", str(tmp_path / "y")])
     assert missing.exit_code == 2 and "not a finished cache" in missing.output
