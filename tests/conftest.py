@@ -45,6 +45,20 @@ def train_tokenizer(vocab_size: int = 400, seed: int = 1):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>")
 
 
+def bos_adding(tokenizer):
+    """A copy of ``tokenizer`` that starts every encoding with a BOS token, as Gemma's does."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    import copy
+
+    backend = copy.deepcopy(tokenizer.backend_tokenizer)
+    backend.add_special_tokens(["<bos>"])
+    bos = backend.token_to_id("<bos>")
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<eos>")
+
+
 def make_model(vocab_size: int, seed: int = 0, layers: int = 2, hidden: int = 32):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -13,7 +13,7 @@ from mft_pipeline.cache.format import SCHEMA_VERSION, SPLITS, CacheError, arrow_
 from mft_pipeline.cache.writer import CacheWriter
 from mft_pipeline.config import CacheConfig
 from mft_pipeline.data.corpus import load_corpus
-from mft_pipeline.data.packing import Packed, pack_documents
+from mft_pipeline.data.packing import Packed, pack_documents, row_prefix
 from mft_pipeline.models import load_model, load_tokenizer, pick_device, tokenizer_fingerprint, weights_fingerprint
 
 # vLLM returns every prompt candidate through its Python output path; past a few hundred
@@ -133,6 +133,7 @@ def build_cache(config: CacheConfig) -> Path:
             "fingerprint": tokenizer_fingerprint(tokenizer),
             "vocab_size": vocab_size,
             "eos_token_id": tokenizer.eos_token_id,
+            "rows_start_with_bos": row_prefix(tokenizer) is not None,
         },
         "top_k": config.top_k,
         "seq_len": config.seq_len,

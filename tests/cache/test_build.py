@@ -301,3 +301,21 @@ def test_cli_says_clearly_when_vllm_is_missing(tmp_path, tiny_model_dir, monkeyp
     )
     assert result.exit_code == 2 and "mft-pipeline[vllm]" in result.output and "--backend transformers" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_rows_start_with_bos_for_a_bos_tokenizer(tmp_path, tiny_tokenizer):
+    from conftest import bos_adding, make_model
+    from mft_pipeline.data.packing import tokenize
+
+    tokenizer = bos_adding(tiny_tokenizer)
+    model_dir = tmp_path / "model"
+    make_model(len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    docs = make_documents(12)
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", docs)
+    cache = Cache(build_cache(config(corpus, tmp_path / "cache", model_dir, val_fraction=0.0)))
+    assert cache.manifest["tokenizer"]["rows_start_with_bos"] is True
+    split = cache.split("train")
+    assert (split.input_ids[:, 0] == tokenizer.bos_token_id).all()
+    labels = split.labels()
+    assert [int(t) for t in labels[labels >= 0]] == list(tokenize(docs, tokenizer))
