@@ -272,19 +272,36 @@ def cache_size(cache_dir: Path, top_k: int) -> dict:
     }
 
 
-BSS_LEAVES = (
-    "topk_ids.list.element.list.element",
-    "topk_logprobs.list.element.list.element",
-    "argmax_logprob.list.element",
-    "label_logprobs.list.element",
-)
-WHAT_IF = {
-    "pyarrow defaults (dictionary on), zstd 9": {},
-    "no dictionary, zstd 9": {"use_dictionary": False},
-    "no dictionary, byte-stream split on ids and log-probs, zstd 9": {"use_dictionary": False, "use_byte_stream_split": BSS_LEAVES},
-    "same, zstd 3": {"use_dictionary": False, "use_byte_stream_split": BSS_LEAVES, "compression_level": 3},
-    "same, zstd 19": {"use_dictionary": False, "use_byte_stream_split": BSS_LEAVES, "compression_level": 19},
-}
+def as_float16_values(table):
+    """Schema 1's log-prob column: the float16 values themselves instead of their bit-pattern deltas."""
+    import pyarrow as pa
+
+    from mft_pipeline.cache.format import delta_decode_float16, from_fixed_lists, to_fixed_lists
+
+    column = table.column("topk_logprob_deltas")
+    k = column.type.value_type.list_size
+    values = delta_decode_float16(from_fixed_lists(column, (column.type.list_size, k)))
+    type_ = pa.list_(pa.list_(pa.float16(), k), column.type.list_size)
+    return table.set_column(table.schema.get_field_index("topk_logprob_deltas"), "topk_logprobs", to_fixed_lists(values, type_))
+
+
+def what_if_options():
+    from mft_pipeline.cache.format import BYTE_STREAM_SPLIT
+
+    bss = list(BYTE_STREAM_SPLIT)
+    bss_values = [c.replace("topk_logprob_deltas", "topk_logprobs") for c in bss]
+    return {
+        "pyarrow defaults (dictionary on), zstd 9": ({}, None),
+        "no dictionary, zstd 9": ({"use_dictionary": False}, None),
+        "no dictionary, byte-stream split, zstd 9, float16 log-prob values (schema 1)": (
+            {"use_dictionary": False, "use_byte_stream_split": bss_values}, as_float16_values,
+        ),
+        "no dictionary, byte-stream split, zstd 9, log-prob bit-pattern deltas (the format)": (
+            {"use_dictionary": False, "use_byte_stream_split": bss}, None,
+        ),
+        "same, zstd 3": ({"use_dictionary": False, "use_byte_stream_split": bss, "compression_level": 3}, None),
+        "same, zstd 19": ({"use_dictionary": False, "use_byte_stream_split": bss, "compression_level": 19}, None),
+    }  # fmt: skip
 
 
 def parquet_what_if(cache_dir: Path, labels: int, top_k: int) -> list[dict]:
@@ -293,12 +310,11 @@ def parquet_what_if(cache_dir: Path, labels: int, top_k: int) -> list[dict]:
 
     tables = [pq.read_table(f) for f in sorted(cache_dir.glob("*.parquet"))]
     out = []
-    for name, options in WHAT_IF.items():
+    for name, (options, transform) in what_if_options().items():
         kw = {"compression": "zstd", "compression_level": 9, **options}
-        if "use_byte_stream_split" in kw:
-            kw["use_byte_stream_split"] = list(kw["use_byte_stream_split"])
         size, seconds = 0, 0.0
         for table in tables:
+            table = transform(table) if transform else table
             best = float("inf")
             for _ in range(3):  # fastest of three: the write is short and the machine may be shared
                 sink = io.BytesIO()
@@ -415,7 +431,7 @@ def render(r: dict) -> str:
         "Cache size (bytes of the Parquet shards as written, per labelled token and per stored candidate; "
         "column shares in bytes per token):",
         "",
-        "| k | shard bytes | bytes/token | bytes/candidate | target | topk_ids | topk_logprobs | argmax_logprob | label_logprobs | input_ids | seq_id+num_tokens+footer |",
+        "| k | shard bytes | bytes/token | bytes/candidate | target | topk_ids | topk_logprob_deltas | argmax_logprob | label_logprobs | input_ids | seq_id+num_tokens+footer |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in r["sizes"]:
@@ -424,7 +440,7 @@ def render(r: dict) -> str:
         per = lambda b: f"{b / n:.2f}"  # noqa: E731
         lines.append(
             f"| {s['top_k']}{' (replayed)' if s.get('replayed') else ''} | {s['bytes']:,} | {s['bytes_per_token']:.2f} | "
-            f"**{s['bytes_per_candidate']:.3f}** | <= 2.5 | {per(c.get('topk_ids', 0))} | {per(c.get('topk_logprobs', 0))} | "
+            f"**{s['bytes_per_candidate']:.3f}** | <= 2.5 | {per(c.get('topk_ids', 0))} | {per(c.get('topk_logprob_deltas', 0))} | "
             f"{per(c.get('argmax_logprob', 0))} | {per(c.get('label_logprobs', 0))} | {per(c.get('input_ids', 0))} | {per(rest)} |"
         )
     lines += [

@@ -9,7 +9,15 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from mft_pipeline.cache.format import SCHEMA_VERSION, SPLITS, CacheError, arrow_schema, shard_name, to_fixed_lists
+from mft_pipeline.cache.format import (
+    SCHEMA_VERSION,
+    SPLITS,
+    CacheError,
+    arrow_schema,
+    delta_encode_float16,
+    shard_name,
+    to_fixed_lists,
+)
 from mft_pipeline.cache.writer import CacheWriter
 from mft_pipeline.config import CacheConfig
 from mft_pipeline.data.corpus import load_corpus
@@ -92,7 +100,7 @@ def _shard_table(schema, packed: Packed, start: int, stop: int, teacher, config:
         "num_tokens": pa.array(packed.num_tokens[start:stop]),
         "input_ids": to_fixed_lists(packed.input_ids[start:stop], schema.field("input_ids").type),
         "topk_ids": to_fixed_lists(topk_ids, schema.field("topk_ids").type),
-        "topk_logprobs": to_fixed_lists(topk_lp.astype(np.float16), schema.field("topk_logprobs").type),
+        "topk_logprob_deltas": to_fixed_lists(delta_encode_float16(topk_lp), schema.field("topk_logprob_deltas").type),
         "argmax_logprob": to_fixed_lists(topk_lp[..., 0].astype(np.float32), schema.field("argmax_logprob").type),
         "label_logprobs": to_fixed_lists(label_lp.astype(np.float32), schema.field("label_logprobs").type),
     }

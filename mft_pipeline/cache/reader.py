@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from mft_pipeline.cache.format import CacheError, from_fixed_lists, read_manifest
+from mft_pipeline.cache.format import CacheError, delta_decode_float16, from_fixed_lists, read_manifest
 from mft_pipeline.distill.sparse_loss import IGNORE_INDEX
 
 
@@ -106,10 +106,12 @@ class Cache:
                 "input_ids": (T,),
                 "num_tokens": (),
                 "topk_ids": (T - 1, k),
-                "topk_logprobs": (T - 1, k),
+                "topk_logprob_deltas": (T - 1, k),
                 "argmax_logprob": (T - 1,),
                 "label_logprobs": (T - 1,),
             }
             for col, shape in shapes.items():
                 cols.setdefault(col, []).append(from_fixed_lists(table.column(col), shape))
-        return CachedSplit(**{c: np.concatenate(v) for c, v in cols.items()})
+        arrays = {c: np.concatenate(v) for c, v in cols.items()}
+        arrays["topk_logprobs"] = delta_decode_float16(arrays.pop("topk_logprob_deltas"))
+        return CachedSplit(**arrays)

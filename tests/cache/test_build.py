@@ -287,7 +287,7 @@ def test_shards_use_zstd_and_byte_stream_split(built):
     meta = pq.ParquetFile(sorted(built[0].glob("train-*.parquet"))[0]).metadata
     columns = {meta.row_group(0).column(i).path_in_schema: meta.row_group(0).column(i) for i in range(meta.num_columns)}
     assert all(c.compression == "ZSTD" for c in columns.values())
-    for path in ("topk_ids.list.element.list.element", "topk_logprobs.list.element.list.element", "label_logprobs.list.element"):
+    for path in ("topk_ids.list.element.list.element", "topk_logprob_deltas.list.element.list.element", "label_logprobs.list.element"):
         assert "BYTE_STREAM_SPLIT" in columns[path].encodings, (path, columns[path].encodings)
 
 
