@@ -24,7 +24,7 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -142,8 +142,11 @@ def main(argv=None):
     parser.add_argument("--model", default=DEFAULT_MODEL, help="Any model spec mft accepts: hub id, folder or .gguf file.")
     parser.add_argument("--methods", help=f"Comma-separated subset of: {', '.join(METHODS | LEGAL_ONLY)}. Default: all.")
     parser.add_argument("--skip", default="", help="Comma-separated parts to leave out: fidelity, low-data.")
+    parser.add_argument("--lr", type=float, help="Learning rate for every method, instead of the profile's.")
     args = parser.parse_args(argv)
     p = PROFILES[args.profile]
+    if args.lr is not None:
+        p = replace(p, lr=args.lr)
     if p.device == "cuda" and not torch.cuda.is_available():
         sys.exit("the gpu profile needs a CUDA GPU")
     chosen = args.methods.split(",") if args.methods else list(METHODS | LEGAL_ONLY)
@@ -154,6 +157,10 @@ def main(argv=None):
     started = time.time()
     name = f"quality-{args.profile}" + ("" if args.model == DEFAULT_MODEL else f"-{model_slug(args.model)}")
     work = Path(args.work) / args.profile / ("" if args.model == DEFAULT_MODEL else model_slug(args.model))
+    runs = work / "runs"
+    if args.lr is not None:
+        name += f"-lr{args.lr:g}"
+        runs = work / f"runs-lr{args.lr:g}"
     data = Path(args.work) / "data"
     results = Path(args.results)
     figures = results / name
@@ -184,9 +191,9 @@ def main(argv=None):
             if method not in chosen:
                 continue
             kw = {**kw, "replay": replay_cache} if "replay_fraction" in kw else kw
-            folder = work / "runs" / domain / method.replace(" ", "_").replace("=", "").replace("+", "plus")
+            folder = runs / domain / method.replace(" ", "_").replace("=", "").replace("+", "plus")
             table[domain][method] = run(folder, cache=c, **common, **kw)
-        write_report([work / "runs" / domain], figures / domain)
+        write_report([runs / domain], figures / domain)
 
     # Sparse-cache fidelity: the same MFT run from caches with k = 5, 20, 50, and the online
     # dense reference (teacher next to the student, full-vocabulary correction).
@@ -194,11 +201,11 @@ def main(argv=None):
     fidelity = {}
     if "fidelity" not in skip:
         fidelity["online (dense)"] = run(
-            work / "runs" / "fidelity" / "online", cache=str(work / "cache-legal"), online=True, **common, variant="mft", tau=0.25
+            runs / "fidelity" / "online", cache=str(work / "cache-legal"), online=True, **common, variant="mft", tau=0.25
         )
         for k in (5, 20, 50):
             ck = str(work / "cache-legal") if k == 20 else cache(legal, work / f"cache-legal-k{k}", model, p, top_k=k)
-            fidelity[f"cached k={k}"] = run(work / "runs" / "fidelity" / f"k{k}", cache=ck, variant="mft", tau=0.25, **common)
+            fidelity[f"cached k={k}"] = run(runs / "fidelity" / f"k{k}", cache=ck, variant="mft", tau=0.25, **common)
 
     # Low data: a handful of sequences, many passes, frequent evaluations.
     low = {}
@@ -206,7 +213,7 @@ def main(argv=None):
         low_cache = cache(legal, work / "cache-legal-low", model, p, train_sequences=p.low_data_sequences)
         low_common = {**common, "steps": p.low_data_steps, "eval_every": p.low_data_eval_every}
         for method, kw in {"FT": dict(variant="ft"), "MFT": dict(variant="mft", tau=0.25)}.items():
-            folder = work / "runs" / "low-data" / method
+            folder = runs / "low-data" / method
             run(folder, cache=low_cache, **low_common, **kw)
             low[method] = curves(folder)
         plot_low_data(low, figures / "low-data.png")
