@@ -58,18 +58,23 @@ class Profile:
     low_data_sequences: int
     low_data_steps: int
     low_data_eval_every: int
+    reference_steps: int  # light general-domain tuning before everything else; 0 skips it
     device: str
 
 
 PROFILES = {
     "cpu": Profile(
         seq_len=128, max_documents=400, train_sequences=48, val_sequences=8, general_sequences=8, steps=12, batch_size=4,
-        lr=1e-4, warmup_steps=2, eval_every=4, low_data_sequences=8, low_data_steps=24, low_data_eval_every=4, device="cpu",
+        lr=1e-4, warmup_steps=2, eval_every=4, low_data_sequences=8, low_data_steps=24, low_data_eval_every=4, reference_steps=16,
+        device="cpu",
     ),
+    # Not yet run. Sized from docs/PERFORMANCE.md's H100 figures (FT of a 213M model at ~100k
+    # tokens/s) to about 20 minutes for its 26 runs of up to 2M tokens each; the benchmark
+    # resumes, so it can be spread over several 10-minute device calls.
     "gpu": Profile(
-        seq_len=2048, max_documents=20000, train_sequences=500, val_sequences=64, general_sequences=64, steps=200,
-        batch_size=8, lr=5e-5, warmup_steps=20, eval_every=25, low_data_sequences=64, low_data_steps=200,
-        low_data_eval_every=20, device="cuda",
+        seq_len=2048, max_documents=20000, train_sequences=500, val_sequences=64, general_sequences=64, steps=120,
+        batch_size=8, lr=5e-5, warmup_steps=12, eval_every=30, low_data_sequences=64, low_data_steps=120,
+        low_data_eval_every=15, reference_steps=60, device="cuda",
     ),
 }
 
@@ -125,6 +130,25 @@ def run(out: Path, **kw) -> dict:
     return train(TrainConfig(out=str(out), resume=out.exists(), **kw))
 
 
+def reference_checkpoint(work: Path, model: str, gcide: Path, p: Profile, common: dict) -> dict:
+    """The paper's section 3.1 starts every method from a reference checkpoint lightly tuned on the
+    general domain, the one with the lowest general validation perplexity. That absorbs what
+    any training on packed raw text teaches (the packing's conventions, plain text for a chat
+    model) before DG is measured, so DG measures forgetting. The untuned model is kept when no
+    checkpoint beats it."""
+    folder = work / "reference"
+    summary = run(folder, cache=cache(gcide, work / "cache-general-untuned", model, p), **{**common, "steps": p.reference_steps}, variant="ft")
+    before, best = summary["before"], summary["best"]
+    tuned = best is not None and best["ppl_spec"] < before["ppl_spec"]
+    return {
+        "model": str(folder / "best") if tuned else model,
+        "steps": p.reference_steps,
+        "best_step": best["step"] if tuned else 0,
+        "ppl_before": before["ppl_spec"],
+        "ppl_after": best["ppl_spec"] if tuned else before["ppl_spec"],
+    }
+
+
 def curves(run_dir: Path) -> list[dict]:
     rows = [json.loads(l) for l in (run_dir / METRICS).read_text().splitlines() if l.strip()]
     return [r for r in rows if r["kind"] in ("before", "eval")]
@@ -165,7 +189,7 @@ def main(argv=None):
     results = Path(args.results)
     figures = results / name
     figures.mkdir(parents=True, exist_ok=True)
-    model = local_model(Path(args.work), args.model)
+    model = untuned = local_model(Path(args.work), args.model)
 
     # General domain: GCIDE's hash-split validation documents are the evaluation set; its
     # training documents are the replay source, so replay never sees the evaluation text.
@@ -175,12 +199,16 @@ def main(argv=None):
     if not general_eval.exists():
         docs = load_corpus(gcide, val_fraction=0.1).validation
         general_eval.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    replay_cache = cache(gcide, work / "cache-general", model, p) if "Replay 0.5" in chosen else None
 
     common = dict(
         steps=p.steps, batch_size=p.batch_size, lr=p.lr, warmup_steps=p.warmup_steps, eval_every=p.eval_every,
         general_eval=str(general_eval), general_max_sequences=p.general_sequences, device=p.device, seed=0,
     )
+    reference = None
+    if p.reference_steps:
+        reference = reference_checkpoint(work, model, gcide, p, common)
+        model, work, runs = reference["model"], work / "from-reference", work / "from-reference" / runs.name
+    replay_cache = cache(gcide, work / "cache-general", model, p) if "Replay 0.5" in chosen else None
     table: dict[str, dict[str, dict]] = {}
     for domain in DOMAINS:
         corpus = prepare_corpus(domain, data, max_documents=p.max_documents)
@@ -204,7 +232,10 @@ def main(argv=None):
             runs / "fidelity" / "online", cache=str(work / "cache-legal"), online=True, **common, variant="mft", tau=0.25
         )
         for k in (5, 20, 50):
-            ck = str(work / "cache-legal") if k == 20 else cache(legal, work / f"cache-legal-k{k}", model, p, top_k=k)
+            if k == 20:  # the domain table's MFT run is this run
+                fidelity[f"cached k={k}"] = run(runs / "legal" / "MFT", cache=str(work / "cache-legal"), variant="mft", tau=0.25, **common)
+                continue
+            ck = cache(legal, work / f"cache-legal-k{k}", model, p, top_k=k)
             fidelity[f"cached k={k}"] = run(runs / "fidelity" / f"k{k}", cache=ck, variant="mft", tau=0.25, **common)
 
     # Low data: a handful of sequences, many passes, frequent evaluations.
@@ -218,7 +249,9 @@ def main(argv=None):
             low[method] = curves(folder)
         plot_low_data(low, figures / "low-data.png")
 
-    write_results(results / f"{name}.md", name, argv_text(argv), model, p, table, fidelity, low, time.time() - started)
+    write_results(
+        results / f"{name}.md", name, argv_text(argv), (args.model, untuned), p, reference, table, fidelity, low, time.time() - started
+    )
 
 
 def argv_text(argv) -> str:
@@ -252,8 +285,8 @@ def describe_model(folder: str) -> str:
     return f"{config.model_type}, {config.num_hidden_layers} layers, width {config.hidden_size}, vocabulary {config.vocab_size}"
 
 
-def write_results(path: Path, rel: str, command: str, model: str, p: Profile, table, fidelity, low, seconds: float) -> None:
-    """``rel`` is the figures folder, which sits beside the results file."""
+def write_results(path: Path, rel: str, command: str, model: tuple[str, str], p: Profile, reference, table, fidelity, low, seconds: float) -> None:
+    """``rel`` is the figures folder, which sits beside the results file; ``model`` is (spec, folder)."""
     import transformers
 
     lines = [
@@ -263,7 +296,7 @@ def write_results(path: Path, rel: str, command: str, model: str, p: Profile, ta
         f"Ran {datetime.now(timezone.utc):%Y-%m-%d} on {platform.machine()} with {torch.get_num_threads()} threads"
         f"{' and ' + torch.cuda.get_device_name() if p.device == 'cuda' else ''}; torch {torch.__version__}, "
         f"transformers {transformers.__version__}; {seconds / 60:.1f} minutes in all.  ",
-        f"Model: {Path(model).name} ({describe_model(model)}; GGUF weights are de-quantized to float32). General domain: GCIDE.",
+        f"Model: `{model[0]}` ({describe_model(model[1])}; GGUF weights are de-quantized to float32). General domain: GCIDE.",
         "",
         "Protocol, the same for every method: "
         + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in asdict(p).items() if not k.startswith("low_data") and k != "device")
@@ -272,6 +305,18 @@ def write_results(path: Path, rel: str, command: str, model: str, p: Profile, ta
         "perplexity. Replay mixes GCIDE training sequences into each batch and so **uses general-domain data**; the other "
         "methods do not.",
         "",
+    ]
+    if reference:
+        tuned = reference["model"] != model[1]
+        lines += [
+            f"Reference checkpoint (the paper's section 3.1): FT on GCIDE training sequences for {reference['steps']} steps, "
+            f"keeping the checkpoint with the lowest GCIDE validation perplexity: {reference['ppl_before']:.3f} → "
+            f"{reference['ppl_after']:.3f}"
+            + (f" (step {reference['best_step']}). " if tuned else " (no checkpoint beat the untuned model, which is used). ")
+            + "Every method starts from it, its caches are built from it, and S and DG are measured against it.",
+            "",
+        ]
+    lines += [
         "## S / DG / DG/S per domain",
         "",
         "| method | " + " | ".join(table) + " |",
