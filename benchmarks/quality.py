@@ -41,6 +41,7 @@ from mft_pipeline.train.loop import METRICS, SUMMARY, train
 
 ROOT = Path(__file__).resolve().parent.parent
 DOMAINS = ("legal", "math", "code")
+KEEP_CHECKPOINTS = False  # --keep-checkpoints
 
 
 @dataclass(frozen=True)
@@ -123,11 +124,20 @@ LEGAL_ONLY = {
 }
 
 
-def run(out: Path, **kw) -> dict:
-    """Train once; a finished run is read back instead of retrained."""
+def run(out: Path, keep_best: bool = False, **kw) -> dict:
+    """Train once; a finished run is read back instead of retrained.
+
+    Only the metrics are needed afterwards, and a run's checkpoints take gigabytes (the last
+    one holds the optimizer state), so they are deleted unless ``keep_best`` or
+    --keep-checkpoints asks to keep the best one.
+    """
     if (out / SUMMARY).exists():
         return json.loads((out / SUMMARY).read_text())
-    return train(TrainConfig(out=str(out), resume=out.exists(), **kw))
+    summary = train(TrainConfig(out=str(out), resume=out.exists(), **kw))
+    shutil.rmtree(out / "last", ignore_errors=True)
+    if not (keep_best or KEEP_CHECKPOINTS):
+        shutil.rmtree(out / "best", ignore_errors=True)
+    return summary
 
 
 def reference_checkpoint(work: Path, model: str, gcide: Path, p: Profile, common: dict) -> dict:
@@ -137,7 +147,10 @@ def reference_checkpoint(work: Path, model: str, gcide: Path, p: Profile, common
     model) before DG is measured, so DG measures forgetting. The untuned model is kept when no
     checkpoint beats it."""
     folder = work / "reference"
-    summary = run(folder, cache=cache(gcide, work / "cache-general-untuned", model, p), **{**common, "steps": p.reference_steps}, variant="ft")
+    summary = run(
+        folder, keep_best=True, cache=cache(gcide, work / "cache-general-untuned", model, p),
+        **{**common, "steps": p.reference_steps}, variant="ft",
+    )  # fmt: skip
     before, best = summary["before"], summary["best"]
     tuned = best is not None and best["ppl_spec"] < before["ppl_spec"]
     return {
@@ -167,7 +180,10 @@ def main(argv=None):
     parser.add_argument("--methods", help=f"Comma-separated subset of: {', '.join(METHODS | LEGAL_ONLY)}. Default: all.")
     parser.add_argument("--skip", default="", help="Comma-separated parts to leave out: fidelity, low-data.")
     parser.add_argument("--lr", type=float, help="Learning rate for every method, instead of the profile's.")
+    parser.add_argument("--keep-checkpoints", action="store_true", help="Keep each run's best checkpoint (hundreds of MB each).")
     args = parser.parse_args(argv)
+    global KEEP_CHECKPOINTS
+    KEEP_CHECKPOINTS = args.keep_checkpoints
     p = PROFILES[args.profile]
     if args.lr is not None:
         p = replace(p, lr=args.lr)
