@@ -197,10 +197,9 @@ def main(argv=None):
     started = time.time()
     name = f"quality-{args.profile}" + ("" if args.model == DEFAULT_MODEL else f"-{model_slug(args.model)}")
     work = Path(args.work) / args.profile / ("" if args.model == DEFAULT_MODEL else model_slug(args.model))
-    runs = work / "runs"
-    if args.lr is not None:
+    if args.lr is not None:  # the reference checkpoint, its caches and every run depend on it
         name += f"-lr{args.lr:g}"
-        runs = work / f"runs-lr{args.lr:g}"
+        work = work / f"lr{args.lr:g}"
     data = Path(args.work) / "data"
     results = Path(args.results)
     figures = results / name
@@ -223,7 +222,8 @@ def main(argv=None):
     reference = None
     if p.reference_steps:
         reference = reference_checkpoint(work, model, gcide, p, common)
-        model, work, runs = reference["model"], work / "from-reference", work / "from-reference" / runs.name
+        model, work = reference["model"], work / "from-reference"
+    runs = work / "runs"
     replay_cache = cache(gcide, work / "cache-general", model, p) if "Replay 0.5" in chosen else None
     table: dict[str, dict[str, dict]] = {}
     for domain in DOMAINS:
