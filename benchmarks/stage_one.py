@@ -176,26 +176,25 @@ class PeakMemory:
         """Memory held now: allocated on CUDA, resident (VmRSS) on CPU."""
         if self.cuda:
             return int(self.torch.cuda.memory_allocated())
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return 0
+        return proc_status_bytes("VmRSS") or 0
 
     def peak(self) -> int:
         if self.cuda:
             return int(self.torch.cuda.max_memory_allocated())
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        found = proc_status_bytes("VmHWM")
+        return found if found is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def proc_status_bytes(field: str) -> int | None:
+    """A kB field of /proc/self/status in bytes; None where the file or field is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 class ReplayTeacher:
