@@ -14,17 +14,14 @@ from mft_pipeline.sweep.grid import GRID_FIELDS, SweepConfig
 
 
 class _Group(click.Group):
-    """Shows the pipeline's own errors as one clear line instead of a traceback."""
+    """Shows a user error (``MFTError``) as one clear line, exit 2; any other exception is a bug and keeps its traceback."""
 
     def invoke(self, ctx):
-        from mft_pipeline.cache.format import CacheError
-        from mft_pipeline.data.corpus import CorpusError
-        from mft_pipeline.models import ModelLoadError
-        from mft_pipeline.teacher.vllm_backend import VLLMUnavailableError
+        from mft_pipeline.errors import MFTError
 
         try:
             return super().invoke(ctx)
-        except (CacheError, CorpusError, ModelLoadError, VLLMUnavailableError, ValueError) as e:
+        except MFTError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
 

@@ -8,6 +8,8 @@ import typing
 
 import click
 
+from mft_pipeline.errors import ConfigError
+
 _TYPES = {int: int, float: float, str: str}
 
 
@@ -52,5 +54,5 @@ def build(cls, params: dict):
     names = {f.name for f in dataclasses.fields(cls)}
     try:
         return cls(**{k: v for k, v in params.items() if k in names})
-    except ValueError as e:
+    except ConfigError as e:
         raise click.UsageError(str(e)) from None

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from mft_pipeline.distill.correction import check_tau, check_variant
+from mft_pipeline.errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m"
 BACKENDS = ("auto", "transformers", "vllm")
@@ -62,11 +63,11 @@ class CacheConfig:
             if getattr(self, name) is not None:
                 _check_positive(name, getattr(self, name))
         if not 0 <= self.shard_index < self.num_shards:
-            raise ValueError(f"shard_index must be in [0, {self.num_shards}), got {self.shard_index}")
+            raise ConfigError(f"shard_index must be in [0, {self.num_shards}), got {self.shard_index}")
         if not (isinstance(self.val_fraction, (int, float)) and 0 <= self.val_fraction < 1):
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.resume and self.overwrite:
-            raise ValueError("choose one of resume and overwrite, not both")
+            raise ConfigError("choose one of resume and overwrite, not both")
 
 
 @dataclass(frozen=True)
@@ -150,44 +151,44 @@ class TrainConfig:
         if self.steps is not None:
             _check_positive("steps", self.steps)
         if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
-            raise ValueError(f"epochs must be positive, got {self.epochs}")
+            raise ConfigError(f"epochs must be positive, got {self.epochs}")
         if self.steps is not None and self.epochs is not None:
-            raise ValueError("give --steps or --epochs, not both")
+            raise ConfigError("give --steps or --epochs, not both")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be positive, got {self.lr}")
+            raise ConfigError(f"lr must be positive, got {self.lr}")
         if self.warmup_steps < 0:
-            raise ValueError("warmup_steps must be >= 0")
+            raise ConfigError("warmup_steps must be >= 0")
         if self.max_degeneralization is not None and not self.max_degeneralization >= 0:
-            raise ValueError("max_degeneralization is a percentage >= 0")
+            raise ConfigError("max_degeneralization is a percentage >= 0")
         _check_choice("peft", self.peft, PEFT_METHODS)
         _check_choice("distributed", self.distributed, DISTRIBUTED)
         if self.distributed == "fsdp" and self.peft != "none":
-            raise ValueError("--distributed fsdp does not shard --peft adapters; use --distributed ddp (the adapter is small)")
+            raise ConfigError("--distributed fsdp does not shard --peft adapters; use --distributed ddp (the adapter is small)")
         _check_positive("peft_rank", self.peft_rank)
         if not (self.peft_alpha > 0 and math.isfinite(self.peft_alpha)):
-            raise ValueError(f"peft_alpha must be positive, got {self.peft_alpha}")
+            raise ConfigError(f"peft_alpha must be positive, got {self.peft_alpha}")
         if self.peft == "none" and (self.merge_adapter or self.peft_targets is not None):
-            raise ValueError("--merge-adapter and --peft-targets need --peft lora, dora or ia3")
+            raise ConfigError("--merge-adapter and --peft-targets need --peft lora, dora or ia3")
         if self.peft_targets is not None and not [t for t in self.peft_targets.split(",") if t.strip()]:
-            raise ValueError("peft_targets names no module")
+            raise ConfigError("peft_targets names no module")
         if self.replay is None:
             if self.replay_fraction is not None:
-                raise ValueError("--replay-fraction needs --replay (a general-domain cache)")
+                raise ConfigError("--replay-fraction needs --replay (a general-domain cache)")
         else:
             if self.replay_fraction is None:
                 # Frozen dataclass: the effective default is stored, so run-config.json and reports show it.
                 object.__setattr__(self, "replay_fraction", DEFAULT_REPLAY_FRACTION)
             if not (isinstance(self.replay_fraction, (int, float)) and 0 < self.replay_fraction < 1):
-                raise ValueError(f"replay_fraction must be in (0, 1), got {self.replay_fraction}")
+                raise ConfigError(f"replay_fraction must be in (0, 1), got {self.replay_fraction}")
         if self.online and self.tail != "bucket":
-            raise ValueError("--tail is about cached top-k targets; --online uses the dense teacher distribution")
+            raise ConfigError("--tail is about cached top-k targets; --online uses the dense teacher distribution")
 
 
 def _check_choice(name, value, choices):
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
 def _check_positive(name, value, minimum=1):
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")

@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 
 from mft_pipeline.config import DEFAULT_MODEL
+from mft_pipeline.errors import MFTError
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(MFTError):
     """A model or tokenizer could not be loaded; the message says what to do."""
 
 

@@ -23,6 +23,7 @@ from mft_pipeline.config import CacheConfig
 from mft_pipeline.data.corpus import load_corpus
 from mft_pipeline.data.packing import Packed, pack_documents, row_prefix
 from mft_pipeline.models import load_model, load_tokenizer, pick_device, tokenizer_fingerprint, weights_fingerprint
+from mft_pipeline.errors import ConfigError
 
 # vLLM returns every prompt candidate through its Python output path; past a few hundred
 # per token that costs more than the forward pass, and the transformers backend is the
@@ -122,13 +123,13 @@ def build_cache(config: CacheConfig) -> Path:
         print("warning: no validation documents; raise --val-fraction to measure specialization", file=sys.stderr)
     vocab_size = len(tokenizer)
     if config.top_k > vocab_size:
-        raise ValueError(f"--top-k {config.top_k} exceeds the tokenizer's vocabulary of {vocab_size}")
+        raise ConfigError(f"--top-k {config.top_k} exceeds the tokenizer's vocabulary of {vocab_size}")
     if backend_name(config) == "vllm" and config.top_k > VLLM_MAX_TOP_K:
-        raise ValueError(f"--top-k {config.top_k} exceeds the vllm backend's limit of {VLLM_MAX_TOP_K}; use --backend transformers")
+        raise ConfigError(f"--top-k {config.top_k} exceeds the vllm backend's limit of {VLLM_MAX_TOP_K}; use --backend transformers")
 
     teacher, fingerprint = make_teacher(config)
     if config.top_k > teacher.max_top_k:
-        raise ValueError(f"--top-k {config.top_k} exceeds the {teacher.name} backend's limit of {teacher.max_top_k}")
+        raise ConfigError(f"--top-k {config.top_k} exceeds the {teacher.name} backend's limit of {teacher.max_top_k}")
     if vocab_size > teacher.vocab_size:
         raise CacheError(
             f"tokenizer has {vocab_size} tokens but the model's output layer has {teacher.vocab_size}: they don't belong together"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from mft_pipeline.errors import MFTError
 
 SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
@@ -27,7 +28,7 @@ BYTE_STREAM_SPLIT = (
 )
 
 
-class CacheError(RuntimeError):
+class CacheError(MFTError):
     """The cache folder is missing, incomplete, inconsistent, or made by another model."""
 
 

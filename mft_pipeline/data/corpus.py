@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from mft_pipeline.errors import MFTError
 
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst")
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.zst", ".json.zst", ".jsonl.gz", ".json.gz")
 PARQUET_SUFFIXES = (".parquet",)
 
 
-class CorpusError(ValueError):
+class CorpusError(MFTError, ValueError):
     """The corpus can't be used; the message names the file and the problem."""
 
 

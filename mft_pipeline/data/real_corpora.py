@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from tqdm import tqdm
+from mft_pipeline.errors import ConfigError
 
 __all__ = [
     "CORPORA",
@@ -193,10 +194,10 @@ def prepare_corpus(
     or when a tool is missing or fails, a RuntimeError says what to run by hand.
     """
     if name not in CORPORA:
-        raise ValueError(f"unknown corpus {name!r}; choose from {sorted(CORPORA)}")
+        raise ConfigError(f"unknown corpus {name!r}; choose from {sorted(CORPORA)}")
     for cap_name, cap in (("max_documents", max_documents), ("max_chars", max_chars)):
         if cap is not None and (not isinstance(cap, int) or cap <= 0):
-            raise ValueError(f"{cap_name} must be a positive int, got {cap!r}")
+            raise ConfigError(f"{cap_name} must be a positive int, got {cap!r}")
     out_dir = Path(out_dir)
     path = out_dir / corpus_filename(name, max_documents, max_chars)
     if path.is_file():
@@ -220,7 +221,7 @@ def iter_corpus(name: str, out_dir: str | os.PathLike, *, install: bool = True) 
         return metamath_documents(_setmm_path(out_dir, install).read_text(encoding="utf-8"))
     if name == "code":
         return code_documents(Path(sysconfig.get_paths()["stdlib"]))
-    raise ValueError(f"unknown corpus {name!r}; choose from {sorted(CORPORA)}")
+    raise ConfigError(f"unknown corpus {name!r}; choose from {sorted(CORPORA)}")
 
 
 # --------------------------------------------------------------------------- fetching

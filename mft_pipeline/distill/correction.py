@@ -12,24 +12,25 @@ import math
 import numbers
 
 import torch
+from mft_pipeline.errors import ConfigError
 
 VARIANTS = ("mft", "ft", "distill+ft", "single-correction")
 
 
 def check_tau(tau: float) -> float:
-    """Return ``tau`` as a float, or raise ``ValueError`` unless it is a finite number in [0, 1]."""
+    """Return ``tau`` as a float, or raise ``ConfigError`` unless it is a finite number in [0, 1]."""
     if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
-        raise ValueError(f"tau must be a number in [0, 1], got {tau!r}")
+        raise ConfigError(f"tau must be a number in [0, 1], got {tau!r}")
     tau = float(tau)
     if not math.isfinite(tau) or not 0.0 <= tau <= 1.0:
-        raise ValueError(f"tau must be a finite number in [0, 1], got {tau!r}")
+        raise ConfigError(f"tau must be a finite number in [0, 1], got {tau!r}")
     return tau
 
 
 def check_variant(variant: str) -> str:
-    """Return ``variant``, or raise ``ValueError`` unless it is one of ``VARIANTS``."""
+    """Return ``variant``, or raise ``ConfigError`` unless it is one of ``VARIANTS``."""
     if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+        raise ConfigError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
     return variant
 
 

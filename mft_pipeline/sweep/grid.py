@@ -16,6 +16,7 @@ from pathlib import Path
 
 from mft_pipeline.config import PEFT_METHODS, TrainConfig, doc
 from mft_pipeline.distill.correction import check_tau, check_variant
+from mft_pipeline.errors import ConfigError
 
 # Objectives whose target does not depend on tau: run once, not once per tau.
 TAU_FREE = ("ft", "distill+ft")
@@ -55,7 +56,7 @@ class SweepConfig:
         pefts = _split(self.peft, "peft")
         bad = [p for p in pefts if p not in PEFT_METHODS]
         if bad:
-            raise ValueError(f"peft must be among {', '.join(PEFT_METHODS)}; got {', '.join(bad)}")
+            raise ConfigError(f"peft must be among {', '.join(PEFT_METHODS)}; got {', '.join(bad)}")
         return pefts
 
     def replay_list(self, replay: str | None) -> list[float]:
@@ -63,16 +64,16 @@ class SweepConfig:
             return [0.0, 0.5] if replay else [0.0]
         fractions = [float(f) for f in _split(self.replay_fractions, "replay_fractions")]
         if any(not 0 <= f < 1 for f in fractions):
-            raise ValueError(f"replay fractions must be in [0, 1), got {self.replay_fractions}")
+            raise ConfigError(f"replay fractions must be in [0, 1), got {self.replay_fractions}")
         if any(fractions) and not replay:
-            raise ValueError("--replay-fractions above 0 need --replay (a general-domain cache)")
+            raise ConfigError("--replay-fractions above 0 need --replay (a general-domain cache)")
         return fractions
 
 
 def _split(text: str, name: str) -> list[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
-        raise ValueError(f"{name}: empty list")
+        raise ConfigError(f"{name}: empty list")
     return list(dict.fromkeys(items))
 
 
@@ -153,13 +154,13 @@ def prepare(config: TrainConfig) -> str:
     run = Path(config.out)
     if not (run / loop.RUN_CONFIG).exists():
         if run.exists() and any(run.iterdir()):
-            raise ValueError(f"{run}: not a run folder of this sweep; move it away or use another --out")
+            raise ConfigError(f"{run}: not a run folder of this sweep; move it away or use another --out")
         return "new"
     before = json.loads((run / loop.RUN_CONFIG).read_text())
     wanted = {k: v for k, v in dataclasses.asdict(config).items() if k != "resume"}
     diffs = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in wanted.items() if before.get(k) != v]
     if diffs:
-        raise ValueError(f"{run}: made with other settings ({'; '.join(diffs)}); use another --out for a different sweep")
+        raise ConfigError(f"{run}: made with other settings ({'; '.join(diffs)}); use another --out for a different sweep")
     if (run / loop.SUMMARY).exists():
         return "finished, skipped"
     if find_resumable(run) is not None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mft_pipeline.train.loop import METRICS, RUN_CONFIG, SUMMARY
+from mft_pipeline.errors import ConfigError
 
 PEFT_NAMES = {"lora": "LoRA", "dora": "DoRA", "ia3": "IA3"}
 OBJECTIVE_NAMES = {"ft": "FT", "mft": "MFT", "distill+ft": "distill+ft", "single-correction": "single-correction"}
@@ -119,7 +120,7 @@ def write_report(paths, out: Path) -> list[Path]:
     """Write report.md, report.csv and tradeoff.png into ``out``; returns their paths."""
     runs = find_runs(paths)
     if not runs:
-        raise ValueError("no run folders (with run-config.json) among the given paths")
+        raise ConfigError("no run folders (with run-config.json) among the given paths")
     results = [r for r in map(load_run, runs) if r is not None]
     unfinished = [run for run in runs if not (run / SUMMARY).exists()]
     _disambiguate(results)
@@ -224,7 +225,7 @@ def plot(results: list[RunResult], path: Path) -> None:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise ValueError("the trade-off plot needs matplotlib: pip install 'mft-pipeline[plot]'") from None
+        raise ConfigError("the trade-off plot needs matplotlib: pip install 'mft-pipeline[plot]'") from None
 
     # A bare Figure on the Agg canvas: no pyplot state, no display needed, the caller's backend untouched.
     fig = Figure(figsize=(10, 5.5), dpi=120)

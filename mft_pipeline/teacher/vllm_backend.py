@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from mft_pipeline.teacher.base import TeacherScores
+from mft_pipeline.errors import MFTError
 
 INSTALL_HINT = (
     "The vLLM teacher backend needs vLLM and a CUDA GPU. Install it with "
@@ -52,7 +53,7 @@ INSTALL_HINT = (
 )
 
 
-class VLLMUnavailableError(ImportError, RuntimeError):
+class VLLMUnavailableError(MFTError, ImportError):
     """vLLM is not installed, or cannot run here (no CUDA GPU).
 
     It is both an ImportError and a RuntimeError so callers that probe for optional

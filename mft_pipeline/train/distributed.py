@@ -26,6 +26,7 @@ import torch.distributed as dist
 from mft_pipeline.config import TrainConfig
 from mft_pipeline.eval.metrics import model_nll, perplexity as ppl_from_sums
 from mft_pipeline.models import pick_device
+from mft_pipeline.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -71,13 +72,13 @@ def process_group(config: TrainConfig):
         mode = "ddp" if world > 1 else "none"
     if mode == "none":
         if world > 1:
-            raise ValueError(f"--distributed none with {world} processes would train {world} separate copies; use ddp or fsdp")
+            raise ConfigError(f"--distributed none with {world} processes would train {world} separate copies; use ddp or fsdp")
         yield Ranks("none", 0, 1, pick_device(config.device))
         return
     if started and "RANK" not in os.environ:
-        raise ValueError(f"--distributed {mode} runs under torchrun: torchrun --nproc-per-node N -m cli.main train ...")
+        raise ConfigError(f"--distributed {mode} runs under torchrun: torchrun --nproc-per-node N -m cli.main train ...")
     if config.batch_size % world:
-        raise ValueError(f"--batch-size {config.batch_size} does not split evenly over {world} processes; use a multiple of {world}")
+        raise ConfigError(f"--batch-size {config.batch_size} does not split evenly over {world} processes; use a multiple of {world}")
     device = pick_device(config.device)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -105,7 +106,7 @@ def wrap(model: torch.nn.Module, ranks: Ranks) -> torch.nn.Module:
         try:
             from torch.distributed.fsdp import fully_shard
         except ImportError:
-            raise ValueError(f"--distributed fsdp needs torch >= 2.6 (FSDP2's fully_shard); this is torch {torch.__version__}") from None
+            raise ConfigError(f"--distributed fsdp needs torch >= 2.6 (FSDP2's fully_shard); this is torch {torch.__version__}") from None
 
         mesh = init_device_mesh(ranks.device.type, (ranks.world,))
         # One FSDP unit per decoder layer (Hugging Face lists their classes in _no_split_modules), then

@@ -24,6 +24,7 @@ from mft_pipeline.models import load_model, load_tokenizer, tokenizer_fingerprin
 from mft_pipeline.train import distributed
 from mft_pipeline.train import peft as adapters
 from mft_pipeline.train.checkpoint import find_resumable, load_state, save_pretrained
+from mft_pipeline.errors import ConfigError
 
 RUN_CONFIG = "run-config.json"
 METRICS = "metrics.jsonl"
@@ -95,7 +96,7 @@ def replay_rows_per_step(config: TrainConfig) -> int:
     rows_per_step = config.batch_size * config.grad_accum
     n = round(config.replay_fraction * rows_per_step)
     if not 0 < n < rows_per_step:
-        raise ValueError(
+        raise ConfigError(
             f"replay fraction {config.replay_fraction} of {rows_per_step} sequences per step leaves {n} general-domain "
             "ones; use a larger --batch-size or --grad-accum"
         )
@@ -141,7 +142,7 @@ def _prepare_run_dir(config: TrainConfig) -> Path | None:
         # How many processes train, and how (DDP, FSDP), does not change the trajectory: it may change on resume.
         diffs = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in saved.items() if before.get(k) != v and k != "distributed"]
         if diffs:
-            raise ValueError("--resume needs the same settings as the interrupted run; changed: " + "; ".join(diffs))
+            raise ConfigError("--resume needs the same settings as the interrupted run; changed: " + "; ".join(diffs))
         return resume_from
     if out.exists() and any(out.iterdir()):
         raise CacheError(f"{out}: run folder is not empty; use --resume to continue it, or another --out")

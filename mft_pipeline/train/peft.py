@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from mft_pipeline.config import TrainConfig
+from mft_pipeline.errors import ConfigError
 
 
 def _projection_types() -> tuple[type, ...]:
@@ -44,18 +45,18 @@ def wrap(model: torch.nn.Module, config: TrainConfig):
     try:
         from peft import IA3Config, LoraConfig, get_peft_model
     except ImportError:
-        raise ValueError("--peft needs the peft package: pip install 'mft-pipeline[peft]'") from None
+        raise ConfigError("--peft needs the peft package: pip install 'mft-pipeline[peft]'") from None
 
     available = projection_names(model)
     if config.peft_targets:
         targets = [t.strip() for t in config.peft_targets.split(",") if t.strip()]
         unknown = [t for t in targets if t not in available]
         if unknown:
-            raise ValueError(f"--peft-targets {', '.join(unknown)}: no such Linear layer; this model has {', '.join(available)}")
+            raise ConfigError(f"--peft-targets {', '.join(unknown)}: no such Linear layer; this model has {', '.join(available)}")
     else:
         targets = list(available)
     if not targets:
-        raise ValueError("the model has no Linear layer besides its output head to put an adapter on")
+        raise ConfigError("the model has no Linear layer besides its output head to put an adapter on")
     if config.peft == "ia3":
         # IA3 scales the input of feed-forward layers and the output of the others.
         feedforward = [t for t in targets if available[t]]
@@ -91,7 +92,7 @@ def load_adapter_weights(model, checkpoint: Path) -> None:
     # Missing keys always include the frozen base weights; only adapter keys matter here.
     missing = [k for k in result.missing_keys if any(tag in k for tag in ("lora_", "ia3_"))]
     if missing or result.unexpected_keys:
-        raise ValueError(f"{checkpoint}: the adapter does not fit this run (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
+        raise ConfigError(f"{checkpoint}: the adapter does not fit this run (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
 
 
 def merge(base_spec: str, adapter_dir: Path, tokenizer, out: Path) -> None:

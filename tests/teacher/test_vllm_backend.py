@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
+from mft_pipeline.errors import MFTError
 from mft_pipeline.teacher import vllm_backend
 from mft_pipeline.teacher.vllm_backend import (
     VLLMTeacher,
@@ -271,7 +272,7 @@ def test_missing_vllm_error_is_clear(monkeypatch):
     with pytest.raises(VLLMUnavailableError) as info:
         VLLMTeacher("some/model", max_top_k=8)
     err = info.value
-    assert isinstance(err, ImportError) and isinstance(err, RuntimeError)
+    assert isinstance(err, ImportError) and isinstance(err, MFTError)
     msg = str(err)
     assert "pip install 'mft-pipeline[vllm]'" in msg
     assert "CUDA" in msg and "GPU" in msg
