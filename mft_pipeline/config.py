@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from mft_pipeline.distill.correction import check_tau, check_variant
 from mft_pipeline.errors import ConfigError
@@ -158,8 +158,15 @@ class TrainConfig:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         if self.warmup_steps < 0:
             raise ConfigError("warmup_steps must be >= 0")
-        if self.max_degeneralization is not None and not self.max_degeneralization >= 0:
-            raise ConfigError("max_degeneralization is a percentage >= 0")
+        if self.max_degeneralization is not None:
+            if not (math.isfinite(self.max_degeneralization) and self.max_degeneralization >= 0):
+                raise ConfigError(f"max_degeneralization is a percentage >= 0, got {self.max_degeneralization}")
+            if self.general_eval is None:
+                # Degeneralization is measured on the general-domain corpus: without it the budget could never apply.
+                raise ConfigError("--max-degeneralization needs --general-eval (the general-domain corpus DG is measured on)")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            # A negative norm would make clip_grad_norm_ flip the update's sign.
+            raise ConfigError(f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
         _check_choice("peft", self.peft, PEFT_METHODS)
         _check_choice("distributed", self.distributed, DISTRIBUTED)
         if self.distributed == "fsdp" and self.peft != "none":
@@ -182,6 +189,14 @@ class TrainConfig:
                 raise ConfigError(f"replay_fraction must be in (0, 1), got {self.replay_fraction}")
         if self.online and self.tail != "bucket":
             raise ConfigError("--tail is about cached top-k targets; --online uses the dense teacher distribution")
+
+
+TRAIN_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+
+
+def run_settings(config: TrainConfig) -> dict:
+    """What a run folder records of ``config`` (run-config.json): every field but ``resume``."""
+    return {k: v for k, v in asdict(config).items() if k != "resume"}
 
 
 def _check_choice(name, value, choices):

@@ -165,4 +165,6 @@ def train_config(d, out, **kw):
 
 def metric_rows(run, kind):
     """The rows of one kind ("before", "train", "eval") in a run's metrics.jsonl."""
-    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+    from mft_pipeline.run_folder import RunFolder
+
+    return RunFolder(run).metrics(kind)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 from pathlib import Path
@@ -23,12 +22,10 @@ from mft_pipeline.eval.metrics import degeneralization, dg_over_s, specializatio
 from mft_pipeline.models import load_model, load_tokenizer, tokenizer_fingerprint, weights_fingerprint
 from mft_pipeline.train import distributed
 from mft_pipeline.train import peft as adapters
-from mft_pipeline.train.checkpoint import find_resumable, load_state, save_pretrained
+from mft_pipeline.train.checkpoint import load_state, restore_rng, rng_state, save_pretrained
 from mft_pipeline.errors import ConfigError
-
-RUN_CONFIG = "run-config.json"
-METRICS = "metrics.jsonl"
-SUMMARY = "summary.json"
+from mft_pipeline.config import TRAIN_DEFAULTS, run_settings
+from mft_pipeline.run_folder import RunFolder, improves
 
 
 class MismatchError(CacheError):
@@ -131,26 +128,6 @@ def load_online_teacher(cache: Cache, device: torch.device):
     return teacher.to(torch.bfloat16) if device.type == "cuda" else teacher
 
 
-def _prepare_run_dir(config: TrainConfig) -> Path | None:
-    out = Path(config.out)
-    saved = {k: v for k, v in dataclasses.asdict(config).items() if k != "resume"}
-    if config.resume:
-        resume_from = find_resumable(out)
-        if resume_from is None:
-            raise CacheError(f"{out}: nothing to resume (no last/ checkpoint); run without --resume")
-        before = json.loads((out / RUN_CONFIG).read_text())
-        # How many processes train, and how (DDP, FSDP), does not change the trajectory: it may change on resume.
-        diffs = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in saved.items() if before.get(k) != v and k != "distributed"]
-        if diffs:
-            raise ConfigError("--resume needs the same settings as the interrupted run; changed: " + "; ".join(diffs))
-        return resume_from
-    if out.exists() and any(out.iterdir()):
-        raise CacheError(f"{out}: run folder is not empty; use --resume to continue it, or another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / RUN_CONFIG).write_text(json.dumps(saved, indent=2) + "\n")
-    return None
-
-
 def train(config: TrainConfig) -> dict:
     """Train, evaluate every ``eval_every`` steps, keep the best checkpoint. Returns the summary.
 
@@ -175,8 +152,9 @@ def _train(config: TrainConfig, ranks: distributed.Ranks) -> dict:
     if config.peft != "none":
         model = adapters.wrap(model, config)
     # Rank 0 alone makes or checks the run folder (and alone writes to it); every rank gets its answer.
-    resume_from = distributed.on_main(lambda: _prepare_run_dir(config))
-    out = Path(config.out)
+    folder = RunFolder(config.out)
+    resume_from = distributed.on_main(lambda: folder.start(run_settings(config), config.resume, TRAIN_DEFAULTS))
+    out = folder.path
     if resume_from is not None:
         # Into the plain model, before DDP or FSDP takes it: the same at any number of processes.
         if config.peft != "none":
@@ -212,8 +190,7 @@ def _train(config: TrainConfig, ranks: distributed.Ranks) -> dict:
 
     def log(row: dict) -> None:
         if ranks.main:
-            with open(out / METRICS, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            folder.append_metrics(row)
 
     def evaluate() -> dict:
         """Perplexities; with several processes each scores a share of the rows and the sums are all-reduced."""
@@ -229,12 +206,11 @@ def _train(config: TrainConfig, ranks: distributed.Ranks) -> dict:
         state = load_state(resume_from)
         distributed.load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
+        restore_rng(state, device)
         start_step, before, best = state["step"], state["before"], state["best"]
         if ranks.main:
             # Drop metric rows written after the checkpoint, so the log matches the resumed trajectory.
-            rows = [json.loads(l) for l in (out / METRICS).read_text().splitlines() if l.strip()]
-            (out / METRICS).write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= start_step))
+            folder.truncate_metrics(start_step)
     else:
         start_step, best = 0, None
         before = evaluate()
@@ -323,9 +299,9 @@ def _train(config: TrainConfig, ranks: distributed.Ranks) -> dict:
         row["within_budget"] = not over_budget
         log(row)
         bar.set_postfix(loss=f"{train_loss:.4f}", **{k: f"{row[k]:.4f}" for k in ("S", "DG") if k in row})
-        if not over_budget and (best is None or val_split is None or row["ppl_spec"] < best["ppl_spec"]):
+        if improves(row, best):
             best = row
-            save_pretrained(hf_model, tokenizer, out / "best")
+            save_pretrained(hf_model, tokenizer, folder.best)
         if over_budget:
             stopped_early = True
             print(f"stopping at step {step + 1}: degeneralization {100 * row['DG']:.2f}% exceeds {config.max_degeneralization}%", file=sys.stderr)
@@ -335,18 +311,18 @@ def _train(config: TrainConfig, ranks: distributed.Ranks) -> dict:
             # Keyed by parameter name and gathered whole, so any number of processes can resume it.
             "optimizer": distributed.optimizer_state(model, optimizer),
             "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
+            **rng_state(device),
             "before": before,
             "best": best,
         }
-        save_pretrained(hf_model, tokenizer, out / "last", state=state)
+        save_pretrained(hf_model, tokenizer, folder.last, state=state)
     bar.close()
 
     merged = None
     if config.merge_adapter and best is not None:
-        merged = out / "best-merged"
+        merged = folder.merged
         if ranks.main:
-            adapters.merge(student_spec, out / "best", tokenizer, merged)
+            adapters.merge(student_spec, folder.best, tokenizer, merged)
     summary = {
         "before": before,
         "best": best,
@@ -360,7 +336,7 @@ def _train(config: TrainConfig, ranks: distributed.Ranks) -> dict:
         "world_size": ranks.world,
     }
     if ranks.main:
-        (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        folder.write_summary(summary)
     # Every rank returns once rank 0's files are all written.
     distributed.barrier()
     return summary

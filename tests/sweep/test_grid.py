@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 from conftest import metric_rows
 from mft_pipeline.sweep import grid as grid_module
 from mft_pipeline.sweep.grid import SweepConfig, grid, run_sweep
+from mft_pipeline.config import run_settings
+from mft_pipeline.run_folder import RunFolder
 from mft_pipeline.train import loop
 
 from .conftest import base_settings
@@ -107,5 +109,5 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over(stage_two, tmp_pat
     run = tmp_path / "s" / "mft-tau0.25"
     run.mkdir(parents=True)
     config = grid(sweep, base_settings(stage_two))[0]
-    (run / loop.RUN_CONFIG).write_text(json.dumps({k: v for k, v in dataclasses.asdict(config).items() if k != "resume"}))
+    RunFolder(run).start(run_settings(config), resume=False)
     assert grid_module.prepare(config) == "new" and not run.exists()
