@@ -139,14 +139,44 @@ def load_online_teacher(cache: Cache, device: torch.device):
     return teacher.to(torch.bfloat16) if device.type == "cuda" else teacher
 
 
-def train(config: TrainConfig, on_checkpoint: Callable[[int], None] | None = None) -> dict:
+def set_attention(model: torch.nn.Module, config: TrainConfig) -> None:
+    """Switch ``model`` to ``--attn-implementation``'s kernel, if one was asked for."""
+    if config.attn_implementation is None:
+        return
+    try:
+        model.set_attn_implementation(config.attn_implementation)
+    except (ImportError, ValueError) as e:  # the model or this machine does not support that kernel
+        raise ConfigError(f"--attn-implementation {config.attn_implementation}: {e}") from None
+
+
+def prepare_student(model: torch.nn.Module, config: TrainConfig) -> None:
+    """The GPU training options that change how the Hugging Face model runs, not what it computes."""
+    set_attention(model, config)
+    if config.gradient_checkpointing:
+        if not model.supports_gradient_checkpointing:
+            raise ConfigError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
+        # Non-reentrant checkpointing works with frozen inputs (adapters), DDP's no_sync and FSDP2.
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5.x on
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def compile_in_place(model: torch.nn.Module) -> None:
+    """``torch.compile`` the module in place (``nn.Module.compile``): its type, state dict and wrappers stay as they are."""
+    model.compile()
+
+
+def train(config: TrainConfig, on_checkpoint: Callable[[int], None] | None = None, compile_model: Callable[[torch.nn.Module], None] = compile_in_place) -> dict:
     """Train, evaluate every ``eval_every`` steps, keep the best checkpoint. Returns the summary.
 
     Under ``torchrun`` every process runs this same function (docs/distributed.md).
-    ``on_checkpoint(step)`` is called after each ``last/`` checkpoint is written (tests stop a run there).
+    ``on_checkpoint(step)`` is called after each ``last/`` checkpoint is written (tests stop a run there);
+    ``compile_model`` compiles the trained model in place when ``config.compile`` is set.
     """
     with distributed.process_group(config) as ranks:
-        return fit(config, ranks, on_checkpoint=on_checkpoint)
+        return fit(config, ranks, on_checkpoint=on_checkpoint, compile_model=compile_model)
 
 
 @dataclass
@@ -185,7 +215,7 @@ class Progress:
     stopped_early: bool = False
 
 
-def setup(config: TrainConfig, ranks: distributed.Ranks) -> Run:
+def setup(config: TrainConfig, ranks: distributed.Ranks, compile_model: Callable[[torch.nn.Module], None] = compile_in_place) -> Run:
     """Load and check the student, wrap it for training, open the data and make the optimizer."""
     cache = Cache(config.cache)
     student_spec = config.student or cache.manifest["model"]["id"]
@@ -197,6 +227,9 @@ def setup(config: TrainConfig, ranks: distributed.Ranks) -> Run:
     check_student(cache, tokenizer, model, config.allow_different_student)
     replay = open_replay(config, cache) if config.replay else None
     teacher = load_online_teacher(cache, ranks.device) if config.online else None
+    if teacher is not None:
+        set_attention(teacher, config)
+    prepare_student(model, config)
     if config.peft != "none":
         model = adapters.wrap(model, config)
     # Rank 0 alone makes or checks the run folder (and alone writes to it); every rank gets its answer.
@@ -209,6 +242,9 @@ def setup(config: TrainConfig, ranks: distributed.Ranks) -> Run:
         else:
             model.load_state_dict(load_model(str(resume_from), torch.device("cpu"), dtype=torch.float32).state_dict())
     model = distributed.wrap(model, ranks)
+    if config.compile:
+        # After DDP/FSDP took it, as torch.compile's distributed support expects; evaluation inside DDP stays eager.
+        compile_model(model)
 
     train_split = cache.split("train")
     eval_sets = {}
@@ -401,9 +437,14 @@ def describe_method(config: TrainConfig) -> str:
     return ", ".join(method)
 
 
-def fit(config: TrainConfig, ranks: distributed.Ranks, on_checkpoint: Callable[[int], None] | None = None) -> dict:
+def fit(
+    config: TrainConfig,
+    ranks: distributed.Ranks,
+    on_checkpoint: Callable[[int], None] | None = None,
+    compile_model: Callable[[torch.nn.Module], None] = compile_in_place,
+) -> dict:
     """The run: ``setup``, ``begin``, then ``train_step`` / ``evaluate`` / ``checkpoint`` until done or over budget."""
-    run = setup(config, ranks)
+    run = setup(config, ranks, compile_model)
     progress = begin(run)
     bar = tqdm(total=run.total_steps, initial=progress.step, desc=f"train ({describe_method(config)})", unit="step", disable=not ranks.main)
     while progress.step < run.total_steps:
