@@ -169,8 +169,13 @@ class TrainConfig:
             raise ConfigError("give --steps or --epochs, not both")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr must be positive, got {self.lr}")
-        if self.warmup_steps < 0:
-            raise ConfigError("warmup_steps must be >= 0")
+        _check_positive("warmup_steps", self.warmup_steps, minimum=0)
+        if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if not (isinstance(self.seed, int) and 0 <= self.seed < 2**64):
+            # torch.manual_seed takes an unsigned 64-bit seed; numpy's generators refuse negative ones.
+            raise ConfigError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
+        _check_device(self.device)
         if self.max_degeneralization is not None:
             if not (math.isfinite(self.max_degeneralization) and self.max_degeneralization >= 0):
                 raise ConfigError(f"max_degeneralization is a percentage >= 0, got {self.max_degeneralization}")
@@ -214,6 +219,28 @@ TRAIN_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 def run_settings(config: TrainConfig) -> dict:
     """What a run folder records of ``config`` (run-config.json): every field but ``resume``."""
     return {k: v for k, v in asdict(config).items() if k != "resume"}
+
+
+def _check_device(name: str) -> None:
+    """``auto`` or a torch device this machine has (cpu, cuda, cuda:N, mps)."""
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps; got {name!r}") from None
+    if device.type == "cpu":
+        return
+    if device.type == "cuda":
+        available = torch.cuda.device_count()
+        if not available or (device.index or 0) >= available:
+            raise ConfigError(f"device {name!r}: this machine has {available} CUDA device(s)")
+        return
+    if device.type == "mps" and torch.backends.mps.is_available():
+        return
+    raise ConfigError(f"device {name!r} is not available here; use auto, cpu, cuda, cuda:N or mps")
 
 
 def _check_choice(name, value, choices):
