@@ -37,7 +37,8 @@ from mft_pipeline.data.corpus import load_corpus
 from mft_pipeline.data.real_corpora import prepare_corpus
 from mft_pipeline.models import load_model, load_tokenizer
 from mft_pipeline.sweep.report import write_report
-from mft_pipeline.train.loop import METRICS, SUMMARY, train
+from mft_pipeline.run_folder import RunFolder
+from mft_pipeline.train.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
 DOMAINS = ("legal", "math", "code")
@@ -132,12 +133,13 @@ def run(out: Path, keep_best: bool = False, **kw) -> dict:
     one holds the optimizer state), so they are deleted unless ``keep_best`` or
     --keep-checkpoints asks to keep the best one.
     """
-    if (out / SUMMARY).exists():
-        return json.loads((out / SUMMARY).read_text())
+    folder = RunFolder(out)
+    if folder.is_finished():
+        return folder.summary()
     summary = train(TrainConfig(out=str(out), resume=out.exists(), **kw))
-    shutil.rmtree(out / "last", ignore_errors=True)
+    shutil.rmtree(folder.last, ignore_errors=True)
     if not (keep_best or KEEP_CHECKPOINTS):
-        shutil.rmtree(out / "best", ignore_errors=True)
+        shutil.rmtree(folder.best, ignore_errors=True)
     return summary
 
 
@@ -164,8 +166,7 @@ def reference_checkpoint(work: Path, model: str, gcide: Path, p: Profile, common
 
 
 def curves(run_dir: Path) -> list[dict]:
-    rows = [json.loads(l) for l in (run_dir / METRICS).read_text().splitlines() if l.strip()]
-    return [r for r in rows if r["kind"] in ("before", "eval")]
+    return [r for r in RunFolder(run_dir).metrics() if r["kind"] in ("before", "eval")]
 
 
 def pct(x):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from mft_pipeline.distill.correction import check_tau, check_variant
 from mft_pipeline.errors import ConfigError
@@ -14,6 +15,7 @@ SAMPLE_BY = ("paragraph", "document", "line")
 SCHEDULES = ("constant", "cosine")
 PEFT_METHODS = ("none", "lora", "dora", "ia3")
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 DEFAULT_REPLAY_FRACTION = 0.5
 
 
@@ -139,6 +141,17 @@ class TrainConfig:
         "processes and none with one. See docs/distributed.md.",
         default="auto",
     )
+    gradient_checkpointing: bool = doc(
+        "Recompute each layer's activations in the backward pass instead of keeping them: less memory, about a "
+        "third more compute. Same results.",
+        default=False,
+    )
+    attn_implementation: str | None = doc(
+        "Attention kernel of the student (and the online teacher): sdpa, eager, or flash_attention_2 (needs the "
+        "flash-attn package and a CUDA GPU). Default: the model's own choice (sdpa for most).",
+        default=None,
+    )
+    compile: bool = doc("Compile the student with torch.compile before training: faster steps on GPU after a slow first one.", default=False)
     resume: bool = doc("Continue a killed run from its last checkpoint, with any number of processes.", default=False)
 
     def __post_init__(self):
@@ -156,10 +169,22 @@ class TrainConfig:
             raise ConfigError("give --steps or --epochs, not both")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr must be positive, got {self.lr}")
-        if self.warmup_steps < 0:
-            raise ConfigError("warmup_steps must be >= 0")
-        if self.max_degeneralization is not None and not self.max_degeneralization >= 0:
-            raise ConfigError("max_degeneralization is a percentage >= 0")
+        _check_positive("warmup_steps", self.warmup_steps, minimum=0)
+        if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if not (isinstance(self.seed, int) and 0 <= self.seed < 2**64):
+            # torch.manual_seed takes an unsigned 64-bit seed; numpy's generators refuse negative ones.
+            raise ConfigError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
+        _check_device(self.device)
+        if self.max_degeneralization is not None:
+            if not (math.isfinite(self.max_degeneralization) and self.max_degeneralization >= 0):
+                raise ConfigError(f"max_degeneralization is a percentage >= 0, got {self.max_degeneralization}")
+            if self.general_eval is None:
+                # Degeneralization is measured on the general-domain corpus: without it the budget could never apply.
+                raise ConfigError("--max-degeneralization needs --general-eval (the general-domain corpus DG is measured on)")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            # A negative norm would make clip_grad_norm_ flip the update's sign.
+            raise ConfigError(f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
         _check_choice("peft", self.peft, PEFT_METHODS)
         _check_choice("distributed", self.distributed, DISTRIBUTED)
         if self.distributed == "fsdp" and self.peft != "none":
@@ -182,6 +207,40 @@ class TrainConfig:
                 raise ConfigError(f"replay_fraction must be in (0, 1), got {self.replay_fraction}")
         if self.online and self.tail != "bucket":
             raise ConfigError("--tail is about cached top-k targets; --online uses the dense teacher distribution")
+        if self.attn_implementation is not None:
+            _check_choice("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+            if self.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+                raise ConfigError("--attn-implementation flash_attention_2 needs the flash-attn package (pip install flash-attn), which is not installed")
+
+
+TRAIN_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+
+
+def run_settings(config: TrainConfig) -> dict:
+    """What a run folder records of ``config`` (run-config.json): every field but ``resume``."""
+    return {k: v for k, v in asdict(config).items() if k != "resume"}
+
+
+def _check_device(name: str) -> None:
+    """``auto`` or a torch device this machine has (cpu, cuda, cuda:N, mps)."""
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps; got {name!r}") from None
+    if device.type == "cpu":
+        return
+    if device.type == "cuda":
+        available = torch.cuda.device_count()
+        if not available or (device.index or 0) >= available:
+            raise ConfigError(f"device {name!r}: this machine has {available} CUDA device(s)")
+        return
+    if device.type == "mps" and torch.backends.mps.is_available():
+        return
+    raise ConfigError(f"device {name!r} is not available here; use auto, cpu, cuda, cuda:N or mps")
 
 
 def _check_choice(name, value, choices):

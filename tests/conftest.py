@@ -165,4 +165,48 @@ def train_config(d, out, **kw):
 
 def metric_rows(run, kind):
     """The rows of one kind ("before", "train", "eval") in a run's metrics.jsonl."""
-    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+    from mft_pipeline.run_folder import RunFolder
+
+    return RunFolder(run).metrics(kind)
+
+
+# Kill and resume: one way for every test to stop a run right after a checkpoint, as a kill would.
+
+
+def stop_after_checkpoint(step: int, error: BaseException | None = None):
+    """An ``on_checkpoint`` for ``train`` that raises ``error`` (KeyboardInterrupt) once step ``step``'s ``last/`` is written."""
+
+    def on_checkpoint(done: int) -> None:
+        if done == step:
+            raise error if error is not None else KeyboardInterrupt(f"killed after step {step}")
+
+    return on_checkpoint
+
+
+class KillAndResume:
+    """``kill_and_resume(config, at)``: train ``config``, kill it right after step ``at``'s checkpoint,
+    then resume it with the same settings; returns the resumed run's summary.
+    ``kill_and_resume.kill(config, at)`` does only the first half."""
+
+    @staticmethod
+    def kill(config, at: int) -> None:
+        from pathlib import Path
+
+        from mft_pipeline.train.loop import train
+
+        with pytest.raises(KeyboardInterrupt):
+            train(config, on_checkpoint=stop_after_checkpoint(at))
+        assert [r["step"] for r in metric_rows(Path(config.out), "train")] == list(range(1, at + 1)), "killed elsewhere"
+
+    def __call__(self, config, at: int) -> dict:
+        import dataclasses
+
+        from mft_pipeline.train.loop import train
+
+        self.kill(config, at)
+        return train(dataclasses.replace(config, resume=True))
+
+
+@pytest.fixture
+def kill_and_resume() -> KillAndResume:
+    return KillAndResume()

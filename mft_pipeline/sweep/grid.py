@@ -14,9 +14,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from mft_pipeline.config import PEFT_METHODS, TrainConfig, doc
+from mft_pipeline.config import PEFT_METHODS, TRAIN_DEFAULTS, TrainConfig, doc, run_settings
 from mft_pipeline.distill.correction import check_tau, check_variant
 from mft_pipeline.errors import ConfigError
+from mft_pipeline.run_folder import RunFolder, settings_diff
 
 # Objectives whose target does not depend on tau: run once, not once per tau.
 TAU_FREE = ("ft", "distill+ft")
@@ -122,11 +123,15 @@ def grid(sweep: SweepConfig, base: dict) -> list[TrainConfig]:
     return list(runs.values())
 
 
-def run_sweep(sweep: SweepConfig, base: dict, log=print) -> list[Path]:
-    """Train every grid point not finished yet, then write the report. Returns the run folders."""
-    from mft_pipeline.sweep.report import write_report
-    from mft_pipeline.train import loop
+def run_sweep(sweep: SweepConfig, base: dict, log=print, train=None) -> list[Path]:
+    """Train every grid point not finished yet, then write the report. Returns the run folders.
 
+    ``train`` trains one TrainConfig (default: ``mft_pipeline.train.loop.train``).
+    """
+    from mft_pipeline.sweep.report import write_report
+
+    if train is None:
+        from mft_pipeline.train.loop import train
     configs = grid(sweep, base)
     out = Path(sweep.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,7 +142,7 @@ def run_sweep(sweep: SweepConfig, base: dict, log=print) -> list[Path]:
         log(f"[{i}/{len(configs)}] {run.name}: {status}")
         if status == "finished, skipped":
             continue
-        loop.train(dataclasses.replace(config, resume=status == "resumed"))
+        train(dataclasses.replace(config, resume=status == "resumed"))
     paths = write_report([Path(c.out) for c in configs], out)
     log("report: " + ", ".join(str(p) for p in paths))
     return [Path(c.out) for c in configs]
@@ -148,24 +153,19 @@ def prepare(config: TrainConfig) -> str:
 
     A folder made with other settings is refused rather than silently reused.
     """
-    from mft_pipeline.train import loop
-    from mft_pipeline.train.checkpoint import find_resumable
-
-    run = Path(config.out)
-    if not (run / loop.RUN_CONFIG).exists():
-        if run.exists() and any(run.iterdir()):
-            raise ConfigError(f"{run}: not a run folder of this sweep; move it away or use another --out")
+    folder = RunFolder(config.out)
+    if not folder.is_run():
+        if not folder.is_empty():
+            raise ConfigError(f"{folder.path}: not a run folder of this sweep; move it away or use another --out")
         return "new"
-    before = json.loads((run / loop.RUN_CONFIG).read_text())
-    wanted = {k: v for k, v in dataclasses.asdict(config).items() if k != "resume"}
-    diffs = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in wanted.items() if before.get(k) != v]
+    diffs = settings_diff(folder.read_settings(), run_settings(config), TRAIN_DEFAULTS)
     if diffs:
-        raise ConfigError(f"{run}: made with other settings ({'; '.join(diffs)}); use another --out for a different sweep")
-    if (run / loop.SUMMARY).exists():
+        raise ConfigError(f"{folder.path}: made with other settings ({'; '.join(diffs)}); use another --out for a different sweep")
+    if folder.is_finished():
         return "finished, skipped"
-    if find_resumable(run) is not None:
+    if folder.resumable() is not None:
         return "resumed"
     # Killed before its first checkpoint: nothing worth keeping.
-    print(f"warning: {run} has no checkpoint yet; starting it again", file=sys.stderr)
-    shutil.rmtree(run)
+    print(f"warning: {folder.path} has no checkpoint yet; starting it again", file=sys.stderr)
+    shutil.rmtree(folder.path)
     return "new"

@@ -9,14 +9,14 @@ budget, the same row the training loop kept.
 from __future__ import annotations
 
 import csv
-import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mft_pipeline.train.loop import METRICS, RUN_CONFIG, SUMMARY
 from mft_pipeline.errors import ConfigError
+from mft_pipeline.run_folder import RUN_CONFIG, SUMMARY, RunFolder
 
 PEFT_NAMES = {"lora": "LoRA", "dora": "DoRA", "ia3": "IA3"}
 OBJECTIVE_NAMES = {"ft": "FT", "mft": "MFT", "distill+ft": "distill+ft", "single-correction": "single-correction"}
@@ -82,34 +82,24 @@ def find_runs(paths) -> list[Path]:
     """Run folders among ``paths``; a folder that is not a run (a sweep folder) is searched one level down."""
     runs = []
     for p in map(Path, paths):
-        if (p / RUN_CONFIG).exists():
+        if RunFolder(p).is_run():
             runs.append(p)
         elif p.is_dir():
-            runs.extend(sorted(c for c in p.iterdir() if (c / RUN_CONFIG).exists()))
+            runs.extend(sorted(c for c in p.iterdir() if RunFolder(c).is_run()))
     return list(dict.fromkeys(runs))
-
-
-def best_row(rows: list[dict]) -> dict | None:
-    """The training loop's choice: the first evaluation with the lowest specialized perplexity within budget."""
-    best = None
-    for r in rows:
-        if r.get("kind") != "eval" or not r.get("within_budget", True):
-            continue
-        if best is None or "ppl_spec" not in r or r["ppl_spec"] < best["ppl_spec"]:
-            best = r
-    return best
 
 
 def load_run(run: Path) -> RunResult | None:
     """One finished run's results; None (with a warning) for an unfinished one."""
-    if not (run / SUMMARY).exists():
+    folder = RunFolder(run)
+    summary = folder.summary()
+    if summary is None:
         print(f"warning: {run}: unfinished (no {SUMMARY}); left out of the report", file=sys.stderr)
         return None
-    summary = json.loads((run / SUMMARY).read_text())
-    config = summary.get("config") or json.loads((run / RUN_CONFIG).read_text())
-    rows = [json.loads(line) for line in (run / METRICS).read_text().splitlines() if line.strip()]
+    config = summary.get("config") or folder.read_settings()
+    rows = folder.metrics()
     before = next((r for r in rows if r.get("kind") == "before"), summary.get("before") or {})
-    result = RunResult(run=run, config=config, before=before, best=best_row(rows))
+    result = RunResult(run=run, config=config, before=before, best=folder.best_row())
     result.method, result.family, result.sort_key = describe(config)
     result.domain = Path(config["cache"]).name
     result.uses_general_data = bool(summary.get("uses_general_data", config.get("replay")))
@@ -120,18 +110,26 @@ def write_report(paths, out: Path) -> list[Path]:
     """Write report.md, report.csv and tradeoff.png into ``out``; returns their paths."""
     runs = find_runs(paths)
     if not runs:
-        raise ConfigError("no run folders (with run-config.json) among the given paths")
+        raise ConfigError(f"no run folders (with {RUN_CONFIG}) among the given paths")
     results = [r for r in map(load_run, runs) if r is not None]
-    unfinished = [run for run in runs if not (run / SUMMARY).exists()]
+    unfinished = [run for run in runs if not RunFolder(run).is_finished()]
     _disambiguate(results)
     results.sort(key=lambda r: (r.sort_key, r.domain, r.method))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "report.md", out / "report.csv", out / "tradeoff.png"]
-    paths[0].write_text(markdown(results, unfinished))
+    # Runs are named relative to the report, so a committed report holds no path of the machine it was made on.
+    for r in results:
+        r.run = relative_to(r.run, out)
+    paths[0].write_text(markdown(results, [relative_to(u, out) for u in unfinished]))
     write_csv(results, paths[1])
     plot(results, paths[2])
     return paths
+
+
+def relative_to(path: Path, folder: Path) -> Path:
+    """``path`` as seen from ``folder`` (both resolved first, so symlinks cannot make ``..`` point elsewhere)."""
+    return Path(os.path.relpath(Path(path).resolve(), Path(folder).resolve()))
 
 
 def _disambiguate(results: list[RunResult]) -> None:

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import pickle
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from mft_pipeline.errors import MFTError
 from mft_pipeline.train import distributed
 
-STATE = "trainer_state.pt"
+from mft_pipeline.run_folder import TRAINER_STATE as STATE
+
+
+class CheckpointError(MFTError):
+    """A resume checkpoint that cannot be used safely."""
 
 
 def save_pretrained(model, tokenizer, path: Path, state: dict | None = None) -> None:
@@ -32,7 +39,7 @@ def save_pretrained(model, tokenizer, path: Path, state: dict | None = None) -> 
         model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
     tokenizer.save_pretrained(tmp)
     if state is not None:
-        torch.save(state, tmp / STATE)
+        torch.save(plain(state), tmp / STATE)
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)
         path.rename(old)
@@ -40,14 +47,47 @@ def save_pretrained(model, tokenizer, path: Path, state: dict | None = None) -> 
     shutil.rmtree(old, ignore_errors=True)
 
 
-def find_resumable(run_dir: Path) -> Path | None:
-    """The newest complete resume checkpoint, surviving a crash between the two renames above."""
-    for name in ("last", "last.old"):
-        if (run_dir / name / STATE).exists():
-            return run_dir / name
-    return None
-
-
 def load_state(path: Path) -> dict:
-    # The state holds optimizer tensors and plain Python values written by this package.
-    return torch.load(path / STATE, map_location="cpu", weights_only=False)
+    """The resume state in ``path``, read with ``weights_only=True``: tensors and plain values only.
+
+    A run folder can come from anyone; unpickling arbitrary objects from it could run their code,
+    so a state holding anything else is refused instead.
+    """
+    file = Path(path) / STATE
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first_line = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        raise CheckpointError(
+            f"{file}: holds Python objects besides tensors and plain values, and loading them could run code; "
+            f"refusing it ({first_line.strip()}). Resume only from run folders this package wrote."
+        ) from None
+
+
+def plain(value):
+    """``value`` with numpy scalars and arrays made Python numbers and tensors, so ``weights_only`` loading accepts it."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    return value
+
+
+def rng_state(device: torch.device) -> dict:
+    """The random generators' states a resumed run needs: the CPU one, and the device's own on CUDA."""
+    state = {"torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        # Rank 0's state, as for the CPU generator: every rank resumes with the same one.
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict, device: torch.device) -> None:
+    """Put back ``rng_state``'s generators; a CUDA state saved by a GPU run is ignored on CPU."""
+    torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)

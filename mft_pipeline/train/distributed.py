@@ -8,7 +8,7 @@ The rules that keep N processes equivalent to one (docs/distributed.md):
 - every rank computes the same global, seeded row order; each micro-batch of ``batch_size`` rows
   is cut into ``world`` contiguous parts and rank r trains on part r;
 - loss sums and token counts are all-reduced before the one division per optimizer step;
-- evaluation NLL sums and counts are all-reduced the same way;
+- evaluation NLL sums and counts are all-reduced the same way (``eval.metrics.model_perplexity``);
 - rank 0 alone writes files; a sharded (FSDP) model is gathered into one full state dict first;
 - optimizer state is saved gathered and keyed by parameter name, so ``--resume`` works at any world size.
 """
@@ -19,12 +19,10 @@ import contextlib
 import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from mft_pipeline.config import TrainConfig
-from mft_pipeline.eval.metrics import model_nll, perplexity as ppl_from_sums
 from mft_pipeline.models import pick_device
 from mft_pipeline.errors import ConfigError
 
@@ -191,24 +189,6 @@ def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float) -> flo
 
     norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
     return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-
-
-def perplexity(model: torch.nn.Module, input_ids: np.ndarray, num_tokens: np.ndarray, batch_size: int) -> float:
-    """Perplexity over all ranks: each scores a contiguous share of the rows; NLL sums and counts are all-reduced."""
-    world, me = world_size(), rank()
-    share = -(-len(num_tokens) // world)
-    ids, num = input_ids[me * share : (me + 1) * share], num_tokens[me * share : (me + 1) * share]
-    if len(num) < share:
-        # Every rank runs the same number of forwards (FSDP gathers weights inside each one);
-        # padding rows have no tokens, so they add nothing to the sums.
-        ids = np.concatenate([ids, np.zeros((share - len(num), input_ids.shape[1]), dtype=input_ids.dtype)])
-        num = np.concatenate([num, np.zeros(share - len(num), dtype=num_tokens.dtype)])
-    nll, count = model_nll(model, ids, num, batch_size)
-    if world == 1:
-        return ppl_from_sums(nll, count)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    totals = all_reduce_sum(torch.tensor([nll, count], dtype=torch.float64, device=device))
-    return ppl_from_sums(float(totals[0]), int(totals[1]))
 
 
 def _full_options():

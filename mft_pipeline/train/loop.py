@@ -1,10 +1,20 @@
-"""Stage two: train the student from cached teacher targets. One loop, top to bottom."""
+"""Stage two: train the student from cached teacher targets.
+
+``train`` runs ``fit``, which composes named steps, each a plain function:
+
+- ``setup``: load and check the student, wrap it (adapter, DDP/FSDP), open the data, make the optimizer;
+- ``begin``: evaluate the untouched student, or restore a resumed run's state;
+- ``train_step``: one optimizer step, its loss from ``micro_batch_loss``;
+- ``evaluate``: perplexities on the validation split and the general corpus (one path for 1 or N processes);
+- ``checkpoint``: save ``last/`` with everything ``--resume`` needs.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
+from dataclasses import dataclass
+from typing import Any, Callable
 import sys
 from pathlib import Path
 
@@ -19,16 +29,14 @@ from mft_pipeline.data.corpus import load_documents
 from mft_pipeline.data.packing import pack_documents
 from mft_pipeline.distill.online import dense_mft_loss
 from mft_pipeline.distill.sparse_loss import sparse_mft_loss
-from mft_pipeline.eval.metrics import degeneralization, dg_over_s, specialization
+from mft_pipeline.eval.metrics import degeneralization, dg_over_s, model_perplexity, specialization
 from mft_pipeline.models import load_model, load_tokenizer, tokenizer_fingerprint, weights_fingerprint
 from mft_pipeline.train import distributed
 from mft_pipeline.train import peft as adapters
-from mft_pipeline.train.checkpoint import find_resumable, load_state, save_pretrained
+from mft_pipeline.train.checkpoint import load_state, restore_rng, rng_state, save_pretrained
 from mft_pipeline.errors import ConfigError
-
-RUN_CONFIG = "run-config.json"
-METRICS = "metrics.jsonl"
-SUMMARY = "summary.json"
+from mft_pipeline.config import TRAIN_DEFAULTS, run_settings
+from mft_pipeline.run_folder import METRICS, RUN_CONFIG, SUMMARY, RunFolder, improves  # noqa: F401  (names kept importable from here)
 
 
 class MismatchError(CacheError):
@@ -131,39 +139,86 @@ def load_online_teacher(cache: Cache, device: torch.device):
     return teacher.to(torch.bfloat16) if device.type == "cuda" else teacher
 
 
-def _prepare_run_dir(config: TrainConfig) -> Path | None:
-    out = Path(config.out)
-    saved = {k: v for k, v in dataclasses.asdict(config).items() if k != "resume"}
-    if config.resume:
-        resume_from = find_resumable(out)
-        if resume_from is None:
-            raise CacheError(f"{out}: nothing to resume (no last/ checkpoint); run without --resume")
-        before = json.loads((out / RUN_CONFIG).read_text())
-        # How many processes train, and how (DDP, FSDP), does not change the trajectory: it may change on resume.
-        diffs = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in saved.items() if before.get(k) != v and k != "distributed"]
-        if diffs:
-            raise ConfigError("--resume needs the same settings as the interrupted run; changed: " + "; ".join(diffs))
-        return resume_from
-    if out.exists() and any(out.iterdir()):
-        raise CacheError(f"{out}: run folder is not empty; use --resume to continue it, or another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / RUN_CONFIG).write_text(json.dumps(saved, indent=2) + "\n")
-    return None
+def set_attention(model: torch.nn.Module, config: TrainConfig) -> None:
+    """Switch ``model`` to ``--attn-implementation``'s kernel, if one was asked for."""
+    if config.attn_implementation is None:
+        return
+    try:
+        model.set_attn_implementation(config.attn_implementation)
+    except (ImportError, ValueError) as e:  # the model or this machine does not support that kernel
+        raise ConfigError(f"--attn-implementation {config.attn_implementation}: {e}") from None
 
 
-def train(config: TrainConfig) -> dict:
+def prepare_student(model: torch.nn.Module, config: TrainConfig) -> None:
+    """The GPU training options that change how the Hugging Face model runs, not what it computes."""
+    set_attention(model, config)
+    if config.gradient_checkpointing:
+        if not model.supports_gradient_checkpointing:
+            raise ConfigError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
+        # Non-reentrant checkpointing works with frozen inputs (adapters), DDP's no_sync and FSDP2.
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5.x on
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def compile_in_place(model: torch.nn.Module) -> None:
+    """``torch.compile`` the module in place (``nn.Module.compile``): its type, state dict and wrappers stay as they are."""
+    model.compile()
+
+
+def train(config: TrainConfig, on_checkpoint: Callable[[int], None] | None = None, compile_model: Callable[[torch.nn.Module], None] = compile_in_place) -> dict:
     """Train, evaluate every ``eval_every`` steps, keep the best checkpoint. Returns the summary.
 
     Under ``torchrun`` every process runs this same function (docs/distributed.md).
+    ``on_checkpoint(step)`` is called after each ``last/`` checkpoint is written (tests stop a run there);
+    ``compile_model`` compiles the trained model in place when ``config.compile`` is set.
     """
     with distributed.process_group(config) as ranks:
-        return _train(config, ranks)
+        return fit(config, ranks, on_checkpoint=on_checkpoint, compile_model=compile_model)
 
 
-def _train(config: TrainConfig, ranks: distributed.Ranks) -> dict:
+@dataclass
+class Run:
+    """What ``setup`` makes once and every later step reads: the models, the data and the optimizer."""
+
+    config: TrainConfig
+    ranks: distributed.Ranks
+    folder: RunFolder
+    student_spec: str
+    tokenizer: Any
+    model: torch.nn.Module  # as trained: the Hugging Face model, in DDP, or sharded by FSDP
+    hf_model: torch.nn.Module  # the Hugging Face model itself, for evaluation and checkpoints
+    teacher: torch.nn.Module | None  # the online reference mode's live teacher
+    train_split: Any
+    replay_split: Any | None
+    eval_sets: dict[str, Any]  # metric name -> sequences with .input_ids (N, T) and .num_tokens (N,)
+    order: np.ndarray  # specialized-cache rows of the whole run, step after step
+    replay_order: np.ndarray  # replay-cache rows of the whole run
+    special_per_step: int
+    replay_per_step: int
+    total_steps: int
+    trainable: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    resume_from: Path | None
+
+
+@dataclass
+class Progress:
+    """Where a run stands; ``checkpoint`` saves it and a resumed run starts from it."""
+
+    step: int
+    before: dict
+    best: dict | None
+    stopped_early: bool = False
+
+
+def setup(config: TrainConfig, ranks: distributed.Ranks, compile_model: Callable[[torch.nn.Module], None] = compile_in_place) -> Run:
+    """Load and check the student, wrap it for training, open the data and make the optimizer."""
     cache = Cache(config.cache)
     student_spec = config.student or cache.manifest["model"]["id"]
-    device = ranks.device
     tokenizer = load_tokenizer(student_spec)
     torch.manual_seed(config.seed)
     # fp32 master weights everywhere; bf16 only inside autocast on GPU.
@@ -171,12 +226,15 @@ def _train(config: TrainConfig, ranks: distributed.Ranks) -> dict:
     # Checked on the base weights, before any adapter is put on them.
     check_student(cache, tokenizer, model, config.allow_different_student)
     replay = open_replay(config, cache) if config.replay else None
-    teacher = load_online_teacher(cache, device) if config.online else None
+    teacher = load_online_teacher(cache, ranks.device) if config.online else None
+    if teacher is not None:
+        set_attention(teacher, config)
+    prepare_student(model, config)
     if config.peft != "none":
         model = adapters.wrap(model, config)
     # Rank 0 alone makes or checks the run folder (and alone writes to it); every rank gets its answer.
-    resume_from = distributed.on_main(lambda: _prepare_run_dir(config))
-    out = Path(config.out)
+    folder = RunFolder(config.out)
+    resume_from = distributed.on_main(lambda: folder.start(run_settings(config), config.resume, TRAIN_DEFAULTS))
     if resume_from is not None:
         # Into the plain model, before DDP or FSDP takes it: the same at any number of processes.
         if config.peft != "none":
@@ -184,17 +242,19 @@ def _train(config: TrainConfig, ranks: distributed.Ranks) -> dict:
         else:
             model.load_state_dict(load_model(str(resume_from), torch.device("cpu"), dtype=torch.float32).state_dict())
     model = distributed.wrap(model, ranks)
-    # Evaluation and checkpoints use the Hugging Face model itself (inside DDP; FSDP shards it in place).
-    hf_model = distributed.unwrap(model)
+    if config.compile:
+        # After DDP/FSDP took it, as torch.compile's distributed support expects; evaluation inside DDP stays eager.
+        compile_model(model)
 
     train_split = cache.split("train")
-    val_split = cache.split("validation") if cache.has("validation") else None
-    general = None
+    eval_sets = {}
+    if cache.has("validation"):
+        eval_sets["ppl_spec"] = cache.split("validation")
+    elif ranks.main:
+        print("warning: the cache has no validation split; S cannot be measured and the last step is kept", file=sys.stderr)
     if config.general_eval:
         docs = load_documents(config.general_eval, config.general_text_field)
-        general = pack_documents(docs, tokenizer, cache.seq_len, config.general_max_sequences, desc="tokenize general")
-    if val_split is None and ranks.main:
-        print("warning: the cache has no validation split; S cannot be measured and the last step is kept", file=sys.stderr)
+        eval_sets["ppl_gen"] = pack_documents(docs, tokenizer, cache.seq_len, config.general_max_sequences, desc="tokenize general")
 
     rows_per_step = config.batch_size * config.grad_accum
     # Every method gets the same number of steps of the same size; replay takes its share of each step.
@@ -208,159 +268,208 @@ def _train(config: TrainConfig, ranks: distributed.Ranks) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return Run(
+        config=config, ranks=ranks, folder=folder, student_spec=student_spec, tokenizer=tokenizer, model=model,
+        # Evaluation and checkpoints use the Hugging Face model itself (inside DDP; FSDP shards it in place).
+        hf_model=distributed.unwrap(model), teacher=teacher, train_split=train_split, replay_split=replay_split,
+        eval_sets=eval_sets, order=order, replay_order=replay_order, special_per_step=special_per_step,
+        replay_per_step=replay_per_step, total_steps=total_steps, trainable=trainable, optimizer=optimizer,
+        scheduler=scheduler, resume_from=resume_from,
+    )  # fmt: skip
 
-    def log(row: dict) -> None:
-        if ranks.main:
-            with open(out / METRICS, "a") as f:
-                f.write(json.dumps(row) + "\n")
 
-    def evaluate() -> dict:
-        """Perplexities; with several processes each scores a share of the rows and the sums are all-reduced."""
-        row = {}
-        if val_split is not None:
-            row["ppl_spec"] = distributed.perplexity(hf_model, val_split.input_ids, val_split.num_tokens, config.eval_batch_size)
-        if general is not None:
-            row["ppl_gen"] = distributed.perplexity(hf_model, general.input_ids, general.num_tokens, config.eval_batch_size)
-        # Rank 0's numbers everywhere, so every rank takes the same best-checkpoint and stopping decisions.
-        return distributed.from_main(row)
+def log(run: Run, row: dict) -> None:
+    """One metrics row, written by rank 0 alone."""
+    if run.ranks.main:
+        run.folder.append_metrics(row)
 
-    if resume_from is not None:
-        state = load_state(resume_from)
-        distributed.load_optimizer_state(model, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        start_step, before, best = state["step"], state["before"], state["best"]
-        if ranks.main:
-            # Drop metric rows written after the checkpoint, so the log matches the resumed trajectory.
-            rows = [json.loads(l) for l in (out / METRICS).read_text().splitlines() if l.strip()]
-            (out / METRICS).write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= start_step))
-    else:
-        start_step, best = 0, None
-        before = evaluate()
-        if val_split is not None:
-            before["teacher_ppl_spec"] = val_split.teacher_perplexity()
-        log({"step": 0, "kind": "before", "uses_general_data": replay is not None, **before})
 
-    def micro_batch_loss(parts: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed loss and token count of one micro-batch: rows of the specialized cache, then of the replay cache."""
-        input_ids = torch.cat([part["input_ids"] for part in parts])
-        with torch.autocast(**autocast):
-            logits = model(input_ids=input_ids).logits
-        if teacher is not None:
-            # Online reference mode: the live teacher's dense distribution replaces the cached top-k.
-            with torch.no_grad(), torch.autocast(**autocast):
-                teacher_logits = teacher(input_ids=input_ids).logits
-            labels = torch.cat([part["labels"] for part in parts])
-            return dense_mft_loss(logits, teacher_logits, labels, tau=config.tau, variant=config.variant)
-        # One loss call per source, on its rows of the logits: the two caches may keep different top-k sizes.
-        loss_sum, n_tokens, first = 0.0, 0, 0
-        for part in parts:
-            n_rows = len(part["input_ids"])
-            part_loss, part_tokens = sparse_mft_loss(
-                logits[first : first + n_rows], part["labels"], part["topk_ids"], part["topk_logprobs"], part["label_logprobs"],
-                tau=config.tau, variant=config.variant, tail=config.tail,
-            )
-            loss_sum, n_tokens, first = loss_sum + part_loss, n_tokens + part_tokens, first + n_rows
-        return loss_sum, n_tokens
+def begin(run: Run) -> Progress:
+    """A new run's starting point (the untouched student's perplexities, logged as step 0), or a resumed run's saved one."""
+    if run.resume_from is None:
+        before = evaluate(run.hf_model, run.eval_sets, run.config.eval_batch_size)
+        if "ppl_spec" in run.eval_sets:
+            before["teacher_ppl_spec"] = float(run.eval_sets["ppl_spec"].teacher_perplexity())
+        log(run, {"step": 0, "kind": "before", "uses_general_data": run.replay_split is not None, **before})
+        return Progress(step=0, before=before, best=None)
+    state = load_state(run.resume_from)
+    distributed.load_optimizer_state(run.model, run.optimizer, state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    restore_rng(state, run.ranks.device)
+    if run.ranks.main:
+        # Drop metric rows written after the checkpoint, so the log matches the resumed trajectory.
+        run.folder.truncate_metrics(state["step"])
+    return Progress(step=state["step"], before=state["before"], best=state["best"])
 
-    def metrics_row(step: int, current: dict) -> dict:
-        row = {"step": step, "kind": "eval", **current}
-        if "ppl_spec" in current:
-            row["S"] = specialization(before["ppl_spec"], current["ppl_spec"])
-        if "ppl_gen" in current:
-            row["DG"] = degeneralization(before["ppl_gen"], current["ppl_gen"])
-        if "S" in row and "DG" in row:
-            row["DG_over_S"] = dg_over_s(row["DG"], row["S"])
-        return row
 
-    stopped_early = False
-    method = [config.variant, f"tau={config.tau:g}"]
-    method += [config.peft] if config.peft != "none" else []
-    method += [f"replay {config.replay_fraction:g}"] if replay else []
-    method += ["online"] if config.online else []
-    bar = tqdm(total=total_steps, initial=start_step, desc=f"train ({', '.join(method)})", unit="step", disable=not ranks.main)
-    for step in range(start_step, total_steps):
-        model.train()
-        loss_total, tokens_total = torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device)
-        special_rows = order[step * special_per_step : (step + 1) * special_per_step]
-        replay_rows = replay_order[step * replay_per_step : (step + 1) * replay_per_step]
-        # This rank's share of each micro-batch; all ranks together cover the step's rows once.
-        batches = list(micro_batches(special_rows, replay_rows, config.batch_size, ranks.rank, ranks.world))
-        for i, (special, general_rows) in enumerate(batches):
-            parts = [train_split.batch(special, device)] if len(special) else []
-            if len(general_rows):
-                parts.append(replay_split.batch(general_rows, device))
-            with distributed.gradient_sync(model, last_micro_batch=i == len(batches) - 1):
-                loss_sum, n_tokens = micro_batch_loss(parts)
-                loss_sum.backward()
-            loss_total += loss_sum.detach()
-            tokens_total += n_tokens
-        # Sum over micro-batches and ranks, divide once: every token weighs the same however it is batched or spread.
-        loss_total, tokens_total = distributed.all_reduce_sum(loss_total), distributed.all_reduce_sum(tokens_total)
-        n = max(1, int(tokens_total))
-        # Each rank backpropagated its own loss SUM. DDP's all-reduce and FSDP's reduce-scatter AVERAGE
-        # gradients over the ranks, i.e. divide the sum by the world size; dividing by n / world instead of n
-        # undoes that, leaving (sum over all ranks' tokens) / (global token count), exactly as one process.
-        for p in trainable:
-            if p.grad is not None:
-                p.grad.div_(n / ranks.world)
-        grad_norm = distributed.clip_grad_norm(trainable, config.max_grad_norm or float("inf"))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        train_loss = float(loss_total) / n
-        log({"step": step + 1, "kind": "train", "loss": train_loss, "tokens": int(tokens_total), "lr": lr, "grad_norm": grad_norm})
-        bar.update(1)
-        bar.set_postfix(loss=f"{train_loss:.4f}")
+def micro_batch_loss(model: torch.nn.Module, parts: list[dict], config: TrainConfig, teacher: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed loss and token count of one micro-batch.
 
-        done = step + 1 == total_steps
-        if (step + 1) % config.eval_every and not done:
-            continue
-        row = metrics_row(step + 1, evaluate())
-        over_budget = config.max_degeneralization is not None and "DG" in row and 100 * row["DG"] > config.max_degeneralization
-        row["within_budget"] = not over_budget
-        log(row)
-        bar.set_postfix(loss=f"{train_loss:.4f}", **{k: f"{row[k]:.4f}" for k in ("S", "DG") if k in row})
-        if not over_budget and (best is None or val_split is None or row["ppl_spec"] < best["ppl_spec"]):
-            best = row
-            save_pretrained(hf_model, tokenizer, out / "best")
-        if over_budget:
-            stopped_early = True
-            print(f"stopping at step {step + 1}: degeneralization {100 * row['DG']:.2f}% exceeds {config.max_degeneralization}%", file=sys.stderr)
-            break
-        state = {
-            "step": step + 1,
-            # Keyed by parameter name and gathered whole, so any number of processes can resume it.
-            "optimizer": distributed.optimizer_state(model, optimizer),
-            "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "before": before,
-            "best": best,
-        }
-        save_pretrained(hf_model, tokenizer, out / "last", state=state)
-    bar.close()
+    ``parts``: ``CachedSplit.batch`` dicts, the specialized cache's rows first, then the replay
+    cache's; each holds ``input_ids`` and ``labels`` (R, T), ``topk_ids`` and ``topk_logprobs``
+    (R, T, k; k may differ between parts) and ``label_logprobs`` (R, T). ``teacher``: the online
+    reference mode's live teacher, whose dense distribution replaces the cached top-k.
+    Returns ``(loss_sum, n_tokens)``, 0-dim tensors; the caller divides once per optimizer step.
+    """
+    input_ids = torch.cat([part["input_ids"] for part in parts])
+    autocast = dict(device_type=input_ids.device.type, dtype=torch.bfloat16, enabled=input_ids.device.type == "cuda")
+    with torch.autocast(**autocast):
+        logits = model(input_ids=input_ids).logits
+    if teacher is not None:
+        with torch.no_grad(), torch.autocast(**autocast):
+            teacher_logits = teacher(input_ids=input_ids).logits
+        labels = torch.cat([part["labels"] for part in parts])
+        return dense_mft_loss(logits, teacher_logits, labels, tau=config.tau, variant=config.variant)
+    # One loss call per source, on its rows of the logits: the two caches may keep different top-k sizes.
+    loss_sum, n_tokens, first = 0.0, 0, 0
+    for part in parts:
+        n_rows = len(part["input_ids"])
+        part_loss, part_tokens = sparse_mft_loss(
+            logits[first : first + n_rows], part["labels"], part["topk_ids"], part["topk_logprobs"], part["label_logprobs"],
+            tau=config.tau, variant=config.variant, tail=config.tail,
+        )
+        loss_sum, n_tokens, first = loss_sum + part_loss, n_tokens + part_tokens, first + n_rows
+    return loss_sum, n_tokens
 
-    merged = None
-    if config.merge_adapter and best is not None:
-        merged = out / "best-merged"
-        if ranks.main:
-            adapters.merge(student_spec, out / "best", tokenizer, merged)
+
+def train_step(run: Run, step: int) -> dict:
+    """Optimizer step ``step`` (0-based) over this rank's share of its rows; returns its "train" metrics row."""
+    config, ranks, device = run.config, run.ranks, run.ranks.device
+    run.model.train()
+    loss_total, tokens_total = torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device)
+    special_rows = run.order[step * run.special_per_step : (step + 1) * run.special_per_step]
+    replay_rows = run.replay_order[step * run.replay_per_step : (step + 1) * run.replay_per_step]
+    # This rank's share of each micro-batch; all ranks together cover the step's rows once.
+    batches = list(micro_batches(special_rows, replay_rows, config.batch_size, ranks.rank, ranks.world))
+    for i, (special, general_rows) in enumerate(batches):
+        parts = [run.train_split.batch(special, device)] if len(special) else []
+        if len(general_rows):
+            parts.append(run.replay_split.batch(general_rows, device))
+        with distributed.gradient_sync(run.model, last_micro_batch=i == len(batches) - 1):
+            loss_sum, n_tokens = micro_batch_loss(run.model, parts, config, run.teacher)
+            loss_sum.backward()
+        loss_total += loss_sum.detach()
+        tokens_total += n_tokens
+    # Sum over micro-batches and ranks, divide once: every token weighs the same however it is batched or spread.
+    loss_total, tokens_total = distributed.all_reduce_sum(loss_total), distributed.all_reduce_sum(tokens_total)
+    n = max(1, int(tokens_total))
+    # Each rank backpropagated its own loss SUM. DDP's all-reduce and FSDP's reduce-scatter AVERAGE
+    # gradients over the ranks, i.e. divide the sum by the world size; dividing by n / world instead of n
+    # undoes that, leaving (sum over all ranks' tokens) / (global token count), exactly as one process.
+    for p in run.trainable:
+        if p.grad is not None:
+            p.grad.div_(n / ranks.world)
+    grad_norm = distributed.clip_grad_norm(run.trainable, config.max_grad_norm or float("inf"))
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return {"step": step + 1, "kind": "train", "loss": float(loss_total) / n, "tokens": int(tokens_total), "lr": lr, "grad_norm": grad_norm}
+
+
+def evaluate(model: torch.nn.Module, eval_sets: dict[str, Any], batch_size: int) -> dict[str, float]:
+    """Perplexity of ``model`` on each named set, e.g. ``{"ppl_spec": validation, "ppl_gen": general}``.
+
+    Each set has ``input_ids`` (N, T) and ``num_tokens`` (N,). With several processes each scores a
+    share of the rows (``model_perplexity``); rank 0's numbers are returned on every rank, so all
+    take the same best-checkpoint and stopping decisions.
+    """
+    row = {name: model_perplexity(model, seqs.input_ids, seqs.num_tokens, batch_size) for name, seqs in eval_sets.items()}
+    return distributed.from_main(row)
+
+
+def eval_row(step: int, current: dict, before: dict, max_degeneralization: float | None) -> dict:
+    """The "eval" metrics row: perplexities, S, DG and DG/S against ``before``, and whether DG is within budget."""
+    row = {"step": step, "kind": "eval", **current}
+    if "ppl_spec" in current:
+        row["S"] = specialization(before["ppl_spec"], current["ppl_spec"])
+    if "ppl_gen" in current:
+        row["DG"] = degeneralization(before["ppl_gen"], current["ppl_gen"])
+    if "S" in row and "DG" in row:
+        row["DG_over_S"] = dg_over_s(row["DG"], row["S"])
+    row["within_budget"] = not (max_degeneralization is not None and "DG" in row and 100 * row["DG"] > max_degeneralization)
+    return row
+
+
+def checkpoint(run: Run, progress: Progress) -> None:
+    """Save ``last/``: the weights (or adapter) plus the optimizer, schedule, RNG and metrics state ``--resume`` needs."""
+    state = {
+        "step": progress.step,
+        # Keyed by parameter name and gathered whole, so any number of processes can resume it.
+        "optimizer": distributed.optimizer_state(run.model, run.optimizer),
+        "scheduler": run.scheduler.state_dict(),
+        **rng_state(run.ranks.device),
+        "before": progress.before,
+        "best": progress.best,
+    }
+    save_pretrained(run.hf_model, run.tokenizer, run.folder.last, state=state)
+
+
+def summarize(run: Run, progress: Progress) -> dict:
+    """Merge the best adapter if asked, and write ``summary.json`` (rank 0); returns the summary."""
+    config, merged = run.config, None
+    if config.merge_adapter and progress.best is not None:
+        merged = run.folder.merged
+        if run.ranks.main:
+            adapters.merge(run.student_spec, run.folder.best, run.tokenizer, merged)
     summary = {
-        "before": before,
-        "best": best,
-        "steps": total_steps,
-        "stopped_early": stopped_early,
+        "before": progress.before,
+        "best": progress.best,
+        "steps": run.total_steps,
+        "stopped_early": progress.stopped_early,
         # Replay trains on general-domain data; reports must not compare it on equal terms.
-        "uses_general_data": replay is not None,
+        "uses_general_data": run.replay_split is not None,
         "adapter": config.peft != "none",
         "merged": str(merged) if merged else None,
         "config": dataclasses.asdict(config),
-        "world_size": ranks.world,
+        "world_size": run.ranks.world,
     }
-    if ranks.main:
-        (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    if run.ranks.main:
+        run.folder.write_summary(summary)
+    return summary
+
+
+def describe_method(config: TrainConfig) -> str:
+    method = [config.variant, f"tau={config.tau:g}"]
+    method += [config.peft] if config.peft != "none" else []
+    method += [f"replay {config.replay_fraction:g}"] if config.replay else []
+    method += ["online"] if config.online else []
+    return ", ".join(method)
+
+
+def fit(
+    config: TrainConfig,
+    ranks: distributed.Ranks,
+    on_checkpoint: Callable[[int], None] | None = None,
+    compile_model: Callable[[torch.nn.Module], None] = compile_in_place,
+) -> dict:
+    """The run: ``setup``, ``begin``, then ``train_step`` / ``evaluate`` / ``checkpoint`` until done or over budget."""
+    run = setup(config, ranks, compile_model)
+    progress = begin(run)
+    bar = tqdm(total=run.total_steps, initial=progress.step, desc=f"train ({describe_method(config)})", unit="step", disable=not ranks.main)
+    while progress.step < run.total_steps:
+        row = train_step(run, progress.step)
+        progress.step, loss = row["step"], f"{row['loss']:.4f}"
+        log(run, row)
+        bar.update(1)
+        bar.set_postfix(loss=loss)
+        if progress.step % config.eval_every and progress.step < run.total_steps:
+            continue
+        row = eval_row(progress.step, evaluate(run.hf_model, run.eval_sets, config.eval_batch_size), progress.before, config.max_degeneralization)
+        log(run, row)
+        bar.set_postfix(loss=loss, **{k: f"{row[k]:.4f}" for k in ("S", "DG") if k in row})
+        if improves(row, progress.best):
+            progress.best = row
+            save_pretrained(run.hf_model, run.tokenizer, run.folder.best)
+        if not row["within_budget"]:
+            progress.stopped_early = True
+            print(f"stopping at step {progress.step}: degeneralization {100 * row['DG']:.2f}% exceeds {config.max_degeneralization}%", file=sys.stderr)
+            break
+        checkpoint(run, progress)
+        if on_checkpoint is not None:
+            on_checkpoint(progress.step)
+    bar.close()
+    summary = summarize(run, progress)
     # Every rank returns once rank 0's files are all written.
     distributed.barrier()
     return summary

@@ -10,9 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import metric_rows
+from conftest import metric_rows, stop_after_checkpoint
 from mft_pipeline.sweep import grid as grid_module
 from mft_pipeline.sweep.grid import SweepConfig, grid, run_sweep
+from mft_pipeline.config import run_settings
+from mft_pipeline.run_folder import RunFolder
 from mft_pipeline.train import loop
 
 from .conftest import base_settings
@@ -53,14 +55,13 @@ def test_sweep_gives_every_grid_point_its_own_finished_run(comparison):
     assert {"report.md", "report.csv", "tradeoff.png", "sweep.json"} <= {p.name for p in sweep.iterdir()}
 
 
-def test_restarted_sweep_redoes_nothing(comparison, stage_two, monkeypatch):
+def test_restarted_sweep_redoes_nothing(comparison, stage_two):
     calls = []
-    monkeypatch.setattr(loop, "train", lambda config: calls.append(config))
     sweep_dir = comparison / "sweep"
     before = {p: p.stat().st_mtime_ns for p in sweep_dir.glob("*/metrics.jsonl")}
     log = []
     sweep = SweepConfig(cache=str(stage_two / "cache"), out=str(sweep_dir), taus="0.25,1", variants="ft,mft", peft="none,lora")
-    run_sweep(sweep, base_settings(stage_two, replay=str(stage_two / "general-cache")), log=log.append)
+    run_sweep(sweep, base_settings(stage_two, replay=str(stage_two / "general-cache")), log=log.append, train=calls.append)
     assert calls == []
     assert sum("finished, skipped" in line for line in log) == 12
     assert {p: p.stat().st_mtime_ns for p in sweep_dir.glob("*/metrics.jsonl")} == before
@@ -77,24 +78,18 @@ def test_mft_at_tau_one_reproduces_ft(comparison, suffix):
     assert any(not torch.allclose(ft[n], mft_quarter[n]) for n in ft)
 
 
-def test_killed_sweep_resumes_the_half_finished_run_only(stage_two, tmp_path, monkeypatch):
+def test_killed_sweep_resumes_the_half_finished_run_only(stage_two, tmp_path):
     sweep = SweepConfig(cache=str(stage_two / "cache"), out=str(tmp_path / "s"), taus="0.25", variants="ft,mft")
     base = base_settings(stage_two, steps=4, eval_every=2)
-    real_save = loop.save_pretrained
 
-    def dying_save(model, tokenizer, path, state=None):
-        real_save(model, tokenizer, path, state)
-        if state is not None and state["step"] == 2 and "mft" in str(path):
-            raise KeyboardInterrupt("killed")
+    def killing_mft(config):
+        return loop.train(config, on_checkpoint=stop_after_checkpoint(2) if config.variant == "mft" else None)
 
-    monkeypatch.setattr(loop, "save_pretrained", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        run_sweep(sweep, base, log=lambda line: None)
-    monkeypatch.setattr(loop, "save_pretrained", real_save)
+        run_sweep(sweep, base, log=lambda line: None, train=killing_mft)
 
-    real_train, calls = loop.train, []
-    monkeypatch.setattr(loop, "train", lambda config: calls.append(config) or real_train(config))
-    run_sweep(sweep, base, log=lambda line: None)
+    calls = []
+    run_sweep(sweep, base, log=lambda line: None, train=lambda config: calls.append(config) or loop.train(config))
     assert [(c.variant, c.resume) for c in calls] == [("mft", True)]
     assert [r["step"] for r in metric_rows(tmp_path / "s" / "mft-tau0.25", "train")] == [1, 2, 3, 4]
 
@@ -107,5 +102,5 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over(stage_two, tmp_pat
     run = tmp_path / "s" / "mft-tau0.25"
     run.mkdir(parents=True)
     config = grid(sweep, base_settings(stage_two))[0]
-    (run / loop.RUN_CONFIG).write_text(json.dumps({k: v for k, v in dataclasses.asdict(config).items() if k != "resume"}))
+    RunFolder(run).start(run_settings(config), resume=False)
     assert grid_module.prepare(config) == "new" and not run.exists()

@@ -20,9 +20,9 @@ import torch
 import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM
 
-from conftest import metric_rows, train_config
+from conftest import metric_rows, stop_after_checkpoint, train_config
 from mft_pipeline.config import TrainConfig
-from mft_pipeline.train import loop
+from mft_pipeline.train.checkpoint import save_pretrained
 from mft_pipeline.train.loop import micro_batches, train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -88,31 +88,8 @@ def _fsdp_worker(rank: int, world: int, port: int, tied: Path, config: TrainConf
     dist.init_process_group("gloo")
     model = AutoModelForCausalLM.from_pretrained(tied / "unsharded")
     sharded = distributed.wrap(model, distributed.Ranks("fsdp", rank, world, torch.device("cpu")))
-    loop.save_pretrained(sharded, AutoTokenizer.from_pretrained(tied / "unsharded"), tied / "sharded")
-
-    real_save = loop.save_pretrained
-
-    def dying_save(model, tokenizer, path, state=None):
-        real_save(model, tokenizer, path, state)
-        if state is not None and state["step"] == kill_at:
-            raise SystemExit(3)
-
-    loop.save_pretrained = dying_save
-    train(config)
-
-
-def kill_in_process(config: TrainConfig, kill_at: int, monkeypatch) -> None:
-    real_save = loop.save_pretrained
-
-    def dying_save(model, tokenizer, path, state=None):
-        real_save(model, tokenizer, path, state)
-        if state is not None and state["step"] == kill_at:
-            raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(loop, "save_pretrained", dying_save)
-    with pytest.raises(KeyboardInterrupt):
-        train(config)
-    monkeypatch.setattr(loop, "save_pretrained", real_save)
+    save_pretrained(sharded, AutoTokenizer.from_pretrained(tied / "unsharded"), tied / "sharded")
+    train(config, on_checkpoint=stop_after_checkpoint(kill_at, SystemExit(3)))
 
 
 @pytest.fixture(scope="module")
@@ -213,8 +190,8 @@ def test_fsdp_checkpoints_and_a_killed_run_resumes_in_one_process(stage_two, ref
     assert_same_run(tmp_path / "run", reference)
 
 
-def test_one_process_run_resumes_under_torchrun_fsdp(stage_two, reference, tmp_path, monkeypatch):
-    kill_in_process(settings(stage_two, tmp_path / "run"), kill_at=2, monkeypatch=monkeypatch)
+def test_one_process_run_resumes_under_torchrun_fsdp(stage_two, reference, tmp_path, kill_and_resume):
+    kill_and_resume.kill(settings(stage_two, tmp_path / "run"), at=2)
     torchrun(settings(stage_two, tmp_path / "run", distributed="fsdp", resume=True))
     assert_same_run(tmp_path / "run", reference)
     assert_same_run(tmp_path / "run", reference, checkpoint="best")

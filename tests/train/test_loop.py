@@ -9,7 +9,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cli.main import mft
 from conftest import metric_rows, train_config
-from mft_pipeline.train import loop
 from mft_pipeline.train.loop import MismatchError, train
 
 
@@ -56,21 +55,10 @@ def test_micro_batch_accumulation_matches_one_big_batch(stage_two, tmp_path):
         torch.testing.assert_close(big[name], small[name], rtol=1e-4, atol=1e-6)
 
 
-def test_resume_continues_the_same_trajectory(stage_two, tmp_path, monkeypatch):
+def test_resume_continues_the_same_trajectory(stage_two, tmp_path, kill_and_resume):
     train(train_config(stage_two, tmp_path / "whole", steps=8, eval_every=2, schedule="cosine", warmup_steps=2))
-
-    real_save = loop.save_pretrained
-
-    def dying_save(model, tokenizer, path, state=None):
-        real_save(model, tokenizer, path, state)
-        if state is not None and state["step"] == 4:
-            raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(loop, "save_pretrained", dying_save)
     killed = train_config(stage_two, tmp_path / "killed", steps=8, eval_every=2, schedule="cosine", warmup_steps=2)
-    with pytest.raises(KeyboardInterrupt):
-        train(killed)
-    monkeypatch.setattr(loop, "save_pretrained", real_save)
+    kill_and_resume.kill(killed, at=4)
     with pytest.raises(Exception, match="not empty"):
         train(killed)
     with pytest.raises(ValueError, match="same settings"):

@@ -11,7 +11,6 @@ from transformers import AutoModelForCausalLM
 from conftest import make_model, metric_rows, train_config
 from mft_pipeline.cache.reader import Cache
 from mft_pipeline.eval.metrics import model_perplexity
-from mft_pipeline.train import loop
 from mft_pipeline.train.loop import train
 from mft_pipeline.train.peft import projection_names
 
@@ -64,21 +63,10 @@ def test_lora_rank_and_targets_are_configurable(stage_two, tmp_path):
         train_config(stage_two, tmp_path / "bad", merge_adapter=True)
 
 
-def test_adapter_run_resumes_on_the_same_trajectory(stage_two, tmp_path, monkeypatch):
+def test_adapter_run_resumes_on_the_same_trajectory(stage_two, tmp_path, kill_and_resume):
     kw = dict(steps=4, eval_every=2, peft="lora")
     train(train_config(stage_two, tmp_path / "whole", **kw))
-    real_save = loop.save_pretrained
-
-    def dying_save(model, tokenizer, path, state=None):
-        real_save(model, tokenizer, path, state)
-        if state is not None and state["step"] == 2:
-            raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(loop, "save_pretrained", dying_save)
-    with pytest.raises(KeyboardInterrupt):
-        train(train_config(stage_two, tmp_path / "killed", **kw))
-    monkeypatch.setattr(loop, "save_pretrained", real_save)
-    train(train_config(stage_two, tmp_path / "killed", resume=True, **kw))
+    kill_and_resume(train_config(stage_two, tmp_path / "killed", **kw), at=2)
     whole, resumed = metric_rows(tmp_path / "whole", "train"), metric_rows(tmp_path / "killed", "train")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in whole], rel=1e-5)

@@ -1,0 +1,81 @@
+"""`mft train`'s options reach the run, and bad values are one-line errors (exit 2), never tracebacks."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from cli.main import mft
+
+
+def test_gpu_options_reach_the_run(stage_two, tmp_path):
+    args = ["train", "--cache", str(stage_two / "cache"), "--out", str(tmp_path / "run"), "--steps", "1", "--eval-every", "1",
+            "--gradient-checkpointing", "--attn-implementation", "eager"]  # fmt: skip
+    result = CliRunner().invoke(mft, args)
+    assert result.exit_code == 0, result.output
+    settings = json.loads((tmp_path / "run" / "run-config.json").read_text())
+    assert settings["gradient_checkpointing"] is True and settings["attn_implementation"] == "eager" and settings["compile"] is False
+    bad = CliRunner().invoke(mft, ["train", "--cache", "c", "--out", str(tmp_path / "x"), "--attn-implementation", "flash"])
+    assert bad.exit_code == 2 and "attn_implementation must be one of" in bad.output
+
+
+# Machine-found bad input: random values for every `mft train` option that takes one.
+
+import dataclasses  # noqa: E402
+import math  # noqa: E402
+import typing  # noqa: E402
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from cli.options import build  # noqa: E402
+from mft_pipeline.config import TrainConfig  # noqa: E402
+from mft_pipeline.errors import MFTError  # noqa: E402
+
+HINTS = typing.get_type_hints(TrainConfig)
+VALUE_OPTIONS = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("cache", "out") and HINTS[f.name] is not bool]
+VALUES = st.one_of(
+    st.integers(min_value=-(10**30), max_value=10**30).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.sampled_from(["0", "-0", "-1", "1", "nan", "-nan", "inf", "-inf", "1e400", "1e-400", "", " ", "abc", "1,2", "None", "true", "cuda:x", "2**64", str(2**64), "0x10"]),
+    st.text(max_size=12),
+)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _assert_sane(config: TrainConfig) -> None:
+    """What every accepted config holds: numbers finite and not negative, so training cannot start on garbage."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            assert math.isfinite(value) and value >= 0, (f.name, value)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.sampled_from(VALUE_OPTIONS), value=VALUES)
+def test_any_option_value_is_a_valid_config_or_a_one_line_error_naming_it(tmp_path, name, value):
+    missing = tmp_path / "no-such-cache"
+    result = CliRunner().invoke(mft, ["train", "--cache", str(missing), "--out", str(tmp_path / "out"), f"{_flag(name)}={value}"])
+    # Exit 2 and no exception but the exit: a refused value, or (when the value is fine) the missing cache.
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (name, value, result.output, result.exception)
+    errors = [line for line in result.output.splitlines() if line.lower().startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    if "not a finished cache" in errors[0]:
+        # Accepted: the same value must build a config every other check in training can rely on.
+        params = {"cache": str(missing), "out": str(tmp_path / "out")}
+        ctx = mft.commands["train"].make_context("train", ["--cache", params["cache"], "--out", params["out"], f"{_flag(name)}={value}"])
+        _assert_sane(build(TrainConfig, ctx.params))
+        assert not (tmp_path / "out").exists()
+    else:
+        assert _flag(name) in errors[0] or name in errors[0], (name, value, errors[0])
+
+
+def test_config_errors_are_user_errors():
+    import pytest
+
+    with pytest.raises(MFTError):
+        TrainConfig(cache="c", out="o", seed=-1)
