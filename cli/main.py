@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from cli.options import build, options_from
+from cli.options import build, config_file_option, options_from
 from mft_pipeline.config import CacheConfig, TrainConfig
 from mft_pipeline.sweep.grid import GRID_FIELDS, SweepConfig
 
@@ -32,6 +32,7 @@ def mft():
 
 
 @mft.command("cache-teacher")
+@config_file_option
 @options_from(CacheConfig)
 def cache_teacher(**params):
     """Stage one: run the frozen teacher once and cache its top-k targets."""
@@ -106,6 +107,7 @@ def quickstart(workdir, steps, no_ft):
 
 
 @mft.command("train")
+@config_file_option
 @options_from(TrainConfig)
 def train(**params):
     """Stage two: train the student on the cached, MFT-corrected teacher targets."""
@@ -135,6 +137,7 @@ def format_summary(summary: dict) -> str:
 
 
 @mft.command("sweep")
+@config_file_option
 @options_from(SweepConfig)
 @options_from(TrainConfig, exclude=GRID_FIELDS)
 def sweep(**params):
