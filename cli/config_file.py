@@ -99,7 +99,11 @@ def _checked(path: Path, key, value, param: click.Parameter):
             return str(value)  # `taus: 0.25` or `peft-targets: 0` read as numbers
         expected = "a string (lists are comma-separated strings, as on the command line)"
     else:
-        raise AssertionError(f"config files do not handle the option type {want!r} of {param.name}")
+        # Any other click type (a choice, a path) converts and checks the value itself.
+        try:
+            return want.convert(value, param, None)
+        except click.BadParameter as e:
+            raise ConfigError(f"{path}: {key!r}: {e.message}") from None
     raise ConfigError(f"{path}: {key!r} must be {expected}, got {value!r}")
 
 

@@ -90,6 +90,9 @@ class MFTTrainer(Trainer):
             args = dataclasses.replace(args, remove_unused_columns=False)
         kwargs.setdefault("data_collator", collate)
         super().__init__(model, args, **kwargs)
+        # Older transformers versions decide from this flag (not loss_is_scaled_for_ga) whether
+        # to divide the loss by the accumulation steps again; our loss is already per step.
+        self.model_accepts_loss_kwargs = True
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The micro-batches of one optimizer step and their labelled-token count.

@@ -148,3 +148,18 @@ def test_dumped_cache_config_replays_through_the_cli(tmp_path):
     config = CacheConfig(corpus="c.jsonl", out="cache", tokenizer="tok", seq_len=128, top_k=8, val_fraction=0.1, max_val_sequences=3, backend="transformers", overwrite=True)
     path = dump_run_config(config, tmp_path / "cache-config.yaml")
     assert build(CacheConfig, parsed("cache-teacher", ["--config", str(path)])) == config
+
+
+def test_other_click_types_convert_through_click(tmp_path):
+    import click
+
+    @click.command("demo")
+    @click.option("--mode", type=click.Choice(["a", "b"]))
+    def demo(mode):
+        pass
+
+    good = write(tmp_path / "good.yaml", {"mode": "b"})
+    bad = write(tmp_path / "bad.yaml", {"mode": "c"})
+    assert load_config_file(good, demo) == {"mode": "b"}
+    with pytest.raises(ConfigError, match="'mode'"):
+        load_config_file(bad, demo)
