@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -160,3 +161,16 @@ def test_docs_example_runs(cache_dir, tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(code, str(DOC), "exec"), namespace)
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+
+
+def test_peft_adapter_trains_under_mft_trainer(cache_dir, tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = MFTTrainer(model=model, args=args(tmp_path, max_steps=2), train_dataset=CacheDataset(cache_dir), tau=0.25)
+    trainer.train()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    assert all(math.isfinite(r["loss"]) for r in trainer.state.log_history if "loss" in r)
