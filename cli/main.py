@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from cli.options import build, options_from
+from cli.options import build, config_file_option, options_from
 from mft_pipeline.config import CacheConfig, TrainConfig
 from mft_pipeline.sweep.grid import GRID_FIELDS, SweepConfig
 
@@ -32,6 +32,7 @@ def mft():
 
 
 @mft.command("cache-teacher")
+@config_file_option
 @options_from(CacheConfig)
 def cache_teacher(**params):
     """Stage one: run the frozen teacher once and cache its top-k targets."""
@@ -45,7 +46,12 @@ def cache_teacher(**params):
 @click.argument("cache_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def cache_info(cache_dir, as_json):
-    """Tokens, bytes per token and candidate, teacher accuracy and perplexity per split."""
+    """Per split: tokens, bytes per token and candidate, teacher accuracy and perplexity, and what the top-k keeps.
+
+    The second line per split helps choose --top-k: the share of labels outside the top-k, the
+    teacher's probability mass outside it (mean and percentiles) and how often its argmax is
+    right. See docs/choosing-k.md.
+    """
     from mft_pipeline.cache.inspect import cache_info as info
 
     result = info(cache_dir)
@@ -61,6 +67,16 @@ def cache_info(cache_dir, as_json):
                 f" teacher argmax accuracy {row['teacher_argmax_accuracy']:.3f}, perplexity {row['teacher_perplexity']:.3f}"
             )
         click.echo(line)
+        if row.get("tail_mass_mean") is not None:
+            click.echo(f"{'':>10}  {_coverage_line(row)}")
+
+
+def _coverage_line(row: dict) -> str:
+    """How much the top-k keeps of the teacher: the numbers to read when choosing --top-k (docs/choosing-k.md)."""
+    return (
+        f"labels outside top-k {100 * row['label_outside_top_k']:.2f}%, teacher tail mass mean {row['tail_mass_mean']:.4f}"
+        f" (p50 {row['tail_mass_p50']:.4f}, p90 {row['tail_mass_p90']:.4f}, p99 {row['tail_mass_p99']:.4f})"
+    )
 
 
 @mft.command("cache-verify")
@@ -106,6 +122,7 @@ def quickstart(workdir, steps, no_ft):
 
 
 @mft.command("train")
+@config_file_option
 @options_from(TrainConfig)
 def train(**params):
     """Stage two: train the student on the cached, MFT-corrected teacher targets."""
@@ -135,6 +152,7 @@ def format_summary(summary: dict) -> str:
 
 
 @mft.command("sweep")
+@config_file_option
 @options_from(SweepConfig)
 @options_from(TrainConfig, exclude=GRID_FIELDS)
 def sweep(**params):

@@ -56,3 +56,33 @@ def build(cls, params: dict):
         return cls(**{k: v for k, v in params.items() if k in names})
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
+
+
+def config_file_option(f):
+    """Decorator adding ``--config FILE``: option values from a YAML or JSON file; flags given on the command line win.
+
+    The file is read before any other option (the option is eager) into ``ctx.default_map``,
+    so its values take the place of the defaults; keys are option names with dashes or
+    underscores. An unknown key or a wrong type is a usage error naming the key (exit 2).
+    """
+    return click.option(
+        "--config",
+        "config",
+        type=click.Path(exists=True, dir_okay=False),
+        is_eager=True,
+        expose_value=False,
+        callback=_load_config_defaults,
+        help="YAML or JSON file of option values (keys are option names); flags on the command line override it.",
+    )(f)
+
+
+def _load_config_defaults(ctx: click.Context, param: click.Parameter, value):
+    from cli.config_file import load_config_file
+
+    if value is None:
+        return
+    try:
+        loaded = load_config_file(value, ctx.command)
+    except ConfigError as e:
+        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+    ctx.default_map = {**(ctx.default_map or {}), **loaded}

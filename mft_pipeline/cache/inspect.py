@@ -48,6 +48,7 @@ def cache_info(path: str | Path) -> dict:
                 teacher_argmax_accuracy=float(argmax_right.sum() / valid.sum()),
                 teacher_perplexity=split.teacher_perplexity(),
             )
+            row.update(topk_coverage(split))
         out["splits"][name] = row
     return out
 
@@ -163,3 +164,56 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)  # same filesystem: no copy of possibly large shards
     except OSError:
         shutil.copy2(src, dst)
+
+
+# Resolution of the tail-mass percentiles: a value is reported to within 1 / TAIL_BINS.
+TAIL_BINS = 1 << 16
+
+
+def topk_coverage(split, chunk_rows: int = 64, bins: int = TAIL_BINS) -> dict:
+    """How much of the teacher the top-k keeps, over one split, for choosing ``--top-k``.
+
+    Reads the split ``chunk_rows`` rows at a time through ``split.batch(rows)``, so memory does
+    not grow with the split. Counts and sums are exact (int64, float64); percentiles come from
+    a histogram of ``bins`` equal bins on [0, 1] and are the upper edge of the bin holding the
+    nearest-rank percentile, i.e. at most ``1 / bins`` above it.
+
+    Args:
+        split: a cache split (``len(split)`` rows, ``split.batch(rows)`` as in ``CachedSplit``).
+        chunk_rows: rows per read.
+        bins: histogram bins for the percentiles.
+
+    Returns:
+        label_outside_top_k: share of labelled positions whose label is not among the top-k.
+        tail_mass_mean, tail_mass_p50, tail_mass_p90, tail_mass_p99: the teacher's probability
+            outside its top-k, ``1 - sum(exp(top-k log-probs))`` per position (clipped to [0, 1]
+            against float16 rounding), mean and percentiles over labelled positions.
+        teacher_argmax_accuracy: share of labelled positions where the argmax is the label.
+        All None when the split has no labelled position.
+    """
+    n = outside = argmax_right = 0
+    tail_sum = 0.0
+    counts = np.zeros(bins, dtype=np.int64)
+    for start in range(0, len(split), chunk_rows):
+        b = split.batch(list(range(start, min(start + chunk_rows, len(split)))))
+        labels = b["labels"].numpy()
+        ids = b["topk_ids"].numpy()
+        valid = labels != IGNORE_INDEX
+        in_top = (ids == labels[..., None]).any(-1)
+        tail = np.clip(1.0 - np.exp(b["topk_logprobs"].numpy().astype(np.float64)).sum(-1), 0.0, 1.0)[valid]
+        n += int(valid.sum())
+        outside += int((valid & ~in_top).sum())
+        argmax_right += int((valid & (ids[..., 0] == labels)).sum())
+        tail_sum += float(tail.sum())
+        counts += np.bincount(np.minimum((tail * bins).astype(np.int64), bins - 1), minlength=bins)
+    keys = ("label_outside_top_k", "tail_mass_mean", "tail_mass_p50", "tail_mass_p90", "tail_mass_p99", "teacher_argmax_accuracy")
+    if n == 0:
+        return dict.fromkeys(keys)
+    cumulative = np.cumsum(counts)
+
+    def percentile(q: float) -> float:
+        rank = max(1, int(np.ceil(q / 100 * n)))
+        return float((np.searchsorted(cumulative, rank) + 1) / bins)
+
+    values = (outside / n, tail_sum / n, percentile(50), percentile(90), percentile(99), argmax_right / n)
+    return dict(zip(keys, values))

@@ -1,0 +1,1 @@
+"""Bridges from a stage-one cache to training frameworks users already run (Hugging Face Trainer)."""
