@@ -20,6 +20,7 @@ import click
 import yaml
 
 from mft_pipeline.errors import ConfigError
+from mft_pipeline.run_folder import write_settings
 
 CONFIG_PARAM = "config"
 
@@ -108,15 +109,10 @@ def _checked(path: Path, key, value, param: click.Parameter):
 
 
 def dump_run_config(config, path: str | Path) -> Path:
-    """Write a config dataclass (e.g. ``TrainConfig``) as YAML that ``--config`` reads back.
+    """Write a config dataclass (e.g. ``CacheConfig``) as YAML that ``--config`` reads back.
 
-    Keys are the field names in field order; ``mft train --config PATH`` rebuilds an equal
-    config. Written to a temporary file first, so a crash leaves no half-written config.
+    Keys are the field names in field order; ``--config PATH`` rebuilds an equal config. The
+    run folder's own ``run-config.yaml`` is written the same way.
     """
-    path = Path(path)
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    header = f"# Resolved {type(config).__name__}; run it again with --config {path.name}\n"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(header + yaml.safe_dump(values, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_settings(values, Path(path), header=f"Resolved {type(config).__name__}")

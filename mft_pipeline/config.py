@@ -15,6 +15,7 @@ SAMPLE_BY = ("paragraph", "document", "line")
 SCHEDULES = ("constant", "cosine")
 PEFT_METHODS = ("none", "lora", "dora", "ia3")
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
+REPORT_TO = ("tensorboard", "wandb", "none")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 DEFAULT_REPLAY_FRACTION = 0.5
 
@@ -152,6 +153,11 @@ class TrainConfig:
         default=None,
     )
     compile: bool = doc("Compile the student with torch.compile before training: faster steps on GPU after a slow first one.", default=False)
+    report_to: str | None = doc(
+        "Training curves: tensorboard (into RUN/tensorboard), wandb (offline, into RUN/wandb) or none. "
+        "Default: tensorboard when it is installed, else none.",
+        default=None,
+    )
     resume: bool = doc("Continue a killed run from its last checkpoint, with any number of processes.", default=False)
 
     def __post_init__(self):
@@ -187,6 +193,8 @@ class TrainConfig:
             raise ConfigError(f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
         _check_choice("peft", self.peft, PEFT_METHODS)
         _check_choice("distributed", self.distributed, DISTRIBUTED)
+        if self.report_to is not None:
+            _check_choice("report_to", self.report_to, REPORT_TO)
         if self.distributed == "fsdp" and self.peft != "none":
             raise ConfigError("--distributed fsdp does not shard --peft adapters; use --distributed ddp (the adapter is small)")
         _check_positive("peft_rank", self.peft_rank)
@@ -201,7 +209,7 @@ class TrainConfig:
                 raise ConfigError("--replay-fraction needs --replay (a general-domain cache)")
         else:
             if self.replay_fraction is None:
-                # Frozen dataclass: the effective default is stored, so run-config.json and reports show it.
+                # Frozen dataclass: the effective default is stored, so run-config.yaml and reports show it.
                 object.__setattr__(self, "replay_fraction", DEFAULT_REPLAY_FRACTION)
             if not (isinstance(self.replay_fraction, (int, float)) and 0 < self.replay_fraction < 1):
                 raise ConfigError(f"replay_fraction must be in (0, 1), got {self.replay_fraction}")
@@ -217,7 +225,7 @@ TRAIN_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 
 
 def run_settings(config: TrainConfig) -> dict:
-    """What a run folder records of ``config`` (run-config.json): every field but ``resume``."""
+    """What a run folder records of ``config`` (run-config.yaml): every field but ``resume``."""
     return {k: v for k, v in asdict(config).items() if k != "resume"}
 
 

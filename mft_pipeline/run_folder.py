@@ -2,7 +2,8 @@
 
 A run folder holds:
 
-- ``run-config.json``: the settings it was started with (all TrainConfig fields but ``resume``);
+- ``run-config.yaml``: the settings it was started with (all TrainConfig fields but ``resume``);
+  `mft train --config RUN/run-config.yaml --out NEW` runs it again;
 - ``metrics.jsonl``: one JSON row per line, ``kind`` "before" (step 0), "train" or "eval";
 - ``summary.json``: written last, so its presence means the run finished;
 - ``best/``: the checkpoint of the best evaluation row (``best_row``), ``best-merged/`` with --merge-adapter;
@@ -19,9 +20,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from mft_pipeline.errors import ConfigError, MFTError
 
-RUN_CONFIG = "run-config.json"
+RUN_CONFIG = "run-config.yaml"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 BEST = "best"
@@ -113,7 +116,7 @@ class RunFolder:
         return not self.path.exists() or not any(self.path.iterdir())
 
     def read_settings(self) -> dict:
-        return json.loads(self.config_file.read_text())
+        return yaml.safe_load(self.config_file.read_text())
 
     def start(self, settings: dict, resume: bool, defaults: dict | None = None) -> Path | None:
         """Make a new run folder holding ``settings``, or check one to resume; returns the checkpoint to resume from.
@@ -132,7 +135,7 @@ class RunFolder:
         if not self.is_empty():
             raise RunFolderError(f"{self.path}: run folder is not empty; use --resume to continue it, or another --out")
         self.path.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.config_file, json.dumps(settings, indent=2) + "\n")
+        write_settings(settings, self.config_file, header="Resolved settings of this run")
         return None
 
     def resumable(self) -> Path | None:
@@ -187,6 +190,13 @@ class RunFolder:
 
     def is_finished(self) -> bool:
         return self.summary_file.exists()
+
+
+def write_settings(settings: dict, path: Path, header: str) -> Path:
+    """``settings`` as YAML (keys in the given order) that ``--config`` reads back, after a ``# header`` line."""
+    text = f"# {header}; run it again with --config {Path(path).name}\n"
+    _write_atomic(Path(path), text + yaml.safe_dump(settings, sort_keys=False, allow_unicode=True))
+    return Path(path)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -1,6 +1,6 @@
 """`mft report`: S, DG and DG/S of finished runs, as the paper's Table 2 and a trade-off plot.
 
-Reads only the run folders (run-config.json, metrics.jsonl, summary.json), so it works on any
+Reads only the run folders (run-config.yaml, metrics.jsonl, summary.json), so it works on any
 set of runs, from a sweep or not. Each run is represented by its best checkpoint's evaluation
 row in metrics.jsonl: the lowest specialized-domain perplexity within the degeneralization
 budget, the same row the training loop kept.

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Any, Callable
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ from mft_pipeline.models import load_model, load_tokenizer, tokenizer_fingerprin
 from mft_pipeline.train import distributed
 from mft_pipeline.train import peft as adapters
 from mft_pipeline.train.checkpoint import load_state, restore_rng, rng_state, save_pretrained
+from mft_pipeline.train.tracking import NullTracker, Tracker, make_tracker
 from mft_pipeline.errors import ConfigError
 from mft_pipeline.config import TRAIN_DEFAULTS, run_settings
 from mft_pipeline.run_folder import METRICS, RUN_CONFIG, SUMMARY, RunFolder, improves  # noqa: F401  (names kept importable from here)
@@ -203,6 +205,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     resume_from: Path | None
+    tracker: Tracker  # TensorBoard or W&B on rank 0, a NullTracker elsewhere
 
 
 @dataclass
@@ -235,6 +238,7 @@ def setup(config: TrainConfig, ranks: distributed.Ranks, compile_model: Callable
     # Rank 0 alone makes or checks the run folder (and alone writes to it); every rank gets its answer.
     folder = RunFolder(config.out)
     resume_from = distributed.on_main(lambda: folder.start(run_settings(config), config.resume, TRAIN_DEFAULTS))
+    tracker = make_tracker(config.report_to, folder.path, run_settings(config)) if ranks.main else NullTracker()
     if resume_from is not None:
         # Into the plain model, before DDP or FSDP takes it: the same at any number of processes.
         if config.peft != "none":
@@ -274,14 +278,23 @@ def setup(config: TrainConfig, ranks: distributed.Ranks, compile_model: Callable
         hf_model=distributed.unwrap(model), teacher=teacher, train_split=train_split, replay_split=replay_split,
         eval_sets=eval_sets, order=order, replay_order=replay_order, special_per_step=special_per_step,
         replay_per_step=replay_per_step, total_steps=total_steps, trainable=trainable, optimizer=optimizer,
-        scheduler=scheduler, resume_from=resume_from,
+        scheduler=scheduler, resume_from=resume_from, tracker=tracker,
     )  # fmt: skip
 
 
+# Which fields of a metrics row go to the tracker, and under what name.
+TRACKED = {
+    "train": {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "tokens_per_s": "train/tokens_per_s"},
+    "eval": {"ppl_spec": "eval/ppl_spec", "ppl_gen": "eval/ppl_gen", "S": "eval/S", "DG": "eval/DG"},
+}
+TRACKED["before"] = TRACKED["eval"]
+
+
 def log(run: Run, row: dict) -> None:
-    """One metrics row, written by rank 0 alone."""
+    """One metrics row, written by rank 0 alone, to metrics.jsonl and the tracker."""
     if run.ranks.main:
         run.folder.append_metrics(row)
+        run.tracker.log(row["step"], {name: row.get(key) for key, name in TRACKED[row["kind"]].items()})
 
 
 def begin(run: Run) -> Progress:
@@ -445,30 +458,35 @@ def fit(
 ) -> dict:
     """The run: ``setup``, ``begin``, then ``train_step`` / ``evaluate`` / ``checkpoint`` until done or over budget."""
     run = setup(config, ranks, compile_model)
-    progress = begin(run)
-    bar = tqdm(total=run.total_steps, initial=progress.step, desc=f"train ({describe_method(config)})", unit="step", disable=not ranks.main)
-    while progress.step < run.total_steps:
-        row = train_step(run, progress.step)
-        progress.step, loss = row["step"], f"{row['loss']:.4f}"
-        log(run, row)
-        bar.update(1)
-        bar.set_postfix(loss=loss)
-        if progress.step % config.eval_every and progress.step < run.total_steps:
-            continue
-        row = eval_row(progress.step, evaluate(run.hf_model, run.eval_sets, config.eval_batch_size), progress.before, config.max_degeneralization)
-        log(run, row)
-        bar.set_postfix(loss=loss, **{k: f"{row[k]:.4f}" for k in ("S", "DG") if k in row})
-        if improves(row, progress.best):
-            progress.best = row
-            save_pretrained(run.hf_model, run.tokenizer, run.folder.best)
-        if not row["within_budget"]:
-            progress.stopped_early = True
-            print(f"stopping at step {progress.step}: degeneralization {100 * row['DG']:.2f}% exceeds {config.max_degeneralization}%", file=sys.stderr)
-            break
-        checkpoint(run, progress)
-        if on_checkpoint is not None:
-            on_checkpoint(progress.step)
-    bar.close()
+    try:
+        progress = begin(run)
+        bar = tqdm(total=run.total_steps, initial=progress.step, desc=f"train ({describe_method(config)})", unit="step", disable=not ranks.main)
+        while progress.step < run.total_steps:
+            started = time.perf_counter()
+            row = train_step(run, progress.step)
+            row["tokens_per_s"] = row["tokens"] / (time.perf_counter() - started)
+            progress.step, loss = row["step"], f"{row['loss']:.4f}"
+            log(run, row)
+            bar.update(1)
+            bar.set_postfix(loss=loss)
+            if progress.step % config.eval_every and progress.step < run.total_steps:
+                continue
+            row = eval_row(progress.step, evaluate(run.hf_model, run.eval_sets, config.eval_batch_size), progress.before, config.max_degeneralization)
+            log(run, row)
+            bar.set_postfix(loss=loss, **{k: f"{row[k]:.4f}" for k in ("S", "DG") if k in row})
+            if improves(row, progress.best):
+                progress.best = row
+                save_pretrained(run.hf_model, run.tokenizer, run.folder.best)
+            if not row["within_budget"]:
+                progress.stopped_early = True
+                print(f"stopping at step {progress.step}: degeneralization {100 * row['DG']:.2f}% exceeds {config.max_degeneralization}%", file=sys.stderr)
+                break
+            checkpoint(run, progress)
+            if on_checkpoint is not None:
+                on_checkpoint(progress.step)
+        bar.close()
+    finally:
+        run.tracker.close()
     summary = summarize(run, progress)
     # Every rank returns once rank 0's files are all written.
     distributed.barrier()

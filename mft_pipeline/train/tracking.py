@@ -19,9 +19,9 @@ import os
 from pathlib import Path
 from typing import Protocol
 
+from mft_pipeline.config import REPORT_TO
 from mft_pipeline.errors import ConfigError
 
-REPORT_TO = ("tensorboard", "wandb", "none")
 # Which pip extra installs each tracker's library.
 _PACKAGES = {"tensorboard": ("tensorboard", "tracking"), "wandb": ("wandb", "wandb")}
 

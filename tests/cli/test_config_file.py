@@ -29,7 +29,7 @@ def write(path, data):
 
 
 def test_yaml_keys_with_dashes_or_underscores(tmp_path):
-    f = write(tmp_path / "run.yaml", {"cache": "c", "out": "o", "eval-every": 7, "grad_accum": 3, "peft": "lora", "merge-adapter": True, "max_degeneralization": 2})
+    f = write(tmp_path / "run.yaml", {"cache": "c", "out": "o", "eval-every": 7, "grad_accum": 3, "peft": "lora", "merge-adapter": True, "max_degeneralization": 2, "general-eval": "g.jsonl"})
     config = build(TrainConfig, parsed("train", ["--config", f]))
     assert (config.cache, config.out, config.eval_every, config.grad_accum, config.peft, config.merge_adapter) == ("c", "o", 7, 3, "lora", True)
     assert config.max_degeneralization == 2.0 and isinstance(config.max_degeneralization, float)

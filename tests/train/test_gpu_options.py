@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 
 import pytest
 import torch
+import yaml
 
 from conftest import metric_rows, train_config
 from mft_pipeline.errors import ConfigError
@@ -82,7 +82,7 @@ def test_compile_hands_the_trained_model_to_the_compile_function(stage_two, tmp_
     assert compiled == []
     summary = train(train_config(stage_two, tmp_path / "on", steps=1, eval_every=1, compile=True), compile_model=compiled.append)
     assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.Module)
-    assert summary["config"]["compile"] and json.loads((tmp_path / "on" / "run-config.json").read_text())["compile"]
+    assert summary["config"]["compile"] and yaml.safe_load((tmp_path / "on" / "run-config.yaml").read_text())["compile"]
     assert [r["loss"] for r in metric_rows(tmp_path / "on", "train")] == pytest.approx([r["loss"] for r in metric_rows(tmp_path / "off", "train")], rel=1e-6)
 
 

@@ -110,3 +110,25 @@ def test_cli_train_prints_s_and_dg(stage_two, tmp_path):
     assert bad.exit_code == 2 and "tau" in bad.output
     missing = CliRunner().invoke(mft, ["train", "--cache", str(tmp_path / "nope"), "--out", str(tmp_path / "y")])
     assert missing.exit_code == 2 and "not a finished cache" in missing.output
+
+
+def test_run_records_curves_and_a_config_that_replays(stage_two, tmp_path):
+    """TensorBoard gets the loop's scalars, and `--config RUN/run-config.yaml` rebuilds the same run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from cli.options import build
+    from mft_pipeline.config import TrainConfig
+
+    config = train_config(stage_two, tmp_path / "run", steps=4, eval_every=2, report_to="tensorboard")
+    train(config)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "eval/ppl_spec", "eval/ppl_gen", "eval/S", "eval/DG"} <= tags
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert losses == pytest.approx([r["loss"] for r in metric_rows(tmp_path / "run", "train")])
+    assert [e.step for e in events.Scalars("eval/S")] == [2, 4]
+
+    command = mft.commands["train"]
+    with command.make_context("train", ["--config", str(tmp_path / "run" / "run-config.yaml")]) as ctx:
+        assert build(TrainConfig, ctx.params) == config
