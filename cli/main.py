@@ -9,7 +9,7 @@ import sys
 import click
 
 from cli.options import build, config_file_option, options_from
-from mft_pipeline.config import CacheConfig, TrainConfig
+from mft_pipeline.config import CacheConfig, EvalConfig, TrainConfig
 from mft_pipeline.sweep.grid import GRID_FIELDS, SweepConfig
 
 
@@ -149,6 +149,28 @@ def format_summary(summary: dict) -> str:
     if summary.get("uses_general_data"):
         lines.append("note: this run used general-domain data (replay)")
     return "\n".join(lines)
+
+
+@mft.command("eval")
+@options_from(EvalConfig)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def evaluate(as_json, **params):
+    """Perplexities, S, DG and DG/S of any checkpoint (full model or PEFT adapter) against its base."""
+    from mft_pipeline.eval.score import score_checkpoint
+
+    result = score_checkpoint(build(EvalConfig, params))
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"{result['model']} against {result['base']}")
+    names = {"ppl_spec": "specialized perplexity", "ppl_gen": "general perplexity    "}
+    metric = {"ppl_spec": "S", "ppl_gen": "DG"}
+    for key, name in names.items():
+        if key in result["after"]:
+            click.echo(f"{name} {result['before'][key]:.3f} -> {result['after'][key]:.3f}   "
+                       f"{metric[key]:<2} = {100 * result[metric[key]]:.2f}%   ({result['tokens'][key]} tokens)")  # fmt: skip
+    if "DG_over_S" in result:
+        click.echo(f"DG/S = {result['DG_over_S']:.3f}")
 
 
 @mft.command("sweep")

@@ -221,6 +221,38 @@ class TrainConfig:
                 raise ConfigError("--attn-implementation flash_attention_2 needs the flash-attn package (pip install flash-attn), which is not installed")
 
 
+@dataclass(frozen=True)
+class EvalConfig:
+    """`mft eval`: perplexities, S, DG and DG/S of any checkpoint against its base, with training's evaluation code."""
+
+    model: str = doc("Checkpoint to score: a from_pretrained folder (e.g. RUN/best), a PEFT adapter folder, or any model spec.")
+    base: str | None = doc(
+        "Model the checkpoint is compared with (S and DG are measured against it). Default: for a run folder's checkpoint, "
+        "the model that run started from; for a PEFT adapter, its base model.",
+        default=None,
+    )
+    spec_eval: str | None = doc(
+        "Specialized evaluation: a stage-one cache (its validation split, exactly as `mft train` scores it) or a corpus "
+        "(its documents, packed).",
+        default=None,
+    )
+    general_eval: str | None = doc("General-domain corpus for degeneralization (packed as `mft train --general-eval` does).", default=None)
+    text_field: str = doc("Text column of the corpora.", default="text")
+    seq_len: int | None = doc("Tokens per packed sequence for corpora. Default: the --spec-eval cache's, else 2048.", default=None)
+    max_sequences: int = doc("Packed sequences to evaluate per corpus (as `mft train --general-max-sequences`).", default=64)
+    batch_size: int = doc("Sequences per evaluation forward.", default=8)
+    device: str = doc("Torch device (auto, cpu, cuda, ...).", default="auto")
+
+    def __post_init__(self):
+        if self.spec_eval is None and self.general_eval is None:
+            raise ConfigError("give --spec-eval, --general-eval or both: there is nothing to evaluate on")
+        if self.seq_len is not None:
+            _check_positive("seq_len", self.seq_len, minimum=2)
+        for name in ("max_sequences", "batch_size"):
+            _check_positive(name, getattr(self, name))
+        _check_device(self.device)
+
+
 TRAIN_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 
 

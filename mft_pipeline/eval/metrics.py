@@ -32,6 +32,18 @@ def dg_over_s(dg: float, s: float) -> float:
     return dg / s if s > 0 else float("nan")
 
 
+def compare(before: dict, after: dict) -> dict:
+    """S, DG and DG/S of perplexities ``after`` against ``before`` (keys ``ppl_spec``, ``ppl_gen``), where both have them."""
+    row = {}
+    if "ppl_spec" in after and "ppl_spec" in before:
+        row["S"] = specialization(before["ppl_spec"], after["ppl_spec"])
+    if "ppl_gen" in after and "ppl_gen" in before:
+        row["DG"] = degeneralization(before["ppl_gen"], after["ppl_gen"])
+    if "S" in row and "DG" in row:
+        row["DG_over_S"] = dg_over_s(row["DG"], row["S"])
+    return row
+
+
 def model_perplexity(model, input_ids: np.ndarray, num_tokens: np.ndarray, batch_size: int = 8) -> float:
     """Perplexity of ``model`` on packed sequences (N, T), counting each row's real labels only.
 

@@ -30,7 +30,7 @@ from mft_pipeline.data.corpus import load_documents
 from mft_pipeline.data.packing import pack_documents
 from mft_pipeline.distill.online import dense_mft_loss
 from mft_pipeline.distill.sparse_loss import sparse_mft_loss
-from mft_pipeline.eval.metrics import degeneralization, dg_over_s, model_perplexity, specialization
+from mft_pipeline.eval.metrics import compare, model_perplexity
 from mft_pipeline.models import load_model, load_tokenizer, tokenizer_fingerprint, weights_fingerprint
 from mft_pipeline.train import distributed
 from mft_pipeline.train import peft as adapters
@@ -393,13 +393,7 @@ def evaluate(model: torch.nn.Module, eval_sets: dict[str, Any], batch_size: int)
 
 def eval_row(step: int, current: dict, before: dict, max_degeneralization: float | None) -> dict:
     """The "eval" metrics row: perplexities, S, DG and DG/S against ``before``, and whether DG is within budget."""
-    row = {"step": step, "kind": "eval", **current}
-    if "ppl_spec" in current:
-        row["S"] = specialization(before["ppl_spec"], current["ppl_spec"])
-    if "ppl_gen" in current:
-        row["DG"] = degeneralization(before["ppl_gen"], current["ppl_gen"])
-    if "S" in row and "DG" in row:
-        row["DG_over_S"] = dg_over_s(row["DG"], row["S"])
+    row = {"step": step, "kind": "eval", **current, **compare(before, current)}
     row["within_budget"] = not (max_degeneralization is not None and "DG" in row and 100 * row["DG"] > max_degeneralization)
     return row
 
