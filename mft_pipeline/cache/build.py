@@ -158,14 +158,14 @@ def build_cache(config: CacheConfig) -> Path:
             "max_val_sequences": config.max_val_sequences,
         },
         "rows_per_shard": config.rows_per_shard,
-        "num_workers": config.num_shards,
+        "num_workers": config.num_workers,
         "backend": {"name": teacher.name, "versions": teacher.library_versions()},
-        "plan": _plan(packed, config.rows_per_shard, config.num_shards),
+        "plan": _plan(packed, config.rows_per_shard, config.num_workers),
     }
     schema = arrow_schema(config.seq_len, config.top_k, teacher.vocab_size)
-    mine = [s for s in settings["plan"] if s["worker"] == config.shard_index]
+    mine = [s for s in settings["plan"] if s["worker"] == config.worker_index]
     with CacheWriter(
-        config.out, settings, shard_index=config.shard_index, num_shards=config.num_shards, resume=config.resume, overwrite=config.overwrite
+        config.out, settings, worker_index=config.worker_index, num_workers=config.num_workers, resume=config.resume, overwrite=config.overwrite
     ) as writer:
         todo = [s for s in mine if not writer.finished(s["file"])]
         with tqdm(total=sum(s["rows"] for s in todo), desc=f"teacher ({teacher.name})", unit="seq") as bar:

@@ -17,6 +17,7 @@ from mft_pipeline.cache.format import (
     read_json,
     read_manifest,
     sha256_file,
+    shard_path,
     worker_name,
 )
 from mft_pipeline.cache.reader import Cache
@@ -64,7 +65,7 @@ def verify_cache(path: str | Path) -> list[str]:
     for split, info in manifest["splits"].items():
         rows = labels = 0
         for shard in info["shards"]:
-            f = path / shard["file"]
+            f = shard_path(path, shard["file"])
             if not f.exists():
                 problems.append(f"{shard['file']}: missing")
                 continue
@@ -92,7 +93,7 @@ def verify_cache(path: str | Path) -> list[str]:
 
 
 def merge_cache(path: str | Path, sources: tuple[str | Path, ...] = ()) -> dict:
-    """Make one finished cache from the parts that ``--num-shards`` workers wrote.
+    """Make one finished cache from the parts that ``--num-workers`` workers wrote.
 
     With no ``sources``, the workers shared the folder ``path``. With ``sources``, each worker
     (or group of workers, e.g. one per node) wrote its own folder; their shards are linked or
@@ -109,11 +110,11 @@ def merge_cache(path: str | Path, sources: tuple[str | Path, ...] = ()) -> dict:
     n = settings["num_workers"]
     missing = [i for i in range(n) if not (path / worker_name(i, n)).exists()]
     if missing:
-        raise CacheError(f"{path}: workers {missing} of {n} have not finished; rerun them with --shard-index I --resume")
+        raise CacheError(f"{path}: workers {missing} of {n} have not finished; rerun them with --worker-index I --resume")
     for i in range(n):
         part = read_json(path / worker_name(i, n))
         for name, rec in part["shards"].items():
-            f = path / name
+            f = shard_path(path, name)
             if not f.exists() or sha256_file(f) != rec["sha256"]:
                 raise CacheError(f"{f}: missing or changed since worker {i} wrote it")
     write_manifest(path, settings, n)
@@ -142,15 +143,19 @@ def _gather(out: Path, sources: list[Path]) -> None:
     n = settings["num_workers"]
     missing = [i for i in range(n) if worker_name(i, n) not in owner]
     if missing:
-        raise CacheError(f"workers {missing} of {n} have not finished in any of the given folders; rerun them with --shard-index I --resume")
+        raise CacheError(f"workers {missing} of {n} have not finished in any of the given folders; rerun them with --worker-index I --resume")
     tmp = out.with_name(out.name + ".merging")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    shutil.copy2(sources[0] / SETTINGS, tmp / SETTINGS)
-    for name, src in owner.items():
-        for shard in read_json(src / name)["shards"]:
-            _link_or_copy(src / shard, tmp / shard)
-        shutil.copy2(src / name, tmp / name)
+    try:
+        shutil.copy2(sources[0] / SETTINGS, tmp / SETTINGS)
+        for name, src in owner.items():
+            for shard in read_json(src / name)["shards"]:
+                _link_or_copy(shard_path(src, shard), shard_path(tmp, shard))
+            shutil.copy2(src / name, tmp / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-merged stays behind
+        raise
     if out.exists():
         out.rmdir()
     tmp.rename(out)

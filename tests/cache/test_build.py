@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from cli.main import mft
 from conftest import make_documents, write_jsonl
 from mft_pipeline.cache.build import build_cache
-from mft_pipeline.cache.format import MANIFEST, CacheError
+from mft_pipeline.cache.format import MANIFEST, CacheError, temp_name
 from mft_pipeline.cache.inspect import cache_info, merge_cache, verify_cache
 from mft_pipeline.cache.reader import Cache
 from mft_pipeline.cache.writer import CacheWriter
@@ -104,7 +104,7 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, tiny_model_dir, 
     def crashing(self, name, table):
         if calls["n"] == 3:
             # Die mid-write: a temp file exists, the final name must not.
-            (self.out / f".{name}.tmp").write_bytes(b"partial")
+            (self.out / temp_name(name, self.worker_index)).write_bytes(b"partial")
             raise KeyboardInterrupt("simulated crash")
         calls["n"] += 1
         return real_write(self, name, table)
@@ -129,11 +129,11 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, tiny_model_dir, 
 def test_two_workers_merge_to_single_worker_cache(tmp_path, tiny_model_dir):
     corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(40))
     build_cache(config(corpus, tmp_path / "one", tiny_model_dir))
-    build_cache(config(corpus, tmp_path / "two", tiny_model_dir, num_shards=2, shard_index=1))
+    build_cache(config(corpus, tmp_path / "two", tiny_model_dir, num_workers=2, worker_index=1))
     assert not (tmp_path / "two" / MANIFEST).exists()
     with pytest.raises(CacheError, match="not finished|have not finished"):
         merge_cache(tmp_path / "two")
-    build_cache(config(corpus, tmp_path / "two", tiny_model_dir, num_shards=2, shard_index=0))
+    build_cache(config(corpus, tmp_path / "two", tiny_model_dir, num_workers=2, worker_index=0))
     assert (tmp_path / "two" / MANIFEST).exists()  # the worker that completes the set writes it
     assert shard_digests(tmp_path / "two") == shard_digests(tmp_path / "one")
     assert verify_cache(tmp_path / "two") == []
@@ -240,7 +240,7 @@ def test_workers_in_separate_folders_merge_into_one_cache(tmp_path, tiny_model_d
     corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(40))
     build_cache(config(corpus, tmp_path / "one", tiny_model_dir))
     for i in range(2):
-        build_cache(config(corpus, tmp_path / f"node{i}", tiny_model_dir, num_shards=2, shard_index=i))
+        build_cache(config(corpus, tmp_path / f"node{i}", tiny_model_dir, num_workers=2, worker_index=i))
     result = CliRunner().invoke(mft, ["cache-merge", str(tmp_path / "merged"), str(tmp_path / "node0"), str(tmp_path / "node1")])
     assert result.exit_code == 0, result.output
     assert shard_digests(tmp_path / "merged") == shard_digests(tmp_path / "one")
@@ -255,13 +255,13 @@ def test_merge_refuses_gaps_overlaps_and_mixed_settings(tmp_path, tiny_model_dir
 
     corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(40))
     for i in range(2):
-        build_cache(config(corpus, tmp_path / f"node{i}", tiny_model_dir, num_shards=2, shard_index=i))
+        build_cache(config(corpus, tmp_path / f"node{i}", tiny_model_dir, num_workers=2, worker_index=i))
     with pytest.raises(CacheError, match=r"workers \[1\] of 2 have not finished"):
         merge_cache(tmp_path / "gap", (tmp_path / "node0",))
     shutil.copytree(tmp_path / "node0", tmp_path / "node0-again")
     with pytest.raises(CacheError, match="overlapping"):
         merge_cache(tmp_path / "overlap", (tmp_path / "node0", tmp_path / "node0-again", tmp_path / "node1"))
-    build_cache(config(corpus, tmp_path / "k3", tiny_model_dir, num_shards=2, shard_index=1, top_k=3))
+    build_cache(config(corpus, tmp_path / "k3", tiny_model_dir, num_workers=2, worker_index=1, top_k=3))
     with pytest.raises(CacheError, match="other settings(.|\n)*top_k"):
         merge_cache(tmp_path / "mixed", (tmp_path / "node0", tmp_path / "k3"))
     # A worker that claims a shard the plan gives to another worker is an overlap too.
