@@ -13,7 +13,6 @@ from mft_pipeline.cache.format import (
     MANIFEST,
     SETTINGS,
     CacheError,
-    arrow_schema,
     read_json,
     read_manifest,
     sha256_file,
@@ -21,6 +20,7 @@ from mft_pipeline.cache.format import (
     worker_name,
 )
 from mft_pipeline.cache.reader import Cache
+from mft_pipeline.cache.shard import arrow_schema, decode_shard
 from mft_pipeline.cache.writer import settings_differences, write_manifest
 from mft_pipeline.distill.sparse_loss import IGNORE_INDEX
 
@@ -40,13 +40,16 @@ def cache_info(path: str | Path) -> dict:
         row = {"sequences": info["num_sequences"], "tokens": tokens, "bytes": size}
         if tokens:
             split = cache.split(name)
-            labels = split.labels()
-            valid = labels != IGNORE_INDEX
-            argmax_right = (split.topk_ids[..., 0].astype(np.int64) == labels) & valid
+            right = counted = 0
+            for rows, arrays in split.chunks(("topk_ids",)):
+                labels = split.labels(rows)
+                valid = labels != IGNORE_INDEX
+                right += int(((arrays["topk_ids"][..., 0].astype(np.int64) == labels) & valid).sum())
+                counted += int(valid.sum())
             row.update(
                 bytes_per_token=size / tokens,
                 bytes_per_candidate=size / (tokens * k),
-                teacher_argmax_accuracy=float(argmax_right.sum() / valid.sum()),
+                teacher_argmax_accuracy=right / counted,
                 teacher_perplexity=split.teacher_perplexity(),
             )
         out["splits"][name] = row
@@ -73,8 +76,8 @@ def verify_cache(path: str | Path) -> list[str]:
                 problems.append(f"{shard['file']}: checksum differs from the manifest (file changed or corrupt)")
                 continue
             try:
-                pf = pq.ParquetFile(f)
-                table = pf.read()
+                table = pq.read_table(f)
+                num_tokens = decode_shard(table, columns=("num_tokens",))["num_tokens"]
             except Exception as e:  # pyarrow raises several types for a broken file
                 problems.append(f"{shard['file']}: unreadable Parquet ({e})")
                 continue
@@ -82,7 +85,7 @@ def verify_cache(path: str | Path) -> list[str]:
                 problems.append(f"{shard['file']}: schema differs from the cache format")
             if table.num_rows != shard["rows"]:
                 problems.append(f"{shard['file']}: {table.num_rows} rows, manifest says {shard['rows']}")
-            got = int((table.column("num_tokens").to_numpy().astype(np.int64) - 1).sum())
+            got = int((num_tokens.astype(np.int64) - 1).sum())
             if got != shard["labels"]:
                 problems.append(f"{shard['file']}: {got} labelled tokens, manifest says {shard['labels']}")
             rows += table.num_rows

@@ -8,12 +8,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from mft_pipeline.cache.format import (
-    BYTE_STREAM_SPLIT,
-    COMPRESSION,
-    COMPRESSION_LEVEL,
     MANIFEST,
     SETTINGS,
     TEMP_FILE,
@@ -27,6 +23,7 @@ from mft_pipeline.cache.format import (
     write_json_atomic,
     write_json_once,
 )
+from mft_pipeline.cache.shard import write_shard_file
 
 # Everything a cache folder may hold; --overwrite deletes only these.
 _OWN = re.compile(r"^(\.?.*\.tmp|(train|validation)-\d{5}\.parquet|worker-\d{5}-of-\d{5}\.json|manifest\.json|cache-settings\.json)$")
@@ -116,10 +113,7 @@ class CacheWriter:
         final = shard_path(self.out, name)
         tmp = self.out / temp_name(name, self.worker_index)
         try:
-            pq.write_table(
-                table, tmp, compression=COMPRESSION, compression_level=COMPRESSION_LEVEL,
-                use_dictionary=False, use_byte_stream_split=list(BYTE_STREAM_SPLIT),
-            )
+            write_shard_file(table, tmp)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, final)  # atomic: a shard under its final name is always complete

@@ -13,11 +13,10 @@ from transformers import AutoModelForCausalLM
 
 from cli.main import mft
 from conftest import make_documents, write_jsonl
-from mft_pipeline.cache.build import build_cache
+from mft_pipeline.cache.build import build_cache, make_teacher
 from mft_pipeline.cache.format import MANIFEST, CacheError, temp_name
 from mft_pipeline.cache.inspect import cache_info, merge_cache, verify_cache
 from mft_pipeline.cache.reader import Cache
-from mft_pipeline.cache.writer import CacheWriter
 from mft_pipeline.config import CacheConfig
 from mft_pipeline.data.corpus import CorpusError
 
@@ -94,33 +93,42 @@ def test_info_reports_teacher_perplexity(built):
     assert row["teacher_argmax_accuracy"] == pytest.approx(argmax_acc)
 
 
-def test_resume_after_crash_matches_uninterrupted_run(tmp_path, tiny_model_dir, monkeypatch):
+class DyingTeacher:
+    """A real teacher that is killed (KeyboardInterrupt) at its ``die_at``-th batch."""
+
+    def __init__(self, inner, die_at):
+        self.inner, self.die_at, self.calls = inner, die_at, 0
+        self.name, self.max_top_k, self.vocab_size = inner.name, inner.max_top_k, inner.vocab_size
+
+    def score(self, input_ids, num_tokens, top_k):
+        if self.calls == self.die_at:
+            raise KeyboardInterrupt("simulated crash")
+        self.calls += 1
+        return self.inner.score(input_ids, num_tokens, top_k)
+
+    def library_versions(self):
+        return self.inner.library_versions()
+
+
+def test_resume_after_crash_matches_uninterrupted_run(tmp_path, tiny_model_dir):
     corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(40))
     build_cache(config(corpus, tmp_path / "whole", tiny_model_dir))
 
-    real_write = CacheWriter.write_shard
-    calls = {"n": 0}
-
-    def crashing(self, name, table):
-        if calls["n"] == 3:
-            # Die mid-write: a temp file exists, the final name must not.
-            (self.out / temp_name(name, self.worker_index)).write_bytes(b"partial")
-            raise KeyboardInterrupt("simulated crash")
-        calls["n"] += 1
-        return real_write(self, name, table)
-
-    monkeypatch.setattr(CacheWriter, "write_shard", crashing)
+    cfg = config(corpus, tmp_path / "crashed", tiny_model_dir)
+    teacher, fingerprint = make_teacher(cfg)
+    # Two batches of 3 per 5-row shard: dying at the 7th batch leaves 3 finished shards.
     with pytest.raises(KeyboardInterrupt):
-        build_cache(config(corpus, tmp_path / "crashed", tiny_model_dir))
+        build_cache(cfg, DyingTeacher(teacher, die_at=6), teacher_fingerprint=fingerprint)
     crashed = tmp_path / "crashed"
     assert not (crashed / MANIFEST).exists()
     assert len(list(crashed.glob("*.parquet"))) == 3
     assert verify_cache(crashed)  # not a finished cache
+    # What a crash in the middle of writing the next shard leaves behind.
+    (crashed / temp_name("train-00003.parquet", 0)).write_bytes(b"partial")
     with pytest.raises(CacheError, match="resume"):
-        build_cache(config(corpus, crashed, tiny_model_dir))
+        build_cache(cfg, teacher, teacher_fingerprint=fingerprint)
 
-    monkeypatch.setattr(CacheWriter, "write_shard", real_write)
-    build_cache(config(corpus, crashed, tiny_model_dir, resume=True))
+    build_cache(config(corpus, crashed, tiny_model_dir, resume=True), teacher, teacher_fingerprint=fingerprint)
     assert not list(crashed.glob(".*.tmp"))
     assert shard_digests(crashed) == shard_digests(tmp_path / "whole")
     assert verify_cache(crashed) == []
