@@ -41,7 +41,6 @@ import shlex
 import shutil
 import statistics
 import sys
-import sysconfig
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -82,27 +81,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def stdlib_documents(min_chars: int) -> tuple[list[str], dict]:
-    """The standard library's .py files outside test folders, sorted by path, until ``min_chars``."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+    """The demo's code corpus (``mft_pipeline.demo.stdlib_code``) in its order, until ``min_chars``."""
+    from mft_pipeline.demo.stdlib_code import code_documents, stdlib_root
+
+    root = stdlib_root()
     docs, names, total = [], [], 0
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root)
-        if skip & set(rel.parts[:-1]) or path.name.startswith("test_"):
-            continue
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            continue
-        if not text.strip():
-            continue
-        docs.append(text)
-        names.append(str(rel))
-        total += len(text)
+    for doc in code_documents(root):
+        docs.append(doc["text"])
+        names.append(doc["id"])
+        total += len(doc["text"])
         if total >= min_chars:
             break
     about = {
-        "source": f"CPython {platform.python_version()} standard library .py files (outside test folders), sorted by path",
+        "source": f"CPython {platform.python_version()} standard library .py files (the demo's `code` corpus, "
+        "mft_pipeline.demo.stdlib_code: outside test folders, sorted by path)",
         "root": str(root),
         "files": len(docs),
         "chars": total,

@@ -108,7 +108,7 @@ def cache_merge(cache_dir, parts):
 @click.option("--no-ft", is_flag=True, help="Train only MFT, not the plain-finetuning comparison.")
 def quickstart(workdir, steps, no_ft):
     """Cache SmolLM2-135M on license texts and train MFT and FT from it on CPU; print S and DG."""
-    from mft_pipeline.quickstart import run_quickstart
+    from mft_pipeline.demo.quickstart import run_quickstart
 
     for variant, summary in run_quickstart(workdir, steps=steps, compare_ft=not no_ft).items():
         click.echo(f"\n== {variant.upper()} ==\n" + format_summary(summary))
