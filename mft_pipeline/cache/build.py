@@ -67,6 +67,13 @@ def make_teacher(config: CacheConfig):
     return TransformersTeacher(model), fingerprint
 
 
+def context_length(teacher) -> int | None:
+    """The longest sequence the teacher's model takes, where its backend exposes the model's config."""
+    config = getattr(getattr(teacher, "model", None), "config", None)
+    value = getattr(config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
 def _plan(packed: dict[str, Packed], rows_per_shard: int, num_workers: int) -> list[dict]:
     plan, n = [], 0
     for split in SPLITS:
@@ -118,15 +125,6 @@ def build_cache(
     if tokenizer is None:
         tokenizer = load_tokenizer(config.tokenizer or config.model)
     corpus = load_corpus(config.corpus, config.text_field, config.sample_by, config.val_fraction)
-    caps = {"train": config.max_train_sequences, "validation": config.max_val_sequences}
-    packed = {
-        split: pack_documents(getattr(corpus, split), tokenizer, config.seq_len, caps[split], desc=f"tokenize {split}")
-        for split in SPLITS
-    }
-    if len(packed["train"]) == 0:
-        raise CacheError("the corpus yields no training sequence (fewer than two tokens)")
-    if len(packed["validation"]) == 0:
-        print("warning: no validation documents; raise --val-fraction to measure specialization", file=sys.stderr)
     vocab_size = len(tokenizer)
     if config.top_k > vocab_size:
         raise ConfigError(f"--top-k {config.top_k} exceeds the tokenizer's vocabulary of {vocab_size}")
@@ -142,6 +140,20 @@ def build_cache(
         raise CacheError(
             f"tokenizer has {vocab_size} tokens but the model's output layer has {teacher.vocab_size}: they don't belong together"
         )
+    # Checked before packing: a row longer than the model's context would fail (or exhaust
+    # memory) only deep inside the forward pass.
+    context = context_length(teacher)
+    if context is not None and config.seq_len > context:
+        raise ConfigError(f"--seq-len {config.seq_len} exceeds the teacher's context of {context} tokens")
+    caps = {"train": config.max_train_sequences, "validation": config.max_val_sequences}
+    packed = {
+        split: pack_documents(getattr(corpus, split), tokenizer, config.seq_len, caps[split], desc=f"tokenize {split}")
+        for split in SPLITS
+    }
+    if len(packed["train"]) == 0:
+        raise CacheError("the corpus yields no training sequence (fewer than two tokens)")
+    if len(packed["validation"]) == 0:
+        print("warning: no validation documents; raise --val-fraction to measure specialization", file=sys.stderr)
     settings = {
         "schema_version": SCHEMA_VERSION,
         "model": {"id": config.model, "fingerprint": fingerprint, "vocab_size": teacher.vocab_size},

@@ -327,3 +327,10 @@ def test_rows_start_with_bos_for_a_bos_tokenizer(tmp_path, tiny_tokenizer):
     assert (split.input_ids[:, 0] == tokenizer.bos_token_id).all()
     labels = split.labels()
     assert [int(t) for t in labels[labels >= 0]] == list(tokenize(docs, tokenizer))
+
+
+def test_refuses_seq_len_beyond_the_teachers_context(tmp_path, tiny_model_dir):
+    # The test model takes 512 positions; a longer row would fail (or exhaust memory) mid-forward.
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(5))
+    for seq_len in (513, 10**20):
+        assert_refused(config(corpus, tmp_path / "out", tiny_model_dir, seq_len=seq_len), ValueError, "context of 512")
