@@ -17,7 +17,8 @@ COMPRESSION = "zstd"
 COMPRESSION_LEVEL = 9
 # Small row groups let stage two read a few rows of a shard without decoding all of it. At
 # T = 2048 and k = 20 a 32-row group's top-k columns are ~2.6 MB per column chunk, a few pages
-# each, so compression is the same as with one group per shard.
+# each, so compression barely changes: a 256-row shard of synthetic top-20 scores at T = 1024
+# grew by 1.3% against one row group per shard.
 ROWS_PER_ROW_GROUP = 32
 
 # Decoded name -> (stored column, per-row shape from (T, k)). Stored and decoded differ only
