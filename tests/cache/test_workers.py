@@ -137,3 +137,14 @@ def test_worker_file_shard_names_are_refused_by_merge(tmp_path, tiny_model_dir):
     with pytest.raises(CacheError, match="not a shard file name"):
         merge_cache(tmp_path / "merged", (part,))
     assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.merging").exists()
+
+
+def test_old_worker_flag_names_still_work(tmp_path, tiny_model_dir):
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(20))
+    base = ["cache-teacher", "--corpus", str(corpus), "--model", str(tiny_model_dir), "--device", "cpu", "--seq-len", "16", "--top-k", "3"]
+    for flags, out in ((["--num-shards", "2", "--shard-index", "1"], "old"), (["--num-workers", "2", "--worker-index", "1"], "new")):
+        result = CliRunner().invoke(mft, base + flags + ["--out", str(tmp_path / out)])
+        assert result.exit_code == 0, result.output
+        assert [p.name for p in (tmp_path / out).glob("worker-*.json")] == ["worker-00001-of-00002.json"]
+    assert shard_digests(tmp_path / "old") == shard_digests(tmp_path / "new")
+    assert json.loads((tmp_path / "old" / "cache-settings.json").read_text())["num_workers"] == 2
