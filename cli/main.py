@@ -37,11 +37,10 @@ def _field_help(cls, name: str) -> str:
 
 
 @mft.command("cache-teacher")
-@options_from(CacheConfig, exclude=("num_workers", "worker_index", "device", "tensor_parallel_size", "resume", "overwrite"))
+@options_from(CacheConfig, exclude=("num_workers", "worker_index"))
 # Spelled out for their old names (--num-shards, --shard-index), which stay as aliases: one option, two names.
 @click.option("--num-workers", "--num-shards", "num_workers", type=int, default=1, show_default=True, help=_field_help(CacheConfig, "num_workers"))
 @click.option("--worker-index", "--shard-index", "worker_index", type=int, default=0, show_default=True, help=_field_help(CacheConfig, "worker_index"))
-@options_from(CacheConfig, exclude=tuple(f.name for f in dataclasses.fields(CacheConfig) if f.name not in ("device", "tensor_parallel_size", "resume", "overwrite")))
 def cache_teacher(**params):
     """Stage one: run the frozen teacher once and cache its top-k targets."""
     from mft_pipeline.cache.build import build_cache
