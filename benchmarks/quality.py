@@ -34,7 +34,7 @@ from mft_pipeline.cache.build import build_cache
 from mft_pipeline.cache.format import MANIFEST
 from mft_pipeline.config import DEFAULT_MODEL, CacheConfig, TrainConfig
 from mft_pipeline.data.corpus import load_corpus
-from mft_pipeline.data.real_corpora import prepare_corpus
+from mft_pipeline.demo.corpora import prepare_corpus
 from mft_pipeline.models import load_model, load_tokenizer
 from mft_pipeline.sweep.report import write_report
 from mft_pipeline.run_folder import RunFolder

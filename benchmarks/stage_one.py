@@ -41,7 +41,6 @@ import shlex
 import shutil
 import statistics
 import sys
-import sysconfig
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -82,27 +81,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def stdlib_documents(min_chars: int) -> tuple[list[str], dict]:
-    """The standard library's .py files outside test folders, sorted by path, until ``min_chars``."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+    """The demo's code corpus (``mft_pipeline.demo.stdlib_code``) in its order, until ``min_chars``."""
+    from mft_pipeline.demo.stdlib_code import code_documents, stdlib_root
+
+    root = stdlib_root()
     docs, names, total = [], [], 0
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root)
-        if skip & set(rel.parts[:-1]) or path.name.startswith("test_"):
-            continue
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            continue
-        if not text.strip():
-            continue
-        docs.append(text)
-        names.append(str(rel))
-        total += len(text)
+    for doc in code_documents(root):
+        docs.append(doc["text"])
+        names.append(doc["id"])
+        total += len(doc["text"])
         if total >= min_chars:
             break
     about = {
-        "source": f"CPython {platform.python_version()} standard library .py files (outside test folders), sorted by path",
+        "source": f"CPython {platform.python_version()} standard library .py files (the demo's `code` corpus, "
+        "mft_pipeline.demo.stdlib_code: outside test folders, sorted by path)",
         "root": str(root),
         "files": len(docs),
         "chars": total,
@@ -222,20 +214,6 @@ class ReplayTeacher:
 
     def library_versions(self):
         return self._versions
-
-
-@contextlib.contextmanager
-def handed_in(teacher, fingerprint: str, tokenizer):
-    """Let build_cache use the loaded teacher and tokenizer instead of loading its own."""
-    import mft_pipeline.cache.build as build
-
-    saved = build.make_teacher, build.load_tokenizer
-    build.make_teacher = lambda config: (teacher, fingerprint)
-    build.load_tokenizer = lambda spec: tokenizer
-    try:
-        yield
-    finally:
-        build.make_teacher, build.load_tokenizer = saved
 
 
 def column_bytes(cache_dir: Path) -> dict[str, int]:
@@ -457,8 +435,8 @@ def render(r: dict) -> str:
         "",
         "Every timed repeat (seconds): " + "; ".join(f"{key} {', '.join(f'{v:.2f}' for v in x['runs_s'])}" for key, x in t.items()) + ".",
         "",
-        "Notes: `build_cache` gets the loaded model and tokenizer handed in (its `make_teacher` and `load_tokenizer` "
-        "replaced), so model and tokenizer loading are not repeated in each timed run; everything else it does is timed. "
+        "Notes: `build_cache` gets the loaded model and tokenizer handed in "
+        "(`build_cache(config, teacher, tokenizer, teacher_fingerprint=...)`), so model and tokenizer loading are not repeated in each timed run; everything else it does is timed. "
         "The replayed caches (other k) are written by the real `build_cache` from scores of one untimed k=max pass, "
         "sliced to k. The written k-cache's sequences were checked equal to the benchmark's batches.",
         "",
@@ -533,8 +511,8 @@ def main(argv=None) -> dict:
 
     def run_build(the_teacher, top_k: int, out: Path, sequences: int = n) -> None:
         # build_cache warns on stderr that there is no validation split (val_fraction=0, on purpose).
-        with handed_in(the_teacher, fingerprint, tokenizer), contextlib.redirect_stderr(io.StringIO()):
-            build_cache(config(out, top_k, sequences))
+        with contextlib.redirect_stderr(io.StringIO()):
+            build_cache(config(out, top_k, sequences), the_teacher, tokenizer, teacher_fingerprint=fingerprint)
 
     def forward_pass(which=None) -> None:
         with torch.inference_mode():

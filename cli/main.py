@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -31,9 +32,16 @@ def mft():
     """Minifinetuning: adapt a language model to a small corpus while keeping what it knew."""
 
 
+def _field_help(cls, name: str) -> str:
+    return next(f.metadata["help"] for f in dataclasses.fields(cls) if f.name == name)
+
+
 @mft.command("cache-teacher")
 @config_file_option
-@options_from(CacheConfig)
+@options_from(CacheConfig, exclude=("num_workers", "worker_index"))
+# Spelled out for their old names (--num-shards, --shard-index), which stay as aliases: one option, two names.
+@click.option("--num-workers", "--num-shards", "num_workers", type=int, default=1, show_default=True, help=_field_help(CacheConfig, "num_workers"))
+@click.option("--worker-index", "--shard-index", "worker_index", type=int, default=0, show_default=True, help=_field_help(CacheConfig, "worker_index"))
 def cache_teacher(**params):
     """Stage one: run the frozen teacher once and cache its top-k targets."""
     from mft_pipeline.cache.build import build_cache
@@ -97,7 +105,7 @@ def cache_verify(cache_dir):
 @click.argument("cache_dir", type=click.Path(file_okay=False))
 @click.argument("parts", nargs=-1, type=click.Path(exists=True, file_okay=False))
 def cache_merge(cache_dir, parts):
-    """Join the parts of --num-shards workers into one cache.
+    """Join the parts of --num-workers workers into one cache.
 
     With only CACHE_DIR, the workers shared that folder. With PARTS, each worker wrote its own
     folder and CACHE_DIR is the new, merged cache.
@@ -115,7 +123,7 @@ def cache_merge(cache_dir, parts):
 @click.option("--no-ft", is_flag=True, help="Train only MFT, not the plain-finetuning comparison.")
 def quickstart(workdir, steps, no_ft):
     """Cache SmolLM2-135M on license texts and train MFT and FT from it on CPU; print S and DG."""
-    from mft_pipeline.quickstart import run_quickstart
+    from mft_pipeline.demo.quickstart import run_quickstart
 
     for variant, summary in run_quickstart(workdir, steps=steps, compare_ft=not no_ft).items():
         click.echo(f"\n== {variant.upper()} ==\n" + format_summary(summary))

@@ -46,8 +46,8 @@ class CacheConfig:
     backend: str = doc("Teacher backend: auto (vLLM when installed and a GPU is present), vllm, or transformers.", default="auto")
     batch_size: int = doc("Sequences per teacher forward.", default=8)
     rows_per_shard: int = doc("Sequences per Parquet shard.", default=256)
-    num_shards: int = doc("Number of workers that split the corpus between them.", default=1)
-    shard_index: int = doc("Which worker this is, in [0, num-shards).", default=0)
+    num_workers: int = doc("Number of workers (processes, machines) that split the corpus between them.", default=1)
+    worker_index: int = doc("Which worker this is, in [0, num-workers).", default=0)
     device: str = doc("Torch device for the transformers backend (auto, cpu, cuda, cuda:1, ...).", default="auto")
     tensor_parallel_size: int = doc("vLLM tensor parallelism, for teachers that don't fit on one GPU.", default=1)
     resume: bool = doc("Continue an interrupted cache: finished shards are kept, the rest computed.", default=False)
@@ -60,17 +60,26 @@ class CacheConfig:
         _check_positive("top_k", self.top_k)
         _check_positive("batch_size", self.batch_size)
         _check_positive("rows_per_shard", self.rows_per_shard)
-        _check_positive("num_shards", self.num_shards)
+        _check_positive("num_workers", self.num_workers)
         _check_positive("tensor_parallel_size", self.tensor_parallel_size)
         for name in ("max_train_sequences", "max_val_sequences"):
             if getattr(self, name) is not None:
                 _check_positive(name, getattr(self, name))
-        if not 0 <= self.shard_index < self.num_shards:
-            raise ConfigError(f"shard_index must be in [0, {self.num_shards}), got {self.shard_index}")
+        if not (isinstance(self.worker_index, int) and 0 <= self.worker_index < self.num_workers):
+            raise ConfigError(f"worker_index must be in [0, {self.num_workers}), got {self.worker_index!r}")
         if not (isinstance(self.val_fraction, (int, float)) and 0 <= self.val_fraction < 1):
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.resume and self.overwrite:
             raise ConfigError("choose one of resume and overwrite, not both")
+
+    # The old names of the worker fields (they never counted Parquet shards), for code that reads them.
+    @property
+    def num_shards(self) -> int:
+        return self.num_workers
+
+    @property
+    def shard_index(self) -> int:
+        return self.worker_index
 
 
 @dataclass(frozen=True)

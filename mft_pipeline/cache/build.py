@@ -9,21 +9,15 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from mft_pipeline.cache.format import (
-    SCHEMA_VERSION,
-    SPLITS,
-    CacheError,
-    arrow_schema,
-    delta_encode_float16,
-    shard_name,
-    to_fixed_lists,
-)
+from mft_pipeline.cache.format import SCHEMA_VERSION, SPLITS, CacheError, shard_name
+from mft_pipeline.cache.shard import arrow_schema, encode_shard
 from mft_pipeline.cache.writer import CacheWriter
 from mft_pipeline.config import CacheConfig
 from mft_pipeline.data.corpus import load_corpus
 from mft_pipeline.data.packing import Packed, pack_documents, row_prefix
 from mft_pipeline.models import load_model, load_tokenizer, pick_device, tokenizer_fingerprint, weights_fingerprint
 from mft_pipeline.errors import ConfigError
+from mft_pipeline.teacher.base import TeacherBackend
 
 # vLLM returns every prompt candidate through its Python output path; past a few hundred
 # per token that costs more than the forward pass, and the transformers backend is the
@@ -73,6 +67,13 @@ def make_teacher(config: CacheConfig):
     return TransformersTeacher(model), fingerprint
 
 
+def context_length(teacher) -> int | None:
+    """The longest sequence the teacher's model takes, where its backend exposes the model's config."""
+    config = getattr(getattr(teacher, "model", None), "config", None)
+    value = getattr(config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
 def _plan(packed: dict[str, Packed], rows_per_shard: int, num_workers: int) -> list[dict]:
     plan, n = [], 0
     for split in SPLITS:
@@ -93,25 +94,57 @@ def _shard_table(schema, packed: Packed, start: int, stop: int, teacher, config:
         e = min(b + config.batch_size, stop)
         parts.append(teacher.score(packed.input_ids[b:e], packed.num_tokens[b:e], config.top_k))
         bar.update(e - b)
-    topk_ids = np.concatenate([p.topk_ids for p in parts])
-    topk_lp = np.concatenate([p.topk_logprobs for p in parts])
-    label_lp = np.concatenate([p.label_logprobs for p in parts])
-    columns = {
-        "seq_id": pa.array(np.arange(start, stop, dtype=np.int64)),
-        "num_tokens": pa.array(packed.num_tokens[start:stop]),
-        "input_ids": to_fixed_lists(packed.input_ids[start:stop], schema.field("input_ids").type),
-        "topk_ids": to_fixed_lists(topk_ids, schema.field("topk_ids").type),
-        "topk_logprob_deltas": to_fixed_lists(delta_encode_float16(topk_lp), schema.field("topk_logprob_deltas").type),
-        "argmax_logprob": to_fixed_lists(topk_lp[..., 0].astype(np.float32), schema.field("argmax_logprob").type),
-        "label_logprobs": to_fixed_lists(label_lp.astype(np.float32), schema.field("label_logprobs").type),
-    }
-    return pa.Table.from_pydict(columns, schema=schema)
+    return encode_shard(
+        schema,
+        start,
+        packed.input_ids[start:stop],
+        packed.num_tokens[start:stop],
+        np.concatenate([p.topk_ids for p in parts]),
+        np.concatenate([p.topk_logprobs for p in parts]),
+        np.concatenate([p.label_logprobs for p in parts]),
+    )
 
 
-def build_cache(config: CacheConfig) -> Path:
-    """Run stage one. Everything that can be checked is checked before the folder is touched."""
-    tokenizer = load_tokenizer(config.tokenizer or config.model)
+def build_cache(
+    config: CacheConfig,
+    teacher: TeacherBackend | None = None,
+    tokenizer=None,
+    teacher_fingerprint: str | None = None,
+) -> Path:
+    """Run stage one. Everything that can be checked is checked before the folder is touched.
+
+    Args:
+        config: the run's settings.
+        teacher: a loaded teacher (``TeacherBackend``) to use instead of loading
+            ``config.model`` with :func:`make_teacher`; then ``teacher_fingerprint`` must be
+            its weights' fingerprint (``models.weights_fingerprint``), which the cache records.
+        tokenizer: a loaded tokenizer to use instead of loading ``config.tokenizer or config.model``.
+    """
+    if teacher is not None and teacher_fingerprint is None:
+        raise TypeError("build_cache: a handed-in teacher needs its teacher_fingerprint")
+    if tokenizer is None:
+        tokenizer = load_tokenizer(config.tokenizer or config.model)
     corpus = load_corpus(config.corpus, config.text_field, config.sample_by, config.val_fraction)
+    vocab_size = len(tokenizer)
+    if config.top_k > vocab_size:
+        raise ConfigError(f"--top-k {config.top_k} exceeds the tokenizer's vocabulary of {vocab_size}")
+    if teacher is None:
+        if backend_name(config) == "vllm" and config.top_k > VLLM_MAX_TOP_K:
+            raise ConfigError(f"--top-k {config.top_k} exceeds the vllm backend's limit of {VLLM_MAX_TOP_K}; use --backend transformers")
+        teacher, fingerprint = make_teacher(config)
+    else:
+        fingerprint = teacher_fingerprint
+    if config.top_k > teacher.max_top_k:
+        raise ConfigError(f"--top-k {config.top_k} exceeds the {teacher.name} backend's limit of {teacher.max_top_k}")
+    if vocab_size > teacher.vocab_size:
+        raise CacheError(
+            f"tokenizer has {vocab_size} tokens but the model's output layer has {teacher.vocab_size}: they don't belong together"
+        )
+    # Checked before packing: a row longer than the model's context would fail (or exhaust
+    # memory) only deep inside the forward pass.
+    context = context_length(teacher)
+    if context is not None and config.seq_len > context:
+        raise ConfigError(f"--seq-len {config.seq_len} exceeds the teacher's context of {context} tokens")
     caps = {"train": config.max_train_sequences, "validation": config.max_val_sequences}
     packed = {
         split: pack_documents(getattr(corpus, split), tokenizer, config.seq_len, caps[split], desc=f"tokenize {split}")
@@ -121,19 +154,6 @@ def build_cache(config: CacheConfig) -> Path:
         raise CacheError("the corpus yields no training sequence (fewer than two tokens)")
     if len(packed["validation"]) == 0:
         print("warning: no validation documents; raise --val-fraction to measure specialization", file=sys.stderr)
-    vocab_size = len(tokenizer)
-    if config.top_k > vocab_size:
-        raise ConfigError(f"--top-k {config.top_k} exceeds the tokenizer's vocabulary of {vocab_size}")
-    if backend_name(config) == "vllm" and config.top_k > VLLM_MAX_TOP_K:
-        raise ConfigError(f"--top-k {config.top_k} exceeds the vllm backend's limit of {VLLM_MAX_TOP_K}; use --backend transformers")
-
-    teacher, fingerprint = make_teacher(config)
-    if config.top_k > teacher.max_top_k:
-        raise ConfigError(f"--top-k {config.top_k} exceeds the {teacher.name} backend's limit of {teacher.max_top_k}")
-    if vocab_size > teacher.vocab_size:
-        raise CacheError(
-            f"tokenizer has {vocab_size} tokens but the model's output layer has {teacher.vocab_size}: they don't belong together"
-        )
     settings = {
         "schema_version": SCHEMA_VERSION,
         "model": {"id": config.model, "fingerprint": fingerprint, "vocab_size": teacher.vocab_size},
@@ -158,14 +178,14 @@ def build_cache(config: CacheConfig) -> Path:
             "max_val_sequences": config.max_val_sequences,
         },
         "rows_per_shard": config.rows_per_shard,
-        "num_workers": config.num_shards,
+        "num_workers": config.num_workers,
         "backend": {"name": teacher.name, "versions": teacher.library_versions()},
-        "plan": _plan(packed, config.rows_per_shard, config.num_shards),
+        "plan": _plan(packed, config.rows_per_shard, config.num_workers),
     }
     schema = arrow_schema(config.seq_len, config.top_k, teacher.vocab_size)
-    mine = [s for s in settings["plan"] if s["worker"] == config.shard_index]
+    mine = [s for s in settings["plan"] if s["worker"] == config.worker_index]
     with CacheWriter(
-        config.out, settings, shard_index=config.shard_index, num_shards=config.num_shards, resume=config.resume, overwrite=config.overwrite
+        config.out, settings, worker_index=config.worker_index, num_workers=config.num_workers, resume=config.resume, overwrite=config.overwrite
     ) as writer:
         todo = [s for s in mine if not writer.finished(s["file"])]
         with tqdm(total=sum(s["rows"] for s in todo), desc=f"teacher ({teacher.name})", unit="seq") as bar:

@@ -13,13 +13,14 @@ from mft_pipeline.cache.format import (
     MANIFEST,
     SETTINGS,
     CacheError,
-    arrow_schema,
     read_json,
     read_manifest,
     sha256_file,
+    shard_path,
     worker_name,
 )
 from mft_pipeline.cache.reader import Cache
+from mft_pipeline.cache.shard import arrow_schema, decode_shard
 from mft_pipeline.cache.writer import settings_differences, write_manifest
 from mft_pipeline.distill.sparse_loss import IGNORE_INDEX
 
@@ -39,13 +40,16 @@ def cache_info(path: str | Path) -> dict:
         row = {"sequences": info["num_sequences"], "tokens": tokens, "bytes": size}
         if tokens:
             split = cache.split(name)
-            labels = split.labels()
-            valid = labels != IGNORE_INDEX
-            argmax_right = (split.topk_ids[..., 0].astype(np.int64) == labels) & valid
+            right = counted = 0
+            for rows, arrays in split.chunks(("topk_ids",)):
+                labels = split.labels(rows)
+                valid = labels != IGNORE_INDEX
+                right += int(((arrays["topk_ids"][..., 0].astype(np.int64) == labels) & valid).sum())
+                counted += int(valid.sum())
             row.update(
                 bytes_per_token=size / tokens,
                 bytes_per_candidate=size / (tokens * k),
-                teacher_argmax_accuracy=float(argmax_right.sum() / valid.sum()),
+                teacher_argmax_accuracy=right / counted,
                 teacher_perplexity=split.teacher_perplexity(),
             )
             row.update(topk_coverage(split))
@@ -65,7 +69,7 @@ def verify_cache(path: str | Path) -> list[str]:
     for split, info in manifest["splits"].items():
         rows = labels = 0
         for shard in info["shards"]:
-            f = path / shard["file"]
+            f = shard_path(path, shard["file"])
             if not f.exists():
                 problems.append(f"{shard['file']}: missing")
                 continue
@@ -73,8 +77,8 @@ def verify_cache(path: str | Path) -> list[str]:
                 problems.append(f"{shard['file']}: checksum differs from the manifest (file changed or corrupt)")
                 continue
             try:
-                pf = pq.ParquetFile(f)
-                table = pf.read()
+                table = pq.read_table(f)
+                num_tokens = decode_shard(table, columns=("num_tokens",))["num_tokens"]
             except Exception as e:  # pyarrow raises several types for a broken file
                 problems.append(f"{shard['file']}: unreadable Parquet ({e})")
                 continue
@@ -82,7 +86,7 @@ def verify_cache(path: str | Path) -> list[str]:
                 problems.append(f"{shard['file']}: schema differs from the cache format")
             if table.num_rows != shard["rows"]:
                 problems.append(f"{shard['file']}: {table.num_rows} rows, manifest says {shard['rows']}")
-            got = int((table.column("num_tokens").to_numpy().astype(np.int64) - 1).sum())
+            got = int((num_tokens.astype(np.int64) - 1).sum())
             if got != shard["labels"]:
                 problems.append(f"{shard['file']}: {got} labelled tokens, manifest says {shard['labels']}")
             rows += table.num_rows
@@ -93,7 +97,7 @@ def verify_cache(path: str | Path) -> list[str]:
 
 
 def merge_cache(path: str | Path, sources: tuple[str | Path, ...] = ()) -> dict:
-    """Make one finished cache from the parts that ``--num-shards`` workers wrote.
+    """Make one finished cache from the parts that ``--num-workers`` workers wrote.
 
     With no ``sources``, the workers shared the folder ``path``. With ``sources``, each worker
     (or group of workers, e.g. one per node) wrote its own folder; their shards are linked or
@@ -110,11 +114,11 @@ def merge_cache(path: str | Path, sources: tuple[str | Path, ...] = ()) -> dict:
     n = settings["num_workers"]
     missing = [i for i in range(n) if not (path / worker_name(i, n)).exists()]
     if missing:
-        raise CacheError(f"{path}: workers {missing} of {n} have not finished; rerun them with --shard-index I --resume")
+        raise CacheError(f"{path}: workers {missing} of {n} have not finished; rerun them with --worker-index I --resume")
     for i in range(n):
         part = read_json(path / worker_name(i, n))
         for name, rec in part["shards"].items():
-            f = path / name
+            f = shard_path(path, name)
             if not f.exists() or sha256_file(f) != rec["sha256"]:
                 raise CacheError(f"{f}: missing or changed since worker {i} wrote it")
     write_manifest(path, settings, n)
@@ -143,15 +147,19 @@ def _gather(out: Path, sources: list[Path]) -> None:
     n = settings["num_workers"]
     missing = [i for i in range(n) if worker_name(i, n) not in owner]
     if missing:
-        raise CacheError(f"workers {missing} of {n} have not finished in any of the given folders; rerun them with --shard-index I --resume")
+        raise CacheError(f"workers {missing} of {n} have not finished in any of the given folders; rerun them with --worker-index I --resume")
     tmp = out.with_name(out.name + ".merging")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    shutil.copy2(sources[0] / SETTINGS, tmp / SETTINGS)
-    for name, src in owner.items():
-        for shard in read_json(src / name)["shards"]:
-            _link_or_copy(src / shard, tmp / shard)
-        shutil.copy2(src / name, tmp / name)
+    try:
+        shutil.copy2(sources[0] / SETTINGS, tmp / SETTINGS)
+        for name, src in owner.items():
+            for shard in read_json(src / name)["shards"]:
+                _link_or_copy(shard_path(src, shard), shard_path(tmp, shard))
+            shutil.copy2(src / name, tmp / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-merged stays behind
+        raise
     if out.exists():
         out.rmdir()
     tmp.rename(out)

@@ -8,20 +8,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from mft_pipeline.cache.format import (
-    BYTE_STREAM_SPLIT,
-    COMPRESSION,
-    COMPRESSION_LEVEL,
     MANIFEST,
     SETTINGS,
+    TEMP_FILE,
     CacheError,
+    is_worker_temp,
     read_json,
     sha256_file,
+    shard_path,
+    temp_name,
     worker_name,
     write_json_atomic,
+    write_json_once,
 )
+from mft_pipeline.cache.shard import write_shard_file
 
 # Everything a cache folder may hold; --overwrite deletes only these.
 _OWN = re.compile(r"^(\.?.*\.tmp|(train|validation)-\d{5}\.parquet|worker-\d{5}-of-\d{5}\.json|manifest\.json|cache-settings\.json)$")
@@ -45,12 +47,17 @@ class CacheWriter:
     k, packing, corpus, the planned shards). On a clean exit the worker records its shards;
     the worker that completes the set writes ``manifest.json``, so a folder without a
     manifest is never mistaken for a finished cache.
+
+    Several workers may write into one folder at once. The first to arrive creates
+    ``cache-settings.json`` (atomically and exclusively), later ones compare theirs with it.
+    Every temp file names its worker, so a worker deletes only its own leftovers, never a file
+    another worker is writing.
     """
 
-    def __init__(self, out: str | Path, settings: dict, *, shard_index=0, num_shards=1, resume=False, overwrite=False):
+    def __init__(self, out: str | Path, settings: dict, *, worker_index=0, num_workers=1, resume=False, overwrite=False):
         self.out = Path(out)
         self.settings = settings
-        self.shard_index, self.num_shards = shard_index, num_shards
+        self.worker_index, self.num_workers = worker_index, num_workers
         self.resume, self.overwrite = resume, overwrite
         self.records: dict[str, dict] = {}
 
@@ -62,15 +69,19 @@ class CacheWriter:
             if foreign:
                 raise CacheError(f"{self.out}: holds files that are not a cache ({foreign[:3]}); refusing to delete")
             for e in entries:
-                (self.out / e).unlink()
+                (self.out / e).unlink(missing_ok=True)
             entries = []
         if foreign:
             raise CacheError(f"{self.out}: not empty and not a cache ({foreign[:3]}); choose another folder")
         settings_path = self.out / SETTINGS
-        if entries:
-            if not settings_path.exists():
-                raise CacheError(f"{self.out}: holds cache files but no {SETTINGS}; use --overwrite")
-            diffs = settings_differences(read_json(settings_path), self.settings)
+        # Temp files are other workers' work in progress (or crash leftovers): they say nothing
+        # about whether the folder is a cache. Shards or worker files without settings do.
+        written = [e for e in entries if not TEMP_FILE.match(e) and not e.endswith(".tmp") and e != SETTINGS]
+        if written and not settings_path.exists():
+            raise CacheError(f"{self.out}: holds cache files but no {SETTINGS}; use --overwrite")
+        existing = write_json_once(settings_path, self.settings, self.worker_index)
+        if existing is not None:
+            diffs = settings_differences(existing, self.settings)
             if diffs:
                 raise CacheError(
                     f"{self.out}: the existing cache was made with other settings:\n  "
@@ -83,33 +94,32 @@ class CacheWriter:
             if mine and not self.resume:
                 raise CacheError(f"{self.out}: already holds {len(mine)} of this worker's shards; use --resume or --overwrite")
             for e in entries:
-                if e.endswith(".tmp"):
-                    (self.out / e).unlink()  # a crash left it; it never counts as finished
-        else:
-            write_json_atomic(settings_path, self.settings)
+                if is_worker_temp(e, self.worker_index):
+                    (self.out / e).unlink(missing_ok=True)  # this worker's crash left it; it never counts as finished
         return self
 
     def _planned(self) -> list[str]:
-        return [s["file"] for s in self.settings["plan"] if s["worker"] == self.shard_index]
+        return [s["file"] for s in self.settings["plan"] if s["worker"] == self.worker_index]
 
     def finished(self, name: str) -> bool:
         """Whether shard ``name`` is already complete (from an earlier, interrupted run)."""
-        path = self.out / name
+        path = shard_path(self.out, name)
         if path.exists():
             self.records[name] = {"file": name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
             return True
         return False
 
     def write_shard(self, name: str, table: pa.Table) -> None:
-        final = self.out / name
-        tmp = self.out / f".{name}.tmp"
-        pq.write_table(
-            table, tmp, compression=COMPRESSION, compression_level=COMPRESSION_LEVEL,
-            use_dictionary=False, use_byte_stream_split=list(BYTE_STREAM_SPLIT),
-        )
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)  # atomic: a shard under its final name is always complete
+        final = shard_path(self.out, name)
+        tmp = self.out / temp_name(name, self.worker_index)
+        try:
+            write_shard_file(table, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final)  # atomic: a shard under its final name is always complete
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         self.records[name] = {"file": name, "sha256": sha256_file(final), "bytes": final.stat().st_size}
 
     def __exit__(self, exc_type, exc, tb):
@@ -118,14 +128,17 @@ class CacheWriter:
         missing = [n for n in self._planned() if n not in self.records]
         if missing:
             raise CacheError(f"worker finished without writing {missing[:3]}")
-        part = {"worker": self.shard_index, "num_workers": self.num_shards, "shards": self.records}
-        write_json_atomic(self.out / worker_name(self.shard_index, self.num_shards), part)
-        if all((self.out / worker_name(i, self.num_shards)).exists() for i in range(self.num_shards)):
-            write_manifest(self.out, self.settings, self.num_shards)
+        part = {"worker": self.worker_index, "num_workers": self.num_workers, "shards": self.records}
+        write_json_atomic(self.out / worker_name(self.worker_index, self.num_workers), part, self.worker_index)
+        # Each worker writes its own file before looking, so the last to finish sees them all.
+        # Two that finish together may both write the manifest: the same content, each through
+        # its own temp file, so either rename leaves a whole manifest.
+        if all((self.out / worker_name(i, self.num_workers)).exists() for i in range(self.num_workers)):
+            write_manifest(self.out, self.settings, self.num_workers, self.worker_index)
         return False
 
 
-def write_manifest(out: Path, settings: dict, num_workers: int) -> dict:
+def write_manifest(out: Path, settings: dict, num_workers: int, worker: int | None = None) -> dict:
     """Join the workers' shard records into ``manifest.json``, checking none is missing."""
     planned_by = {p["file"]: p["worker"] for p in settings["plan"]}
     records: dict[str, dict] = {}
@@ -140,6 +153,7 @@ def write_manifest(out: Path, settings: dict, num_workers: int) -> dict:
     splits: dict[str, dict] = {}
     for planned in settings["plan"]:
         name = planned["file"]
+        shard_path(out, name)  # the settings file is read back from disk: refuse names outside the folder
         if name not in records:
             raise CacheError(f"{out}: shard {name} was planned but no worker recorded it")
         split = splits.setdefault(planned["split"], {"num_sequences": 0, "num_labels": 0, "shards": []})
@@ -149,5 +163,5 @@ def write_manifest(out: Path, settings: dict, num_workers: int) -> dict:
     manifest = {k: v for k, v in settings.items() if k != "plan"}
     manifest["splits"] = splits
     manifest["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    write_json_atomic(out / MANIFEST, manifest)
+    write_json_atomic(out / MANIFEST, manifest, worker)
     return manifest

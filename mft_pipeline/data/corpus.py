@@ -147,4 +147,8 @@ def split_documents(docs: list[str], val_fraction: float) -> Corpus:
 
 
 def load_corpus(path, text_field="text", sample_by="paragraph", val_fraction=0.05) -> Corpus:
-    return split_documents(load_documents(path, text_field, sample_by), val_fraction)
+    docs = load_documents(path, text_field, sample_by)
+    try:
+        return split_documents(docs, val_fraction)
+    except CorpusError as e:
+        raise CorpusError(f"{path}: {e}") from None

@@ -13,11 +13,10 @@ from transformers import AutoModelForCausalLM
 
 from cli.main import mft
 from conftest import make_documents, write_jsonl
-from mft_pipeline.cache.build import build_cache
-from mft_pipeline.cache.format import MANIFEST, CacheError
+from mft_pipeline.cache.build import build_cache, make_teacher
+from mft_pipeline.cache.format import MANIFEST, CacheError, temp_name
 from mft_pipeline.cache.inspect import cache_info, merge_cache, verify_cache
 from mft_pipeline.cache.reader import Cache
-from mft_pipeline.cache.writer import CacheWriter
 from mft_pipeline.config import CacheConfig
 from mft_pipeline.data.corpus import CorpusError
 
@@ -94,33 +93,42 @@ def test_info_reports_teacher_perplexity(built):
     assert row["teacher_argmax_accuracy"] == pytest.approx(argmax_acc)
 
 
-def test_resume_after_crash_matches_uninterrupted_run(tmp_path, tiny_model_dir, monkeypatch):
+class DyingTeacher:
+    """A real teacher that is killed (KeyboardInterrupt) at its ``die_at``-th batch."""
+
+    def __init__(self, inner, die_at):
+        self.inner, self.die_at, self.calls = inner, die_at, 0
+        self.name, self.max_top_k, self.vocab_size = inner.name, inner.max_top_k, inner.vocab_size
+
+    def score(self, input_ids, num_tokens, top_k):
+        if self.calls == self.die_at:
+            raise KeyboardInterrupt("simulated crash")
+        self.calls += 1
+        return self.inner.score(input_ids, num_tokens, top_k)
+
+    def library_versions(self):
+        return self.inner.library_versions()
+
+
+def test_resume_after_crash_matches_uninterrupted_run(tmp_path, tiny_model_dir):
     corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(40))
     build_cache(config(corpus, tmp_path / "whole", tiny_model_dir))
 
-    real_write = CacheWriter.write_shard
-    calls = {"n": 0}
-
-    def crashing(self, name, table):
-        if calls["n"] == 3:
-            # Die mid-write: a temp file exists, the final name must not.
-            (self.out / f".{name}.tmp").write_bytes(b"partial")
-            raise KeyboardInterrupt("simulated crash")
-        calls["n"] += 1
-        return real_write(self, name, table)
-
-    monkeypatch.setattr(CacheWriter, "write_shard", crashing)
+    cfg = config(corpus, tmp_path / "crashed", tiny_model_dir)
+    teacher, fingerprint = make_teacher(cfg)
+    # Two batches of 3 per 5-row shard: dying at the 7th batch leaves 3 finished shards.
     with pytest.raises(KeyboardInterrupt):
-        build_cache(config(corpus, tmp_path / "crashed", tiny_model_dir))
+        build_cache(cfg, DyingTeacher(teacher, die_at=6), teacher_fingerprint=fingerprint)
     crashed = tmp_path / "crashed"
     assert not (crashed / MANIFEST).exists()
     assert len(list(crashed.glob("*.parquet"))) == 3
     assert verify_cache(crashed)  # not a finished cache
+    # What a crash in the middle of writing the next shard leaves behind.
+    (crashed / temp_name("train-00003.parquet", 0)).write_bytes(b"partial")
     with pytest.raises(CacheError, match="resume"):
-        build_cache(config(corpus, crashed, tiny_model_dir))
+        build_cache(cfg, teacher, teacher_fingerprint=fingerprint)
 
-    monkeypatch.setattr(CacheWriter, "write_shard", real_write)
-    build_cache(config(corpus, crashed, tiny_model_dir, resume=True))
+    build_cache(config(corpus, crashed, tiny_model_dir, resume=True), teacher, teacher_fingerprint=fingerprint)
     assert not list(crashed.glob(".*.tmp"))
     assert shard_digests(crashed) == shard_digests(tmp_path / "whole")
     assert verify_cache(crashed) == []
@@ -129,11 +137,11 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, tiny_model_dir, 
 def test_two_workers_merge_to_single_worker_cache(tmp_path, tiny_model_dir):
     corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(40))
     build_cache(config(corpus, tmp_path / "one", tiny_model_dir))
-    build_cache(config(corpus, tmp_path / "two", tiny_model_dir, num_shards=2, shard_index=1))
+    build_cache(config(corpus, tmp_path / "two", tiny_model_dir, num_workers=2, worker_index=1))
     assert not (tmp_path / "two" / MANIFEST).exists()
     with pytest.raises(CacheError, match="not finished|have not finished"):
         merge_cache(tmp_path / "two")
-    build_cache(config(corpus, tmp_path / "two", tiny_model_dir, num_shards=2, shard_index=0))
+    build_cache(config(corpus, tmp_path / "two", tiny_model_dir, num_workers=2, worker_index=0))
     assert (tmp_path / "two" / MANIFEST).exists()  # the worker that completes the set writes it
     assert shard_digests(tmp_path / "two") == shard_digests(tmp_path / "one")
     assert verify_cache(tmp_path / "two") == []
@@ -240,7 +248,7 @@ def test_workers_in_separate_folders_merge_into_one_cache(tmp_path, tiny_model_d
     corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(40))
     build_cache(config(corpus, tmp_path / "one", tiny_model_dir))
     for i in range(2):
-        build_cache(config(corpus, tmp_path / f"node{i}", tiny_model_dir, num_shards=2, shard_index=i))
+        build_cache(config(corpus, tmp_path / f"node{i}", tiny_model_dir, num_workers=2, worker_index=i))
     result = CliRunner().invoke(mft, ["cache-merge", str(tmp_path / "merged"), str(tmp_path / "node0"), str(tmp_path / "node1")])
     assert result.exit_code == 0, result.output
     assert shard_digests(tmp_path / "merged") == shard_digests(tmp_path / "one")
@@ -255,13 +263,13 @@ def test_merge_refuses_gaps_overlaps_and_mixed_settings(tmp_path, tiny_model_dir
 
     corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(40))
     for i in range(2):
-        build_cache(config(corpus, tmp_path / f"node{i}", tiny_model_dir, num_shards=2, shard_index=i))
+        build_cache(config(corpus, tmp_path / f"node{i}", tiny_model_dir, num_workers=2, worker_index=i))
     with pytest.raises(CacheError, match=r"workers \[1\] of 2 have not finished"):
         merge_cache(tmp_path / "gap", (tmp_path / "node0",))
     shutil.copytree(tmp_path / "node0", tmp_path / "node0-again")
     with pytest.raises(CacheError, match="overlapping"):
         merge_cache(tmp_path / "overlap", (tmp_path / "node0", tmp_path / "node0-again", tmp_path / "node1"))
-    build_cache(config(corpus, tmp_path / "k3", tiny_model_dir, num_shards=2, shard_index=1, top_k=3))
+    build_cache(config(corpus, tmp_path / "k3", tiny_model_dir, num_workers=2, worker_index=1, top_k=3))
     with pytest.raises(CacheError, match="other settings(.|\n)*top_k"):
         merge_cache(tmp_path / "mixed", (tmp_path / "node0", tmp_path / "k3"))
     # A worker that claims a shard the plan gives to another worker is an overlap too.
@@ -319,3 +327,10 @@ def test_rows_start_with_bos_for_a_bos_tokenizer(tmp_path, tiny_tokenizer):
     assert (split.input_ids[:, 0] == tokenizer.bos_token_id).all()
     labels = split.labels()
     assert [int(t) for t in labels[labels >= 0]] == list(tokenize(docs, tokenizer))
+
+
+def test_refuses_seq_len_beyond_the_teachers_context(tmp_path, tiny_model_dir):
+    # The test model takes 512 positions; a longer row would fail (or exhaust memory) mid-forward.
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(5))
+    for seq_len in (513, 10**20):
+        assert_refused(config(corpus, tmp_path / "out", tiny_model_dir, seq_len=seq_len), ValueError, "context of 512")

@@ -12,7 +12,7 @@ from pathlib import Path
 from mft_pipeline.cache.build import build_cache
 from mft_pipeline.cache.format import MANIFEST
 from mft_pipeline.config import DEFAULT_MODEL, CacheConfig, TrainConfig
-from mft_pipeline.data.real_corpora import prepare_corpus
+from mft_pipeline.demo.corpora import prepare_corpus
 from mft_pipeline.train.loop import SUMMARY, train
 
 

