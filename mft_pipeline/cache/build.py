@@ -48,16 +48,13 @@ def backend_name(config: CacheConfig) -> str:
 def make_teacher(config: CacheConfig):
     """The chosen backend and the teacher's weights fingerprint."""
     backend = backend_name(config)
-    # The fingerprint comes from transformers' view of the weights for both backends, so a
-    # cache made with vLLM matches a student loaded with transformers.
-    device = pick_device("cpu" if backend == "vllm" else config.device)
-    model = load_model(config.model, device)
-    fingerprint = weights_fingerprint(model)
     if backend == "vllm":
         from mft_pipeline.models import resolve
         from mft_pipeline.teacher.vllm_backend import VLLMTeacher
 
-        del model
+        # The fingerprint comes from transformers' view of the weights for both backends, so a
+        # cache made with vLLM matches a student loaded with transformers.
+        fingerprint = weights_fingerprint(load_model(config.model, pick_device("cpu")))
         name, kwargs = resolve(config.model)
         model_path = str(Path(name) / kwargs["gguf_file"]) if "gguf_file" in kwargs else name
         teacher = VLLMTeacher(
@@ -65,12 +62,15 @@ def make_teacher(config: CacheConfig):
             tokenizer=config.tokenizer or (name if "gguf_file" in kwargs else None),
             max_top_k=config.top_k,
             tensor_parallel_size=config.tensor_parallel_size,
+            # None: $MFT_VLLM_GPU_MEMORY_UTILIZATION, else the backend's per-device default.
+            gpu_memory_utilization=getattr(config, "gpu_memory_utilization", None),
             max_model_len=config.seq_len,
         )
         return teacher, fingerprint
     from mft_pipeline.teacher.transformers_backend import TransformersTeacher
 
-    return TransformersTeacher(model), fingerprint
+    model = load_model(config.model, pick_device(config.device))
+    return TransformersTeacher(model), weights_fingerprint(model)
 
 
 def _plan(packed: dict[str, Packed], rows_per_shard: int, num_workers: int) -> list[dict]:
