@@ -49,12 +49,12 @@ def make_teacher(config: CacheConfig):
     """The chosen backend and the teacher's weights fingerprint."""
     backend = backend_name(config)
     if backend == "vllm":
-        from mft_pipeline.models import resolve
+        from mft_pipeline.models import resolve, weights_fingerprint_from_files
         from mft_pipeline.teacher.vllm_backend import VLLMTeacher
 
-        # The fingerprint comes from transformers' view of the weights for both backends, so a
-        # cache made with vLLM matches a student loaded with transformers.
-        fingerprint = weights_fingerprint(load_model(config.model, pick_device("cpu")))
+        # Read from the checkpoint files, never a loaded copy (a vLLM teacher may be larger than
+        # RAM); it equals the loaded model's fingerprint, so stage two's student still matches.
+        fingerprint = weights_fingerprint_from_files(config.model)
         name, kwargs = resolve(config.model)
         model_path = str(Path(name) / kwargs["gguf_file"]) if "gguf_file" in kwargs else name
         teacher = VLLMTeacher(
