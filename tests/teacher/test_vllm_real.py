@@ -46,12 +46,12 @@ CONTEXT = 128  # the tiny model's max_position_embeddings
 ENGINE_ENV = {"MFT_VLLM_GPU_MEMORY_UTILIZATION": "0.1"}
 
 
-def mft(*args: str, timeout: float = 600, **popen) -> subprocess.CompletedProcess | subprocess.Popen:
-    """``python -m cli.main ARGS`` on this checkout; Popen when ``popen`` kwargs are given."""
+def mft(*args: str, timeout: float = 600, popen: bool = False, **kwargs) -> subprocess.CompletedProcess | subprocess.Popen:
+    """``python -m cli.main ARGS`` on this checkout, run to the end, or started (``popen``)."""
     env = {**os.environ, **ENGINE_ENV, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "cli.main", *args]
     if popen:
-        return subprocess.Popen(cmd, cwd=REPO, env=env, **popen)
+        return subprocess.Popen(cmd, cwd=REPO, env=env, **kwargs)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
