@@ -367,7 +367,11 @@ class VLLMTeacher:
         except (ValueError, RuntimeError, OSError, NotImplementedError) as e:
             # vLLM refuses the model or the settings (unsupported architecture, a context longer
             # than the model's, not enough memory): the user's to fix, so one clear line.
-            raise ModelLoadError(f"vLLM could not start an engine for {model!r}: {_first_line(e)}") from e
+            hint = (
+                "; this vLLM cannot read the GGUF file: save the model de-quantized as a folder (docs/vllm.md)"
+                if str(model).endswith(".gguf") else ""
+            )
+            raise ModelLoadError(f"vLLM could not start an engine for {model!r}: {_first_line(e)}{hint}") from e
         self.vocab_size = _engine_vocab_size(self._llm)
         if max_top_k > self.vocab_size:
             raise ConfigError(f"max_top_k={max_top_k} exceeds the teacher's vocabulary ({self.vocab_size})")
