@@ -52,9 +52,6 @@ def make_teacher(config: CacheConfig):
         from mft_pipeline.models import resolve, weights_fingerprint_from_files
         from mft_pipeline.teacher.vllm_backend import VLLMTeacher
 
-        # Read from the checkpoint files, never a loaded copy (a vLLM teacher may be larger than
-        # RAM); it equals the loaded model's fingerprint, so stage two's student still matches.
-        fingerprint = weights_fingerprint_from_files(config.model)
         name, kwargs = resolve(config.model)
         model_path = str(Path(name) / kwargs["gguf_file"]) if "gguf_file" in kwargs else name
         teacher = VLLMTeacher(
@@ -66,7 +63,10 @@ def make_teacher(config: CacheConfig):
             gpu_memory_utilization=getattr(config, "gpu_memory_utilization", None),
             max_model_len=config.seq_len,
         )
-        return teacher, fingerprint
+        # After the engine, which refuses a model or setting it cannot serve within seconds.
+        # Read from the checkpoint files, never a loaded copy (a vLLM teacher may be larger than
+        # RAM); it equals the loaded model's fingerprint, so stage two's student still matches.
+        return teacher, weights_fingerprint_from_files(config.model)
     from mft_pipeline.teacher.transformers_backend import TransformersTeacher
 
     model = load_model(config.model, pick_device(config.device))
