@@ -739,6 +739,7 @@ def vllm_main(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="mft-bench-stage-one-vllm-"))
     tokenizer = load_tokenizer(args.model)
     _, packed, corpus_about = load_workload(args, tokenizer)
+    corpus_about.pop("root", None)  # this machine's path: results files name no local paths
     n, B, T = len(packed), args.batch_size, args.seq_len
     tokens = int(packed.num_tokens.sum())
     batches = [(packed.input_ids[b : b + B], packed.num_tokens[b : b + B]) for b in range(0, n, B)]
