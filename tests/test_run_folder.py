@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
+import yaml
 
 from mft_pipeline.errors import ConfigError, MFTError
 from mft_pipeline.run_folder import TRAINER_STATE, RunFolder, best_row, improves, settings_diff
@@ -14,10 +13,10 @@ def test_a_new_run_records_its_settings_and_refuses_a_used_folder(tmp_path):
     folder = RunFolder(tmp_path / "run")
     assert not folder.is_run() and folder.is_empty()
     assert folder.start({"lr": 0.1, "out": "x"}, resume=False) is None
-    assert folder.is_run() and json.loads((tmp_path / "run" / "run-config.json").read_text()) == {"lr": 0.1, "out": "x"}
+    assert folder.is_run() and yaml.safe_load((tmp_path / "run" / "run-config.yaml").read_text()) == {"lr": 0.1, "out": "x"}
     with pytest.raises(MFTError, match="not empty"):
         RunFolder(tmp_path / "run").start({"lr": 0.1}, resume=False)
-    assert [p.name for p in (tmp_path / "run").iterdir()] == ["run-config.json"]
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["run-config.yaml"]
 
 
 def test_resume_needs_a_checkpoint_and_the_same_settings(tmp_path):

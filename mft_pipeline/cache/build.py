@@ -54,7 +54,7 @@ def make_teacher(config: CacheConfig):
             max_top_k=config.top_k,
             tensor_parallel_size=config.tensor_parallel_size,
             # None: $MFT_VLLM_GPU_MEMORY_UTILIZATION, else the backend's per-device default.
-            gpu_memory_utilization=getattr(config, "gpu_memory_utilization", None),
+            gpu_memory_utilization=config.gpu_memory_utilization,
             max_model_len=config.seq_len,
         )
         # After the engine, which refuses a model or setting it cannot serve within seconds.

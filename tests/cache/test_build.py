@@ -334,3 +334,13 @@ def test_refuses_seq_len_beyond_the_teachers_context(tmp_path, tiny_model_dir):
     corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(5))
     for seq_len in (513, 10**20):
         assert_refused(config(corpus, tmp_path / "out", tiny_model_dir, seq_len=seq_len), ValueError, "context of 512")
+
+
+def test_gpu_memory_utilization_is_checked():
+    from mft_pipeline.config import CacheConfig
+    from mft_pipeline.errors import ConfigError
+
+    assert CacheConfig(corpus="c", out="o", gpu_memory_utilization=0.2).gpu_memory_utilization == 0.2
+    for bad in (0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ConfigError, match="gpu_memory_utilization"):
+            CacheConfig(corpus="c", out="o", gpu_memory_utilization=bad)
