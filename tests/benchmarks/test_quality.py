@@ -1,0 +1,105 @@
+"""The quality benchmark: user corpora checked before training, and the whole protocol end to end on a tiny model."""
+
+import csv
+import json
+import time
+
+import pytest
+
+from benchmarks.quality import main, open_corpus, parse_domains, size_warnings
+from mft_pipeline.data.corpus import CorpusError
+from mft_pipeline.errors import ConfigError
+from conftest import make_documents, write_jsonl
+
+GENERAL_WORDS = "river mountain bread music travel garden weather friend morning letter window city song".split()
+
+
+def run_main(tmp_path, *args):
+    return main(["--work", str(tmp_path / "work"), "--results", str(tmp_path / "results"), *args])
+
+
+def test_parse_domains():
+    assert parse_domains(["a=x.jsonl", "b_2=dir/with=sign"]) == {"a": __import__("pathlib").Path("x.jsonl"), "b_2": __import__("pathlib").Path("dir/with=sign")}
+    for bad in (["x.jsonl"], ["=x.jsonl"], ["a="], ["a b=x"], ["a/b=x"]):
+        with pytest.raises(ConfigError, match="--domain"):
+            parse_domains(bad)
+    with pytest.raises(ConfigError, match="twice"):
+        parse_domains(["a=x", "a=y"])
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "blank", "wrong-format"])
+def test_bad_user_corpus_stops_before_any_model_is_loaded(tmp_path, kind):
+    path = {"missing": tmp_path / "nope.jsonl", "wrong-format": tmp_path / "docs.csv"}.get(kind, tmp_path / "docs.jsonl")
+    if kind == "empty":
+        path.write_text("")
+    if kind == "blank":
+        write_jsonl(path, ["", "   "])
+    if kind == "wrong-format":
+        path.write_text("text\nhello\n")
+    # The model does not exist either: the corpus must be what stops the run, before the model is looked at.
+    with pytest.raises(SystemExit) as stop:
+        run_main(tmp_path, "--profile", "smoke", "--model", str(tmp_path / "no-model"), "--domain", f"mine={path}")
+    message = str(stop.value.code)
+    assert message.startswith("error: --domain mine: ") and str(path) in message
+    assert not (tmp_path / "work" / "smoke").exists()
+
+
+def test_bad_general_corpus_is_named(tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", make_documents(40))
+    with pytest.raises(SystemExit, match="error: --general: .*no such file"):
+        run_main(tmp_path, "--profile", "smoke", "--general", str(tmp_path / "gone"), "--domain", f"mine={good}")
+
+
+def test_corpus_without_validation_documents_is_refused(tmp_path):
+    path = write_jsonl(tmp_path / "docs.jsonl", make_documents(5))
+    with pytest.raises(CorpusError, match=r"--domain mine: .*none of its 5 documents fell into validation"):
+        open_corpus("--domain mine", path, val_fraction=0.0)
+
+
+def test_size_warnings_say_how_many_tokens(tmp_path, tiny_tokenizer):
+    corpus = open_corpus("d", write_jsonl(tmp_path / "d.jsonl", make_documents(80)), val_fraction=0.3)
+    val = sum(len(tiny_tokenizer(d, add_special_tokens=False)["input_ids"]) for d in corpus.validation)
+    train = sum(len(tiny_tokenizer(d, add_special_tokens=False)["input_ids"]) for d in corpus.train)
+    assert size_warnings("domain d", corpus, tiny_tokenizer, val, train) == []
+    notes = size_warnings("domain d", corpus, tiny_tokenizer, val + 1, train + 1)
+    assert len(notes) == 2
+    assert f"hold {val:,} tokens, fewer than the {val + 1:,}" in notes[0] and f"hold {train:,} tokens" in notes[1]
+
+
+def test_smoke_profile_end_to_end_on_user_corpora(tmp_path, tiny_model_dir):
+    """The whole protocol (reference, seeds, paired comparison, frontier, fidelity, low data) on a tiny model, then resumed."""
+    legal = write_jsonl(tmp_path / "legal.jsonl", make_documents(60, seed=3))
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    for i, chunk in enumerate((make_documents(30, seed=4), make_documents(30, seed=5))):
+        (notes / f"part{i}.txt").write_text("\n\n".join(chunk))
+    general = write_jsonl(tmp_path / "general.jsonl", make_documents(60, seed=6, words=GENERAL_WORDS))
+    args = ["--profile", "smoke", "--model", str(tiny_model_dir), "--domain", f"legal={legal}", "--domain", f"notes={notes}",
+            "--general", str(general)]  # fmt: skip
+    started = time.time()
+    results = run_main(tmp_path, *args)
+    first = time.time() - started
+    assert results.name.startswith("quality-smoke-") and results.name.endswith("-general-general-legal-notes.md")
+    text = results.read_text()
+    figures = results.with_suffix("")
+    rows = list(csv.DictReader(open(figures / "runs.csv")))
+    # FT and MFT x 2 domains x 2 seeds; frontier: 3 more cached tau and 4 online tau x 2 seeds; fidelity k=5, 50 x 1 seed.
+    assert len(rows) == 8 + 14 + 2
+    assert {r["seed"] for r in rows} == {"0", "1"}
+    ft = {r["seed"]: r for r in rows if r["method"] == "FT" and r["domain"] == "legal"}
+    assert ft["0"]["S"] != ft["1"]["S"], "seeds must change the run (data order)"
+    assert {r["k"] for r in rows if r["method"].endswith("online")} == {"dense"}
+    assert all(int(r["general_eval_tokens"]) > 0 and int(r["spec_eval_tokens"]) > 0 and r["tail_samples"] == "0" for r in rows)
+    mft = {r["seed"]: r for r in rows if r["method"] == "MFT" and r["domain"] == "legal"}
+    assert mft["0"]["tau"] == "0.25" and ft["0"]["tau"] == ""
+    assert "## MFT against FT, paired by seed" in text and "| legal | 2 |" in text and "| notes | 2 |" in text
+    assert "frontier" in text and (figures / "frontier.png").stat().st_size > 0 and (figures / "low-data.png").exists()
+    assert "mean ± t(0.975, n−1)" in text
+    # Resumed: every run is read back, nothing retrains.
+    summaries = sorted((tmp_path / "work").rglob("summary.json"))
+    stamps = [p.stat().st_mtime_ns for p in summaries]
+    started = time.time()
+    run_main(tmp_path, *args)
+    assert [p.stat().st_mtime_ns for p in summaries] == stamps
+    assert time.time() - started < first
+    assert json.loads(summaries[0].read_text())["best"] is not None
