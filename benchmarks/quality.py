@@ -118,6 +118,24 @@ PROFILES = {
     ),
 }
 
+@dataclass(frozen=True)
+class Throughput:
+    """What a profile was sized from, measured with ``train`` on the profile's seq_len and batch size."""
+
+    train: float  # training tokens per second: forward, backward and optimizer step, cached targets
+    eval: float  # evaluated (or cached) tokens per second: one forward without gradients
+    online: float  # training tokens per second with the online dense teacher beside the student
+    overhead_s: float  # per run: loading the model, tokenizing the general evaluation, writing checkpoints
+    measured: str  # where and how
+
+
+MEASURED = {
+    "cpu": Throughput(
+        train=150, eval=450, online=110, overhead_s=20,
+        measured="PLACEHOLDER",
+    ),
+}
+
 METHODS = {
     "FT": dict(variant="ft"),
     "MFT": dict(variant="mft", tau=0.25),
@@ -131,6 +149,48 @@ FRONTIER_DOMAIN_ONLY = {  # run on the frontier domain only
 }
 CORE = ("FT", "MFT")  # the methods --seeds defaults to Profile.seeds for
 PARTS = ("frontier", "fidelity", "low-data")
+
+
+def planned_runs(p: Profile, chosen: list[str], n_domains: int, seeds: int | None, skip: set[str]) -> dict[str, int]:
+    """How many runs of each kind ``benchmark`` trains (mirrors its loops; the smoke test checks the count).
+
+    Kinds: "cached" (the profile's steps from a cache), "online" (the same with the dense teacher), "reference" and
+    "low-data" (their own step counts), and "caches" (stage-one caches of train_sequences each).
+    """
+    n = lambda method: seeds or (p.seeds if method in CORE else p.other_seeds)  # noqa: E731
+    counts = dict(reference=1 if p.reference_steps else 0, cached=0, online=0, caches=1 + n_domains, low_data=0)
+    counts["cached"] += n_domains * sum(n(m) for m in METHODS if m in chosen)
+    counts["cached"] += sum(n(m) for m in FRONTIER_DOMAIN_ONLY if m in chosen)
+    counts["caches"] += "Replay 0.5" in chosen
+    if "frontier" not in skip:
+        counts["cached"] += n("MFT") * (len(FRONTIER_TAUS) - ("MFT" in chosen))
+        counts["online"] += n("MFT") * len(FRONTIER_TAUS)
+    if "fidelity" not in skip:
+        counts["cached"] += 2 * n("fidelity")
+        counts["caches"] += 2
+    if "low-data" not in skip:
+        counts["low_data"] = 2
+        counts["caches"] += 1
+    return counts
+
+
+def estimate_minutes(p: Profile, counts: dict[str, int], tp: Throughput) -> dict[str, float]:
+    """Minutes per kind of work: training tokens over training throughput, evaluated tokens over evaluation throughput.
+
+    Every run evaluates before training and every ``eval_every`` steps; each evaluation scores
+    general_sequences + val_sequences sequences.
+    """
+    eval_tokens = (p.general_sequences + p.val_sequences) * p.seq_len
+    evals = 1 + math.ceil(p.steps / p.eval_every)
+    per_run = {
+        "cached": p.train_tokens / tp.train + evals * eval_tokens / tp.eval + tp.overhead_s,
+        "online": p.train_tokens / tp.online + evals * eval_tokens / tp.eval + tp.overhead_s,
+        "reference": p.reference_steps * p.batch_size * p.seq_len / tp.train + evals * eval_tokens / tp.eval + tp.overhead_s,
+        "low_data": p.low_data_steps * p.batch_size * p.seq_len / tp.train
+        + (1 + math.ceil(p.low_data_steps / p.low_data_eval_every)) * eval_tokens / tp.eval + tp.overhead_s,
+        "caches": (p.train_sequences + p.val_sequences) * p.seq_len / tp.eval,
+    }
+    return {kind: counts[kind] * per_run[kind] / 60 for kind in counts}
 
 
 def model_slug(spec: str) -> str:
@@ -395,6 +455,13 @@ def benchmark(args, argv) -> Path:
     corpora = {"--general": open_corpus("--general", general_path, p.val_fraction)} if general_path else {}
     corpora |= {f"--domain {n}": open_corpus(f"--domain {n}", path, p.val_fraction) for n, path in user.items()}
 
+    counts = planned_runs(p, chosen, len(domain_names), args.seeds, skip)
+    throughput = MEASURED.get(args.profile)
+    plan = f"{counts['cached'] + counts['online']} runs ({counts['online']} of them online dense) and {counts['caches']} caches"
+    if throughput:
+        plan += f", about {sum(estimate_minutes(p, counts, throughput).values()):.0f} minutes at the throughput the profile was sized from"
+    print(f"plan: {plan}; finished runs are reused", file=sys.stderr)
+
     started = time.time()
     name = f"quality-{args.profile}" + ("" if args.model == DEFAULT_MODEL else f"-{model_slug(args.model)}")
     work = Path(args.work) / args.profile / ("" if args.model == DEFAULT_MODEL else model_slug(args.model))
@@ -491,14 +558,17 @@ def benchmark(args, argv) -> Path:
     # Sparse-cache fidelity: the same MFT run from caches with k = 5 and 50, next to k = 20 and online dense.
     fidelity: dict[str, dict[int, Row]] = {}
     if "fidelity" not in skip:
-        for k in (5, 50):
+        for k in (5, 20, 50):
+            if k == TOP_K:  # the frontier's tau = 0.25 point, when it ran
+                if frontier:
+                    fidelity[f"cached k={k}"] = frontier["cached"][0.25]
+                continue
             ck = cache(sources[fd], work / f"cache-{fkey}-k{k}", model, p, top_k=k)
             fidelity[f"cached k={k}"] = {
                 seed: record(runs / fkey / f"MFT_k{k}", fd, f"MFT k={k}", seed, k, cache=ck, variant="mft", tau=0.25)
                 for seed in seeds_for("fidelity")
             }
         if frontier:
-            fidelity["cached k=20"] = frontier["cached"][0.25]
             fidelity["online (dense)"] = frontier["online"][0.25]
 
     # Low data: a handful of sequences, many passes, frequent evaluations (seed 0).
@@ -516,7 +586,7 @@ def benchmark(args, argv) -> Path:
     path = results / f"{name}.md"
     write_results(
         path, name, argv_text(argv), (args.model, untuned), p, reference, domain_names, rows, frontier, fd, fidelity, low,
-        notes, time.time() - started, general_path is not None,
+        notes, time.time() - started, general_path is not None, counts, throughput,
     )  # fmt: skip
     return path
 
@@ -597,6 +667,32 @@ def describe_model(folder: str) -> str:
     return f"{config.model_type}, {config.num_hidden_layers} layers, width {config.hidden_size}, vocabulary {config.vocab_size}"
 
 
+def sizing_lines(p: Profile, counts: dict[str, int], tp: Throughput | None, seconds: float) -> list[str]:
+    """The arithmetic the profile was sized by, next to the time the run really took."""
+    lines = ["## Sizing", ""]
+    if tp is None:
+        return lines + [f"Planned work: {counts}. This profile has no measured throughput to size it by.", ""]
+    eval_tokens = (p.general_sequences + p.val_sequences) * p.seq_len
+    evals = 1 + math.ceil(p.steps / p.eval_every)
+    minutes = estimate_minutes(p, counts, tp)
+    lines += [
+        f"Throughput ({tp.measured}): training {tp.train:.0f} tokens/s (forward, backward and AdamW step from the cache), "
+        f"{tp.online:.0f} tokens/s with the online dense teacher, evaluation {tp.eval:.0f} tokens/s (forward only; stage one "
+        f"caches at about the same rate), {tp.overhead_s:.0f} s per run of loading and checkpoints.",
+        "",
+        f"One run: {p.train_tokens:,} training tokens / {tp.train:.0f} = {p.train_tokens / tp.train / 60:.1f} min; {evals} "
+        f"evaluations (before training and every {p.eval_every} steps) × {eval_tokens:,} tokens / {tp.eval:.0f} = "
+        f"{evals * eval_tokens / tp.eval / 60:.1f} min; an online run trains in {p.train_tokens / tp.online / 60:.1f} min.",
+        "",
+        "| work | count | estimated minutes |",
+        "|---|---|---|",
+        *(f"| {kind.replace('_', ' ')} | {counts[kind]} | {minutes[kind]:.0f} |" for kind in counts),
+        f"| total | | {sum(minutes.values()):.0f} (this run: {seconds / 60:.0f}, finished runs reused) |",
+        "",
+    ]
+    return lines
+
+
 def fmt(iv: Interval | None, digits: int = 2) -> str:
     """mean [low, high]; the mean alone for one seed."""
     if iv is None:
@@ -609,6 +705,7 @@ def fmt(iv: Interval | None, digits: int = 2) -> str:
 def write_results(
     path: Path, rel: str, command: str, model: tuple[str, str], p: Profile, reference, domains: list[str], rows: list[Row],
     frontier, frontier_domain: str, fidelity, low, notes: list[str], seconds: float, user_general: bool,
+    counts: dict[str, int], throughput: Throughput | None,
 ) -> None:  # fmt: skip
     """``rel`` is the figures folder, which sits beside the results file; ``model`` is (spec, folder)."""
     import transformers
@@ -654,6 +751,7 @@ def write_results(
             + "Every method starts from it, its caches are built from it, and S and DG are measured against it.",
             "",
         ]
+    lines += sizing_lines(p, counts, throughput, seconds)
     lines += ["## S / DG / DG/S per domain", ""]
     for domain in domains:
         methods = by_method(rows, domain)
@@ -704,9 +802,14 @@ def write_results(
                 + (f"; per seed (each seed's own frontiers), {fmt(per_seed)} over {per_seed.n} seeds" if per_seed else "")
                 + ". "
                 + (
-                    "The cached frontier is dominated: the dense one has more S at every common DG."
+                    "On the mean frontiers the cached one is dominated: the dense one has more S at every common DG"
                     if gap.dominated
-                    else "The cached frontier is not dominated: at some common DG it has as much S as the dense one or more."
+                    else "On the mean frontiers the cached one is not dominated: at some common DG it has as much S as the dense one or more"
+                )
+                + (
+                    "; the per-seed gap's interval contains 0, so the difference is within seed noise."
+                    if per_seed and per_seed.n >= 2 and not per_seed.excludes_zero()
+                    else "."
                 ),
                 "",
             ]

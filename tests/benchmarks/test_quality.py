@@ -6,7 +6,9 @@ import time
 
 import pytest
 
-from benchmarks.quality import main, open_corpus, parse_domains, size_warnings
+from dataclasses import replace
+
+from benchmarks.quality import PROFILES, Throughput, estimate_minutes, main, open_corpus, parse_domains, planned_runs, size_warnings
 from mft_pipeline.data.corpus import CorpusError
 from mft_pipeline.errors import ConfigError
 from conftest import make_documents, write_jsonl
@@ -85,6 +87,8 @@ def test_smoke_profile_end_to_end_on_user_corpora(tmp_path, tiny_model_dir):
     rows = list(csv.DictReader(open(figures / "runs.csv")))
     # FT and MFT x 2 domains x 2 seeds; frontier: 3 more cached tau and 4 online tau x 2 seeds; fidelity k=5, 50 x 1 seed.
     assert len(rows) == 8 + 14 + 2
+    counts = planned_runs(PROFILES["smoke"], ["FT", "MFT"], 2, None, set())
+    assert counts["cached"] + counts["online"] == len(rows) and counts["online"] == 8
     assert {r["seed"] for r in rows} == {"0", "1"}
     ft = {r["seed"]: r for r in rows if r["method"] == "FT" and r["domain"] == "legal"}
     assert ft["0"]["S"] != ft["1"]["S"], "seeds must change the run (data order)"
@@ -103,3 +107,19 @@ def test_smoke_profile_end_to_end_on_user_corpora(tmp_path, tiny_model_dir):
     assert [p.stat().st_mtime_ns for p in summaries] == stamps
     assert time.time() - started < first
     assert json.loads(summaries[0].read_text())["best"] is not None
+
+
+def test_estimate_minutes_by_hand():
+    p = replace(PROFILES["smoke"], steps=10, batch_size=2, seq_len=50, eval_every=5, general_sequences=2, val_sequences=1)
+    tp = Throughput(train=100.0, eval=300.0, online=50.0, overhead_s=4.0, measured="by hand")
+    # 1,000 training tokens at 100/s = 10 s; 3 evaluations of 150 tokens at 300/s = 1.5 s; plus 4 s.
+    minutes = estimate_minutes(p, {"cached": 6, "online": 2}, tp)
+    assert minutes["cached"] == pytest.approx(6 * 15.5 / 60) and minutes["online"] == pytest.approx(2 * 25.5 / 60)
+
+
+def test_planned_runs_counts_seeds_per_method():
+    p = PROFILES["cpu"]  # 3 seeds for FT, MFT and the frontier, 1 for the rest
+    counts = planned_runs(p, ["FT", "MFT", "LoRA r8", "distill+ft"], 3, None, {"low-data"})
+    assert counts["cached"] == 3 * (3 + 3 + 1) + 1 + 3 * 3 + 2  # table, distill+ft, frontier tau 0/0.1/0.5, fidelity k=5/50
+    assert counts["online"] == 3 * 4 and counts["low_data"] == 0
+    assert planned_runs(p, ["FT"], 1, 2, {"frontier", "fidelity", "low-data"})["cached"] == 2
