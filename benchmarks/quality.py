@@ -6,7 +6,8 @@ Does MFT help on my data? One command runs the whole protocol on your own corpus
 
 Other uses:
 
-    python -m benchmarks.quality --profile cpu     # 2 CPU cores, about 2.5 hours (sizing in the results file)
+    python -m benchmarks.quality --profile cpu --skip frontier   # 2 CPU cores, about 2.2 hours
+    python -m benchmarks.quality --profile cpu                   # then the frontier, about 2.2 hours more
     python -m benchmarks.quality --profile gpu     # one H100, paper-like 2048-token sequences
     python -m benchmarks.quality --domain a=docs/ --domain b=more.parquet --general wiki.jsonl
     python -m benchmarks.quality --model path/to/model.gguf --methods FT,MFT --skip fidelity
@@ -93,11 +94,12 @@ class Profile:
 
 
 PROFILES = {
-    # Sized from throughput measured on 2 shared cores (docs/results/quality-cpu.md, "Sizing"): each run trains
-    # on 40 x 8 x 128 = 40,960 tokens and evaluates 128 general and 64 specialized sequences (16,384 + 8,192 tokens).
+    # Each run trains on 40 x 8 x 128 = 40,960 tokens (one pass over its 320 sequences) and evaluates 130 general
+    # and 65 specialized sequences: 16,510 and 8,255 predicted tokens. Sized by MEASURED["cpu"] to about 4.4 hours
+    # in all, so it runs in two sittings of about 2.2 hours: --skip frontier, then the plain command.
     "cpu": Profile(
         seq_len=128, max_documents=400, train_sequences=320, val_sequences=65, general_sequences=130, steps=40,
-        batch_size=8, lr=1e-4, warmup_steps=4, eval_every=10, low_data_sequences=8, low_data_steps=24,
+        batch_size=8, lr=1e-4, warmup_steps=4, eval_every=20, low_data_sequences=8, low_data_steps=24,
         low_data_eval_every=4, reference_steps=20, replay_sequences=640, device="cpu", seeds=3, other_seeds=1,
         methods=("FT", "MFT"),
     ),
@@ -131,8 +133,14 @@ class Throughput:
 
 MEASURED = {
     "cpu": Throughput(
-        train=150, eval=450, online=110, overhead_s=20,
-        measured="PLACEHOLDER",
+        # Measured 2026-11-27 with benchmarks' own ``train`` on SmolLM2-135M, MFT from a k=20 cache, seq_len 128,
+        # batch 8: 1 thread pinned to one core of a 2-core Xeon while other jobs held the load average at 7-9,
+        # timed as process CPU time (1 and 3 steps, the difference is the step). Per CPU-second: 106 training,
+        # 74 online-dense training and 467 evaluation tokens. Two threads are assumed to give 1.8 times that;
+        # checkpoint writes (model and optimizer at each evaluation) and loading are put at 20 s a run.
+        train=191, eval=840, online=133, overhead_s=20,
+        measured="measured as CPU time with 1 thread under a shared load (106 training, 74 online, 467 evaluation tokens "
+        "per CPU-second), times 1.8 for 2 threads",
     ),
 }
 
