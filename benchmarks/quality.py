@@ -386,7 +386,7 @@ def write_csv(rows: list[Row], path: Path) -> None:
         writer.writerow(["seed", "domain", "method", "tau", "k", "tail_samples", "S", "DG", "DG_over_S", "general_eval_tokens", "spec_eval_tokens"])
         for r in rows:
             cells = [r.seed, r.domain, r.method, "" if r.tau is None else r.tau, r.k, r.tail_samples]
-            cells += ["" if v is None else f"{v:.6f}" for v in (r.S, r.DG, r.DG_over_S)]
+            cells += [f"{v:.6f}" if defined(v) else "" for v in (r.S, r.DG, r.DG_over_S)]
             writer.writerow(cells + [r.general_eval_tokens, r.spec_eval_tokens])
 
 
@@ -398,8 +398,13 @@ def by_method(rows: list[Row], domain: str) -> dict[str, dict[int, Row]]:
     return out
 
 
+def defined(value: float | None) -> bool:
+    """DG/S is NaN where S <= 0 (no specialization to divide by); such runs drop out of its mean."""
+    return value is not None and math.isfinite(value)
+
+
 def interval_of(runs: dict[int, Row], field: str, scale: float = 1.0) -> Interval | None:
-    values = [scale * getattr(r, field) for r in runs.values() if getattr(r, field) is not None]
+    values = [scale * getattr(r, field) for r in runs.values() if defined(getattr(r, field))]
     return mean_interval(values) if values else None
 
 
@@ -679,7 +684,8 @@ def sizing_lines(p: Profile, counts: dict[str, int], tp: Throughput | None, seco
     """The arithmetic the profile was sized by, next to the time the run really took."""
     lines = ["## Sizing", ""]
     if tp is None:
-        return lines + [f"Planned work: {counts}. This profile has no measured throughput to size it by.", ""]
+        work = ", ".join(f"{kind.replace('_', ' ')} {n}" for kind, n in counts.items())
+        return lines + [f"Planned work: {work}. This profile has no measured throughput to size it by.", ""]
     eval_tokens = (p.general_sequences + p.val_sequences) * p.seq_len
     evals = 1 + math.ceil(p.steps / p.eval_every)
     minutes = estimate_minutes(p, counts, tp)
@@ -719,7 +725,7 @@ def write_results(
     import transformers
 
     general_name = "the --general corpus" if user_general else "GCIDE"
-    counts = {r.domain: r.spec_eval_tokens for r in rows}
+    spec_tokens = {r.domain: r.spec_eval_tokens for r in rows}
     lines = [
         f"# Quality benchmark: {rel}",
         "",
@@ -735,7 +741,7 @@ def write_results(
         "domain's first `train sequences` packed sequences in a seeded order. Validation and the general evaluation are "
         "held-out documents"
         + (f" (predicted tokens evaluated: general {rows[0].general_eval_tokens:,}; specialized "
-           + ", ".join(f"{d} {n:,}" for d, n in counts.items()) + ")" if rows else "")
+           + ", ".join(f"{d} {n:,}" for d, n in spec_tokens.items()) + ")" if rows else "")
         + ". S and DG are in %, of the checkpoint with the lowest specialized validation perplexity. Replay mixes general "
         "training sequences into each batch and so **uses general-domain data**; the other methods do not.",
         "",
@@ -781,7 +787,10 @@ def write_results(
         methods = by_method(rows, domain)
         if "FT" not in methods or "MFT" not in methods:
             continue
-        ratios = {m: {s: r.DG_over_S for s, r in methods[m].items() if r.DG_over_S is not None} for m in ("MFT", "FT")}
+        ratios = {m: {s: r.DG_over_S for s, r in methods[m].items() if defined(r.DG_over_S)} for m in ("MFT", "FT")}
+        if not set(ratios["MFT"]) & set(ratios["FT"]):
+            lines.append(f"| {domain} | 0 | — | DG/S is undefined (S <= 0) in every pair. |")
+            continue
         diff = paired_difference(ratios["MFT"], ratios["FT"])
         lines.append(f"| {domain} | {diff.n} | {fmt(diff, 3)} | {paired_verdict(diff, 'MFT', 'FT')} |")
     lines += ["", f"Every run, one row each: [runs.csv]({rel}/runs.csv).", ""]
@@ -807,7 +816,7 @@ def write_results(
                 *(f"| {d:.2f} | {a:.2f} | {b:.2f} | {g:+.2f} |" for d, a, b, g in gap.rows),
                 "",
                 f"Mean gap {gap.mean_gap:+.2f} points of S"
-                + (f"; per seed (each seed's own frontiers), {fmt(per_seed)} over {per_seed.n} seeds" if per_seed else "")
+                + (f"; per seed (each seed's own frontiers), {fmt(per_seed)} over {per_seed.n} seed(s)" if per_seed else "")
                 + ". "
                 + (
                     "On the mean frontiers the cached one is dominated: the dense one has more S at every common DG"

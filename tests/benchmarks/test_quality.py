@@ -8,7 +8,9 @@ import pytest
 
 from dataclasses import replace
 
-from benchmarks.quality import PROFILES, Throughput, estimate_minutes, main, open_corpus, parse_domains, planned_runs, size_warnings
+from benchmarks.quality import (
+    PROFILES, Row, Throughput, estimate_minutes, interval_of, main, open_corpus, parse_domains, planned_runs, size_warnings, write_csv,
+)
 from mft_pipeline.data.corpus import CorpusError
 from mft_pipeline.errors import ConfigError
 from conftest import make_documents, write_jsonl
@@ -99,6 +101,7 @@ def test_smoke_profile_end_to_end_on_user_corpora(tmp_path, tiny_model_dir):
     assert "## MFT against FT, paired by seed" in text and "| legal | 2 |" in text and "| notes | 2 |" in text
     assert "frontier" in text and (figures / "frontier.png").stat().st_size > 0 and (figures / "low-data.png").exists()
     assert "mean ± t(0.975, n−1)" in text
+    assert "Planned work: reference 1, cached 16, online 8" in text
     # Resumed: every run is read back, nothing retrains.
     summaries = sorted((tmp_path / "work").rglob("summary.json"))
     stamps = [p.stat().st_mtime_ns for p in summaries]
@@ -123,3 +126,13 @@ def test_planned_runs_counts_seeds_per_method():
     assert counts["cached"] == 3 * (3 + 3 + 1) + 1 + 3 * 3 + 2  # table, distill+ft, frontier tau 0/0.1/0.5, fidelity k=5/50
     assert counts["online"] == 3 * 4 and counts["low_data"] == 0
     assert planned_runs(p, ["FT"], 1, 2, {"frontier", "fidelity", "low-data"})["cached"] == 2
+
+
+def test_undefined_dg_over_s_drops_out_of_means_and_csv(tmp_path):
+    rows = {seed: Row("d", "FT", seed, None, 20, 0, s, 0.1, 0.1 / s if s > 0 else float("nan"), 100, 50) for seed, s in enumerate((0.2, 0.4, -0.1))}
+    iv = interval_of(rows, "DG_over_S")
+    assert iv.n == 2 and iv.mean == pytest.approx((0.5 + 0.25) / 2)
+    assert interval_of(rows, "S").n == 3
+    write_csv(list(rows.values()), tmp_path / "runs.csv")
+    last = list(csv.DictReader(open(tmp_path / "runs.csv")))[-1]
+    assert last["DG_over_S"] == "" and last["S"] == "-0.100000" and last["tau"] == ""
