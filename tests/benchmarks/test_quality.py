@@ -136,3 +136,16 @@ def test_undefined_dg_over_s_drops_out_of_means_and_csv(tmp_path):
     write_csv(list(rows.values()), tmp_path / "runs.csv")
     last = list(csv.DictReader(open(tmp_path / "runs.csv")))[-1]
     assert last["DG_over_S"] == "" and last["S"] == "-0.100000" and last["tau"] == ""
+
+
+def test_sizing_section_shows_the_arithmetic():
+    from benchmarks.quality import MEASURED, sizing_lines
+
+    p, tp = PROFILES["cpu"], MEASURED["cpu"]
+    # The floors, in predicted tokens (a packed row of seq_len tokens predicts seq_len - 1).
+    assert p.train_tokens >= 40_000 and p.general_sequences * (p.seq_len - 1) >= 16_384 and p.val_sequences * (p.seq_len - 1) >= 8_192
+    counts = planned_runs(p, list(p.methods), 3, None, set())
+    text = "\n".join(sizing_lines(p, counts, tp, 60.0))
+    assert f"{p.train_tokens:,} training tokens / {tp.train:.0f} = {p.train_tokens / tp.train / 60:.1f} min" in text
+    assert f"| online | {counts['online']} |" in text
+    assert f"| total | | {sum(estimate_minutes(p, counts, tp).values()):.0f} (this run: 1" in text
