@@ -258,7 +258,7 @@ def as_float16_values(table):
     """Schema 1's log-prob column: the float16 values themselves instead of their bit-pattern deltas."""
     import pyarrow as pa
 
-    from mft_pipeline.cache.format import delta_decode_float16, from_fixed_lists, to_fixed_lists
+    from mft_pipeline.cache.shard import delta_decode_float16, from_fixed_lists, to_fixed_lists
 
     column = table.column("topk_logprob_deltas")
     k = column.type.value_type.list_size
@@ -268,7 +268,7 @@ def as_float16_values(table):
 
 
 def what_if_options():
-    from mft_pipeline.cache.format import BYTE_STREAM_SPLIT
+    from mft_pipeline.cache.shard import BYTE_STREAM_SPLIT
 
     bss = list(BYTE_STREAM_SPLIT)
     bss_values = [c.replace("topk_logprob_deltas", "topk_logprobs") for c in bss]

@@ -13,7 +13,6 @@ import dataclasses
 import difflib
 import json
 import math
-import os
 from pathlib import Path
 
 import click

@@ -13,18 +13,6 @@ from pathlib import Path
 
 from mft_pipeline.errors import MFTError
 
-# The shard encoding lives in cache/shard.py; these names stay importable from here too.
-from mft_pipeline.cache.shard import (  # noqa: F401
-    BYTE_STREAM_SPLIT,
-    COMPRESSION,
-    COMPRESSION_LEVEL,
-    arrow_schema,
-    delta_decode_float16,
-    delta_encode_float16,
-    from_fixed_lists,
-    ids_type,
-    to_fixed_lists,
-)
 
 SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"

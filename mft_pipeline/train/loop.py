@@ -38,7 +38,7 @@ from mft_pipeline.train.checkpoint import load_state, restore_rng, rng_state, sa
 from mft_pipeline.train.tracking import NullTracker, Tracker, make_tracker
 from mft_pipeline.errors import ConfigError
 from mft_pipeline.config import TRAIN_DEFAULTS, run_settings
-from mft_pipeline.run_folder import METRICS, RUN_CONFIG, SUMMARY, RunFolder, improves  # noqa: F401  (names kept importable from here)
+from mft_pipeline.run_folder import RunFolder, improves
 
 
 class MismatchError(CacheError):
