@@ -1,0 +1,220 @@
+"""The sparse MFT loss taken straight from the final hidden states: logits exist one chunk at a time.
+
+``sparse_mft_loss`` needs the model's whole (B, T, V) logits, which at a 128k vocabulary and
+8 × 2048 tokens is 8 GB in float32 before the loss starts. Here the output head is applied
+inside the loss, chunk by chunk of positions (the fused-linear pattern of Liger-Kernel): for
+each chunk the forward pass computes its float32 logits, its loss and the gradient of that
+loss with respect to the chunk's logits, turns that gradient into the chunk's share of the
+hidden-state, weight and bias gradients, and drops the chunk. Backward then only scales the
+stored gradients by the incoming one. The per-chunk loss is the very function
+``sparse_mft_loss`` uses, so targets, tails and variants are the same by construction.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .correction import check_tau, check_variant
+from .sparse_loss import IGNORE_INDEX, TAILS, _check_inputs, _chunk_loss
+
+# Fewest positions per default chunk, so a small call does not launch kernels row by row.
+MIN_CHUNK = 32
+
+
+def fused_sparse_mft_loss(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    label_logprobs: torch.Tensor,
+    tau: float,
+    variant: str = "mft",
+    ignore_index: int = IGNORE_INDEX,
+    chunk_size: int | None = None,
+    *,
+    tail: str = "bucket",
+    bias: torch.Tensor | None = None,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sparse_mft_loss`` of the logits ``transform(hidden @ lm_head_weight.T + bias)``, never built whole.
+
+    The logits of position ``(b, t)`` are ``z = hidden[b, t] @ lm_head_weight.T + bias``, then
+    ``z = z * logit_scale`` if given, then ``z = softcap * tanh(z / softcap)`` if given (the
+    order of Hugging Face models that have both kinds of transform). ``logit_scale``
+    multiplies: Cohere's ``logit_scale`` is passed as is, Granite's ``logits_scaling``
+    (which divides) as its reciprocal. Only non-ignored positions are computed, so padding
+    costs nothing.
+
+    Args:
+        hidden: (B, T, H) final hidden states, ``hidden[:, t]`` predicts ``labels[:, t]``.
+            Any float dtype.
+        lm_head_weight: (V, H) output-head weight.
+        labels, topk_ids, topk_logprobs, label_logprobs, tau, variant, ignore_index, tail:
+            exactly as for ``sparse_mft_loss``: labels (B, T), topk_ids and topk_logprobs
+            (B, T, k), label_logprobs (B, T).
+        chunk_size: positions per chunk. By default one chunk's float32 logits are about as
+            large as all of the call's hidden states in float32 (``n * H / V`` positions for n
+            counted positions, at least ``MIN_CHUNK``), so the loss's working set grows
+            with the batch like the model's activations do, never with B × T × V.
+        bias: optional (V,) output-head bias.
+        logit_scale: optional factor applied to the logits.
+        softcap: optional final-logit soft-capping value (Gemma 2 style).
+
+    The head matmuls run in the autocast dtype when autocast is on for ``hidden``'s device,
+    else in the promoted dtype of ``hidden`` and the weight; logits and the loss are float32
+    (float64 if the inputs are). Gradients of the weight and bias are accumulated in at
+    least float32 and returned in their own dtypes.
+
+    Returns:
+        ``(loss_sum, n_tokens)`` as ``sparse_mft_loss``: the 0-dim summed loss,
+        differentiable w.r.t. ``hidden``, ``lm_head_weight`` and ``bias``, and the 0-dim int64
+        count of non-ignored positions.
+    """
+    tau = check_tau(tau)
+    check_variant(variant)
+    if tail not in TAILS:
+        raise ValueError(f"unknown tail {tail!r}; expected one of {', '.join(TAILS)}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    for name, value in (("logit_scale", logit_scale), ("softcap", softcap)):
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+            raise ValueError(f"{name} must be a positive number or None, got {value!r}")
+    if hidden.dim() != 3 or not hidden.dtype.is_floating_point:
+        raise ValueError(f"hidden must be a (B, T, H) float tensor, got {hidden.dtype} {tuple(hidden.shape)}")
+    batch, seq, width = hidden.shape
+    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != width or not lm_head_weight.dtype.is_floating_point:
+        raise ValueError(
+            f"lm_head_weight must be a (V, H={width}) float tensor, got {lm_head_weight.dtype} {tuple(lm_head_weight.shape)}"
+        )
+    vocab = lm_head_weight.shape[0]
+    if bias is not None and bias.shape != (vocab,):
+        raise ValueError(f"bias shape {tuple(bias.shape)} must be (V,) = ({vocab},)")
+    # The shape and dtype rules are those of sparse_mft_loss; a meta tensor stands in for
+    # the logits, so checking them allocates nothing.
+    _check_inputs(hidden.new_empty((batch, seq, vocab), device="meta"), labels, topk_ids, topk_logprobs, label_logprobs)
+
+    k = topk_ids.shape[-1]
+    valid = (labels != ignore_index).reshape(-1)
+    n_tokens = valid.sum()
+    rows = valid.nonzero().squeeze(-1)  # one host sync, which the range check needs anyway
+    flat_ids = topk_ids.reshape(-1, k)[rows].long()
+    flat_labels = labels.reshape(-1)[rows].long()
+    if ((flat_labels < 0) | (flat_labels >= vocab) | ((flat_ids < 0) | (flat_ids >= vocab)).any(-1)).any():
+        raise ValueError(f"labels and topk_ids of non-ignored positions must be in [0, {vocab})")
+
+    if rows.numel() == 0:
+        # Empty sums: 0, attached to every input so a caller's backward() (and DDP) still works.
+        zero = hidden.reshape(-1)[:0].float().sum() + lm_head_weight.reshape(-1)[:0].float().sum()
+        if bias is not None:
+            zero = zero + bias[:0].float().sum()
+        return zero, n_tokens
+
+    if hidden.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(hidden.device.type):
+        matmul_dtype = torch.get_autocast_dtype(hidden.device.type)
+    else:
+        matmul_dtype = torch.promote_types(hidden.dtype, lm_head_weight.dtype)
+    if chunk_size is None:
+        chunk_size = max(MIN_CHUNK, -(-rows.numel() * width // vocab))
+    options = _Options(
+        chunk_size=chunk_size,
+        matmul_dtype=matmul_dtype,
+        logit_scale=None if logit_scale is None else float(logit_scale),
+        softcap=None if softcap is None else float(softcap),
+        chunk_loss=functools.partial(_chunk_loss, tau=tau, variant=variant, ignore_index=ignore_index, tail=tail),
+    )
+    loss_sum = _FusedSparseMFT.apply(
+        hidden.reshape(-1, width)[rows],  # an ordinary indexing op: autograd scatters its gradient back
+        lm_head_weight,
+        bias,
+        flat_labels,
+        flat_ids,
+        topk_logprobs.reshape(-1, k)[rows],
+        label_logprobs.reshape(-1)[rows],
+        options,
+    )
+    return loss_sum, n_tokens
+
+
+class _Options:
+    """Non-tensor settings handed through ``autograd.Function.apply``."""
+
+    def __init__(self, *, chunk_size, matmul_dtype, logit_scale, softcap, chunk_loss):
+        self.chunk_size = chunk_size
+        self.matmul_dtype = matmul_dtype
+        self.logit_scale = logit_scale
+        self.softcap = softcap
+        self.chunk_loss = chunk_loss
+
+
+def _transform(logits: torch.Tensor, options: _Options) -> torch.Tensor:
+    """Scale then soft-cap (n, V) logits, as the model's forward would."""
+    if options.logit_scale is not None:
+        logits = logits * options.logit_scale
+    if options.softcap is not None:
+        logits = torch.tanh(logits / options.softcap) * options.softcap
+    return logits
+
+
+class _FusedSparseMFT(torch.autograd.Function):
+    """Loss over n valid positions; all gradients are computed in forward, chunk by chunk.
+
+    Shapes: hidden (n, H), weight (V, H), bias (V,) or None, labels (n,), topk_ids and
+    topk_logprobs (n, k), label_logprobs (n,).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, topk_ids, topk_logprobs, label_logprobs, options):
+        need_grad = any(ctx.needs_input_grad[:3])
+        loss_dtype = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
+        acc_dtype = torch.promote_types(weight.dtype, torch.float32)
+        # Autocast is handled by hand: matmuls in options.matmul_dtype, everything else float32.
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.detach().to(options.matmul_dtype)
+            h_all = hidden.detach().to(options.matmul_dtype)
+            b = None if bias is None else bias.detach().to(loss_dtype)
+            grad_hidden = torch.empty_like(h_all) if ctx.needs_input_grad[0] else None
+            grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if ctx.needs_input_grad[1] else None
+            grad_bias = torch.zeros(weight.shape[0], dtype=acc_dtype, device=weight.device) if bias is not None and ctx.needs_input_grad[2] else None
+            loss_sum = torch.zeros((), dtype=loss_dtype, device=hidden.device)
+            for start in range(0, h_all.shape[0], options.chunk_size):
+                piece = slice(start, start + options.chunk_size)
+                h = h_all[piece]
+                raw = (h @ w.T).to(loss_dtype)
+                if b is not None:
+                    raw = raw + b
+                targets = (labels[piece], topk_ids[piece], topk_logprobs[piece], label_logprobs[piece])
+                if not need_grad:
+                    loss_sum += options.chunk_loss(_transform(raw, options), *targets)
+                    continue
+                with torch.enable_grad():
+                    raw.requires_grad_(True)
+                    loss = options.chunk_loss(_transform(raw, options), *targets)
+                    (grad_raw,) = torch.autograd.grad(loss, raw)
+                loss_sum += loss.detach()
+                del raw, loss
+                g = grad_raw.to(options.matmul_dtype)
+                if grad_hidden is not None:
+                    torch.mm(g, w, out=grad_hidden[piece])
+                if grad_weight is not None:
+                    if g.dtype == acc_dtype:
+                        grad_weight.addmm_(g.T, h)
+                    else:
+                        grad_weight += (g.T @ h).to(acc_dtype)
+                if grad_bias is not None:
+                    grad_bias += grad_raw.sum(0).to(acc_dtype)
+        ctx.save_for_backward(
+            *(t if t is not None else torch.empty(0) for t in (grad_hidden, grad_weight, grad_bias))
+        )
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return loss_sum
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grads = []
+        for needed, stored, dtype in zip(ctx.needs_input_grad[:3], ctx.saved_tensors, ctx.dtypes):
+            grads.append((stored * grad_output).to(dtype) if needed else None)
+        return (*grads, None, None, None, None, None)
