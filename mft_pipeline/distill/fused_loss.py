@@ -209,12 +209,19 @@ class _FusedSparseMFT(torch.autograd.Function):
         ctx.save_for_backward(
             *(t if t is not None else torch.empty(0) for t in (grad_hidden, grad_weight, grad_bias))
         )
+        ctx.used = False
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return loss_sum
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
+        # Scaled in place: a copy would hold a second (V, H) weight gradient at the peak. The
+        # stored gradients are used once, so a second backward through this graph is refused.
+        if ctx.used:
+            raise RuntimeError("fused_sparse_mft_loss: backward can run only once per forward")
+        ctx.used = True
         grads = []
         for needed, stored, dtype in zip(ctx.needs_input_grad[:3], ctx.saved_tensors, ctx.dtypes):
-            grads.append((stored * grad_output).to(dtype) if needed else None)
+            grads.append(stored.mul_(grad_output).to(dtype) if needed else None)
         return (*grads, None, None, None, None, None)

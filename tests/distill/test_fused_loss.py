@@ -292,3 +292,20 @@ def test_peak_memory_stays_far_below_the_full_logits():
     # The weight gradient (8 MiB) must exist; everything else the loss holds is a few chunks
     # (the logits path's peak is about 3 × btv4: logits, their log-softmax, their gradient).
     assert measured["growth"] < measured["btv4"] / 4, measured
+
+
+def test_second_backward_is_refused_not_silently_wrong():
+    hidden, weight, bias, _, cache = make_case(seed=15)
+    loss, _ = fused_sparse_mft_loss(hidden, weight, *cache, 0.25, bias=bias)
+    (2 * loss).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):
+        loss.backward()
+
+
+def test_upstream_gradient_scales_the_result():
+    hidden, weight, bias, _, cache = make_case(seed=16)
+    tensors = (hidden, weight, bias)
+    got, n = fused_sparse_mft_loss(hidden, weight, *cache, 0.25, bias=bias)
+    want, _ = sparse_mft_loss(head_logits(*tensors), *cache, 0.25)
+    for g, w in zip(grads(got / n * 3.0, tensors), grads(want / n * 3.0, tensors)):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
