@@ -309,3 +309,16 @@ def test_upstream_gradient_scales_the_result():
     want, _ = sparse_mft_loss(head_logits(*tensors), *cache, 0.25)
     for g, w in zip(grads(got / n * 3.0, tensors), grads(want / n * 3.0, tensors)):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("tail", ("bucket", "renormalize"))
+def test_full_vocabulary_top_k(tail):
+    """k = V: the tail is empty and must not be used, whatever rounding leaves in c_tail."""
+    hidden, weight, bias, teacher, cache = make_case(seed=17, k=V)
+    tensors = (hidden, weight, bias)
+    got, _ = fused_sparse_mft_loss(hidden, weight, *cache, 0.25, bias=bias, tail=tail, chunk_size=3)
+    want, _ = sparse_mft_loss(head_logits(*tensors), *cache, 0.25, tail=tail)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for g, w in zip(grads(got, tensors), grads(want, tensors)):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    assert got.item() == pytest.approx(reference_loss(hidden, weight, bias, teacher, cache, 0.25, "mft", tail), rel=1e-6)
