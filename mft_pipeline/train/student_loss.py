@@ -27,7 +27,7 @@ class Head:
 
     Attributes:
         body: the module whose output's ``last_hidden_state`` is what the head is applied to
-            (Llama's ``model.model``); its output is captured during the model's own forward.
+            (Llama's ``model.model``).
         weight: (V, H) head weight; tied to the input embeddings or not.
         bias: (V,) head bias or None.
         logit_scale: factor on the logits, or None (Cohere's ``logit_scale``; Granite's
@@ -42,18 +42,19 @@ class Head:
     softcap: float | None
 
     def hidden_states(self, model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, T, H) final hidden states for ``input_ids`` (B, T), from ``model``'s own forward.
+        """(B, T, H) final hidden states for ``input_ids`` (B, T).
 
-        ``model`` may be the Hugging Face model or a wrapper around it (DDP, PEFT): it is
-        called as a whole, so the wrapper's hooks (DDP's gradient synchronisation) run, with
-        ``logits_to_keep=1`` so its head computes one position instead of all of them.
+        ``model`` is what the loop trains. Inside DDP the model is called as a whole, so DDP's
+        forward (which prepares its gradient synchronisation) runs, with ``logits_to_keep=1``
+        so its head computes one position instead of all of them, and the body's output is
+        captured with a hook. Otherwise the body is called directly.
         """
+        from torch.nn.parallel import DistributedDataParallel
+
+        if not isinstance(model, DistributedDataParallel):
+            return _last_hidden_state(self.body(input_ids=input_ids))
         captured = []
-
-        def keep(module, args, output):
-            captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
-
-        handle = self.body.register_forward_hook(keep)
+        handle = self.body.register_forward_hook(lambda module, args, output: captured.append(_last_hidden_state(output)))
         try:
             model(input_ids=input_ids, logits_to_keep=1)
         finally:
@@ -72,6 +73,10 @@ class Head:
         return z
 
 
+def _last_hidden_state(output) -> torch.Tensor:
+    return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+
 def output_head(model: torch.nn.Module) -> Head | None:
     """The fusable output head of a Hugging Face causal LM (plain, PEFT- or DDP-wrapped), or None.
 
@@ -86,8 +91,7 @@ def head_or_reason(model: torch.nn.Module) -> Head | str:
 
     Beyond the structural checks, a 4-token probe forward (no gradient, eval mode) checks
     that the head reproduces the model's own logits, so a model class whose forward does
-    something unforeseen after the head (or takes no ``logits_to_keep``) falls back instead
-    of training on wrong logits.
+    something unforeseen after the head falls back instead of training on wrong logits.
     """
     inner = distributed.unwrap(model)
     if distributed.is_sharded(inner):
