@@ -165,8 +165,12 @@ def make_batches(model, n_batches: int, batch_size: int, seq_len: int, top_k: in
     return batches
 
 
-def make_step(method: str, model, device, dtype):
-    """One training step function ``step(batch)`` for a method: forward, backward, AdamW step."""
+def make_step(method: str, model, device, dtype, optimizer=None):
+    """One training step function ``step(batch)`` for a method: forward, backward, AdamW step.
+
+    ``optimizer``: an AdamW over the model's trainable parameters to share with other
+    methods' steps (its cost per step is the same for all); a new one by default.
+    """
     import torch
 
     from mft_pipeline.distill.online import dense_mft_loss
@@ -174,7 +178,8 @@ def make_step(method: str, model, device, dtype):
 
     device = torch.device(device)
     autocast = dict(device_type=device.type, dtype=dtype, enabled=device.type == "cuda")
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    if optimizer is None:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     teacher = None
     if method == "online":
         # As the training loop's online mode: a frozen copy, bf16 on GPU where it runs under autocast anyway.
@@ -222,7 +227,9 @@ def time_methods(model, batches, device, dtype, *, repeats=5, methods=METHODS, s
     device = torch.device(device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     head = head_or_reason(model)
-    steps = {m: make_step(m, model, device, dtype) for m in methods}
+    # One AdamW for all: three copies of its state would only crowd the memory.
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    steps = {m: make_step(m, model, device, dtype, optimizer) for m in methods}
     for m in methods:  # warm-up: kernels, allocator, AdamW state
         steps[m](batches[0])
     sync()
