@@ -157,6 +157,7 @@ def student_loss(
     variant: str = "mft",
     tail: str = "bucket",
     fused: bool = True,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed MFT loss and token count of one micro-batch: one forward, one loss call per part.
 
@@ -171,6 +172,8 @@ def student_loss(
             k may differ between parts.
         tau, variant, tail: as for ``sparse_mft_loss``.
         fused: False forces the logits path.
+        chunk_size: positions per chunk of the fused loss (default: its own choice, see
+            ``fused_sparse_mft_loss``); fewer, larger chunks trade memory for speed on a GPU.
 
     Returns:
         ``(loss_sum, n_tokens)``: 0-dim float loss summed over the counted positions of all
@@ -184,7 +187,7 @@ def student_loss(
         hidden = head.hidden_states(model, input_ids)
         loss = lambda rows, part: fused_sparse_mft_loss(  # noqa: E731
             hidden[rows], head.weight, part["labels"], part["topk_ids"], part["topk_logprobs"], part["label_logprobs"],
-            tau, variant, tail=tail, bias=head.bias, logit_scale=head.logit_scale, softcap=head.softcap,
+            tau, variant, chunk_size=chunk_size, tail=tail, bias=head.bias, logit_scale=head.logit_scale, softcap=head.softcap,
         )
     else:
         logits = model(input_ids=input_ids).logits
