@@ -71,7 +71,9 @@ SHAPES = {
 }
 
 # --quick: small steps, and the loss alone only for the fused loss and the FT-naive reference the target needs.
-QUICK = dict(seq_len=64, batch_size=1, batches=1, repeats=3, losses="fused,ft-naive")
+# One torch thread: on a shared machine, small ops with two OpenMP threads wait on each other's
+# descheduled thread at every barrier (a 64-token SmolLM2 step took 50-100 s at load 10).
+QUICK = dict(seq_len=64, batch_size=1, batches=1, repeats=3, losses="fused,ft-naive", threads=1)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -532,7 +534,7 @@ def render(r: dict) -> str:
             ratio = 1.0 if meth == "ft" else s["paired_ratio_vs_ft"][meth]
             peak = p["peak"][meth]["peak"]
             lines.append(
-                f"| {meth} | {s['tokens_per_s'][meth]:,.0f} | {', '.join(f'{x:.2f}' for x in s['seconds'][meth])} | "
+                f"| {meth} | {s['tokens_per_s'][meth]:,.3g} | {', '.join(f'{x:.2f}' for x in s['seconds'][meth])} | "
                 f"{ratio:.3f} | {fmt_mib(peak)} | {peak / p['peak']['ft']['peak']:.3f} |"
             )
         lines += [
