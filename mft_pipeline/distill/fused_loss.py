@@ -212,7 +212,7 @@ def _chunk_loss_and_grad(z, labels, topk_ids, topk_logprobs, label_logprobs, opt
         # A column outside S: among the first k + 2 columns at least one is, unless S is everything.
         candidates = torch.arange(min(k + 2, vocab), device=s.device)
         outside = ~(candidates[None, :, None] == support[:, None, :]).any(-1)  # (n, k + 2)
-        j = candidates[outside.to(torch.int8).argmax(-1)][:, None]
+        j = candidates[outside.float().argmax(-1)][:, None]  # argmax of a float mask: supported on every device
         log_tail = (s.gather(-1, j) - u.gather(-1, j)).squeeze(-1)
         # With an empty tail any positive c_tail is rounding noise of the cached log-probs.
         c_tail = torch.where((c_tail > 0) & outside.any(-1), c_tail, 0.0)
