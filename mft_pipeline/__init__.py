@@ -13,6 +13,7 @@ _EXPORTS = {
     "VARIANTS": "mft_pipeline.distill",
     "correction_weight": "mft_pipeline.distill",
     "dense_corrected_target": "mft_pipeline.distill",
+    "fused_sparse_mft_loss": "mft_pipeline.distill",
     "sparse_mft_loss": "mft_pipeline.distill",
 }
 __all__ = [*_EXPORTS, "__version__"]

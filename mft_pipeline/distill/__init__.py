@@ -1,6 +1,7 @@
 """MFT correction and the sparse cached-target loss (spec sections 2 and 3)."""
 
 from .correction import VARIANTS, check_tau, correction_weight, dense_corrected_target
+from .fused_loss import fused_sparse_mft_loss
 from .sparse_loss import IGNORE_INDEX, sparse_mft_loss
 
 __all__ = [
@@ -9,5 +10,6 @@ __all__ = [
     "check_tau",
     "correction_weight",
     "dense_corrected_target",
+    "fused_sparse_mft_loss",
     "sparse_mft_loss",
 ]
