@@ -29,12 +29,12 @@ from mft_pipeline.config import TrainConfig
 from mft_pipeline.data.corpus import load_documents
 from mft_pipeline.data.packing import pack_documents
 from mft_pipeline.distill.online import dense_mft_loss
-from mft_pipeline.distill.sparse_loss import sparse_mft_loss
 from mft_pipeline.eval.metrics import compare, model_perplexity
 from mft_pipeline.models import load_model, load_tokenizer, tokenizer_fingerprint, weights_fingerprint
 from mft_pipeline.train import distributed
 from mft_pipeline.train import peft as adapters
 from mft_pipeline.train.checkpoint import load_state, restore_rng, rng_state, save_pretrained
+from mft_pipeline.train.student_loss import student_loss
 from mft_pipeline.train.tracking import NullTracker, Tracker, make_tracker
 from mft_pipeline.errors import ConfigError
 from mft_pipeline.config import TRAIN_DEFAULTS, run_settings
@@ -326,23 +326,17 @@ def micro_batch_loss(model: torch.nn.Module, parts: list[dict], config: TrainCon
     """
     input_ids = torch.cat([part["input_ids"] for part in parts])
     autocast = dict(device_type=input_ids.device.type, dtype=torch.bfloat16, enabled=input_ids.device.type == "cuda")
+    if teacher is None:
+        # The fused hidden-state loss wherever the output head allows it, so B x T x V logits never exist;
+        # one loss call per source inside it, as the two caches may keep different top-k sizes.
+        with torch.autocast(**autocast):
+            return student_loss(model, parts, tau=config.tau, variant=config.variant, tail=config.tail)
     with torch.autocast(**autocast):
         logits = model(input_ids=input_ids).logits
-    if teacher is not None:
-        with torch.no_grad(), torch.autocast(**autocast):
-            teacher_logits = teacher(input_ids=input_ids).logits
-        labels = torch.cat([part["labels"] for part in parts])
-        return dense_mft_loss(logits, teacher_logits, labels, tau=config.tau, variant=config.variant)
-    # One loss call per source, on its rows of the logits: the two caches may keep different top-k sizes.
-    loss_sum, n_tokens, first = 0.0, 0, 0
-    for part in parts:
-        n_rows = len(part["input_ids"])
-        part_loss, part_tokens = sparse_mft_loss(
-            logits[first : first + n_rows], part["labels"], part["topk_ids"], part["topk_logprobs"], part["label_logprobs"],
-            tau=config.tau, variant=config.variant, tail=config.tail,
-        )
-        loss_sum, n_tokens, first = loss_sum + part_loss, n_tokens + part_tokens, first + n_rows
-    return loss_sum, n_tokens
+    with torch.no_grad(), torch.autocast(**autocast):
+        teacher_logits = teacher(input_ids=input_ids).logits
+    labels = torch.cat([part["labels"] for part in parts])
+    return dense_mft_loss(logits, teacher_logits, labels, tau=config.tau, variant=config.variant)
 
 
 def train_step(run: Run, step: int) -> dict:

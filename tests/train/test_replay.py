@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -9,7 +11,8 @@ from transformers import AutoModelForCausalLM
 from conftest import make_documents, metric_rows, train_config, write_jsonl, GENERAL
 from mft_pipeline.cache.build import build_cache
 from mft_pipeline.config import CacheConfig
-from mft_pipeline.train import loop
+from mft_pipeline.distill.sparse_loss import sparse_mft_loss
+from mft_pipeline.train import distributed, loop
 from mft_pipeline.train.loop import MismatchError, micro_batches, train
 
 
@@ -21,20 +24,28 @@ def test_micro_batches_cut_one_step_without_losing_rows():
 
 
 @pytest.mark.parametrize("variant", ["ft", "mft"])
-def test_each_step_holds_the_replay_share_of_general_sequences(stage_two, tmp_path, monkeypatch, variant):
-    calls = []
-    real_loss = loop.sparse_mft_loss
-
-    def recording_loss(logits, labels, topk_ids, *args, **kw):
-        calls.append((logits.shape[0], topk_ids.shape[-1], kw["variant"]))
-        return real_loss(logits, labels, topk_ids, *args, **kw)
-
-    monkeypatch.setattr(loop, "sparse_mft_loss", recording_loss)
+def test_each_step_holds_the_replay_share_of_general_sequences(stage_two, tmp_path, variant):
     config = train_config(stage_two, tmp_path / "run", steps=3, eval_every=3, batch_size=4, variant=variant, replay=str(stage_two / "general-cache"))
     assert config.replay_fraction == 0.5  # the paper's default
+    with distributed.process_group(config) as ranks:
+        run = loop.setup(dataclasses.replace(config, out=str(tmp_path / "setup-only")), ranks)
+        for step in range(3):
+            special = run.order[step * run.special_per_step : (step + 1) * run.special_per_step]
+            general = run.replay_order[step * run.replay_per_step : (step + 1) * run.replay_per_step]
+            # The special cache keeps k=6 candidates, the general one k=4: 2 rows of each per step.
+            assert [(len(s), len(g)) for s, g in micro_batches(special, general, config.batch_size)] == [(2, 2)]
+        parts = [run.train_split.batch(special, "cpu"), run.replay_split.batch(general, "cpu")]
+        assert [p["topk_ids"].shape[-1] for p in parts] == [6, 4]
+        # One micro-batch of both sources: each part scored against its own cache's targets.
+        loss_sum, n_tokens = loop.micro_batch_loss(run.model, parts, config)
+        with torch.no_grad():
+            logits = run.model(input_ids=torch.cat([p["input_ids"] for p in parts])).logits
+        want = [sparse_mft_loss(logits[2 * i : 2 * i + 2], p["labels"], p["topk_ids"], p["topk_logprobs"], p["label_logprobs"],
+                                tau=config.tau, variant=variant) for i, p in enumerate(parts)]  # fmt: skip
+        assert float(loss_sum) == pytest.approx(sum(float(w[0]) for w in want), rel=1e-5)
+        assert int(n_tokens) == sum(int(w[1]) for w in want)
+        run.tracker.close()
     summary = train(config)
-    # The special cache keeps k=6 candidates, the general one k=4: 2 rows of each per step.
-    assert calls == [(2, 6, variant), (2, 4, variant)] * 3
     assert summary["uses_general_data"] and metric_rows(tmp_path / "run", "before")[0]["uses_general_data"]
     assert summary["best"]["S"] > 0
 
