@@ -11,17 +11,17 @@ stored gradients by the incoming one.
 The gradient of a chunk is written in closed form, in place over the chunk's logits: going
 through autograd on ``sparse_mft_loss``'s chunk function made the loss 3-6 times slower than
 Hugging Face's cross-entropy on CPU (some 25 vocab-sized passes and allocations per chunk
-instead of a few fused kernels). The corrected targets come from ``correction_weight`` and the teacher
-side below, which mirrors ``sparse_loss._chunk_loss`` line for line; the tests hold the two
-equal in value and gradient for every variant and tail.
+instead of a few fused kernels). The corrected targets are ``sparse_loss.corrected_targets``, the
+same function ``sparse_mft_loss`` uses; the tests hold the two losses equal in value and
+gradient for every variant and tail.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .correction import check_tau, check_variant, correction_weight
-from .sparse_loss import IGNORE_INDEX, TAILS, _check_inputs
+from .correction import check_tau, check_variant
+from .sparse_loss import IGNORE_INDEX, TAILS, _check_inputs, corrected_targets
 
 # Fewest positions per default chunk, so a small call does not launch kernels row by row.
 MIN_CHUNK = 32
@@ -161,29 +161,6 @@ class _Options:
         self.tail = tail
 
 
-def _targets(labels, topk_ids, topk_logprobs, label_logprobs, options: _Options, dtype: torch.dtype):
-    """Corrected sparse target of n counted positions: the teacher side of ``sparse_loss._chunk_loss``.
-
-    Shapes: labels (n,), topk_ids and topk_logprobs (n, k), label_logprobs (n,), all ids in range.
-    Returns c_top (n, k) (0 where a top-k id is the label), c_label (n,), c_tail (n,).
-    """
-    p_top = topk_logprobs.to(dtype).exp().clamp(0.0, 1.0)
-    p_l = label_logprobs.to(dtype).exp().clamp(0.0, 1.0)
-    p_m = p_top[:, 0]
-    label_is_argmax = topk_ids[:, 0] == labels
-    # The label is counted once, with its exact probability, so its top-k copy is dropped.
-    p_top = p_top.masked_fill(topk_ids == labels[:, None], 0.0)
-    support_mass = p_top.sum(-1) + p_l
-    if options.tail == "renormalize":
-        scale = 1.0 / support_mass.clamp_min(torch.finfo(dtype).tiny)
-        p_top, p_l, p_m = p_top * scale[:, None], p_l * scale, p_m * scale
-        uncached = torch.zeros_like(p_l)
-    else:
-        uncached = (1.0 - support_mass).clamp_min(0.0)
-    a = correction_weight(p_m, p_l, label_is_argmax, options.tau, options.variant)
-    return (1.0 - a)[:, None] * p_top, (1.0 - a) * p_l + a, (1.0 - a) * uncached
-
-
 def _chunk_loss_and_grad(z, labels, topk_ids, topk_logprobs, label_logprobs, options: _Options, need_grad: bool):
     """Summed loss of n counted positions and, if asked, its gradient w.r.t. the logits.
 
@@ -198,7 +175,9 @@ def _chunk_loss_and_grad(z, labels, topk_ids, topk_logprobs, label_logprobs, opt
     """
     dtype = z.dtype
     vocab, k = z.shape[-1], topk_ids.shape[-1]
-    c_top, c_label, c_tail = _targets(labels, topk_ids, topk_logprobs, label_logprobs, options, dtype)
+    c_top, c_label, c_tail = corrected_targets(
+        labels, topk_ids, topk_logprobs, label_logprobs, tau=options.tau, variant=options.variant, tail=options.tail, dtype=dtype
+    )
     label = labels[:, None]
     s = torch.log_softmax(z, dim=-1)
     loss = -(c_top * s.gather(-1, topk_ids)).sum(-1) - c_label * s.gather(-1, label).squeeze(-1)

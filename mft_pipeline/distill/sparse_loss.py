@@ -143,6 +143,40 @@ def _check_inputs(
         raise ValueError(f"top-k size must be in [1, V={vocab}], got {k}")
 
 
+def corrected_targets(
+    labels: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    label_logprobs: torch.Tensor,
+    *,
+    tau: float,
+    variant: str,
+    tail: str,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The corrected sparse target of n positions: the teacher side of both sparse losses.
+
+    Shapes: labels (n,) and topk_ids (n, k), ids in range; topk_logprobs (n, k) with the
+    argmax first; label_logprobs (n,). Returns ``c_top`` (n, k), 0 where a top-k id is the
+    label (the label is counted once, with its exact probability), ``c_label`` (n,) and
+    ``c_tail`` (n,), the mass of the tail bucket (0 under ``tail="renormalize"``).
+    """
+    p_top = topk_logprobs.to(dtype).exp().clamp(0.0, 1.0)  # (n, k)
+    p_l = label_logprobs.to(dtype).exp().clamp(0.0, 1.0)  # (n,)
+    p_m = p_top[:, 0]
+    label_is_argmax = topk_ids[:, 0] == labels
+    p_top = p_top.masked_fill(topk_ids == labels[:, None], 0.0)
+    support_mass = p_top.sum(-1) + p_l
+    if tail == "renormalize":
+        scale = 1.0 / support_mass.clamp_min(torch.finfo(dtype).tiny)
+        p_top, p_l, p_m = p_top * scale[:, None], p_l * scale, p_m * scale
+        uncached = torch.zeros_like(p_l)
+    else:
+        uncached = (1.0 - support_mass).clamp_min(0.0)
+    a = correction_weight(p_m, p_l, label_is_argmax, tau, variant)
+    return (1.0 - a)[:, None] * p_top, (1.0 - a) * p_l + a, (1.0 - a) * uncached
+
+
 def _chunk_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -167,27 +201,12 @@ def _chunk_loss(
     label = torch.where(valid, labels, 0).clamp(0, vocab - 1).unsqueeze(-1)  # (n, 1)
     ids = topk_ids.clamp(0, vocab - 1)  # (n, k)
 
-    # Teacher side.
-    p_top = topk_logprobs.to(dtype).exp().clamp(0.0, 1.0)  # (n, k)
-    p_l = label_logprobs.to(dtype).exp().clamp(0.0, 1.0)  # (n,)
-    p_m = p_top[:, 0]
-    label_is_argmax = ids[:, 0] == label[:, 0]
-    # The label is counted once, with its exact probability, so its top-k copy is dropped.
-    p_top = p_top.masked_fill(ids == label, 0.0)
-    support_mass = p_top.sum(-1) + p_l
-    if tail == "renormalize":
-        scale = 1.0 / support_mass.clamp_min(torch.finfo(dtype).tiny)
-        p_top, p_l, p_m = p_top * scale[:, None], p_l * scale, p_m * scale
-        uncached = torch.zeros_like(p_l)
-    else:
-        uncached = (1.0 - support_mass).clamp_min(0.0)
-
-    a = correction_weight(p_m, p_l, label_is_argmax, tau, variant)
-    # Ignored positions may hold NaN; zeroing their target weights (rather than masking
-    # the loss afterwards) keeps 0 * NaN out of the gradient.
-    c_top = torch.where(valid[:, None], (1.0 - a)[:, None] * p_top, 0.0)  # (n, k)
-    c_label = torch.where(valid, (1.0 - a) * p_l + a, 0.0)  # (n,)
-    c_tail = torch.where(valid, (1.0 - a) * uncached, 0.0)  # (n,)
+    # Teacher side. Ignored positions may hold NaN; zeroing their target weights (rather than
+    # masking the loss afterwards) keeps 0 * NaN out of the gradient.
+    c_top, c_label, c_tail = corrected_targets(label[:, 0], ids, topk_logprobs, label_logprobs, tau=tau, variant=variant, tail=tail, dtype=dtype)
+    c_top = torch.where(valid[:, None], c_top, 0.0)  # (n, k)
+    c_label = torch.where(valid, c_label, 0.0)  # (n,)
+    c_tail = torch.where(valid, c_tail, 0.0)  # (n,)
 
     # Student side.
     lse = torch.logsumexp(z, dim=-1)  # (n,)
