@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from mft_pipeline.distill import IGNORE_INDEX, VARIANTS, sparse_mft_loss
 
-from mft_reference import reference_weight
+from mft_reference import bucketed_ce, reference_weight
 
 B, T, V = 2, 5, 13
 
@@ -34,40 +34,6 @@ def dense_mft_ce(student_logits, teacher_logprobs, labels, tau, variant="mft"):
             target = (1.0 - a) * p[b, t]
             target[label] += a
             total = total - (target * s[b, t]).sum()
-    return total
-
-
-def bucketed_ce(
-    student_logits, teacher_logprobs, labels, topk_ids, tau, variant="mft", tail="bucket"
-):
-    """Sum over positions of the cross-entropy against the sparse target on S = topk + {l}.
-
-    "bucket": the teacher's mass outside S becomes one target entry c_R = (1 - a) r matched
-    against the student's total mass outside S. "renormalize": the teacher is rescaled over
-    S to sum to 1 before the correction and the tail is dropped.
-    """
-    q = student_logits.double().softmax(-1)
-    p = teacher_logprobs.double().exp()
-    total = torch.zeros((), dtype=torch.float64)
-    for b in range(labels.shape[0]):
-        for t in range(labels.shape[1]):
-            label = int(labels[b, t])
-            if label == IGNORE_INDEX:
-                continue
-            support = sorted(set(topk_ids[b, t].tolist()) | {label})
-            outside = [i for i in range(p.shape[-1]) if i not in support]
-            teacher = p[b, t].clone()
-            if tail == "renormalize":
-                teacher = teacher / teacher[support].sum()
-            r = max(0.0, 1.0 - float(teacher[support].sum())) if tail == "bucket" else 0.0
-            m = int(topk_ids[b, t, 0])
-            a = reference_weight(float(teacher[m]), float(teacher[label]), m == label, tau, variant)
-            for i in support:
-                c_i = (1.0 - a) * teacher[i] + (a if i == label else 0.0)
-                total = total - c_i * torch.log(q[b, t, i])
-            c_tail = (1.0 - a) * r
-            if c_tail > 0 and outside:
-                total = total - c_tail * torch.log(q[b, t, outside].sum())
     return total
 
 
