@@ -38,7 +38,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -47,6 +46,8 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from benchmarks.stage_one import fmt_mib, machine_info
 
 REPO = Path(__file__).resolve().parents[1]
 TAU = 0.25
@@ -438,25 +439,6 @@ def _loss_in_child(loss, vocab, hidden_size, device, dtype, seq_len, batch_size,
 # The run
 
 
-def machine_info(device, torch) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    import transformers
-
-    info = {
-        "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def run(args, say) -> dict:
     import torch
 
@@ -487,10 +469,6 @@ TARGETS = (
     ("offline_vs_ft_peak_memory", "<=", 1.0, "offline MFT peak memory vs FT"),
     ("loss_peak_memory_vs_ft_naive_128k", "<=", 0.15, "loss + backward peak vs FT's naive float32 cross-entropy at V = 128k"),
 )
-
-
-def fmt_mib(n) -> str:
-    return f"{n / 2**20:,.0f} MiB"
 
 
 def render(r: dict) -> str:
