@@ -82,6 +82,7 @@ class SpeedPlan:
     stage_two_batches: int
     repeats: int
     top_k: int = 20
+    loss_tokens: int | None = None  # positions of the loss-alone measurement; None: the stage-two batch's
 
 
 # On one H100 (docs/PERFORMANCE.md): a 1.2B forward runs ~163k tokens/s and its FT step ~35k tokens/s, so each
@@ -90,6 +91,7 @@ class SpeedPlan:
 GPU_SPEED = SpeedPlan(
     models=(SpeedModel("llama-360m", "llama-360m", 8, 4), SpeedModel("llama-1.2b", "llama-1.2b", 4, 2)),
     device="cuda", seq_len=2048, stage_one_batches=4, stage_two_batches=2, repeats=5,
+    loss_tokens=8192,  # B x T = 8192 at V = 128k, the size of the Liger-Kernel figure PERFORMANCE.md quotes
 )
 
 
@@ -157,7 +159,7 @@ def stage_two_part(m: SpeedModel, plan: SpeedPlan) -> dict:
     # fused and ft-naive only: the target needs those two, and each loss is a fresh process.
     return measure_model(
         m.spec, torch.device(plan.device), torch.bfloat16, plan.seq_len, m.stage_two_batch, n_batches=plan.stage_two_batches,
-        repeats=plan.repeats, top_k=plan.top_k, losses=("fused", "ft-naive"), say=lambda *x: say(*x),
+        repeats=plan.repeats, top_k=plan.top_k, loss_tokens=plan.loss_tokens, losses=("fused", "ft-naive"), say=lambda *x: say(*x),
     )  # fmt: skip
 
 
@@ -417,7 +419,8 @@ def run_quality(out: Path, stash: Path, profile: str, command: str, work: Path |
     t0 = time.perf_counter()
     path = quality.main(argv)
     seconds = time.perf_counter() - t0
-    shutil.copy2(path, out / "quality.md")
+    # The quality file names the device's stash folder; the draft says <stash> instead.
+    (out / "quality.md").write_text(path.read_text().replace(str(stash), "<stash>"))
     shutil.copy2(path.with_suffix("") / "runs.csv", out / "runs.csv")
     result = {"command": command, "quality_args": [a if not a.startswith(str(stash)) else "<stash>" + a[len(str(stash)):] for a in argv],
               "device": device_info(), "wall_seconds": seconds, "model_sha256": manifest["sha256"], "model_file": manifest["model_file"],
@@ -481,13 +484,13 @@ REHEARSAL_SHAPES = {
 }  # fmt: skip
 
 
-def rehearsal_models(folder: Path) -> tuple[SpeedModel, ...]:
+def rehearsal_models(folder: Path, n_models: int = 2) -> tuple[SpeedModel, ...]:
     """Tiny random Llama folders standing in for the GPU shapes (``build_model`` takes a folder as it takes a shape name)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     models = []
-    for name, shape in REHEARSAL_SHAPES.items():
+    for name, shape in list(REHEARSAL_SHAPES.items())[:n_models]:
         torch.manual_seed(0)
         LlamaForCausalLM(LlamaConfig(**shape, max_position_embeddings=256)).save_pretrained(folder / name)
         models.append(SpeedModel(name, str(folder / name), 2, 2))
@@ -536,8 +539,12 @@ def rehearsal_stash(stash: Path, profile) -> None:
         src.unlink()
 
 
-def rehearse(out: Path) -> dict:
-    """Both phases on CPU at tiny sizes, into ``out``: speed.json/md, quality.md/json, runs.csv, gpu-<date>.md."""
+def rehearse(out: Path, n_models: int = 2) -> dict:
+    """Both phases on CPU at tiny sizes, into ``out``: speed.json/md, quality.md/json, runs.csv, gpu-<date>.md.
+
+    ``n_models``: tiny speed models (1 or 2); each costs ~30 s on a busy 2-core machine, in the fresh processes
+    of the peak-memory part.
+    """
     import torch
 
     from benchmarks.quality import PROFILES
@@ -547,7 +554,7 @@ def rehearse(out: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="mft-gpu-rehearsal-") as tmp:
         tmp = Path(tmp)
         say("rehearsal: speed at tiny sizes on CPU")
-        run_speed(out, rehearsal_speed(rehearsal_models(tmp)), "python benchmarks/gpu_check.py --rehearse")
+        run_speed(out, rehearsal_speed(rehearsal_models(tmp, n_models)), "python benchmarks/gpu_check.py --rehearse")
         stash = tmp / "stash"
         stash.mkdir()
         shutil.copy2(out / "speed.json", stash / "speed.json")
@@ -567,8 +574,8 @@ def main(argv=None) -> int:
     p.add_argument("phase", nargs="?", choices=("speed", "quality", "prepare-carry", "render"))
     p.add_argument("--rehearse", action="store_true", help="both phases on CPU at tiny sizes (about a minute)")
     p.add_argument("--out", help="results folder (at most 8 files); for render, the draft file")
-    p.add_argument("--stash", default="/tmp/mft-gpu-check", help="where call 1 leaves what call 2 needs (the device's /tmp survives ~30 s)")
-    p.add_argument("--carry", default=".gpu-carry", help="the carried folder in the repo (call1/ or call2/ inside)")
+    p.add_argument("--stash", default="/tmp/mft-gpu-check",
+                   help="the carried files (scripts/gpu-check.sh copies them here), and what call 1 leaves for call 2")
     p.add_argument("--dest", default=".gpu-carry", help="prepare-carry: folder to fill")
     p.add_argument("--wheels", help="prepare-carry: folder of downloaded wheels")
     p.add_argument("--data", help="prepare-carry: folder where the gpu profile's corpora are prepared")
@@ -589,9 +596,6 @@ def main(argv=None) -> int:
             out, stash = Path(args.out), Path(args.stash)
             out.mkdir(parents=True, exist_ok=True)
             stash.mkdir(parents=True, exist_ok=True)
-            carried = REPO / args.carry / ("call1" if args.phase == "speed" else "call2")
-            if carried.is_dir():  # copy to the stash first: call 2 needs call 1's part, and a failed phase still leaves it
-                shutil.copytree(carried, stash, dirs_exist_ok=True)
             if args.phase == "speed":
                 run_speed(out, GPU_SPEED, argv_text)
                 shutil.copy2(out / "speed.json", stash / "speed.json")
