@@ -29,6 +29,7 @@ import json
 import lzma
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -403,9 +404,10 @@ def prepare_carry(dest: Path, wheels: Path, model_file: Path, corpora: dict[str,
 
 def run_quality(out: Path, stash: Path, profile: str, command: str, work: Path | None = None, seeds: int = 3) -> dict:
     """The quality benchmark on the model joined in ``stash``, corpora from ``stash/data``; quality.md and runs.csv into ``out``."""
-    from benchmarks import quality
-
-    manifest = json.loads((stash / "manifest.json").read_text())
+    manifest_file = stash / "manifest.json"
+    if not manifest_file.is_file():
+        raise CarryError(f"{manifest_file} is missing: carry .gpu-carry/call2 (scripts/gpu-carry.sh prepares it)")
+    manifest = json.loads(manifest_file.read_text())
     model_dir = stash / "model"
     model_dir.mkdir(exist_ok=True)
     say(f"joining {manifest['model_file']} from {len(manifest['parts'])} parts, checking sha256 ...")
@@ -416,6 +418,8 @@ def run_quality(out: Path, stash: Path, profile: str, command: str, work: Path |
     results = stash / "results"
     argv = ["--profile", profile, "--work", str(work), "--results", str(results), "--model", spec, "--seeds", str(seeds), *QUALITY_ARGS]
     say("quality: " + " ".join(argv))
+    from benchmarks import quality  # after the join: a lost stash says so before a missing wheel would
+
     t0 = time.perf_counter()
     path = quality.main(argv)
     seconds = time.perf_counter() - t0
@@ -447,7 +451,8 @@ def render_draft(speed: dict | None, quality: dict | None, quality_md: str | Non
     lines += [render_speed(speed) if speed else "## Speed\n\nNot run.\n", ""]
     if quality and quality_md:
         body = "\n".join(("#" + ln if ln.startswith("#") else ln) for ln in quality_md.splitlines())
-        body = body.replace("](quality-", "](gpu-quality-")  # the figures folder is not brought back; runs.csv is
+        # Links to the quality figures folder point where the committed file keeps runs.csv: gpu-<date>/runs.csv.
+        body = re.sub(r"\]\(quality-[^/)]*/", f"](gpu-{d.get('date', '')[:10]}/", body)
         lines += ["## Quality", "", f"Command: `{quality['command']}` → `python -m benchmarks.quality {' '.join(quality['quality_args'])}`, "
                   f"{quality['wall_seconds'] / 60:.1f} minutes; model `{quality['model_file']}` sha256 {quality['model_sha256']}.", "", body]  # fmt: skip
     else:
