@@ -295,7 +295,7 @@ def plan_carry(gguf_bytes: int, wheels_bytes: int, corpora_bytes: int, repo_byte
     """Sizes of the model's two parts so that each call's working tree stays under ``limit``.
 
     Call 1 carries the wheels and part 1, call 2 the corpora and part 2; both carry the repo.
-    Part 1 takes all the room call 1 has, so call 2 keeps the most room for the corpora.
+    The room left over is shared evenly, so both calls keep the same margin for the repo to grow.
     Returns {"part1", "part2", "call1", "call2"} in bytes; raises CarryError when it cannot fit.
     """
     room1 = limit - margin - repo_bytes - wheels_bytes
@@ -306,7 +306,7 @@ def plan_carry(gguf_bytes: int, wheels_bytes: int, corpora_bytes: int, repo_byte
             f"{corpora_bytes / MiB:.1f} MiB of corpora and a {repo_bytes / MiB:.1f} MiB repo in two calls of "
             f"{limit / MiB:.0f} MiB ({margin / MiB:.0f} MiB kept free in each)"
         )
-    part1 = min(gguf_bytes, room1)
+    part1 = max(0, min(gguf_bytes, room1 - (room1 + room2 - gguf_bytes) // 2))
     part2 = gguf_bytes - part1
     return {"part1": part1, "part2": part2, "call1": repo_bytes + wheels_bytes + part1, "call2": repo_bytes + corpora_bytes + part2}
 
@@ -378,14 +378,21 @@ def prepare_carry(dest: Path, wheels: Path, model_file: Path, corpora: dict[str,
 
     ``corpora``: {file name quality's prepare_corpus gives: prepared jsonl}.
     """
-    for sub in ("call1", "call2"):
-        shutil.rmtree(dest / sub, ignore_errors=True)
+    shutil.rmtree(dest / "call1", ignore_errors=True)
     (dest / "call1" / "wheels").mkdir(parents=True)
-    (dest / "call2" / "data").mkdir(parents=True)
+    (dest / "call2" / "data").mkdir(parents=True, exist_ok=True)
     for whl in sorted(wheels.glob("*.whl")):
         shutil.copy2(whl, dest / "call1" / "wheels" / whl.name)
+    packed = dest / "call2" / "data"
+    for old in packed.iterdir():  # a corpus from another profile size would be carried for nothing
+        if old.name.removesuffix(".xz") not in corpora:
+            old.unlink()
     for name, src in corpora.items():
-        compress_corpus(src, dest / "call2" / "data" / f"{name}.xz")
+        xz = packed / f"{name}.xz"
+        if not xz.is_file() or xz.stat().st_mtime < src.stat().st_mtime:  # xz -9e takes minutes: reuse when current
+            tmp = xz.with_suffix(".tmp")
+            compress_corpus(src, tmp)
+            tmp.rename(xz)
     size = lambda d: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())  # noqa: E731
     sizes = plan_carry(model_file.stat().st_size, size(dest / "call1" / "wheels"), size(dest / "call2" / "data"), repo)
     split_file(model_file, sizes["part1"], dest / "call1" / "model.part1", dest / "call2" / "model.part2")

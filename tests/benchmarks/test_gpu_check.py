@@ -63,6 +63,8 @@ def test_plan_carry_keeps_each_call_under_the_limit(gguf, wheels, corpora):
     assert sizes["part1"] + sizes["part2"] == gguf and min(sizes["part1"], sizes["part2"]) >= 0
     assert sizes["call1"] == REPO + wheels + sizes["part1"] and sizes["call2"] == REPO + corpora + sizes["part2"]
     assert max(sizes["call1"], sizes["call2"]) <= CARRY_LIMIT - 2 * MiB
+    if min(sizes["part1"], sizes["part2"]) > 0:  # the spare room is shared: equal margins under the limit
+        assert abs(sizes["call1"] - sizes["call2"]) <= 1
 
 
 def test_plan_carry_refuses_what_cannot_fit():
