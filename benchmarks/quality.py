@@ -8,7 +8,7 @@ Other uses:
 
     python -m benchmarks.quality --profile cpu --skip frontier   # 2 CPU cores, about 2.2 hours
     python -m benchmarks.quality --profile cpu                   # then the frontier, about 2.2 hours more
-    python -m benchmarks.quality --profile gpu     # one H100, paper-like 2048-token sequences
+    python -m benchmarks.quality --profile gpu     # one H100, 1024-token sequences (benchmarks/gpu_check.py runs its FT/MFT part)
     python -m benchmarks.quality --domain a=docs/ --domain b=more.parquet --general wiki.jsonl
     python -m benchmarks.quality --model path/to/model.gguf --methods FT,MFT --skip fidelity
 
