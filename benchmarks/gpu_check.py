@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: benchmarks/ and mft_pipeline/ come from this checkout
     sys.path.insert(0, str(REPO))
 
-from mft_pipeline.errors import MFTError  # noqa: E402
+from mft_pipeline.errors import ConfigError, MFTError  # noqa: E402
 
 MiB = 2**20
 CARRY_LIMIT = 64 * MiB  # one device call's working tree plus carried paths
@@ -608,6 +608,11 @@ def main(argv=None) -> int:
             out, stash = Path(args.out), Path(args.stash)
             out.mkdir(parents=True, exist_ok=True)
             stash.mkdir(parents=True, exist_ok=True)
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(f"the {args.phase} phase needs a CUDA GPU; --rehearse runs its code paths on CPU")
+            argv_text = argv_text.replace(args.out, "$OUT")  # the device's folder means nothing in a results file
             if args.phase == "speed":
                 run_speed(out, GPU_SPEED, argv_text)
                 shutil.copy2(out / "speed.json", stash / "speed.json")
