@@ -13,6 +13,7 @@ carried=.gpu-carry/$([ "$phase" = speed ] && echo call1 || echo call2)
 if [ ! -d /tmp/site ] && ls "$STASH"/wheels/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$STASH"/wheels/*.whl || exit 1
 fi
-export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20 TOKENIZERS_PARALLELISM=false
+# No network there: never let a library wait on the hub.
+export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$OUT/$phase.log"
 python3 benchmarks/gpu_check.py "$phase" --out "$OUT" --stash "$STASH" 2>&1 | tee -a "$OUT/$phase.log"
