@@ -8,7 +8,7 @@ Other uses:
 
     python -m benchmarks.quality --profile cpu --skip frontier   # 2 CPU cores, about 2.2 hours
     python -m benchmarks.quality --profile cpu                   # then the frontier, about 2.2 hours more
-    python -m benchmarks.quality --profile gpu     # one H100, paper-like 2048-token sequences
+    python -m benchmarks.quality --profile gpu     # one H100, 1024-token sequences (benchmarks/gpu_check.py runs its FT/MFT part)
     python -m benchmarks.quality --domain a=docs/ --domain b=more.parquet --general wiki.jsonl
     python -m benchmarks.quality --model path/to/model.gguf --methods FT,MFT --skip fidelity
 
@@ -104,12 +104,16 @@ PROFILES = {
         low_data_eval_every=4, reference_steps=20, replay_sequences=640, device="cpu", seeds=3, other_seeds=1,
         methods=("FT", "MFT"),
     ),
-    # Not yet run. Sized from docs/PERFORMANCE.md's H100 figures (FT of a 213M model at ~100k tokens/s); the
-    # benchmark resumes, so it can be spread over several 10-minute device calls.
+    # Not yet run. Sized for one 10-minute device call of the GPU check (benchmarks/gpu_check.py: FT and MFT, 3 seeds,
+    # 3 domains, --skip frontier,fidelity,low-data = 18 runs, a reference and 4 caches) from docs/PERFORMANCE.md's H100
+    # figures (FT of a 213M model at ~100k tokens/s): each run trains on 40 x 8 x 1024 = 327,680 tokens (8x the CPU
+    # profile's, ~5 s at 60k tokens/s) and evaluates 68 general and 36 specialized sequences, 69,632 and 36,864
+    # tokens (4.2x and 4.4x the CPU profile's). Loading and checkpoints (~5-10 s a run) dominate; under 7 minutes.
+    # The benchmark resumes, so the whole protocol can be spread over several device calls.
     "gpu": Profile(
-        seq_len=2048, max_documents=20000, train_sequences=500, val_sequences=64, general_sequences=64, steps=120,
-        batch_size=8, lr=5e-5, warmup_steps=12, eval_every=30, low_data_sequences=64, low_data_steps=120,
-        low_data_eval_every=15, reference_steps=60, replay_sequences=2000, device="cuda", seeds=3, other_seeds=3,
+        seq_len=1024, max_documents=20000, train_sequences=320, val_sequences=36, general_sequences=68, steps=40,
+        batch_size=8, lr=5e-5, warmup_steps=4, eval_every=20, low_data_sequences=16, low_data_steps=40,
+        low_data_eval_every=5, reference_steps=20, replay_sequences=1280, device="cuda", seeds=3, other_seeds=3,
         methods=("FT", "MFT", "LoRA r8", "LoRA r8 + MFT", "Replay 0.5", "distill+ft", "single-correction"),
     ),
     # Seconds with a tiny model: the tests run the whole protocol end to end with it. Not a measurement.

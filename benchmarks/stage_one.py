@@ -824,3 +824,84 @@ def render_vllm(r: dict) -> str:
 
 if __name__ == "__main__":
     main()
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks for a GPU check: the teacher's plain forward against stage one's scoring, on
+# random tokens through a model already in memory (no corpus, no cache written).
+
+
+def random_token_batches(vocab: int, n_batches: int, batch_size: int, seq_len: int, seed: int = 0) -> list:
+    """``n_batches`` int64 arrays (batch_size, seq_len) of uniform random token ids: speed does not depend on the text."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, size=(batch_size, seq_len), dtype=np.int64) for _ in range(n_batches)]
+
+
+def forward_vs_score(model, batches: list, top_k: int, *, repeats: int = 5, say=None) -> dict:
+    """Paired timing of ``model(ids).logits`` (the ceiling) against ``TransformersTeacher.score``.
+
+    ``batches``: int64 arrays (B, T) of full sequences. The two alternate batch by batch, the
+    order flipping each repeat, so a neighbour's load or clock changes hit both alike; each
+    repeat is one pass of each over all batches, after a warm-up of each on the first batch.
+    score's time includes bringing its results to the host, as stage one must.
+
+    Returns {"tokens_per_s": {"forward", "score"} (medians), "seconds": {...: [per repeat]},
+    "score_vs_forward": median of per-repeat forward_time / score_time, "peak_bytes":
+    {"forward", "score"} (peak of one batch over what was held before it; CUDA allocator peak,
+    process peak RSS on CPU), "tokens_per_pass"}.
+    """
+    import numpy as np
+    import torch
+
+    from mft_pipeline.teacher.transformers_backend import TransformersTeacher
+
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    teacher = TransformersTeacher(model)
+    num = [np.full(len(ids), ids.shape[1]) for ids in batches]
+    on_device = [torch.as_tensor(ids, device=device) for ids in batches]
+
+    def forward(i: int) -> None:
+        with torch.inference_mode():
+            model(on_device[i]).logits
+        sync()
+
+    def score(i: int) -> None:
+        teacher.score(batches[i], num[i], top_k)
+        sync()
+
+    runs = {"forward": forward, "score": score}
+    for fn in runs.values():
+        fn(0)
+    seconds = {name: [] for name in runs}
+    for r in range(repeats):
+        spent = dict.fromkeys(runs, 0.0)
+        order = list(runs) if r % 2 == 0 else list(runs)[::-1]
+        for i in range(len(batches)):
+            for name in order:
+                t0 = time.perf_counter()
+                runs[name](i)
+                spent[name] += time.perf_counter() - t0
+        for name in runs:
+            seconds[name].append(spent[name])
+        if say:
+            say(f"  repeat {r + 1}/{repeats}: forward {spent['forward']:.3f} s, score {spent['score']:.3f} s")
+    memory = PeakMemory(device)
+    peaks = {}
+    for name, fn in runs.items():
+        sync()
+        memory.reset()
+        before = memory.current()
+        fn(0)
+        peaks[name] = memory.peak() - before
+    tokens = sum(ids.size for ids in batches)
+    return {
+        "tokens_per_s": {name: tokens / statistics.median(s) for name, s in seconds.items()},
+        "seconds": seconds,
+        "score_vs_forward": statistics.median(f / s for f, s in zip(seconds["forward"], seconds["score"])),
+        "peak_bytes": peaks,
+        "tokens_per_pass": tokens,
+    }
