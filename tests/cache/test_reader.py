@@ -22,11 +22,13 @@ from mft_pipeline.cache.writer import CacheWriter
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def write_cache(out: Path, num_shards: int, rows_per_shard: int, T: int, k: int, vocab: int = 500, seed: int = 0, repeat: bool = False) -> Path:
+def write_cache(out: Path, num_shards: int, rows_per_shard: int, T: int, k: int, vocab: int = 500, seed: int = 0, repeat: bool = False,
+                teacher: dict | None = None) -> Path:
     """A finished cache of random (but well-formed) teacher scores, written through CacheWriter.
 
     With ``repeat``, every shard is a copy of the first one's rows (fast to write: Parquet
-    compresses each random shard only once), so only their file names differ.
+    compresses each random shard only once), so only their file names differ. ``teacher``:
+    the manifest's model and tokenizer entries, so a student can train from the cache.
     """
     rng = np.random.default_rng(seed)
     n = num_shards * rows_per_shard
@@ -40,7 +42,7 @@ def write_cache(out: Path, num_shards: int, rows_per_shard: int, T: int, k: int,
         for j in range(num_shards)
     ]
     settings = {"schema_version": SCHEMA_VERSION, "model": {"id": "random", "fingerprint": "x", "vocab_size": vocab},
-                "top_k": k, "seq_len": T, "rows_per_shard": rows_per_shard, "num_workers": 1, "plan": plan}
+                "top_k": k, "seq_len": T, "rows_per_shard": rows_per_shard, "num_workers": 1, "plan": plan, **(teacher or {})}
     schema = arrow_schema(T, k, vocab)
     with CacheWriter(out, settings) as writer:
         for j, p in enumerate(plan):
@@ -162,3 +164,46 @@ def test_peak_memory_does_not_grow_with_the_number_of_shards(tmp_path):
     assert whole_64 > 60
     assert growth[64] < growth[8] + 12, growth
     assert growth[64] < 0.3 * whole_64, (growth, whole_64)
+
+
+TRAIN_RSS_SCRIPT = """
+import json, sys
+from mft_pipeline.config import TrainConfig
+from mft_pipeline.train.loop import train
+
+def peak_mib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+before = peak_mib()
+train(TrainConfig(cache=sys.argv[1], out=sys.argv[2], steps=3, batch_size=4, eval_every=3, report_to="none"))
+print(json.dumps({"growth_mib": peak_mib() - before}))
+"""
+
+
+def test_training_memory_does_not_grow_with_the_cache(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """`mft train` for a few steps: the process's peak RSS is the same from a cache of 8 shards as of 64.
+
+    The 64-shard cache's teacher columns take 69 MiB decoded (T = 256, k = 32, 2048 rows); a
+    reader that decoded the split whole would add that to the peak.
+    """
+    from mft_pipeline.models import load_model, tokenizer_fingerprint, weights_fingerprint
+
+    model = load_model(str(tiny_model_dir), torch.device("cpu"), dtype=torch.float32)
+    vocab = len(tiny_tokenizer)
+    teacher = {
+        "model": {"id": str(tiny_model_dir), "fingerprint": weights_fingerprint(model), "vocab_size": vocab},
+        "tokenizer": {"id": str(tiny_model_dir), "fingerprint": tokenizer_fingerprint(tiny_tokenizer), "vocab_size": vocab},
+    }
+    T, k, rows = 256, 32, 32
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    growth = {}
+    for shards in (8, 64):
+        cache_dir = write_cache(tmp_path / f"c{shards}", num_shards=shards, rows_per_shard=rows, T=T, k=k, vocab=vocab, repeat=True, teacher=teacher)
+        out = subprocess.run([sys.executable, "-c", TRAIN_RSS_SCRIPT, str(cache_dir), str(tmp_path / f"run{shards}")],
+                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+        growth[shards] = json.loads(out.stdout.strip().splitlines()[-1])["growth_mib"]
+    whole_64 = 64 * rows * (T - 1) * (k * 2 * 2 + 8) / 2**20
+    assert whole_64 > 60
+    assert growth[64] < growth[8] + 0.25 * whole_64, (growth, whole_64)
