@@ -183,9 +183,10 @@ def verdict(curves: dict[str, list[dict]], train_sequences: int) -> str:
     ft, mft = curves["FT"], curves["MFT"]
     gen = {name: change(rows[0]["ppl_gen"], rows[-1]["ppl_gen"]) for name, rows in curves.items()}
     best_ft = min(ft, key=lambda r: r["ppl_spec"])
+    went = f"to {best_ft['ppl_spec']:.1f} (step {best_ft['step']}) and ended at" if best_ft is not ft[0] else "to"
     text = (
         f"With {train_sequences} training sequences, FT's specialized perplexity went from {ft[0]['ppl_spec']:.1f} "
-        f"to {best_ft['ppl_spec']:.1f} (step {best_ft['step']}) and ended at {ft[-1]['ppl_spec']:.1f}, and its general "
+        f"{went} {ft[-1]['ppl_spec']:.1f}, and its general "
         f"perplexity {rose_or_fell(gen['FT'])}; MFT's specialized perplexity ended at {mft[-1]['ppl_spec']:.1f} "
         f"with general perplexity {'up' if gen['MFT'] >= 0 else 'down'} {abs(gen['MFT']):.1f}%: "
     )

@@ -41,14 +41,17 @@ def test_verdict_when_general_perplexity_falls_and_the_two_disagree():
     # FT forgets less (its general perplexity even falls) but MFT ends better on the specialized domain.
     curves = {"FT": rows([30.0, 28.0], [20.0, 19.0]), "MFT": rows([30.0, 25.0], [20.0, 21.0])}
     text = verdict(curves, 4)
+    assert "went from 30.0 to 28.0 (step 4) and ended at 28.0" in text
     assert "general perplexity fell 5.0%" in text
     assert "general perplexity up 5.0%" in text
     assert text.endswith("FT kept more of what the model knew than MFT, while MFT ended better on the specialized domain.")
 
 
-def test_verdict_calls_a_tie_a_tie():
-    curves = {"FT": rows([30.0, 28.0], [20.0, 21.0]), "MFT": rows([30.0, 29.0], [20.0, 21.0])}
-    assert "both kept as much of what the model knew" in verdict(curves, 4)
+def test_verdict_calls_a_tie_a_tie_and_skips_a_best_that_is_the_start():
+    curves = {"FT": rows([30.0, 31.0], [20.0, 21.0]), "MFT": rows([30.0, 29.0], [20.0, 21.0])}
+    text = verdict(curves, 4)
+    assert "both kept as much of what the model knew" in text
+    assert "went from 30.0 to 31.0, and its general perplexity rose 5.0%" in text
 
 
 def test_report_has_a_row_per_evaluation_and_ends_with_the_verdict():
