@@ -183,22 +183,20 @@ def verdict(curves: dict[str, list[dict]], train_sequences: int) -> str:
     ft, mft = curves["FT"], curves["MFT"]
     gen = {name: change(rows[0]["ppl_gen"], rows[-1]["ppl_gen"]) for name, rows in curves.items()}
     best_ft = min(ft, key=lambda r: r["ppl_spec"])
-    went = f"to {best_ft['ppl_spec']:.1f} (step {best_ft['step']}) and ended at" if best_ft is not ft[0] else "to"
+    went = f"to {best_ft['ppl_spec']:.1f} (step {best_ft['step']}) and ended at" if best_ft not in (ft[0], ft[-1]) else "to"
     text = (
         f"With {train_sequences} training sequences, FT's specialized perplexity went from {ft[0]['ppl_spec']:.1f} "
         f"{went} {ft[-1]['ppl_spec']:.1f}, and its general "
         f"perplexity {rose_or_fell(gen['FT'])}; MFT's specialized perplexity ended at {mft[-1]['ppl_spec']:.1f} "
         f"with general perplexity {'up' if gen['MFT'] >= 0 else 'down'} {abs(gen['MFT']):.1f}%: "
     )
-    if abs(gen["FT"] - gen["MFT"]) < 0.05:
-        text += "both kept as much of what the model knew"
-    else:
-        less, more = ("MFT", "FT") if gen["MFT"] < gen["FT"] else ("FT", "MFT")
-        text += f"{less} kept more of what the model knew than {more}"
     spec = "MFT" if mft[-1]["ppl_spec"] < ft[-1]["ppl_spec"] else "FT"
-    same = spec == ("MFT" if gen["MFT"] < gen["FT"] else "FT")
-    text += f"{' and' if same else ', while'} {spec} ended better on the specialized domain."
-    return text
+    if abs(gen["FT"] - gen["MFT"]) < 0.05:
+        return text + f"both kept as much of what the model knew, and {spec} ended better on the specialized domain."
+    less = "MFT" if gen["MFT"] < gen["FT"] else "FT"
+    if spec == less:
+        return text + f"{less} kept more of what the model knew and ended better on the specialized domain too."
+    return text + f"{less} kept more of what the model knew, while {spec} ended better on the specialized domain."
 
 
 def report(result: dict) -> str:

@@ -25,7 +25,7 @@ def test_verdict_reads_the_numbers_when_mft_forgets_less():
     assert "from 27.2 to 20.6 (step 4) and ended at 78.2" in text
     assert "general perplexity rose 15.8%" in text
     assert "MFT's specialized perplexity ended at 23.0 with general perplexity up 2.1%" in text
-    assert text.endswith("MFT kept more of what the model knew than FT and MFT ended better on the specialized domain.")
+    assert text.endswith("MFT kept more of what the model knew and ended better on the specialized domain too.")
     assert "\n" not in text
 
 
@@ -34,23 +34,23 @@ def test_verdict_says_so_when_ft_forgets_less():
     text = verdict(swapped, 8)
     assert "general perplexity rose 2.1%" in text
     assert "general perplexity up 15.8%" in text
-    assert "FT kept more of what the model knew than MFT and FT ended better" in text
+    assert text.endswith("FT kept more of what the model knew and ended better on the specialized domain too.")
 
 
 def test_verdict_when_general_perplexity_falls_and_the_two_disagree():
     # FT forgets less (its general perplexity even falls) but MFT ends better on the specialized domain.
     curves = {"FT": rows([30.0, 28.0], [20.0, 19.0]), "MFT": rows([30.0, 25.0], [20.0, 21.0])}
     text = verdict(curves, 4)
-    assert "went from 30.0 to 28.0 (step 4) and ended at 28.0" in text
+    assert "went from 30.0 to 28.0, and its general perplexity fell 5.0%" in text
     assert "general perplexity fell 5.0%" in text
     assert "general perplexity up 5.0%" in text
-    assert text.endswith("FT kept more of what the model knew than MFT, while MFT ended better on the specialized domain.")
+    assert text.endswith("FT kept more of what the model knew, while MFT ended better on the specialized domain.")
 
 
 def test_verdict_calls_a_tie_a_tie_and_skips_a_best_that_is_the_start():
     curves = {"FT": rows([30.0, 31.0], [20.0, 21.0]), "MFT": rows([30.0, 29.0], [20.0, 21.0])}
     text = verdict(curves, 4)
-    assert "both kept as much of what the model knew" in text
+    assert text.endswith("both kept as much of what the model knew, and MFT ended better on the specialized domain.")
     assert "went from 30.0 to 31.0, and its general perplexity rose 5.0%" in text
 
 
