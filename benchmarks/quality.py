@@ -54,8 +54,9 @@ from mft_pipeline.config import DEFAULT_MODEL, CacheConfig, TrainConfig
 from mft_pipeline.data.corpus import Corpus, CorpusError, load_corpus
 from mft_pipeline.data.packing import pack_documents
 from mft_pipeline.demo.corpora import prepare_corpus
+from mft_pipeline.demo.local_model import local_model
 from mft_pipeline.errors import ConfigError, MFTError
-from mft_pipeline.models import load_model, load_tokenizer
+from mft_pipeline.models import load_tokenizer
 from mft_pipeline.run_folder import RunFolder
 from mft_pipeline.train.loop import train
 
@@ -213,20 +214,6 @@ def model_slug(spec: str) -> str:
 def path_key(name: str, path: Path) -> str:
     """A folder name for a user corpus: its name plus a hash of where it is, so two corpora never share caches."""
     return f"{name}-{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]}"
-
-
-def local_model(work: Path, spec: str) -> str:
-    """A GGUF de-quantized once into a safetensors folder that loads in seconds; other specs as given."""
-    if spec != DEFAULT_MODEL and not spec.endswith(".gguf"):
-        return spec
-    path = work / model_slug(spec)
-    if not (path / "config.json").exists():
-        tmp = path.with_suffix(".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        load_model(spec, torch.device("cpu"), torch.float32).save_pretrained(tmp)
-        load_tokenizer(spec).save_pretrained(tmp)
-        tmp.rename(path)
-    return str(path)
 
 
 def cache(corpus: Path, out: Path, model: str, p: Profile, top_k=TOP_K, train_sequences=None) -> str:
@@ -494,7 +481,7 @@ def benchmark(args, argv) -> Path:
     results = Path(args.results)
     figures = results / name
     figures.mkdir(parents=True, exist_ok=True)
-    model = untuned = local_model(Path(args.work), args.model)
+    model = untuned = local_model(Path(args.work) / model_slug(args.model), args.model)
     tokenizer = load_tokenizer(model)
 
     sources = {d: (user[d] if user else prepare_corpus(d, data, max_documents=p.max_documents)) for d in domain_names}

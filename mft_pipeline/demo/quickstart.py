@@ -26,14 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from mft_pipeline.cache.build import build_cache
 from mft_pipeline.cache.format import MANIFEST
 from mft_pipeline.config import DEFAULT_MODEL, CacheConfig, TrainConfig
 from mft_pipeline.data.corpus import load_corpus
 from mft_pipeline.demo.corpora import prepare_corpus
-from mft_pipeline.models import load_model, load_tokenizer
+from mft_pipeline.demo.local_model import local_model
 from mft_pipeline.run_folder import RunFolder
 from mft_pipeline.train.loop import train
 
@@ -69,24 +67,6 @@ class Corpora:
 
 def demo_corpora(data: Path, max_documents: int) -> Corpora:
     return Corpora(prepare_corpus("legal", data, max_documents=max_documents), prepare_corpus("gcide", data, max_documents=max_documents))
-
-
-def local_model(workdir: Path, spec: str) -> str:
-    """The GGUF de-quantized once into a safetensors folder that loads in seconds; other specs as given.
-
-    De-quantizing the 4-bit GGUF takes about half a minute a load, and the quickstart loads the
-    model for every cache and run.
-    """
-    if spec != DEFAULT_MODEL and not spec.endswith(".gguf"):
-        return spec
-    path = workdir / "model"
-    if not (path / "config.json").exists():
-        tmp = path.with_suffix(".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        load_model(spec, torch.device("cpu"), torch.float32).save_pretrained(tmp)
-        load_tokenizer(spec).save_pretrained(tmp)
-        tmp.rename(path)
-    return str(path)
 
 
 def cached(corpus: Path, out: Path, model: str, s: Sizes, train_sequences: int) -> str:
@@ -130,7 +110,7 @@ def run_quickstart(
     workdir, s = Path(workdir), sizes
     workdir.mkdir(parents=True, exist_ok=True)
     c = corpora(workdir / "data", s.max_documents)
-    model = local_model(workdir, model)
+    model = local_model(workdir / "model", model)
     # The general domain's held-out documents are the DG evaluation; its training documents tune the
     # reference, so no evaluation text is ever trained on.
     general_eval = workdir / "general-eval.jsonl"
