@@ -34,7 +34,7 @@ from mft_pipeline.models import load_model, load_tokenizer, tokenizer_fingerprin
 from mft_pipeline.train import distributed
 from mft_pipeline.train import peft as adapters
 from mft_pipeline.train.checkpoint import load_state, restore_rng, rng_state, save_pretrained
-from mft_pipeline.train.student_loss import student_loss
+from mft_pipeline.train.student_loss import output_head, student_loss
 from mft_pipeline.train.tracking import NullTracker, Tracker, make_tracker
 from mft_pipeline.errors import ConfigError
 from mft_pipeline.config import TRAIN_DEFAULTS, run_settings
@@ -166,8 +166,15 @@ def prepare_student(model: torch.nn.Module, config: TrainConfig) -> None:
 
 
 def compile_in_place(model: torch.nn.Module) -> None:
-    """``torch.compile`` the module in place (``nn.Module.compile``): its type, state dict and wrappers stay as they are."""
+    """``torch.compile`` the module in place (``nn.Module.compile``): its type, state dict and wrappers stay as they are.
+
+    The fused loss calls the model's body directly (outside DDP), past the compiled top-level
+    call, so the body is compiled too.
+    """
+    head = output_head(model)  # before compiling: its probe forward would otherwise set off a compile of its own
     model.compile()
+    if head is not None:
+        head.body.compile()
 
 
 def train(config: TrainConfig, on_checkpoint: Callable[[int], None] | None = None, compile_model: Callable[[torch.nn.Module], None] = compile_in_place) -> dict:

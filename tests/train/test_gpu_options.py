@@ -93,3 +93,14 @@ def test_memory_and_speed_options_may_change_on_resume(stage_two, tmp_path, kill
     kill_and_resume.kill(config, at=2)
     train(dataclasses.replace(config, resume=True, gradient_checkpointing=True, compile=True), compile_model=lambda model: None)
     assert [r["step"] for r in metric_rows(tmp_path / "run", "train")] == [1, 2, 3, 4]
+
+
+def test_compile_in_place_also_compiles_the_body_the_fused_loss_calls(tiny_model_dir):
+    from mft_pipeline.models import load_model
+    from mft_pipeline.train.loop import compile_in_place
+    from mft_pipeline.train.student_loss import output_head
+
+    model = load_model(str(tiny_model_dir), torch.device("cpu"), dtype=torch.float32)
+    compile_in_place(model)  # torch.compile is lazy: nothing is compiled until the first call
+    assert model._compiled_call_impl is not None
+    assert output_head(model).body._compiled_call_impl is not None
