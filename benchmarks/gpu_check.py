@@ -24,7 +24,6 @@ At most 8 files are written into --out.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import lzma
 import os
@@ -42,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: benchmarks/ and mft_pipeline/ come from this checkout
     sys.path.insert(0, str(REPO))
 
+from mft_pipeline.cache.format import sha256_file  # noqa: E402
 from mft_pipeline.errors import ConfigError, MFTError  # noqa: E402
 
 MiB = 2**20
@@ -311,14 +311,6 @@ def plan_carry(gguf_bytes: int, wheels_bytes: int, corpora_bytes: int, repo_byte
     return {"part1": part1, "part2": part2, "call1": repo_bytes + wheels_bytes + part1, "call2": repo_bytes + corpora_bytes + part2}
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def split_file(path: Path, first_bytes: int, part1: Path, part2: Path) -> None:
     with open(path, "rb") as src:
         part1.write_bytes(src.read(first_bytes))
@@ -330,14 +322,14 @@ def join_parts(parts: list[Path], dest: Path, sha256: str) -> Path:
     missing = [str(p) for p in parts if not p.is_file()]
     if missing:
         raise CarryError(f"model part(s) missing: {', '.join(missing)} (call 2 must come within ~30 s of call 1, which left part 1 in /tmp)")
-    if dest.is_file() and sha256_of(dest) == sha256:
+    if dest.is_file() and sha256_file(dest) == sha256:
         return dest
     tmp = dest.with_name(dest.name + ".tmp")
     with open(tmp, "wb") as out:
         for p in parts:
             with open(p, "rb") as f:
                 shutil.copyfileobj(f, out, 1 << 20)
-    got = sha256_of(tmp)
+    got = sha256_file(tmp)
     if got != sha256:
         tmp.unlink()
         raise CarryError(f"joined model {dest.name}: sha256 {got} is not the prepared {sha256}")
@@ -396,7 +388,7 @@ def prepare_carry(dest: Path, wheels: Path, model_file: Path, corpora: dict[str,
     size = lambda d: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())  # noqa: E731
     sizes = plan_carry(model_file.stat().st_size, size(dest / "call1" / "wheels"), size(dest / "call2" / "data"), repo)
     split_file(model_file, sizes["part1"], dest / "call1" / "model.part1", dest / "call2" / "model.part2")
-    manifest = {"model_file": model_file.name, "sha256": sha256_of(model_file), "bytes": model_file.stat().st_size,
+    manifest = {"model_file": model_file.name, "sha256": sha256_file(model_file), "bytes": model_file.stat().st_size,
                 "parts": ["model.part1", "model.part2"], "sizes": sizes}  # fmt: skip
     for sub in ("call1", "call2"):
         write_json(dest / sub / "manifest.json", manifest)
@@ -540,7 +532,7 @@ def rehearsal_stash(stash: Path, profile) -> None:
     weights = model_dir / "model.safetensors"
     half = weights.stat().st_size // 2
     split_file(weights, half, stash / "model.part1", stash / "model.part2")
-    write_json(stash / "manifest.json", {"model_file": weights.name, "sha256": sha256_of(weights), "bytes": weights.stat().st_size,
+    write_json(stash / "manifest.json", {"model_file": weights.name, "sha256": sha256_file(weights), "bytes": weights.stat().st_size,
                                          "parts": ["model.part1", "model.part2"]})  # fmt: skip
     weights.unlink()
     (stash / "data").mkdir()

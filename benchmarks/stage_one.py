@@ -453,6 +453,15 @@ def render(r: dict) -> str:
 # Main
 
 
+def write_results(text: str, result: dict, out: Path) -> Path:
+    """The markdown results file at ``out`` and its JSON beside it; the markdown is printed too."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    print(text)
+    return out
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.backend == "vllm":
@@ -679,13 +688,8 @@ def main(argv=None) -> dict:
         "sizes": sizes,
         "parquet_what_if": what_if,
     }
-    text = render(result)
-    out = Path(args.out) if args.out else REPO / "docs" / "results" / f"stage-one-{device.type}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out = write_results(render(result), result, Path(args.out) if args.out else REPO / "docs" / "results" / f"stage-one-{device.type}.md")
     shutil.rmtree(work, ignore_errors=True)
-    print(text)
     say(f"wrote {out} and {out.with_suffix('.json')}")
     return result
 
@@ -767,13 +771,8 @@ def vllm_main(args) -> dict:
         "timings": timings,
         "agreement": {"max_label_logprob_diff": diff, "argmax_agreement": same_argmax},
     }
-    text = render_vllm(result)
-    out = Path(args.out) if args.out else REPO / "docs" / "results" / f"stage-one-vllm-{teacher.platform}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    write_results(render_vllm(result), result, Path(args.out) if args.out else REPO / "docs" / "results" / f"stage-one-vllm-{teacher.platform}.md")
     shutil.rmtree(work, ignore_errors=True)
-    print(text)
     return result
 
 
