@@ -13,7 +13,7 @@ through autograd on ``sparse_mft_loss``'s chunk function made the loss 3-6 times
 Hugging Face's cross-entropy on CPU (some 25 vocab-sized passes and allocations per chunk
 instead of a few fused kernels). The corrected targets are ``sparse_loss.corrected_targets``, the
 same function ``sparse_mft_loss`` uses; the tests hold the two losses equal in value and
-gradient for every variant and tail.
+gradient for every variant and tail, with and without sampled tail ids.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def fused_sparse_mft_loss(
     bias: torch.Tensor | None = None,
     logit_scale: float | None = None,
     softcap: float | None = None,
+    tail_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``sparse_mft_loss`` of the logits ``transform(hidden @ lm_head_weight.T + bias)``, never built whole.
 
@@ -70,6 +71,9 @@ def fused_sparse_mft_loss(
         bias: optional (V,) output-head bias.
         logit_scale: optional factor applied to the logits.
         softcap: optional final-logit soft-capping value (Gemma 2 style).
+        tail_ids: optional (B, T, N) sampled tail ids, exactly as for ``sparse_mft_loss``:
+            each takes ``c_R / N`` of the target instead of the tail bucket. Their term is a
+            gather of N log-probs per position, so no (B, T, V) tensor appears here either.
 
     The head matmuls run in the autocast dtype when autocast is on for ``hidden``'s device,
     else in the promoted dtype of ``hidden`` and the weight; logits and the loss are float32
@@ -102,7 +106,7 @@ def fused_sparse_mft_loss(
         raise ValueError(f"bias shape {tuple(bias.shape)} must be (V,) = ({vocab},)")
     # The shape and dtype rules are those of sparse_mft_loss; a meta tensor stands in for
     # the logits, so checking them allocates nothing.
-    _check_inputs(hidden.new_empty((batch, seq, vocab), device="meta"), labels, topk_ids, topk_logprobs, label_logprobs)
+    _check_inputs(hidden.new_empty((batch, seq, vocab), device="meta"), labels, topk_ids, topk_logprobs, label_logprobs, tail_ids)
 
     k = topk_ids.shape[-1]
     valid = (labels != ignore_index).reshape(-1)
@@ -110,8 +114,12 @@ def fused_sparse_mft_loss(
     rows = valid.nonzero().squeeze(-1)  # one host sync, which the range check needs anyway
     flat_ids = topk_ids.reshape(-1, k)[rows].long()
     flat_labels = labels.reshape(-1)[rows].long()
-    if ((flat_labels < 0) | (flat_labels >= vocab) | ((flat_ids < 0) | (flat_ids >= vocab)).any(-1)).any():
-        raise ValueError(f"labels and topk_ids of non-ignored positions must be in [0, {vocab})")
+    flat_tail = None if tail_ids is None else tail_ids.reshape(-1, tail_ids.shape[-1])[rows].long()
+    bad_ids = ((flat_ids < 0) | (flat_ids >= vocab)).any(-1)
+    if flat_tail is not None:
+        bad_ids |= ((flat_tail < 0) | (flat_tail >= vocab)).any(-1)
+    if ((flat_labels < 0) | (flat_labels >= vocab) | bad_ids).any():
+        raise ValueError(f"labels, topk_ids and tail_ids of non-ignored positions must be in [0, {vocab})")
 
     if rows.numel() == 0:
         # Empty sums: 0, attached to every input so a caller's backward() (and DDP) still works.
@@ -143,6 +151,7 @@ def fused_sparse_mft_loss(
         flat_ids,
         topk_logprobs.reshape(-1, k)[rows],
         label_logprobs.reshape(-1)[rows],
+        flat_tail,
         options,
     )
     return loss_sum, n_tokens
@@ -161,17 +170,23 @@ class _Options:
         self.tail = tail
 
 
-def _chunk_loss_and_grad(z, labels, topk_ids, topk_logprobs, label_logprobs, options: _Options, need_grad: bool):
+def _chunk_loss_and_grad(z, labels, topk_ids, topk_logprobs, label_logprobs, tail_ids, options: _Options, need_grad: bool):
     """Summed loss of n counted positions and, if asked, its gradient w.r.t. the logits.
 
     Shapes: z (n, V) float logits (overwritten), labels (n,), topk_ids and topk_logprobs
-    (n, k), label_logprobs (n,). Returns (0-dim loss, (n, V) gradient or None).
+    (n, k), label_logprobs (n,), tail_ids (n, N) or None. Returns (0-dim loss, (n, V)
+    gradient or None).
 
     With ``s = log_softmax(z)``, ``C = sum(c)`` over the support and the used tail, and the
     tail's own log-softmax ``u`` over the logits with S masked out:
     ``L = -sum_S c_i s_i - c_R log(tail mass)``, where ``log(tail mass) = s_j - u_j`` for any
     j outside S, and ``dL/dz = C exp(s) - c_R exp(u) - c [on S]``. Both log-softmaxes are
     single fused kernels; a logsumexp is several passes on CPU.
+
+    With sampled tail ids ``j_1..j_N`` the tail term is ``-(c_R / N) sum_n s_{j_n}`` instead,
+    whose gradient is ``(c_R / N) sum_n (exp(s) - onehot(j_n))``: the ``c_R exp(s)`` part joins
+    ``C exp(s)`` and the rest is a scatter of ``-c_R / N`` onto the sampled ids, so ``u`` is
+    not needed.
     """
     dtype = z.dtype
     vocab, k = z.shape[-1], topk_ids.shape[-1]
@@ -183,18 +198,23 @@ def _chunk_loss_and_grad(z, labels, topk_ids, topk_logprobs, label_logprobs, opt
     loss = -(c_top * s.gather(-1, topk_ids)).sum(-1) - c_label * s.gather(-1, label).squeeze(-1)
     u = None
     if options.tail == "bucket":
-        # A finite floor instead of -inf on S, so a fully covered row stays finite (and unused).
-        floor = torch.finfo(dtype).min
-        u = torch.log_softmax(z.scatter_(-1, topk_ids, floor).scatter_(-1, label, floor), dim=-1)
-        del z
         support = torch.cat([topk_ids, label], dim=-1)  # (n, k + 1)
         # A column outside S: among the first k + 2 columns at least one is, unless S is everything.
         candidates = torch.arange(min(k + 2, vocab), device=s.device)
         outside = ~(candidates[None, :, None] == support[:, None, :]).any(-1)  # (n, k + 2)
-        j = candidates[outside.float().argmax(-1)][:, None]  # argmax of a float mask: supported on every device
-        log_tail = (s.gather(-1, j) - u.gather(-1, j)).squeeze(-1)
-        # With an empty tail any positive c_tail is rounding noise of the cached log-probs.
+        # With an empty tail any positive c_tail is rounding noise of the cached log-probs (and
+        # sampled ids are placeholders there).
         c_tail = torch.where((c_tail > 0) & outside.any(-1), c_tail, 0.0)
+        if tail_ids is None:
+            # A finite floor instead of -inf on S, so a fully covered row stays finite (and unused).
+            floor = torch.finfo(dtype).min
+            u = torch.log_softmax(z.scatter_(-1, topk_ids, floor).scatter_(-1, label, floor), dim=-1)
+            del z
+            j = candidates[outside.float().argmax(-1)][:, None]  # argmax of a float mask: supported on every device
+            log_tail = (s.gather(-1, j) - u.gather(-1, j)).squeeze(-1)
+        else:
+            del z
+            log_tail = s.gather(-1, tail_ids).mean(-1)
         loss = loss - torch.where(c_tail > 0, c_tail * log_tail, 0.0)
     else:
         del z
@@ -208,6 +228,8 @@ def _chunk_loss_and_grad(z, labels, topk_ids, topk_logprobs, label_logprobs, opt
     if u is not None:
         grad.sub_(u.add_(c_tail.log()[:, None]).exp_())
         del u
+    elif tail_ids is not None:
+        grad.scatter_add_(-1, tail_ids, (-c_tail / tail_ids.shape[-1])[:, None].expand(tail_ids.shape))
     # On the support: minus its target. A label inside the top-k has c_top = 0 there.
     grad.scatter_add_(-1, topk_ids, -c_top).scatter_add_(-1, label, -c_label[:, None])
     return loss, grad
@@ -217,11 +239,11 @@ class _FusedSparseMFT(torch.autograd.Function):
     """Loss over n valid positions; all gradients are computed in forward, chunk by chunk.
 
     Shapes: hidden (n, H), weight (V, H), bias (V,) or None, labels (n,), topk_ids and
-    topk_logprobs (n, k), label_logprobs (n,).
+    topk_logprobs (n, k), label_logprobs (n,), tail_ids (n, N) or None.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, topk_ids, topk_logprobs, label_logprobs, options):
+    def forward(ctx, hidden, weight, bias, labels, topk_ids, topk_logprobs, label_logprobs, tail_ids, options):
         need_grad = any(ctx.needs_input_grad[:3])
         loss_dtype = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
         acc_dtype = torch.promote_types(weight.dtype, torch.float32)
@@ -253,7 +275,8 @@ class _FusedSparseMFT(torch.autograd.Function):
                 else:
                     z = raw
                 loss, grad = _chunk_loss_and_grad(
-                    z, labels[piece], topk_ids[piece], topk_logprobs[piece], label_logprobs[piece], options, need_grad
+                    z, labels[piece], topk_ids[piece], topk_logprobs[piece], label_logprobs[piece],
+                    None if tail_ids is None else tail_ids[piece], options, need_grad,
                 )
                 loss_sum += loss
                 if grad is None:
@@ -293,4 +316,4 @@ class _FusedSparseMFT(torch.autograd.Function):
         grads = []
         for needed, stored, dtype in zip(ctx.needs_input_grad[:3], ctx.saved_tensors, ctx.dtypes):
             grads.append(stored.mul_(grad_output).to(dtype) if needed else None)
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)

@@ -4,6 +4,14 @@ The cache keeps, per position, the teacher's top-k ids and log-probs plus the ex
 log-prob of the label. The target lives on the support ``S = topk ∪ {l}`` plus one tail
 bucket ``R`` holding the teacher's uncached mass, so the student is asked to keep as
 much total mass outside ``S`` as the teacher had, without saying where.
+
+A cache made with ``--tail-samples N`` also holds, per position, N ids drawn i.i.d. from the
+teacher's distribution restricted to the vocabulary outside ``S``. Given them (``tail_ids``),
+the tail term ``-c_R * log(student mass outside S)`` is replaced by
+``-c_R * mean_n s_{j_n}``: the dense loss's tail part is ``-(1 - a) * sum_{j not in S} p_j s_j
+= -c_R * E_{j ~ p | not S}[s_j]``, and the sample mean is linear in ``s``, so the loss and
+its gradient are unbiased estimates of the dense corrected cross-entropy's (Anshumann et al.
+2025, "Sparse Logit Sampling").
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ def sparse_mft_loss(
     ignore_index: int = IGNORE_INDEX,
     tail: str = "bucket",
     chunk_size: int = 4096,
+    tail_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed MFT cross-entropy of the student against the corrected sparse teacher target.
 
@@ -51,6 +60,11 @@ def sparse_mft_loss(
             "renormalize" drops it and rescales the teacher over ``S`` to sum to 1 first.
         chunk_size: positions per chunk; bounds the float32 vocab-sized intermediates, which
             are recomputed in backward instead of being kept.
+        tail_ids: optional (B, T, N) integer ids sampled by stage one from the teacher's
+            distribution outside ``S`` (``--tail-samples N``). Given, the tail mass ``c_R`` is
+            spread over them, ``c_R / N`` each, instead of the bucket: an unbiased estimate
+            of the dense loss. Positions whose ``S`` is the whole vocabulary give them no
+            weight (they may hold anything there), nor does ``tail="renormalize"``.
 
     Returns:
         ``(loss_sum, n_tokens)``: 0-dim loss summed over non-ignored positions
@@ -63,7 +77,7 @@ def sparse_mft_loss(
         raise ValueError(f"unknown tail {tail!r}; expected one of {', '.join(TAILS)}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    _check_inputs(logits, labels, topk_ids, topk_logprobs, label_logprobs)
+    _check_inputs(logits, labels, topk_ids, topk_logprobs, label_logprobs, tail_ids)
 
     batch, seq, vocab = logits.shape
     k = topk_ids.shape[-1]
@@ -74,9 +88,11 @@ def sparse_mft_loss(
     # one host sync per call, cheap next to the forward pass, and turns a silent wrong
     # gather into a clear error.
     bad_ids = (topk_ids < 0) | (topk_ids >= vocab)
+    if tail_ids is not None:
+        bad_ids = torch.cat([bad_ids, (tail_ids < 0) | (tail_ids >= vocab)], dim=-1)
     bad_labels = (labels < 0) | (labels >= vocab)
     if (valid & (bad_labels | bad_ids.any(-1))).any():
-        raise ValueError(f"labels and topk_ids of non-ignored positions must be in [0, {vocab})")
+        raise ValueError(f"labels, topk_ids and tail_ids of non-ignored positions must be in [0, {vocab})")
 
     compute_dtype = torch.promote_types(logits.dtype, torch.float32)
     if n == 0:
@@ -91,6 +107,8 @@ def sparse_mft_loss(
         topk_logprobs.reshape(n, k),
         label_logprobs.reshape(n),
     )
+    if tail_ids is not None:
+        flat += (tail_ids.reshape(n, tail_ids.shape[-1]).long(),)
     chunk_loss = functools.partial(
         _chunk_loss, tau=tau, variant=variant, ignore_index=ignore_index, tail=tail
     )
@@ -113,6 +131,7 @@ def _check_inputs(
     topk_ids: torch.Tensor,
     topk_logprobs: torch.Tensor,
     label_logprobs: torch.Tensor,
+    tail_ids: torch.Tensor | None = None,
 ) -> None:
     """Raise ``ValueError`` on shapes or dtypes that do not fit the documented layout."""
     if logits.dim() != 3 or not logits.dtype.is_floating_point:
@@ -120,8 +139,8 @@ def _check_inputs(
             f"logits must be a (B, T, V) float tensor, got {logits.dtype} {tuple(logits.shape)}"
         )
     batch, seq, vocab = logits.shape
-    for name, tensor in (("labels", labels), ("topk_ids", topk_ids)):
-        if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
+    for name, tensor in (("labels", labels), ("topk_ids", topk_ids), ("tail_ids", tail_ids)):
+        if tensor is not None and (tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool):
             raise ValueError(f"{name} must be an integer tensor, got {tensor.dtype}")
     for name, tensor in (("topk_logprobs", topk_logprobs), ("label_logprobs", label_logprobs)):
         if not tensor.dtype.is_floating_point:
@@ -141,6 +160,11 @@ def _check_inputs(
     k = topk_ids.shape[-1]
     if not 1 <= k <= vocab:
         raise ValueError(f"top-k size must be in [1, V={vocab}], got {k}")
+    if tail_ids is not None and (tail_ids.dim() != 3 or tail_ids.shape[:2] != (batch, seq) or tail_ids.shape[-1] < 1):
+        raise ValueError(
+            f"tail_ids shape {tuple(tail_ids.shape)} must be (B, T, N) with (B, T) = {(batch, seq)} and N >= 1 "
+            "(pass None for the tail bucket)"
+        )
 
 
 def corrected_targets(
@@ -183,6 +207,7 @@ def _chunk_loss(
     topk_ids: torch.Tensor,
     topk_logprobs: torch.Tensor,
     label_logprobs: torch.Tensor,
+    tail_ids: torch.Tensor | None = None,
     *,
     tau: float,
     variant: str,
@@ -191,7 +216,8 @@ def _chunk_loss(
 ) -> torch.Tensor:
     """Summed loss of n flattened positions.
 
-    Shapes: logits (n, V), labels (n,), topk_ids and topk_logprobs (n, k), label_logprobs (n,).
+    Shapes: logits (n, V), labels (n,), topk_ids and topk_logprobs (n, k), label_logprobs (n,),
+    tail_ids (n, N) or None (the bucket).
     """
     dtype = torch.promote_types(logits.dtype, torch.float32)
     z = logits.to(dtype)
@@ -214,13 +240,17 @@ def _chunk_loss(
     s_label = z.gather(-1, label).squeeze(-1) - lse
     support = torch.zeros_like(z, dtype=torch.bool)
     support.scatter_(-1, ids, True).scatter_(-1, label, True)
-    # A finite floor instead of -inf: when S covers the whole vocabulary the tail
-    # logsumexp stays finite, and so does its gradient (which is then multiplied by 0).
-    tail_logits = z.masked_fill(support, torch.finfo(dtype).min)
-    log_tail = torch.logsumexp(tail_logits, dim=-1) - lse
-    # With an empty tail any positive c_tail is rounding noise of the cached log-probs;
-    # multiplying it by the floor would swamp the loss.
+    # With an empty tail any positive c_tail is rounding noise of the cached log-probs (and
+    # the sampled ids are placeholders); multiplying it by the floor would swamp the loss.
     use_tail = (c_tail > 0) & ~support.all(-1)
+    if tail_ids is None:
+        # A finite floor instead of -inf: when S covers the whole vocabulary the tail
+        # logsumexp stays finite, and so does its gradient (which is then multiplied by 0).
+        tail_logits = z.masked_fill(support, torch.finfo(dtype).min)
+        log_tail = torch.logsumexp(tail_logits, dim=-1) - lse
+    else:
+        # The sampled estimate of E_{j ~ p outside S}[s_j]; c_R times it replaces c_R log(tail mass).
+        log_tail = (z.gather(-1, tail_ids.clamp(0, vocab - 1)) - lse[:, None]).mean(-1)
     tail_term = torch.where(use_tail, c_tail * log_tail, 0.0)
 
     loss = -(c_top * s_top).sum(-1) - c_label * s_label - tail_term

@@ -14,27 +14,9 @@ import torch.nn.functional as F
 
 from mft_pipeline.distill import IGNORE_INDEX, VARIANTS, sparse_mft_loss
 
-from mft_reference import bucketed_ce, reference_weight
+from mft_reference import bucketed_ce, dense_mft_ce
 
 B, T, V = 2, 5, 13
-
-
-def dense_mft_ce(student_logits, teacher_logprobs, labels, tau, variant="mft"):
-    """Sum over positions of -sum_i c_i log_softmax(z)_i with the dense corrected target c."""
-    s = student_logits.double().log_softmax(-1)
-    p = teacher_logprobs.double().exp()
-    total = torch.zeros((), dtype=torch.float64)
-    for b in range(labels.shape[0]):
-        for t in range(labels.shape[1]):
-            label = int(labels[b, t])
-            if label == IGNORE_INDEX:
-                continue
-            m = int(p[b, t].argmax())
-            a = reference_weight(float(p[b, t, m]), float(p[b, t, label]), m == label, tau, variant)
-            target = (1.0 - a) * p[b, t]
-            target[label] += a
-            total = total - (target * s[b, t]).sum()
-    return total
 
 
 def make_case(seed, vocab=V, batch=B, seq=T, dtype=torch.float64):
