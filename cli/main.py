@@ -66,7 +66,8 @@ def cache_info(cache_dir, as_json):
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    click.echo(f"model {result['model']}  k={result['top_k']}  seq_len={result['seq_len']}")
+    samples = f"  tail_samples={result['tail_samples']}" if result["tail_samples"] else ""
+    click.echo(f"model {result['model']}  k={result['top_k']}{samples}  seq_len={result['seq_len']}")
     for split, row in result["splits"].items():
         line = f"{split:>10}: {row['sequences']} sequences, {row['tokens']} tokens, {row['bytes']} bytes"
         if row["tokens"]:

@@ -40,6 +40,18 @@ class CacheConfig:
     sample_by: str = doc("For plain-text files: what one document is (paragraph, document = whole file, line).", default="paragraph")
     seq_len: int = doc("Tokens per packed sequence.", default=2048)
     top_k: int = doc("Teacher candidates stored per token.", default=20)
+    tail_samples: int = doc(
+        "Also store N token ids per position drawn from the teacher's distribution outside the top-k and the label "
+        "(2 bytes each at vocabularies up to 64k, against 4 per top-k candidate). Stage two then spreads the uncached "
+        "mass over them, an unbiased estimate of the dense loss, instead of the one tail bucket. Needs the "
+        "transformers backend (vLLM returns only the top-k). 0: none.",
+        default=0,
+    )
+    tail_seed: int = doc(
+        "Seed of the --tail-samples draws. Each sequence's draws depend only on it, the split and the sequence's row, "
+        "so a resumed or multi-worker cache holds the same draws as one uninterrupted run.",
+        default=0,
+    )
     val_fraction: float = doc("Share of documents held out for validation, chosen by a hash of each document.", default=0.05)
     max_train_sequences: int | None = doc("Keep only the first N training sequences (a fixed token budget).", default=None)
     max_val_sequences: int | None = doc("Keep only the first N validation sequences.", default=None)
@@ -63,6 +75,15 @@ class CacheConfig:
         _check_choice("sample_by", self.sample_by, SAMPLE_BY)
         _check_positive("seq_len", self.seq_len, minimum=2)
         _check_positive("top_k", self.top_k)
+        _check_positive("tail_samples", self.tail_samples, minimum=0)
+        if not (isinstance(self.tail_seed, int) and not isinstance(self.tail_seed, bool) and 0 <= self.tail_seed < 2**63):
+            raise ConfigError(f"tail_seed must be an integer in [0, 2**63), got {self.tail_seed!r}")
+        if self.tail_samples and self.backend == "vllm":
+            # Refused here, before any engine starts: vLLM never exposes the full distribution.
+            raise ConfigError(
+                "--tail-samples needs the teacher's full distribution, and the vllm backend returns only the top-k; "
+                "use --backend transformers (or auto)"
+            )
         _check_positive("batch_size", self.batch_size)
         _check_positive("rows_per_shard", self.rows_per_shard)
         _check_positive("num_workers", self.num_workers)

@@ -18,6 +18,7 @@ from mft_pipeline.data.packing import Packed, pack_documents, row_prefix
 from mft_pipeline.models import load_model, load_tokenizer, pick_device, tokenizer_fingerprint, weights_fingerprint
 from mft_pipeline.errors import ConfigError
 from mft_pipeline.teacher.base import TeacherBackend
+from mft_pipeline.teacher.tail_samples import tail_uniforms
 
 # vLLM returns every prompt candidate through its Python output path; past a few hundred
 # per token that costs more than the forward pass, and the transformers backend is the
@@ -35,7 +36,8 @@ def _vllm_usable() -> bool:
 
 def backend_name(config: CacheConfig) -> str:
     if config.backend == "auto":
-        return "vllm" if _vllm_usable() else "transformers"
+        # Tail samples need the full logits, which only the transformers backend has.
+        return "vllm" if _vllm_usable() and not config.tail_samples else "transformers"
     return config.backend
 
 
@@ -88,11 +90,16 @@ def _plan(packed: dict[str, Packed], rows_per_shard: int, num_workers: int) -> l
     return plan
 
 
-def _shard_table(schema, packed: Packed, start: int, stop: int, teacher, config: CacheConfig, bar) -> pa.Table:
+def _shard_table(schema, split: str, packed: Packed, start: int, stop: int, teacher, config: CacheConfig, bar) -> pa.Table:
     parts = []
+    positions = packed.input_ids.shape[1] - 1
     for b in range(start, stop, config.batch_size):
         e = min(b + config.batch_size, stop)
-        parts.append(teacher.score(packed.input_ids[b:e], packed.num_tokens[b:e], config.top_k))
+        if config.tail_samples:
+            uniforms = tail_uniforms(config.tail_seed, split, b, e - b, positions, config.tail_samples)
+            parts.append(teacher.score(packed.input_ids[b:e], packed.num_tokens[b:e], config.top_k, tail_uniforms=uniforms))
+        else:
+            parts.append(teacher.score(packed.input_ids[b:e], packed.num_tokens[b:e], config.top_k))
         bar.update(e - b)
     return encode_shard(
         schema,
@@ -102,6 +109,7 @@ def _shard_table(schema, packed: Packed, start: int, stop: int, teacher, config:
         np.concatenate([p.topk_ids for p in parts]),
         np.concatenate([p.topk_logprobs for p in parts]),
         np.concatenate([p.label_logprobs for p in parts]),
+        tail_ids=np.concatenate([p.tail_ids for p in parts]) if config.tail_samples else None,
     )
 
 
@@ -134,6 +142,8 @@ def build_cache(
         teacher, fingerprint = make_teacher(config)
     else:
         fingerprint = teacher_fingerprint
+    if config.tail_samples and not getattr(teacher, "samples_tail", False):
+        raise ConfigError(f"--tail-samples needs the teacher's full distribution; the {teacher.name} backend returns only the top-k")
     if config.top_k > teacher.max_top_k:
         raise ConfigError(f"--top-k {config.top_k} exceeds the {teacher.name} backend's limit of {teacher.max_top_k}")
     if vocab_size > teacher.vocab_size:
@@ -182,7 +192,11 @@ def build_cache(
         "backend": {"name": teacher.name, "versions": teacher.library_versions()},
         "plan": _plan(packed, config.rows_per_shard, config.num_workers),
     }
-    schema = arrow_schema(config.seq_len, config.top_k, teacher.vocab_size)
+    if config.tail_samples:
+        # Only when used, so caches without samples keep the settings (and resume) they always had.
+        settings["tail_samples"] = config.tail_samples
+        settings["tail_seed"] = config.tail_seed
+    schema = arrow_schema(config.seq_len, config.top_k, teacher.vocab_size, config.tail_samples)
     mine = [s for s in settings["plan"] if s["worker"] == config.worker_index]
     with CacheWriter(
         config.out, settings, worker_index=config.worker_index, num_workers=config.num_workers, resume=config.resume, overwrite=config.overwrite
@@ -190,6 +204,6 @@ def build_cache(
         todo = [s for s in mine if not writer.finished(s["file"])]
         with tqdm(total=sum(s["rows"] for s in todo), desc=f"teacher ({teacher.name})", unit="seq") as bar:
             for s in todo:
-                table = _shard_table(schema, packed[s["split"]], s["start"], s["start"] + s["rows"], teacher, config, bar)
+                table = _shard_table(schema, s["split"], packed[s["split"]], s["start"], s["start"] + s["rows"], teacher, config, bar)
                 writer.write_shard(s["file"], table)
     return Path(config.out)

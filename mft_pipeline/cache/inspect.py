@@ -33,7 +33,7 @@ def cache_info(path: str | Path) -> dict:
     """
     cache = Cache(path)
     k = cache.top_k
-    out = {"model": cache.manifest["model"]["id"], "top_k": k, "seq_len": cache.seq_len, "splits": {}}
+    out = {"model": cache.manifest["model"]["id"], "top_k": k, "tail_samples": cache.tail_samples, "seq_len": cache.seq_len, "splits": {}}
     for name, info in cache.manifest["splits"].items():
         tokens = info["num_labels"]
         size = sum(s["bytes"] for s in info["shards"])
@@ -65,7 +65,7 @@ def verify_cache(path: str | Path) -> list[str]:
     except CacheError as e:
         return [str(e)]
     problems = []
-    schema = arrow_schema(manifest["seq_len"], manifest["top_k"], manifest["model"]["vocab_size"])
+    schema = arrow_schema(manifest["seq_len"], manifest["top_k"], manifest["model"]["vocab_size"], manifest.get("tail_samples", 0))
     for split, info in manifest["splits"].items():
         rows = labels = 0
         for shard in info["shards"]:

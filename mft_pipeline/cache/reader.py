@@ -29,11 +29,15 @@ class CachedSplit:
     Attributes:
         input_ids: (N, T) int32.
         num_tokens: (N,) int32.
+        tail_samples: sampled tail ids per position (the manifest's ``tail_samples``; 0 for
+            caches made without them).
     """
 
-    def __init__(self, path: Path, shards: list[dict], cache_bytes: int = DEFAULT_CACHE_BYTES):
+    def __init__(self, path: Path, shards: list[dict], cache_bytes: int = DEFAULT_CACHE_BYTES, tail_samples: int = 0):
         self.path = Path(path)
         self.cache_bytes = cache_bytes
+        self.tail_samples = tail_samples
+        self.teacher_columns = TEACHER_COLUMNS + (("tail_ids",) if tail_samples else ())
         self._groups: list[tuple[Path, int]] = []  # (shard file, row group) in split order
         group_of_row, ids, num = [], [], []
         for shard in shards:
@@ -47,6 +51,8 @@ class CachedSplit:
                 raise CacheError(f"{f}: unreadable Parquet ({e}); run `mft cache-verify`") from e
             if pf.metadata.num_rows != shard["rows"]:
                 raise CacheError(f"{f}: {pf.metadata.num_rows} rows, manifest says {shard['rows']}")
+            if (pf.schema_arrow.get_field_index("tail_ids") >= 0) != bool(tail_samples):
+                raise CacheError(f"{f}: the tail_ids column disagrees with the manifest's tail_samples={tail_samples}; run `mft cache-verify`")
             for g in range(pf.metadata.num_row_groups):
                 group_of_row.append(np.full(pf.metadata.row_group(g).num_rows, len(self._groups), dtype=np.int64))
                 self._groups.append((f, g))
@@ -78,7 +84,7 @@ class CachedSplit:
             self._decoded.move_to_end(g)
             return self._decoded[g]
         f, index = self._groups[g]
-        arrays = decode_shard(f, columns=TEACHER_COLUMNS, row_groups=[index])
+        arrays = decode_shard(f, columns=self.teacher_columns, row_groups=[index])
         self._decoded[g] = arrays
         self._decoded_bytes += sum(a.nbytes for a in arrays.values())
         while self._decoded_bytes > self.cache_bytes and len(self._decoded) > 1:
@@ -90,7 +96,8 @@ class CachedSplit:
         """The teacher's columns of ``rows``, in the stored dtypes and in the order asked.
 
         Returns: topk_ids (n, T - 1, k) uint16/uint32; topk_logprobs (n, T - 1, k) float16;
-        argmax_logprob (n, T - 1) float32, exact; label_logprobs (n, T - 1) float32, exact.
+        argmax_logprob (n, T - 1) float32, exact; label_logprobs (n, T - 1) float32, exact;
+        where the cache has tail samples, tail_ids (n, T - 1, N) uint16/uint32.
         """
         idx = self._rows(rows)
         out: dict[str, np.ndarray] = {}
@@ -124,6 +131,10 @@ class CachedSplit:
     def label_logprobs(self) -> np.ndarray:
         return self.read()["label_logprobs"]
 
+    @property
+    def tail_ids(self) -> np.ndarray | None:
+        return self.read()["tail_ids"] if self.tail_samples else None
+
     def chunks(self, columns: tuple[str, ...] = TEACHER_COLUMNS):
         """Yield ``(rows, arrays)`` per row group over the whole split, reading only ``columns``.
 
@@ -150,7 +161,8 @@ class CachedSplit:
 
         Returns: input_ids (B, T); labels (B, T), IGNORE_INDEX where there is no next token;
         topk_ids (B, T, k); topk_logprobs (B, T, k) with the exact argmax at index 0;
-        label_logprobs (B, T).
+        label_logprobs (B, T); and, only where the cache has tail samples, tail_ids (B, T, N)
+        int64 (the losses' ``tail_ids``).
         """
         teacher = self.read(rows)
         topk_lp = teacher["topk_logprobs"].astype(np.float32)
@@ -164,6 +176,8 @@ class CachedSplit:
             "topk_logprobs": torch.from_numpy(pad(topk_lp)),
             "label_logprobs": torch.from_numpy(pad(teacher["label_logprobs"])),
         }
+        if self.tail_samples:
+            out["tail_ids"] = torch.from_numpy(pad(teacher["tail_ids"].astype(np.int64)))
         return {k: v.to(device) for k, v in out.items()}
 
 
@@ -175,6 +189,8 @@ class Cache:
         self.manifest = read_manifest(self.path)
         self.seq_len = self.manifest["seq_len"]
         self.top_k = self.manifest["top_k"]
+        # Caches made without --tail-samples have no such field: the tail bucket.
+        self.tail_samples = self.manifest.get("tail_samples", 0)
         self.cache_bytes = cache_bytes
         self._splits: dict[str, CachedSplit] = {}
 
@@ -186,5 +202,5 @@ class Cache:
             info = self.manifest["splits"].get(name)
             if not info or not info["shards"]:
                 raise CacheError(f"{self.path}: no {name} sequences in this cache")
-            self._splits[name] = CachedSplit(self.path, info["shards"], self.cache_bytes)
+            self._splits[name] = CachedSplit(self.path, info["shards"], self.cache_bytes, self.tail_samples)
         return self._splits[name]

@@ -21,25 +21,31 @@ COMPRESSION_LEVEL = 9
 # grew by 1.3% against one row group per shard.
 ROWS_PER_ROW_GROUP = 32
 
-# Decoded name -> (stored column, per-row shape from (T, k)). Stored and decoded differ only
+# Decoded name -> (stored column, per-row shape from (T, k, N)). Stored and decoded differ only
 # for the top-k log-probs, which are stored as float16 bit-pattern deltas.
 COLUMNS = {
-    "seq_id": ("seq_id", lambda T, k: ()),
-    "num_tokens": ("num_tokens", lambda T, k: ()),
-    "input_ids": ("input_ids", lambda T, k: (T,)),
-    "topk_ids": ("topk_ids", lambda T, k: (T - 1, k)),
-    "topk_logprobs": ("topk_logprob_deltas", lambda T, k: (T - 1, k)),
-    "argmax_logprob": ("argmax_logprob", lambda T, k: (T - 1,)),
-    "label_logprobs": ("label_logprobs", lambda T, k: (T - 1,)),
+    "seq_id": ("seq_id", lambda T, k, n: ()),
+    "num_tokens": ("num_tokens", lambda T, k, n: ()),
+    "input_ids": ("input_ids", lambda T, k, n: (T,)),
+    "topk_ids": ("topk_ids", lambda T, k, n: (T - 1, k)),
+    "topk_logprobs": ("topk_logprob_deltas", lambda T, k, n: (T - 1, k)),
+    "argmax_logprob": ("argmax_logprob", lambda T, k, n: (T - 1,)),
+    "label_logprobs": ("label_logprobs", lambda T, k, n: (T - 1,)),
+    "tail_ids": ("tail_ids", lambda T, k, n: (T - 1, n)),
 }
-# The teacher's columns, the large ones that stage two reads per batch.
+# Columns a shard holds only in caches made with them (``--tail-samples N`` with N > 0); a
+# cache without them reads as before.
+OPTIONAL_COLUMNS = ("tail_ids",)
+# The teacher's columns, the large ones that stage two reads per batch (tail_ids too, where present).
 TEACHER_COLUMNS = ("topk_ids", "topk_logprobs", "argmax_logprob", "label_logprobs")
 
 # Byte-stream split puts the same byte of every value together (all exponents, then all
 # mantissas), which zstd compresses far better for floats and narrow ids; dictionary
 # encoding only gets in its way on these columns. Leaf paths of the nested lists:
 BYTE_STREAM_SPLIT = tuple(
-    COLUMNS[name][0] + ".list.element" * (2 if name.startswith("topk") else 1) for name in TEACHER_COLUMNS
+    # one ".list.element" per nesting level, i.e. per dimension of the per-row shape
+    COLUMNS[name][0] + ".list.element" * len(COLUMNS[name][1](2, 1, 1))
+    for name in (*TEACHER_COLUMNS, *OPTIONAL_COLUMNS)
 )
 
 
@@ -48,7 +54,8 @@ def ids_type(vocab_size: int) -> pa.DataType:
     return pa.uint16() if vocab_size <= 2**16 else pa.uint32()
 
 
-def arrow_schema(seq_len: int, top_k: int, vocab_size: int) -> pa.Schema:
+def arrow_schema(seq_len: int, top_k: int, vocab_size: int, tail_samples: int = 0) -> pa.Schema:
+    """The schema of a cache's shards; ``tail_ids`` only when ``tail_samples > 0``."""
     n = seq_len - 1
     types = {
         "seq_id": pa.int64(),
@@ -59,7 +66,9 @@ def arrow_schema(seq_len: int, top_k: int, vocab_size: int) -> pa.Schema:
         "argmax_logprob": pa.list_(pa.float32(), n),
         "label_logprobs": pa.list_(pa.float32(), n),
     }
-    return pa.schema([(stored, types[name]) for name, (stored, _) in COLUMNS.items()])
+    if tail_samples:
+        types["tail_ids"] = pa.list_(pa.list_(ids_type(vocab_size), tail_samples), n)
+    return pa.schema([(stored, types[name]) for name, (stored, _) in COLUMNS.items() if name in types])
 
 
 def delta_encode_float16(values: np.ndarray) -> np.ndarray:
@@ -115,6 +124,7 @@ def encode_shard(
     topk_ids: np.ndarray,
     topk_logprobs: np.ndarray,
     label_logprobs: np.ndarray,
+    tail_ids: np.ndarray | None = None,
 ) -> pa.Table:
     """The rows ``first_row ...`` of a split and the teacher's scores of them, as one shard table.
 
@@ -124,7 +134,10 @@ def encode_shard(
         input_ids: (N, T) token ids; num_tokens: (N,) real tokens per row.
         topk_ids: (N, T - 1, k); topk_logprobs: (N, T - 1, k) float32, descending (index 0 is
             the argmax, kept exact in ``argmax_logprob``); label_logprobs: (N, T - 1).
+        tail_ids: (N, T - 1, n) sampled tail ids, exactly when the schema has ``tail_ids``.
     """
+    if (tail_ids is None) != (schema.get_field_index("tail_ids") < 0):
+        raise ValueError("tail_ids must be given exactly when the schema has the tail_ids column")
     n = len(num_tokens)
     decoded = {
         "seq_id": np.arange(first_row, first_row + n, dtype=np.int64),
@@ -134,9 +147,12 @@ def encode_shard(
         "topk_logprobs": delta_encode_float16(topk_logprobs),
         "argmax_logprob": np.asarray(topk_logprobs[..., 0], dtype=np.float32),
         "label_logprobs": np.asarray(label_logprobs, dtype=np.float32),
+        "tail_ids": tail_ids,
     }
     columns = {}
     for name, (stored, _) in COLUMNS.items():
+        if schema.get_field_index(stored) < 0:
+            continue
         type_ = schema.field(stored).type
         columns[stored] = to_fixed_lists(decoded[name], type_) if pa.types.is_fixed_size_list(type_) else pa.array(decoded[name], type=type_)
     return pa.Table.from_pydict(columns, schema=schema)
@@ -144,9 +160,10 @@ def encode_shard(
 
 def write_shard_file(table: pa.Table, path: str | Path) -> None:
     """Write one shard with the cache's Parquet encoding (zstd, byte-stream split, no dictionaries)."""
+    present = [leaf for leaf in BYTE_STREAM_SPLIT if table.schema.get_field_index(leaf.split(".")[0]) >= 0]
     pq.write_table(
         table, path, compression=COMPRESSION, compression_level=COMPRESSION_LEVEL, use_dictionary=False,
-        use_byte_stream_split=list(BYTE_STREAM_SPLIT), row_group_size=ROWS_PER_ROW_GROUP,
+        use_byte_stream_split=present, row_group_size=ROWS_PER_ROW_GROUP,
     )
 
 
@@ -159,18 +176,24 @@ def decode_shard(
 
     Args:
         source: a shard table, an open ``ParquetFile``, or a shard's path (memory-mapped).
-        columns: decoded names (keys of ``COLUMNS``) to read; all by default. Only those
-            columns are read from a file.
+        columns: decoded names (keys of ``COLUMNS``) to read; by default all that the shard
+            holds (``tail_ids`` only where it was made with tail samples). Only those columns
+            are read from a file.
         row_groups: for a file, read only these row groups, in this order.
 
     Returns: name -> array: seq_id (N,) int64, num_tokens (N,) int32, input_ids (N, T) int32,
     topk_ids (N, T - 1, k) uint16/uint32, topk_logprobs (N, T - 1, k) float16 (the argmax's
-    exact value is ``argmax_logprob``), argmax_logprob and label_logprobs (N, T - 1) float32.
+    exact value is ``argmax_logprob``), argmax_logprob and label_logprobs (N, T - 1) float32,
+    tail_ids (N, T - 1, n) uint16/uint32.
     """
-    names = tuple(COLUMNS) if columns is None else tuple(columns)
-    stored = [COLUMNS[n][0] for n in names]
     if isinstance(source, (str, Path)):
         source = pq.ParquetFile(source, memory_map=True)
+    if columns is None:
+        held = source.schema_arrow if isinstance(source, pq.ParquetFile) else source.schema
+        names = tuple(n for n, (stored, _) in COLUMNS.items() if n not in OPTIONAL_COLUMNS or held.get_field_index(stored) >= 0)
+    else:
+        names = tuple(columns)
+    stored = [COLUMNS[n][0] for n in names]
     if isinstance(source, pq.ParquetFile):
         if row_groups is None:
             table = source.read(columns=stored)

@@ -20,11 +20,16 @@ class TeacherScores:
         topk_logprobs: (B, T - 1, k) float32, natural-log probabilities, descending.
         label_logprobs: (B, T - 1) float32, log-probability of the actual next token,
             whether or not it is in the top-k.
+        tail_ids: (B, T - 1, N) int64 ids drawn i.i.d. from the teacher's distribution
+            outside the top-k and the label (``teacher.tail_samples.sample_outside``), or
+            None when no tail samples were asked for. 0 where there is nothing to draw from
+            (the top-k and the label cover the vocabulary) and on padding.
     """
 
     topk_ids: np.ndarray
     topk_logprobs: np.ndarray
     label_logprobs: np.ndarray
+    tail_ids: np.ndarray | None = None
 
 
 class TeacherBackend(Protocol):
@@ -34,13 +39,15 @@ class TeacherBackend(Protocol):
         name: "transformers" or "vllm", recorded in the cache manifest.
         max_top_k: the largest k this backend can return (vocab size, or vLLM's cap).
         vocab_size: the teacher's output vocabulary size.
+        samples_tail: whether ``score`` can draw tail samples (it needs the full logits).
     """
 
     name: str
     max_top_k: int
     vocab_size: int
+    samples_tail: bool
 
-    def score(self, input_ids: np.ndarray, num_tokens: np.ndarray, top_k: int) -> TeacherScores:
+    def score(self, input_ids: np.ndarray, num_tokens: np.ndarray, top_k: int, tail_uniforms: np.ndarray | None = None) -> TeacherScores:
         """Score one batch.
 
         Args:
@@ -48,6 +55,8 @@ class TeacherBackend(Protocol):
             num_tokens: (B,) int64 count of real tokens per row (``T`` except in a last,
                 padded sequence).
             top_k: how many candidates to keep per position.
+            tail_uniforms: (B, T - 1, N) floats in [0, 1) (``tail_samples.tail_uniforms``)
+                to draw N tail ids per position from, or None for no tail samples.
         """
         ...
 

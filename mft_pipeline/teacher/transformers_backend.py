@@ -7,6 +7,7 @@ import torch
 
 from mft_pipeline.models import model_vocab_size
 from mft_pipeline.teacher.base import TeacherScores
+from mft_pipeline.teacher.tail_samples import sample_outside
 
 
 class TransformersTeacher:
@@ -17,6 +18,8 @@ class TransformersTeacher:
     """
 
     name = "transformers"
+    # The full logits are at hand, so ids can be drawn from the teacher's tail.
+    samples_tail = True
 
     def __init__(self, model, chunk_tokens: int = 2048):
         self.model = model.eval()
@@ -50,7 +53,7 @@ class TransformersTeacher:
         return mine.shape == full.shape and torch.allclose(mine, full, atol=1e-3, rtol=1e-3)
 
     @torch.inference_mode()
-    def score(self, input_ids: np.ndarray, num_tokens: np.ndarray, top_k: int) -> TeacherScores:
+    def score(self, input_ids: np.ndarray, num_tokens: np.ndarray, top_k: int, tail_uniforms: np.ndarray | None = None) -> TeacherScores:
         if top_k > self.max_top_k:
             raise ValueError(f"top_k={top_k} exceeds the teacher's vocabulary ({self.max_top_k})")
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
@@ -68,6 +71,12 @@ class TransformersTeacher:
         out_ids = torch.empty(B * (T - 1), top_k, dtype=torch.long, device=self.device)
         out_lp = torch.empty(B * (T - 1), top_k, dtype=torch.float32, device=self.device)
         out_label = torch.empty(B * (T - 1), dtype=torch.float32, device=self.device)
+        out_tail = uniforms = None
+        if tail_uniforms is not None:
+            if tail_uniforms.ndim != 3 or tail_uniforms.shape[:2] != (B, T - 1):
+                raise ValueError(f"tail_uniforms shape {tail_uniforms.shape} must be (B, T - 1, N) = ({B}, {T - 1}, N)")
+            uniforms = torch.as_tensor(tail_uniforms).reshape(B * (T - 1), -1)
+            out_tail = torch.empty(B * (T - 1), uniforms.shape[-1], dtype=torch.long, device=self.device)
         for start in range(0, B * (T - 1), self.chunk_tokens):
             sl = slice(start, start + self.chunk_tokens)
             z = project(source[sl])
@@ -76,14 +85,20 @@ class TransformersTeacher:
             out_ids[sl] = top.indices
             out_lp[sl] = top.values - lse
             out_label[sl] = z.gather(-1, labels[sl, None]).squeeze(-1) - lse.squeeze(-1)
+            if out_tail is not None:
+                # Last, as it overwrites the chunk's logits.
+                out_tail[sl] = sample_outside(z, torch.cat([top.indices, labels[sl, None]], dim=-1), uniforms[sl])
         valid = (positions[None, :-1] < (num[:, None] - 1)).reshape(-1)
         out_ids[~valid] = 0
         out_lp[~valid] = 0
         out_label[~valid] = 0
+        if out_tail is not None:
+            out_tail[~valid] = 0
         return TeacherScores(
             topk_ids=out_ids.view(B, T - 1, top_k).cpu().numpy(),
             topk_logprobs=out_lp.view(B, T - 1, top_k).cpu().numpy(),
             label_logprobs=out_label.view(B, T - 1).cpu().numpy(),
+            tail_ids=None if out_tail is None else out_tail.view(B, T - 1, -1).cpu().numpy(),
         )
 
     def library_versions(self) -> dict[str, str]:

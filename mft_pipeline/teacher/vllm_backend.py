@@ -323,6 +323,9 @@ class VLLMTeacher:
     """
 
     name = "vllm"
+    # vLLM hands back only the top-k log-probs, never the full distribution that tail samples
+    # must be drawn from.
+    samples_tail = False
 
     def __init__(
         self,
@@ -411,7 +414,9 @@ class VLLMTeacher:
             tokens += int(num[b])
         return calls + [current] if current else calls
 
-    def score(self, input_ids: np.ndarray, num_tokens: np.ndarray, top_k: int) -> TeacherScores:
+    def score(self, input_ids: np.ndarray, num_tokens: np.ndarray, top_k: int, tail_uniforms: np.ndarray | None = None) -> TeacherScores:
+        if tail_uniforms is not None:
+            raise ConfigError("the vllm backend cannot draw tail samples (it returns only the top-k); use --backend transformers")
         if top_k > self.max_top_k:
             raise ConfigError(
                 f"top_k={top_k} exceeds this vLLM engine's max_logprobs={self.max_top_k}; "

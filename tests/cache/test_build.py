@@ -99,12 +99,13 @@ class DyingTeacher:
     def __init__(self, inner, die_at):
         self.inner, self.die_at, self.calls = inner, die_at, 0
         self.name, self.max_top_k, self.vocab_size = inner.name, inner.max_top_k, inner.vocab_size
+        self.samples_tail = inner.samples_tail
 
-    def score(self, input_ids, num_tokens, top_k):
+    def score(self, input_ids, num_tokens, top_k, **kwargs):
         if self.calls == self.die_at:
             raise KeyboardInterrupt("simulated crash")
         self.calls += 1
-        return self.inner.score(input_ids, num_tokens, top_k)
+        return self.inner.score(input_ids, num_tokens, top_k, **kwargs)
 
     def library_versions(self):
         return self.inner.library_versions()
@@ -344,3 +345,98 @@ def test_gpu_memory_utilization_is_checked():
     for bad in (0, -0.1, 1.5, float("nan")):
         with pytest.raises(ConfigError, match="gpu_memory_utilization"):
             CacheConfig(corpus="c", out="o", gpu_memory_utilization=bad)
+
+
+# --- tail samples (--tail-samples N) ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sampled(tmp_path_factory, tiny_model_dir):
+    d = tmp_path_factory.mktemp("sampled")
+    corpus = write_jsonl(d / "corpus.jsonl", make_documents(40))
+    build_cache(config(corpus, d / "cache", tiny_model_dir, tail_samples=5, tail_seed=3))
+    return d / "cache", corpus
+
+
+def reference_tail_ids(dense_logprobs, topk_ids, labels, uniforms):
+    """Inverse-CDF draws in float64 numpy from the teacher's distribution outside topk ∪ {label}."""
+    out = np.zeros(uniforms.shape, dtype=np.int64)
+    for idx in np.ndindex(*labels.shape):
+        if labels[idx] < 0:
+            continue
+        p = np.exp(dense_logprobs[idx])
+        p[topk_ids[idx]] = 0.0
+        p[labels[idx]] = 0.0
+        cdf = np.cumsum(p / p.sum())
+        out[idx] = np.minimum(np.searchsorted(cdf, uniforms[idx], side="right"), len(p) - 1)
+    return out
+
+
+def test_tail_samples_are_the_teachers_draws_outside_the_top_k_and_label(sampled, tiny_model_dir):
+    from mft_pipeline.teacher.tail_samples import tail_uniforms
+
+    cache_dir, _ = sampled
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval()
+    cache = Cache(cache_dir)
+    assert cache.tail_samples == 5 and cache.manifest["tail_seed"] == 3
+    assert verify_cache(cache_dir) == []
+    for name in ("train", "validation"):
+        split = cache.split(name)
+        tail = split.tail_ids.astype(np.int64)
+        topk = split.topk_ids.astype(np.int64)
+        labels = split.labels()
+        valid = labels >= 0
+        assert tail.shape == (len(split), cache.seq_len - 1, 5)
+        assert (tail[~valid] == 0).all()
+        assert not (tail[valid][:, :, None] == topk[valid][:, None, :]).any()
+        assert not (tail[valid] == labels[valid][:, None]).any()
+        # The same uniforms through an independent float64 inverse CDF of the dense teacher give the
+        # same ids, but where a uniform falls within float32 rounding of a boundary between two ids.
+        with torch.no_grad():
+            dense = torch.log_softmax(model(torch.as_tensor(split.input_ids, dtype=torch.long)).logits[:, :-1], -1).numpy()
+        uniforms = tail_uniforms(3, name, 0, len(split), cache.seq_len - 1, 5)
+        want = reference_tail_ids(dense, topk, labels, uniforms)
+        assert (tail[valid] == want[valid]).mean() > 0.99
+    batch = cache.split("train").batch([0, 1])
+    assert batch["tail_ids"].shape == (2, cache.seq_len, 5) and batch["tail_ids"].dtype == torch.int64
+    assert (batch["tail_ids"][:, -1] == 0).all()  # the padded last position
+
+
+def test_cache_without_tail_samples_reads_as_before(built):
+    cache = Cache(built[0])
+    assert cache.tail_samples == 0 and "tail_samples" not in cache.manifest
+    assert "tail_ids" not in cache.split("train").batch([0])
+    assert cache.split("train").tail_ids is None
+
+
+def test_resume_with_tail_samples_matches_uninterrupted_run(tmp_path, tiny_model_dir):
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(40))
+    build_cache(config(corpus, tmp_path / "whole", tiny_model_dir, tail_samples=3))
+    cfg = config(corpus, tmp_path / "crashed", tiny_model_dir, tail_samples=3)
+    teacher, fingerprint = make_teacher(cfg)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(cfg, DyingTeacher(teacher, die_at=4), teacher_fingerprint=fingerprint)
+    build_cache(config(corpus, tmp_path / "crashed", tiny_model_dir, tail_samples=3, resume=True), teacher, teacher_fingerprint=fingerprint)
+    assert shard_digests(tmp_path / "crashed") == shard_digests(tmp_path / "whole")
+    # Another seed draws other ids; resuming with it is refused as other settings.
+    with pytest.raises(CacheError, match="tail_seed"):
+        build_cache(config(corpus, tmp_path / "crashed", tiny_model_dir, tail_samples=3, tail_seed=1, resume=True), teacher, teacher_fingerprint=fingerprint)
+
+
+def test_vllm_with_tail_samples_is_refused_before_any_engine(tmp_path, tiny_model_dir):
+    from mft_pipeline.errors import ConfigError
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(5))
+    with pytest.raises(ConfigError, match="vllm backend returns only the top-k"):
+        config(corpus, tmp_path / "out", "no/such-model-needed", backend="vllm", tail_samples=2)
+    result = CliRunner().invoke(
+        mft, ["cache-teacher", "--corpus", str(corpus), "--out", str(tmp_path / "o"), "--model", "no/such-model-needed", "--backend", "vllm", "--tail-samples", "2"]
+    )
+    assert result.exit_code == 2 and "--backend transformers" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()
+    # A handed-in teacher that cannot sample (the vLLM kind) is refused before the folder is touched.
+    teacher, fingerprint = make_teacher(config(corpus, tmp_path / "x", tiny_model_dir))
+    teacher.samples_tail = False
+    with pytest.raises(ConfigError, match="returns only the top-k"):
+        build_cache(config(corpus, tmp_path / "out", tiny_model_dir, tail_samples=2), teacher, teacher_fingerprint=fingerprint)
+    assert not (tmp_path / "out").exists()

@@ -72,3 +72,33 @@ def test_encode_then_decode_gives_the_arrays_back(tmp_path, vocab):
     assert list(part) == ["label_logprobs"]
     G = ROWS_PER_ROW_GROUP
     np.testing.assert_array_equal(part["label_logprobs"], np.concatenate([label_lp[2 * G :], label_lp[:G]]))
+
+
+@pytest.mark.parametrize("vocab", [300, 70000])
+def test_tail_ids_round_trip_and_are_optional(tmp_path, vocab):
+    """``tail_ids`` is stored (narrow ids, byte-stream split) only in a schema made with tail samples."""
+    import pyarrow.parquet as pq
+
+    from mft_pipeline.cache.shard import arrow_schema, decode_shard, encode_shard, write_shard_file
+
+    rng = np.random.default_rng(vocab + 1)
+    n, T, k, N = 9, 6, 3, 4
+    scores = random_scores(rng, n, T, k, vocab)
+    tail_ids = rng.integers(0, vocab, size=(n, T - 1, N))
+    schema = arrow_schema(T, k, vocab, tail_samples=N)
+    assert "tail_ids" in schema.names and "tail_ids" not in arrow_schema(T, k, vocab).names
+    write_shard_file(encode_shard(schema, 0, *scores, tail_ids=tail_ids), tmp_path / "s.parquet")
+    got = decode_shard(tmp_path / "s.parquet")
+    assert got["tail_ids"].dtype == (np.uint16 if vocab <= 2**16 else np.uint32)
+    np.testing.assert_array_equal(got["tail_ids"], tail_ids)
+    np.testing.assert_array_equal(np.array(pq.read_table(tmp_path / "s.parquet").to_pydict()["tail_ids"]), tail_ids)
+    meta = pq.ParquetFile(tmp_path / "s.parquet").metadata
+    leaf = {meta.row_group(0).column(i).path_in_schema: meta.row_group(0).column(i) for i in range(meta.num_columns)}
+    assert "BYTE_STREAM_SPLIT" in leaf["tail_ids.list.element.list.element"].encodings
+    # Without samples there is no such column, and decoding everything does not ask for one.
+    write_shard_file(encode_shard(arrow_schema(T, k, vocab), 0, *scores), tmp_path / "old.parquet")
+    assert "tail_ids" not in decode_shard(tmp_path / "old.parquet")
+    with pytest.raises(ValueError, match="exactly when"):
+        encode_shard(arrow_schema(T, k, vocab), 0, *scores, tail_ids=tail_ids)
+    with pytest.raises(ValueError, match="exactly when"):
+        encode_shard(schema, 0, *scores)
