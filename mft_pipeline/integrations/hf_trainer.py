@@ -21,8 +21,9 @@ from mft_pipeline.distill.correction import check_tau, check_variant
 from mft_pipeline.distill.sparse_loss import IGNORE_INDEX, TAILS, sparse_mft_loss
 from mft_pipeline.errors import ConfigError
 
-# Columns of a cache item that are training targets, not arguments of the model's forward.
-TARGET_COLUMNS = ("labels", "topk_ids", "topk_logprobs", "label_logprobs")
+# Columns of a cache item that are training targets, not arguments of the model's forward
+# (``tail_ids`` only in caches made with tail samples).
+TARGET_COLUMNS = ("labels", "topk_ids", "topk_logprobs", "label_logprobs", "tail_ids")
 
 
 class CacheDataset(Dataset):
@@ -31,7 +32,8 @@ class CacheDataset(Dataset):
     Item ``i`` is row ``i`` of the split, as ``Cache.split(name).batch([i])`` gives it without the
     batch dimension: input_ids (T,) int64; labels (T,) int64, already shifted
     (``labels[t]`` is the token after ``input_ids[t]``, ``IGNORE_INDEX`` where there is none);
-    topk_ids (T, k) int64; topk_logprobs (T, k) float32; label_logprobs (T,) float32.
+    topk_ids (T, k) int64; topk_logprobs (T, k) float32; label_logprobs (T,) float32; and
+    tail_ids (T, N) int64 where the cache has tail samples (the loss then uses them).
     Rows are packed to the cache's ``seq_len``, so items stack without padding.
     """
 
@@ -114,7 +116,7 @@ class MFTTrainer(Trainer):
         In training, ``num_items_in_batch`` is the count from ``get_batch_samples``; in
         evaluation, or when it is missing, the batch's own count is used (a per-batch mean).
         """
-        targets = {k: inputs[k] for k in TARGET_COLUMNS}
+        targets = {k: inputs[k] for k in TARGET_COLUMNS if k in inputs}
         model_inputs = {k: v for k, v in inputs.items() if k not in TARGET_COLUMNS}
         outputs = model(**model_inputs)
         loss_sum, n_tokens = sparse_mft_loss(outputs.logits, tau=self.tau, variant=self.variant, tail=self.tail, **targets)

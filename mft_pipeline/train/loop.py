@@ -258,6 +258,14 @@ def setup(config: TrainConfig, ranks: distributed.Ranks, compile_model: Callable
         compile_model(model)
 
     train_split = cache.split("train")
+    if ranks.main and not config.online and config.tail == "bucket":
+        for name, source in (("the cache", cache), ("the replay cache", replay)):
+            if source is not None and source.tail_samples:
+                print(
+                    f"tail: {source.tail_samples} sampled ids per position from {name} replace the tail bucket "
+                    "(an unbiased estimate of the dense loss)",
+                    file=sys.stderr,
+                )
     eval_sets = {}
     if cache.has("validation"):
         eval_sets["ppl_spec"] = cache.split("validation")
@@ -327,7 +335,8 @@ def micro_batch_loss(model: torch.nn.Module, parts: list[dict], config: TrainCon
 
     ``parts``: ``CachedSplit.batch`` dicts, the specialized cache's rows first, then the replay
     cache's; each holds ``input_ids`` and ``labels`` (R, T), ``topk_ids`` and ``topk_logprobs``
-    (R, T, k; k may differ between parts) and ``label_logprobs`` (R, T). ``teacher``: the online
+    (R, T, k; k may differ between parts), ``label_logprobs`` (R, T) and, from a cache with
+    tail samples, ``tail_ids`` (R, T, N). ``teacher``: the online
     reference mode's live teacher, whose dense distribution replaces the cached top-k.
     Returns ``(loss_sum, n_tokens)``, 0-dim tensors; the caller divides once per optimizer step.
     """

@@ -168,8 +168,9 @@ def student_loss(
             DDP-wrapped).
         batch_parts: dicts from ``CachedSplit.batch(rows, device)``, e.g. rows of the
             specialized cache then of the replay cache: input_ids (B_i, T), labels (B_i, T),
-            topk_ids and topk_logprobs (B_i, T, k_i), label_logprobs (B_i, T). All share T;
-            k may differ between parts.
+            topk_ids and topk_logprobs (B_i, T, k_i), label_logprobs (B_i, T), and tail_ids
+            (B_i, T, N_i) where that cache has tail samples (then they replace the tail
+            bucket). All share T; k and N may differ between parts.
         tau, variant, tail: as for ``sparse_mft_loss``.
         fused: False forces the logits path.
         chunk_size: positions per chunk of the fused loss (default: its own choice, see
@@ -188,12 +189,13 @@ def student_loss(
         loss = lambda rows, part: fused_sparse_mft_loss(  # noqa: E731
             hidden[rows], head.weight, part["labels"], part["topk_ids"], part["topk_logprobs"], part["label_logprobs"],
             tau, variant, chunk_size=chunk_size, tail=tail, bias=head.bias, logit_scale=head.logit_scale, softcap=head.softcap,
+            tail_ids=part.get("tail_ids"),
         )
     else:
         logits = model(input_ids=input_ids).logits
         loss = lambda rows, part: sparse_mft_loss(  # noqa: E731
             logits[rows], part["labels"], part["topk_ids"], part["topk_logprobs"], part["label_logprobs"],
-            tau, variant, tail=tail,
+            tau, variant, tail=tail, tail_ids=part.get("tail_ids"),
         )
     loss_sum, n_tokens, first = None, None, 0
     for part in batch_parts:

@@ -83,6 +83,8 @@ OPTIONS = {
     "--max-val-sequences": number_text(-1, 20),
     "--sample-by": st.sampled_from(["paragraph", "line", "document", "sentence", ""]),
     "--backend": st.sampled_from(["transformers", "auto", "tensorflow", ""]),
+    "--tail-samples": number_text(-1, 4),
+    "--tail-seed": number_text(-2, 5),
 }
 
 

@@ -78,3 +78,24 @@ def test_config_errors_are_user_errors():
 
     with pytest.raises(MFTError):
         TrainConfig(cache="c", out="o", seed=-1)
+
+
+def test_cache_teacher_with_tail_samples_then_train(stage_two, tmp_path):
+    """`mft cache-teacher --tail-samples 3` makes a cache `mft train` uses, saying so in one line."""
+    from mft_pipeline.cache.reader import Cache
+
+    runner = CliRunner()
+    cache = tmp_path / "sampled-cache"
+    made = runner.invoke(mft, ["cache-teacher", "--corpus", str(stage_two / "special.jsonl"), "--out", str(cache), "--model", str(stage_two / "teacher"),
+                               "--seq-len", "32", "--top-k", "4", "--tail-samples", "3", "--val-fraction", "0.2", "--device", "cpu"])  # fmt: skip
+    assert made.exit_code == 0, made.output
+    assert Cache(cache).tail_samples == 3
+    info = runner.invoke(mft, ["cache-info", str(cache)])
+    assert info.exit_code == 0 and "tail_samples=3" in info.output
+    run = runner.invoke(mft, ["train", "--cache", str(cache), "--out", str(tmp_path / "run"), "--steps", "2", "--eval-every", "2", "--batch-size", "2"])
+    assert run.exit_code == 0, run.output
+    assert [line for line in run.output.splitlines() if line.startswith("tail: 3 sampled ids per position")]
+    # A cache without samples trains with the bucket and says nothing about samples.
+    old = runner.invoke(mft, ["train", "--cache", str(stage_two / "cache"), "--out", str(tmp_path / "old"), "--steps", "1", "--eval-every", "1"])
+    assert old.exit_code == 0, old.output
+    assert "sampled ids" not in old.output

@@ -174,3 +174,22 @@ def test_peft_adapter_trains_under_mft_trainer(cache_dir, tiny_model_dir, tmp_pa
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_" in n for n in changed)
     assert all(math.isfinite(r["loss"]) for r in trainer.state.log_history if "loss" in r)
+
+
+def test_eval_loss_uses_the_tail_samples_of_a_cache_that_has_them(tmp_path, tiny_model_dir):
+    """Items carry tail_ids; the Trainer hands them to the loss, not to the model's forward."""
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", make_documents(30, seed=11))
+    build_cache(CacheConfig(corpus=str(corpus), out=str(tmp_path / "cache"), model=str(tiny_model_dir), seq_len=24, top_k=4, val_fraction=0.2, tail_samples=2))
+    val = CacheDataset(tmp_path / "cache", split="validation")
+    assert val[0]["tail_ids"].shape == (24, 2)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    trainer = MFTTrainer(model=model, args=args(tmp_path, per_device_eval_batch_size=len(val)), eval_dataset=val, tau=0.25)
+    got = trainer.evaluate()["eval_loss"]
+    b = Cache(tmp_path / "cache").split("validation").batch(list(range(len(val))))
+    targets = (b["labels"], b["topk_ids"], b["topk_logprobs"], b["label_logprobs"])
+    with torch.no_grad():
+        logits = model(input_ids=b["input_ids"]).logits
+        s, c = sparse_mft_loss(logits, *targets, tau=0.25, tail_ids=b["tail_ids"])
+        bucket, _ = sparse_mft_loss(logits, *targets, tau=0.25)
+    assert got == pytest.approx((s / c).item(), rel=1e-5)
+    assert got != pytest.approx((bucket / c).item(), rel=1e-5)

@@ -113,6 +113,27 @@ def test_variants_and_tails_reach_the_loss(variant, tail):
     torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-5, atol=1e-5)
 
 
+def test_tail_samples_of_a_part_reach_both_loss_paths():
+    """A part from a cache with tail samples uses them, the other part keeps the bucket, on both paths."""
+    from mft_pipeline.distill import sparse_mft_loss
+
+    model = build("llama-untied", seed=5)
+    sampled, plain = batch_part(2, k=4, seed=6), batch_part(1, k=3, seed=7)
+    sampled["tail_ids"] = torch.randint(0, VOCAB, (2, SEQ, 3), generator=torch.Generator().manual_seed(8))
+    fused_loss, _, fused_grads = loss_and_grads(model, [sampled, plain], fused=True)
+    plain_loss, _, plain_grads = loss_and_grads(model, [sampled, plain], fused=False)
+    torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-5, atol=1e-5)
+    for key in plain_grads:
+        torch.testing.assert_close(fused_grads[key], plain_grads[key], rtol=1e-4, atol=1e-6, msg=key)
+    with torch.no_grad():
+        logits = model(input_ids=torch.cat([sampled["input_ids"], plain["input_ids"]])).logits
+        targets = lambda part: [part[k] for k in ("labels", "topk_ids", "topk_logprobs", "label_logprobs")]  # noqa: E731
+        want = sparse_mft_loss(logits[:2], *targets(sampled), 0.25, tail_ids=sampled["tail_ids"])[0] + sparse_mft_loss(logits[2:], *targets(plain), 0.25)[0]
+        bucket = sparse_mft_loss(logits[:2], *targets(sampled), 0.25)[0] + sparse_mft_loss(logits[2:], *targets(plain), 0.25)[0]
+    torch.testing.assert_close(plain_loss, want, rtol=1e-6, atol=1e-6)
+    assert abs(plain_loss - bucket) > 1e-3
+
+
 def test_lora_on_the_body_is_fused_lora_on_the_head_is_not(capsys):
     from peft import LoraConfig, get_peft_model
 
