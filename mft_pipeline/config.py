@@ -121,7 +121,11 @@ class TrainConfig:
     student: str | None = doc("Student model; by default the cache's teacher (MFT starts from the same weights).", default=None)
     tau: float = doc("MFT margin in [0, 1]; 1 is plain finetuning.", default=0.25)
     variant: str = doc("Objective: mft, ft, distill+ft or single-correction.", default="mft")
-    tail: str = doc("Teacher mass outside the top-k: bucket (keeps it as one tail class) or renormalize.", default="bucket")
+    tail: str = doc(
+        "Teacher mass outside the top-k: bucket (keeps it as one tail class) or renormalize. With bucket, a cache made "
+        "with --tail-samples spreads that mass over its sampled ids instead (an unbiased estimate of the dense loss).",
+        default="bucket",
+    )
     steps: int | None = doc("Optimizer steps (default: one epoch, or --epochs).", default=None)
     epochs: float | None = doc("Passes over the cached training sequences, if --steps is not given.", default=None)
     batch_size: int = doc(
