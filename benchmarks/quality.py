@@ -49,6 +49,7 @@ import torch
 from benchmarks.stats import FrontierGap, Interval, frontier_gap, mean_interval, paired_difference, paired_verdict
 from mft_pipeline.cache.build import build_cache
 from mft_pipeline.cache.format import MANIFEST
+from mft_pipeline.cache.inspect import cache_info
 from mft_pipeline.cache.reader import Cache
 from mft_pipeline.config import DEFAULT_MODEL, CacheConfig, TrainConfig
 from mft_pipeline.data.corpus import Corpus, CorpusError, load_corpus
@@ -64,6 +65,11 @@ ROOT = Path(__file__).resolve().parent.parent
 DOMAINS = ("legal", "math", "code")
 FRONTIER_TAUS = (0.0, 0.1, 0.25, 0.5)
 TOP_K = 20  # the cache every method trains from
+# The sampled-tail frontier's cache: top-12 plus 11 ids drawn from the teacher outside them (--tail-samples),
+# about the bytes per token of the k = 20 cache (docs/choosing-k.md); the results file gives both measured.
+SAMPLED_K, SAMPLED_N = 12, 11
+# The frontier's lines: targets -> plot and table label.
+LINES = {"cached": f"k = {TOP_K} cache", "sampled": f"k = {SAMPLED_K} + {SAMPLED_N} tail samples", "online": "online dense"}
 KEEP_CHECKPOINTS = False  # --keep-checkpoints
 
 
@@ -162,7 +168,7 @@ FRONTIER_DOMAIN_ONLY = {  # run on the frontier domain only
     "single-correction": dict(variant="single-correction", tau=0.25),
 }
 CORE = ("FT", "MFT")  # the methods --seeds defaults to Profile.seeds for
-PARTS = ("frontier", "fidelity", "low-data")
+PARTS = ("frontier", "tail-samples", "fidelity", "low-data")  # tail-samples is a third frontier line
 
 
 def planned_runs(p: Profile, chosen: list[str], n_domains: int, seeds: int | None, skip: set[str]) -> dict[str, int]:
@@ -179,6 +185,9 @@ def planned_runs(p: Profile, chosen: list[str], n_domains: int, seeds: int | Non
     if "frontier" not in skip:
         counts["cached"] += n("MFT") * (len(FRONTIER_TAUS) - ("MFT" in chosen))
         counts["online"] += n("MFT") * len(FRONTIER_TAUS)
+        if "tail-samples" not in skip:
+            counts["cached"] += n("MFT") * len(FRONTIER_TAUS)
+            counts["caches"] += 1
     if "fidelity" not in skip:
         counts["cached"] += 2 * n("fidelity")
         counts["caches"] += 2
@@ -216,13 +225,13 @@ def path_key(name: str, path: Path) -> str:
     return f"{name}-{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]}"
 
 
-def cache(corpus: Path, out: Path, model: str, p: Profile, top_k=TOP_K, train_sequences=None) -> str:
+def cache(corpus: Path, out: Path, model: str, p: Profile, top_k=TOP_K, train_sequences=None, tail_samples=0) -> str:
     if not (out / MANIFEST).exists():
         build_cache(
             CacheConfig(
                 corpus=str(corpus), out=str(out), model=model, seq_len=p.seq_len, top_k=top_k, val_fraction=p.val_fraction,
                 max_train_sequences=train_sequences or p.train_sequences, max_val_sequences=p.val_sequences,
-                batch_size=8, device=p.device, resume=out.exists(),
+                batch_size=8, device=p.device, resume=out.exists(), tail_samples=tail_samples,
             )
         )
     return str(out)
@@ -364,11 +373,11 @@ class Row:
     spec_eval_tokens: int
 
 
-def result_row(summary: dict, domain: str, method: str, seed: int, k, tokens: tuple[int, int]) -> Row:
+def result_row(summary: dict, domain: str, method: str, seed: int, k, tokens: tuple[int, int], tail_samples: int = 0) -> Row:
     best = summary.get("best") or {}
     config = summary["config"]
     tau = config["tau"] if config["variant"] in ("mft", "single-correction") else None
-    return Row(domain, method, seed, tau, k, 0, best.get("S"), best.get("DG"), best.get("DG_over_S"), *tokens)
+    return Row(domain, method, seed, tau, k, tail_samples, best.get("S"), best.get("DG"), best.get("DG_over_S"), *tokens)
 
 
 def write_csv(rows: list[Row], path: Path) -> None:
@@ -525,10 +534,10 @@ def benchmark(args, argv) -> Path:
     caches: dict[str, str] = {}
     tokens: dict[str, tuple[int, int]] = {}
 
-    def record(folder: Path, domain: str, method: str, seed: int, k, **kw) -> Row:
+    def record(folder: Path, domain: str, method: str, seed: int, k, tail_samples: int = 0, **kw) -> Row:
         if (domain, method, seed) not in done:
             summary = run(folder / f"seed{seed}", **common, **trained, seed=seed, **kw)
-            done[domain, method, seed] = result_row(summary, domain, method, seed, k, tokens[domain])
+            done[domain, method, seed] = result_row(summary, domain, method, seed, k, tokens[domain], tail_samples)
         return done[domain, method, seed]
 
     for domain in domain_names:
@@ -542,22 +551,30 @@ def benchmark(args, argv) -> Path:
             for seed in seeds_for(method):
                 record(runs / keys[domain] / folder_name(method), domain, method, seed, TOP_K, cache=c, **kw)
 
-    # The sparse-against-dense frontier: MFT at each tau from the k = 20 cache and from the online
-    # dense reference (teacher next to the student, full-vocabulary correction), the same seeds.
+    # The sparse-against-dense frontier: MFT at each tau from the k = 20 cache, from the online dense
+    # reference (teacher next to the student, full-vocabulary correction) and, unless skipped, from a
+    # cache of about the same bytes holding fewer top-k ids plus sampled tail ids; the same seeds.
     fd, fkey = frontier_domain, keys[frontier_domain]
     frontier: dict[str, dict[float, dict[int, Row]]] = {}
+    cache_bytes: dict[str, float] = {}  # targets -> the training split's bytes per token
     if "frontier" not in skip:
-        for targets in ("cached", "online"):
+        lines = {"cached": (caches[fd], TOP_K, 0, "")}
+        if "tail-samples" not in skip:
+            sampled = cache(sources[fd], work / f"cache-{fkey}-k{SAMPLED_K}-tail{SAMPLED_N}", model, p, top_k=SAMPLED_K, tail_samples=SAMPLED_N)
+            lines["sampled"] = (sampled, SAMPLED_K, SAMPLED_N, f" k={SAMPLED_K}+{SAMPLED_N}")
+        lines["online"] = (caches[fd], "dense", 0, " online")
+        for targets, (c, k, n, suffix) in lines.items():
+            if targets != "online":
+                cache_bytes[targets] = cache_info(c)["splits"]["train"]["bytes_per_token"]
+            online = dict(online=True) if targets == "online" else {}
             frontier[targets] = {}
             for tau in FRONTIER_TAUS:
-                method = f"MFT tau={tau:g}" + (" online" if targets == "online" else "")
+                method = f"MFT tau={tau:g}{suffix}"
                 method = "MFT" if method == "MFT tau=0.25" else method  # the domain table's MFT run is this point
-                online = dict(online=True) if targets == "online" else {}
                 frontier[targets][tau] = {
-                    seed: record(runs / fkey / folder_name(method), fd, method, seed, "dense" if online else TOP_K,
-                                 cache=caches[fd], variant="mft", tau=tau, **online)
+                    seed: record(runs / fkey / folder_name(method), fd, method, seed, k, n, cache=c, variant="mft", tau=tau, **online)
                     for seed in seeds_for("MFT")
-                }  # fmt: skip
+                }
         plot_frontier(frontier, figures / "frontier.png", fd)
 
     # Sparse-cache fidelity: the same MFT run from caches with k = 5 and 50, next to k = 20 and online dense.
@@ -573,6 +590,8 @@ def benchmark(args, argv) -> Path:
                 seed: record(runs / fkey / f"MFT_k{k}", fd, f"MFT k={k}", seed, k, cache=ck, variant="mft", tau=0.25)
                 for seed in seeds_for("fidelity")
             }
+        if "sampled" in frontier:
+            fidelity[f"cached k={SAMPLED_K} + {SAMPLED_N} tail samples"] = frontier["sampled"][0.25]
         if frontier:
             fidelity["online (dense)"] = frontier["online"][0.25]
 
@@ -590,8 +609,8 @@ def benchmark(args, argv) -> Path:
     write_csv(rows, figures / "runs.csv")
     path = results / f"{name}.md"
     write_results(
-        path, name, argv_text(argv), (args.model, untuned), p, reference, domain_names, rows, frontier, fd, fidelity, low,
-        notes, time.time() - started, general_path is not None, counts, throughput,
+        path, name, argv_text(argv), (args.model, untuned), p, reference, domain_names, rows, frontier, cache_bytes, fd, fidelity,
+        low, notes, time.time() - started, general_path is not None, counts, throughput,
     )  # fmt: skip
     return path
 
@@ -605,15 +624,16 @@ def frontier_points(frontier: dict[float, dict[int, Row]]) -> list[tuple[Interva
     return [(interval_of(runs, "S", 100), interval_of(runs, "DG", 100)) for _, runs in sorted(frontier.items())]
 
 
-def frontier_comparison(frontier: dict[str, dict[float, dict[int, Row]]]) -> tuple[FrontierGap, Interval | None]:
-    """The dense-minus-cached S gap at equal DG on the mean frontiers, and the interval of each seed's mean gap."""
-    means = {t: [(s.mean, d.mean) for s, d in frontier_points(frontier[t])] for t in ("cached", "online")}
-    gap = frontier_gap(means["cached"], means["online"])
-    seeds = sorted(set.intersection(*(set(runs) for f in frontier.values() for runs in f.values())))
+def frontier_comparison(frontier: dict[str, dict[float, dict[int, Row]]], targets: str) -> tuple[FrontierGap, Interval | None]:
+    """The dense-minus-``targets`` S gap at equal DG on the mean frontiers, and the interval of each seed's mean gap."""
+    means = {t: [(s.mean, d.mean) for s, d in frontier_points(frontier[t])] for t in (targets, "online")}
+    gap = frontier_gap(means[targets], means["online"])
+    pair = {t: frontier[t] for t in (targets, "online")}
+    seeds = sorted(set.intersection(*(set(runs) for f in pair.values() for runs in f.values())))
     per_seed = []
     for seed in seeds:
-        line = {t: [(100 * f[tau][seed].S, 100 * f[tau][seed].DG) for tau in sorted(f)] for t, f in frontier.items()}
-        g = frontier_gap(line["cached"], line["online"])
+        line = {t: [(100 * f[tau][seed].S, 100 * f[tau][seed].DG) for tau in sorted(f)] for t, f in pair.items()}
+        g = frontier_gap(line[targets], line["online"])
         if g.rows:
             per_seed.append(g.mean_gap)
     return gap, (mean_interval(per_seed) if per_seed else None)
@@ -629,7 +649,11 @@ def plot_frontier(frontier: dict[str, dict[float, dict[int, Row]]], path: Path, 
         return 0.0 if iv.n < 2 else iv.half_width
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for targets, label, color in (("cached", f"k = {TOP_K} cache", "tab:blue"), ("online", "online dense", "tab:orange")):
+    colors = {"cached": "tab:blue", "sampled": "tab:green", "online": "tab:orange"}
+    for targets, label in LINES.items():
+        if targets not in frontier:
+            continue
+        color = colors[targets]
         points = frontier_points(frontier[targets])
         ax.errorbar(
             [s.mean for s, _ in points], [d.mean for _, d in points], xerr=[err(s) for s, _ in points],
@@ -708,9 +732,56 @@ def fmt(iv: Interval | None, digits: int = 2) -> str:
     return f"{iv.mean:.{digits}f} [{iv.low:.{digits}f}, {iv.high:.{digits}f}]"
 
 
+def frontier_lines(frontier: dict[str, dict[float, dict[int, Row]]], cache_bytes: dict[str, float], domain: str, rel: str) -> list[str]:
+    """The frontier section: a table of each line's points, the plot, and each sparse line's S gap to the dense one."""
+    present = [t for t in LINES if t in frontier]
+    points = {t: frontier_points(frontier[t]) for t in present}
+    lines = [
+        f"## Sparse against dense: the MFT frontier ({domain}, tau = {', '.join(f'{t:g}' for t in FRONTIER_TAUS)})",
+        "",
+        "Bytes per training token: " + "; ".join(f"{LINES[t]} {b:.1f}" for t, b in cache_bytes.items()) + ".",
+        "",
+        "| tau | " + " | ".join(f"{LINES[t]} S % | DG %" for t in present) + " |",
+        "|---|" + "---|---|" * len(present),
+    ]
+    for i, tau in enumerate(sorted(frontier["online"])):
+        lines.append(f"| {tau:g} | " + " | ".join(f"{fmt(points[t][i][0])} | {fmt(points[t][i][1])}" for t in present) + " |")
+    lines += ["", f"![frontier]({rel}/frontier.png)", ""]
+    for targets in (t for t in present if t != "online"):
+        gap, per_seed = frontier_comparison(frontier, targets)
+        name = LINES[targets]
+        if not gap.rows:
+            lines += [f"The {name} and online dense frontiers cover no common DG range, so S cannot be compared at equal DG.", ""]
+            continue
+        lines += [
+            f"{name} against online dense: S at equal DG, each frontier read piecewise-linearly along tau (the best S where "
+            f"it crosses that DG), at {len(gap.rows)} DG values spanning the range both frontiers cover:",
+            "",
+            f"| DG % | {name} S % | dense S % | dense − {name} |",
+            "|---|---|---|---|",
+            *(f"| {d:.2f} | {a:.2f} | {b:.2f} | {g:+.2f} |" for d, a, b, g in gap.rows),
+            "",
+            f"Mean gap {gap.mean_gap:+.2f} points of S"
+            + (f"; per seed (each seed's own frontiers), {fmt(per_seed)} over {per_seed.n} seed(s)" if per_seed else "")
+            + ". "
+            + (
+                f"On the mean frontiers the {name} one is dominated: the dense one has more S at every common DG"
+                if gap.dominated
+                else f"On the mean frontiers the {name} one is not dominated: at some common DG it has as much S as the dense one or more"
+            )
+            + (
+                "; the per-seed gap's interval contains 0, so the difference is within seed noise."
+                if per_seed and per_seed.n >= 2 and not per_seed.excludes_zero()
+                else "."
+            ),
+            "",
+        ]
+    return lines
+
+
 def write_results(
     path: Path, rel: str, command: str, model: tuple[str, str], p: Profile, reference, domains: list[str], rows: list[Row],
-    frontier, frontier_domain: str, fidelity, low, notes: list[str], seconds: float, user_general: bool,
+    frontier, cache_bytes: dict[str, float], frontier_domain: str, fidelity, low, notes: list[str], seconds: float, user_general: bool,
     counts: dict[str, int], throughput: Throughput | None,
 ) -> None:  # fmt: skip
     """``rel`` is the figures folder, which sits beside the results file; ``model`` is (spec, folder)."""
@@ -787,43 +858,7 @@ def write_results(
         lines.append(f"| {domain} | {diff.n} | {fmt(diff, 3)} | {paired_verdict(diff, 'MFT', 'FT')} |")
     lines += ["", f"Every run, one row each: [runs.csv]({rel}/runs.csv).", ""]
     if frontier:
-        gap, per_seed = frontier_comparison(frontier)
-        lines += [
-            f"## Sparse against dense: the MFT frontier ({frontier_domain}, tau = {', '.join(f'{t:g}' for t in FRONTIER_TAUS)})",
-            "",
-            "| tau | cached k=20 S % | cached DG % | online dense S % | online DG % |",
-            "|---|---|---|---|---|",
-        ]
-        cached, online = frontier_points(frontier["cached"]), frontier_points(frontier["online"])
-        for tau, (cs, cd), (os_, od) in zip(sorted(frontier["cached"]), cached, online):
-            lines.append(f"| {tau:g} | {fmt(cs)} | {fmt(cd)} | {fmt(os_)} | {fmt(od)} |")
-        lines += ["", f"![frontier]({rel}/frontier.png)", ""]
-        if gap.rows:
-            lines += [
-                "S at equal DG, each frontier read piecewise-linearly along tau (the best S where it crosses that DG), at "
-                f"{len(gap.rows)} DG values spanning the range both frontiers cover:",
-                "",
-                "| DG % | cached S % | dense S % | dense − cached |",
-                "|---|---|---|---|",
-                *(f"| {d:.2f} | {a:.2f} | {b:.2f} | {g:+.2f} |" for d, a, b, g in gap.rows),
-                "",
-                f"Mean gap {gap.mean_gap:+.2f} points of S"
-                + (f"; per seed (each seed's own frontiers), {fmt(per_seed)} over {per_seed.n} seed(s)" if per_seed else "")
-                + ". "
-                + (
-                    "On the mean frontiers the cached one is dominated: the dense one has more S at every common DG"
-                    if gap.dominated
-                    else "On the mean frontiers the cached one is not dominated: at some common DG it has as much S as the dense one or more"
-                )
-                + (
-                    "; the per-seed gap's interval contains 0, so the difference is within seed noise."
-                    if per_seed and per_seed.n >= 2 and not per_seed.excludes_zero()
-                    else "."
-                ),
-                "",
-            ]
-        else:
-            lines += ["The two frontiers cover no common DG range, so S cannot be compared at equal DG.", ""]
+        lines += frontier_lines(frontier, cache_bytes, frontier_domain, rel)
     if fidelity:
         lines += [f"## Sparse-cache fidelity ({frontier_domain}, MFT tau=0.25)", "", "| targets | seeds | S % | DG % | DG/S |", "|---|---|---|---|---|"]
         for label, runs in fidelity.items():

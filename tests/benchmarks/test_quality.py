@@ -9,7 +9,7 @@ import pytest
 from dataclasses import replace
 
 from benchmarks.quality import (
-    PROFILES, Row, Throughput, estimate_minutes, interval_of, main, open_corpus, parse_domains, planned_runs, size_warnings, write_csv,
+    PROFILES, SAMPLED_K, SAMPLED_N, Row, Throughput, estimate_minutes, interval_of, main, open_corpus, parse_domains, planned_runs, size_warnings, write_csv,
 )
 from mft_pipeline.data.corpus import CorpusError
 from mft_pipeline.errors import ConfigError
@@ -87,21 +87,25 @@ def test_smoke_profile_end_to_end_on_user_corpora(tmp_path, tiny_model_dir):
     text = results.read_text()
     figures = results.with_suffix("")
     rows = list(csv.DictReader(open(figures / "runs.csv")))
-    # FT and MFT x 2 domains x 2 seeds; frontier: 3 more cached tau and 4 online tau x 2 seeds; fidelity k=5, 50 x 1 seed.
-    assert len(rows) == 8 + 14 + 2
+    # FT and MFT x 2 domains x 2 seeds; frontier: 3 more cached tau, 4 sampled-tail tau and 4 online tau x 2 seeds;
+    # fidelity k=5, 50 x 1 seed.
+    assert len(rows) == 8 + 22 + 2
     counts = planned_runs(PROFILES["smoke"], ["FT", "MFT"], 2, None, set())
     assert counts["cached"] + counts["online"] == len(rows) and counts["online"] == 8
     assert {r["seed"] for r in rows} == {"0", "1"}
     ft = {r["seed"]: r for r in rows if r["method"] == "FT" and r["domain"] == "legal"}
     assert ft["0"]["S"] != ft["1"]["S"], "seeds must change the run (data order)"
     assert {r["k"] for r in rows if r["method"].endswith("online")} == {"dense"}
-    assert all(int(r["general_eval_tokens"]) > 0 and int(r["spec_eval_tokens"]) > 0 and r["tail_samples"] == "0" for r in rows)
+    assert all(int(r["general_eval_tokens"]) > 0 and int(r["spec_eval_tokens"]) > 0 for r in rows)
+    sampled = [r for r in rows if r["tail_samples"] != "0"]
+    assert len(sampled) == 8 and {(r["k"], r["tail_samples"]) for r in sampled} == {(str(SAMPLED_K), str(SAMPLED_N))}
+    assert f"k = {SAMPLED_K} + {SAMPLED_N} tail samples against online dense" in text and "Bytes per training token: k = 20 cache" in text
     mft = {r["seed"]: r for r in rows if r["method"] == "MFT" and r["domain"] == "legal"}
     assert mft["0"]["tau"] == "0.25" and ft["0"]["tau"] == ""
     assert "## MFT against FT, paired by seed" in text and "| legal | 2 |" in text and "| notes | 2 |" in text
     assert "frontier" in text and (figures / "frontier.png").stat().st_size > 0 and (figures / "low-data.png").exists()
     assert "mean ± t(0.975, n−1)" in text
-    assert "Planned work: reference 1, cached 16, online 8" in text
+    assert "Planned work: reference 1, cached 24, online 8" in text
     # Resumed: every run is read back, nothing retrains.
     summaries = sorted((tmp_path / "work").rglob("summary.json"))
     stamps = [p.stat().st_mtime_ns for p in summaries]
@@ -123,9 +127,12 @@ def test_estimate_minutes_by_hand():
 def test_planned_runs_counts_seeds_per_method():
     p = PROFILES["cpu"]  # 3 seeds for FT, MFT and the frontier, 1 for the rest
     counts = planned_runs(p, ["FT", "MFT", "LoRA r8", "distill+ft"], 3, None, {"low-data"})
-    assert counts["cached"] == 3 * (3 + 3 + 1) + 1 + 3 * 3 + 2  # table, distill+ft, frontier tau 0/0.1/0.5, fidelity k=5/50
+    # table, distill+ft, frontier tau 0/0.1/0.5, its sampled-tail line, fidelity k=5/50
+    assert counts["cached"] == 3 * (3 + 3 + 1) + 1 + 3 * 3 + 3 * 4 + 2
     assert counts["online"] == 3 * 4 and counts["low_data"] == 0
     assert planned_runs(p, ["FT"], 1, 2, {"frontier", "fidelity", "low-data"})["cached"] == 2
+    without = planned_runs(p, ["FT", "MFT", "LoRA r8", "distill+ft"], 3, None, {"low-data", "tail-samples"})
+    assert (counts["cached"] - without["cached"], counts["caches"] - without["caches"]) == (3 * 4, 1)
 
 
 def test_undefined_dg_over_s_drops_out_of_means_and_csv(tmp_path):
