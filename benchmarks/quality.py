@@ -6,8 +6,9 @@ Does MFT help on my data? One command runs the whole protocol on your own corpus
 
 Other uses:
 
-    python -m benchmarks.quality --profile cpu --skip frontier   # 2 CPU cores, about 2.2 hours
-    python -m benchmarks.quality --profile cpu                   # then the frontier, about 2.2 hours more
+    python -m benchmarks.quality --profile cpu --skip frontier,fidelity,low-data  # 2 CPU cores: FT, MFT; ~1.5 hours
+    python -m benchmarks.quality --profile cpu --skip tail-samples  # then the frontier, fidelity, low data; ~2 hours
+    python -m benchmarks.quality --profile cpu                      # then the sampled-tail frontier line; ~1 hour
     python -m benchmarks.quality --profile gpu     # one H100, 1024-token sequences (benchmarks/gpu_check.py runs its FT/MFT part)
     python -m benchmarks.quality --domain a=docs/ --domain b=more.parquet --general wiki.jsonl
     python -m benchmarks.quality --model path/to/model.gguf --methods FT,MFT --skip fidelity
@@ -23,7 +24,8 @@ and the initialization of new parameters) with Student t intervals over them.
 
 Writes docs/results/quality-<profile>.md: per-domain tables (S, DG, DG/S with 95% intervals),
 the paired MFT-against-FT comparison, the sparse-against-dense frontier (tau 0, 0.1, 0.25, 0.5
-from the k = 20 cache and from the online dense reference), the sparse-cache fidelity check
+from the k = 20 cache, from the online dense reference and from a k = 12 cache with 11 sampled
+tail ids, about k = 20's bytes), the sparse-cache fidelity check
 (k = 5, 20, 50) and the low-data curves; beside it quality-<profile>/runs.csv (one row per run)
 and the plots. Another model's results get -<model> in the name, user domains -<names>.
 Finished runs are reused, so a killed benchmark continues where it stopped.
@@ -103,8 +105,10 @@ class Profile:
 
 PROFILES = {
     # Each run trains on 40 x 8 x 128 = 40,960 tokens (one pass over its 320 sequences) and evaluates 130 general
-    # and 65 specialized sequences: 16,510 and 8,255 predicted tokens. Sized by MEASURED["cpu"] to about 4.4 hours
-    # in all, so it runs in two sittings of about 2.2 hours: --skip frontier, then the plain command.
+    # and 65 specialized sequences: 16,510 and 8,255 predicted tokens, three times (before, at step 20 and 40).
+    # These are the floors of the protocol; at MEASURED["cpu"] a run takes about 4.5 minutes, and the whole
+    # protocol (51 runs with the frontier's three lines) about 4.4 hours, so it runs in three resumable sittings of
+    # at most about 2 hours (the module docstring's commands).
     "cpu": Profile(
         seq_len=128, max_documents=400, train_sequences=320, val_sequences=65, general_sequences=130, steps=40,
         batch_size=8, lr=1e-4, warmup_steps=4, eval_every=20, low_data_sequences=8, low_data_steps=24,
@@ -145,14 +149,14 @@ class Throughput:
 
 MEASURED = {
     "cpu": Throughput(
-        # Measured 2026-11-27 with benchmarks' own ``train`` on SmolLM2-135M, MFT from a k=20 cache, seq_len 128,
-        # batch 8: 1 thread pinned to one core of a 2-core Xeon while other jobs held the load average at 7-9,
-        # timed as process CPU time (1 and 3 steps, the difference is the step). Per CPU-second: 106 training,
-        # 74 online-dense training and 467 evaluation tokens. Two threads are assumed to give 1.8 times that;
-        # checkpoint writes (model and optimizer at each evaluation) and loading are put at 20 s a run.
-        train=191, eval=840, online=133, overhead_s=20,
-        measured="measured as CPU time with 1 thread under a shared load (106 training, 74 online, 467 evaluation tokens "
-        "per CPU-second), times 1.8 for 2 threads",
+        # Measured 2026-11-27 on the first sitting's own runs (2-core Xeon, 2 threads, nothing else running): SmolLM2-135M,
+        # seq_len 128, batch 8. Training: the mean tokens_per_s of metrics.jsonl (FT 218-229, MFT 239). Evaluation: the
+        # wall time between a run's last training step and its logged evaluation in the TensorBoard events, 26-27 s for
+        # 24,765 tokens. Overhead: loading (2 s) and the two checkpoints (about 4 s each). Online dense: one extra
+        # teacher forward per step at the evaluation rate, not yet measured on its own.
+        train=235, eval=930, online=190, overhead_s=12,
+        measured="measured on this profile's first sitting: 2 threads on 2 cores, no other load; the online rate is "
+        "derived (a step plus a teacher forward at the evaluation rate)",
     ),
 }
 
