@@ -783,6 +783,24 @@ def frontier_lines(frontier: dict[str, dict[float, dict[int, Row]]], cache_bytes
     return lines
 
 
+HAND_WRITTEN = "## Reading these numbers (written by hand"
+
+
+def hand_written(path: Path) -> list[str]:
+    """The results file's hand-written reading, kept when a later sitting rewrites the file.
+
+    It is the section whose heading starts with HAND_WRITTEN, up to the next "## " heading.
+    """
+    if not path.exists():
+        return []
+    text = path.read_text()
+    start = text.find(HAND_WRITTEN)
+    if start < 0:
+        return []
+    end = text.find("\n## ", start + len(HAND_WRITTEN))
+    return text[start : len(text) if end < 0 else end].rstrip("\n").split("\n") + [""]
+
+
 def write_results(
     path: Path, rel: str, command: str, model: tuple[str, str], p: Profile, reference, domains: list[str], rows: list[Row],
     frontier, cache_bytes: dict[str, float], frontier_domain: str, fidelity, low, notes: list[str], seconds: float, user_general: bool,
@@ -861,6 +879,7 @@ def write_results(
         diff = paired_difference(ratios["MFT"], ratios["FT"])
         lines.append(f"| {domain} | {diff.n} | {fmt(diff, 3)} | {paired_verdict(diff, 'MFT', 'FT')} |")
     lines += ["", f"Every run, one row each: [runs.csv]({rel}/runs.csv).", ""]
+    lines += hand_written(path)
     if frontier:
         lines += frontier_lines(frontier, cache_bytes, frontier_domain, rel)
     if fidelity:

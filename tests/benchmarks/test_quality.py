@@ -156,3 +156,14 @@ def test_sizing_section_shows_the_arithmetic():
     assert f"{p.train_tokens:,} training tokens / {tp.train:.0f} = {p.train_tokens / tp.train / 60:.1f} min" in text
     assert f"| online | {counts['online']} |" in text
     assert f"| total | | {sum(estimate_minutes(p, counts, tp).values()):.0f} (this run: 1" in text
+
+
+def test_hand_written_reading_survives_a_rewrite(tmp_path):
+    from benchmarks.quality import HAND_WRITTEN, hand_written
+
+    path = tmp_path / "quality-cpu.md"
+    assert hand_written(path) == []
+    path.write_text(f"# generated\n\n## per domain\n\n| a |\n\n{HAND_WRITTEN} after the run)\n\n- FT forgets.\n\n## Sizing\n\nx\n")
+    assert hand_written(path) == [f"{HAND_WRITTEN} after the run)", "", "- FT forgets.", ""]
+    path.write_text(f"# generated\n\n{HAND_WRITTEN})\n\n- last section\n")
+    assert hand_written(path) == [f"{HAND_WRITTEN})", "", "- last section", ""]
