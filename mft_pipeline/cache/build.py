@@ -136,12 +136,21 @@ def build_cache(
     vocab_size = len(tokenizer)
     if config.top_k > vocab_size:
         raise ConfigError(f"--top-k {config.top_k} exceeds the tokenizer's vocabulary of {vocab_size}")
-    if teacher is None:
-        if backend_name(config) == "vllm" and config.top_k > VLLM_MAX_TOP_K:
-            raise ConfigError(f"--top-k {config.top_k} exceeds the vllm backend's limit of {VLLM_MAX_TOP_K}; use --backend transformers")
-        teacher, fingerprint = make_teacher(config)
-    else:
-        fingerprint = teacher_fingerprint
+    if teacher is not None:
+        return _write_cache(config, teacher, teacher_fingerprint, tokenizer, corpus, vocab_size)
+    if backend_name(config) == "vllm" and config.top_k > VLLM_MAX_TOP_K:
+        raise ConfigError(f"--top-k {config.top_k} exceeds the vllm backend's limit of {VLLM_MAX_TOP_K}; use --backend transformers")
+    teacher, fingerprint = make_teacher(config)
+    try:
+        return _write_cache(config, teacher, fingerprint, tokenizer, corpus, vocab_size)
+    finally:
+        # A teacher made here is stopped here: a vLLM engine left running until interpreter exit
+        # can abort the process (SIGABRT) after the cache is already complete.
+        getattr(teacher, "close", lambda: None)()
+
+
+def _write_cache(config: CacheConfig, teacher, fingerprint: str, tokenizer, corpus, vocab_size: int) -> Path:
+    """Score the corpus with ``teacher`` into ``config.out``: build_cache's work once the teacher exists."""
     if config.tail_samples and not getattr(teacher, "samples_tail", False):
         raise ConfigError(f"--tail-samples needs the teacher's full distribution; the {teacher.name} backend returns only the top-k")
     if config.top_k > teacher.max_top_k:

@@ -452,6 +452,13 @@ class VLLMTeacher:
                 topk_ids[b], topk_lp[b], label_lp[b] = scores_from_prompt_logprobs(out.prompt_logprobs, ids[b], top_k, T)
         return TeacherScores(topk_ids=topk_ids, topk_logprobs=topk_lp, label_logprobs=label_lp)
 
+    def close(self) -> None:
+        """Stop the engine now. Left to interpreter exit, vLLM's engine client can tear down its
+        threads in an order that aborts the process (SIGABRT), after the cache is complete."""
+        llm, self._llm = getattr(self, "_llm", None), None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+
     def library_versions(self) -> dict[str, str]:
         import torch
 
