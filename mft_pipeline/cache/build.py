@@ -146,7 +146,7 @@ def build_cache(
     finally:
         # A teacher made here is stopped here: a vLLM engine left running until interpreter exit
         # can abort the process (SIGABRT) after the cache is already complete.
-        getattr(teacher, "close", lambda: None)()
+        teacher.close()
 
 
 def _write_cache(config: CacheConfig, teacher, fingerprint: str, tokenizer, corpus, vocab_size: int) -> Path:

@@ -60,6 +60,10 @@ class TeacherBackend(Protocol):
         """
         ...
 
+    def close(self) -> None:
+        """Release what the backend started (an engine, its processes); build_cache calls it when done."""
+        ...
+
     def library_versions(self) -> dict[str, str]:
         """Versions of the libraries that produced the scores, for the manifest."""
         ...

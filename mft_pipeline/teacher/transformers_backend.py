@@ -101,6 +101,9 @@ class TransformersTeacher:
             tail_ids=None if out_tail is None else out_tail.view(B, T - 1, -1).cpu().numpy(),
         )
 
+    def close(self) -> None:
+        """Nothing to stop: the model is a plain module, freed with the teacher."""
+
     def library_versions(self) -> dict[str, str]:
         import transformers
 
