@@ -756,6 +756,7 @@ def vllm_main(args) -> dict:
     fixed["vllm_engine_start"] = time.perf_counter() - t0
     passes("vllm_score", lambda ids, num: teacher.score(ids, num, args.top_k))
     vllm_scores = [teacher.score(ids, num, args.top_k) for ids, num in batches]
+    teacher.close()  # now, not at interpreter exit, where the engine's teardown can abort the process
     diff = max(float(np.abs(a.label_logprobs - b.label_logprobs).max()) for a, b in zip(hf_scores, vllm_scores))
     same_argmax = float(np.mean(np.concatenate([(a.topk_ids[..., 0] == b.topk_ids[..., 0]).ravel() for a, b in zip(hf_scores, vllm_scores)])))
 

@@ -306,7 +306,7 @@ def test_smollm2_vllm_cache_agrees_with_transformers_cache(smollm2_dir, tmp_path
 # ---------------------------------------------------------------------------------------
 
 
-def test_prompts_split_over_engine_steps_equal_dense(tiny):
+def test_prompts_split_over_engine_steps_equal_dense(tiny, request):
     """An engine step of 48 tokens (the memory budget's knob) on prompts of up to 120: vLLM
     chunks each prefill over several steps and the prompt log-probs still equal the dense
     float64 forward. The same engine refuses k above its max_logprobs and a row longer than
@@ -320,6 +320,9 @@ def test_prompts_split_over_engine_steps_equal_dense(tiny):
         str(model), max_top_k=TOP_K, max_model_len=T, gpu_memory_utilization=0.1,
         extra_llm_kwargs={"max_num_batched_tokens": 48, "max_num_seqs": 4},
     )
+    # Stopped by the test, not left to interpreter exit, where the engine client's teardown can
+    # abort the whole pytest process (SIGABRT) after every test passed.
+    request.addfinalizer(teacher.close)
     assert teacher.platform == "cpu" and teacher.llm_kwargs["max_num_batched_tokens"] == 48
     rng = np.random.default_rng(0)
     ids = rng.integers(0, teacher.vocab_size, size=(3, T))
