@@ -75,6 +75,9 @@ MIN_STEP_TOKENS, MAX_STEP_TOKENS = 256, 16384
 # Prompt tokens handed to one LLM.generate call. The Python-side outputs hold (k + 1) candidates
 # per token, so a bounded call keeps them (and the wait before the first result) bounded.
 DEFAULT_TOKENS_PER_CALL = 32768
+# How long close() waits for the engine client's output thread, which ends within milliseconds
+# of the shutdown signal; a bound so that a wedged engine cannot hang a finished run.
+CLOSE_TIMEOUT_S = 30.0
 # Environment fallbacks for settings that CacheConfig may not carry.
 GPU_MEMORY_ENV = "MFT_VLLM_GPU_MEMORY_UTILIZATION"
 CPU_GPU_MEMORY_UTILIZATION = 0.15  # vLLM's default 0.92 of host RAM fails on a shared machine
@@ -453,11 +456,20 @@ class VLLMTeacher:
         return TeacherScores(topk_ids=topk_ids, topk_logprobs=topk_lp, label_logprobs=label_lp)
 
     def close(self) -> None:
-        """Stop the engine now. Left to interpreter exit, vLLM's engine client can tear down its
-        threads in an order that aborts the process (SIGABRT), after the cache is complete."""
+        """Stop the engine now, and wait for the client's output thread to end.
+
+        That daemon thread holds the last decoded outputs (tensor views). ``shutdown()`` only
+        signals it; if it is still freeing them when the interpreter finalizes, it cannot take
+        the GIL, and the forced thread exit aborts the process (SIGABRT) after a complete cache.
+        """
         llm, self._llm = getattr(self, "_llm", None), None
-        if llm is not None:
-            llm.llm_engine.engine_core.shutdown()
+        if llm is None:
+            return
+        client = llm.llm_engine.engine_core
+        client.shutdown()
+        thread = getattr(client, "output_queue_thread", None)  # absent on in-process engines
+        if thread is not None:
+            thread.join(timeout=CLOSE_TIMEOUT_S)
 
     def library_versions(self) -> dict[str, str]:
         import torch

@@ -26,6 +26,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -338,3 +339,7 @@ def test_prompts_split_over_engine_steps_equal_dense(tiny, request):
         teacher.score(ids, num, TOP_K + 1)
     with pytest.raises(ConfigError, match="context"):
         teacher.score(rng.integers(0, teacher.vocab_size, size=(1, T + 1)), np.array([T + 1]), TOP_K)
+    # close() returns only once the client's output thread has ended: a thread still freeing
+    # outputs while the interpreter finalizes aborts the process (SIGABRT).
+    teacher.close()
+    assert not [t for t in threading.enumerate() if t.name == "EngineCoreOutputQueueThread"]
