@@ -7,8 +7,8 @@ Does MFT help on my data? One command runs the whole protocol on your own corpus
 Other uses:
 
     python -m benchmarks.quality --profile cpu --skip frontier,fidelity,low-data  # 2 CPU cores: FT, MFT; ~1.5 hours
-    python -m benchmarks.quality --profile cpu --skip tail-samples  # then the frontier, fidelity, low data; ~2 hours
-    python -m benchmarks.quality --profile cpu                      # then the sampled-tail frontier line; ~1 hour
+    python -m benchmarks.quality --profile cpu --skip tail-samples,fidelity,low-data  # then the frontier; ~1.8 hours
+    python -m benchmarks.quality --profile cpu  # then the sampled-tail frontier line, fidelity, low data; ~1.3 hours
     python -m benchmarks.quality --profile gpu     # one H100, 1024-token sequences (benchmarks/gpu_check.py runs its FT/MFT part)
     python -m benchmarks.quality --domain a=docs/ --domain b=more.parquet --general wiki.jsonl
     python -m benchmarks.quality --model path/to/model.gguf --methods FT,MFT --skip fidelity
@@ -106,9 +106,9 @@ class Profile:
 PROFILES = {
     # Each run trains on 40 x 8 x 128 = 40,960 tokens (one pass over its 320 sequences) and evaluates 130 general
     # and 65 specialized sequences: 16,510 and 8,255 predicted tokens, three times (before, at step 20 and 40).
-    # These are the floors of the protocol; at MEASURED["cpu"] a run takes about 4.5 minutes, and the whole
-    # protocol (51 runs with the frontier's three lines) about 4.4 hours, so it runs in three resumable sittings of
-    # at most about 2 hours (the module docstring's commands).
+    # These are the floors of the protocol; at MEASURED["cpu"] a run from the cache takes about 4.5 minutes, one
+    # with the online dense teacher about 6, and the whole protocol (53 runs with the frontier's three lines) about
+    # 4.5 hours, so it runs in three resumable sittings of at most about 2 hours (the module docstring's commands).
     "cpu": Profile(
         seq_len=128, max_documents=400, train_sequences=320, val_sequences=65, general_sequences=130, steps=40,
         batch_size=8, lr=1e-4, warmup_steps=4, eval_every=20, low_data_sequences=8, low_data_steps=24,
@@ -152,11 +152,10 @@ MEASURED = {
         # Measured 2026-11-27 on the first sitting's own runs (2-core Xeon, 2 threads, nothing else running): SmolLM2-135M,
         # seq_len 128, batch 8. Training: the mean tokens_per_s of metrics.jsonl (FT 218-229, MFT 239). Evaluation: the
         # wall time between a run's last training step and its logged evaluation in the TensorBoard events, 26-27 s for
-        # 24,765 tokens. Overhead: loading (2 s) and the two checkpoints (about 4 s each). Online dense: one extra
-        # teacher forward per step at the evaluation rate, not yet measured on its own.
-        train=235, eval=930, online=190, overhead_s=12,
-        measured="measured on this profile's first sitting: 2 threads on 2 cores, no other load; the online rate is "
-        "derived (a step plus a teacher forward at the evaluation rate)",
+        # 24,765 tokens. Overhead: loading (2 s) and the two checkpoints (about 4 s each). Online dense: the mean
+        # tokens_per_s of the second sitting's 12 online frontier runs (146-173).
+        train=235, eval=930, online=160, overhead_s=12,
+        measured="measured on this profile's first two sittings: 2 threads on 2 cores, no other load",
     ),
 }
 
