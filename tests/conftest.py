@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
@@ -173,12 +174,20 @@ def metric_rows(run, kind):
 # Kill and resume: one way for every test to stop a run right after a checkpoint, as a kill would.
 
 
-def stop_after_checkpoint(step: int, error: BaseException | None = None):
-    """An ``on_checkpoint`` for ``train`` that raises ``error`` (KeyboardInterrupt) once step ``step``'s ``last/`` is written."""
+def stop_after_checkpoint(step: int, exit_code: int | None = None):
+    """An ``on_checkpoint`` for ``train`` that stops the run once step ``step``'s ``last/`` is written.
+
+    It raises KeyboardInterrupt, or with ``exit_code`` ends the process at once with ``os._exit``,
+    as a kill would: in a process-group worker, a raised SystemExit runs the interpreter's
+    teardown, where gloo's threads sometimes abort the process (SIGABRT) before it exits.
+    """
 
     def on_checkpoint(done: int) -> None:
-        if done == step:
-            raise error if error is not None else KeyboardInterrupt(f"killed after step {step}")
+        if done != step:
+            return
+        if exit_code is not None:
+            os._exit(exit_code)
+        raise KeyboardInterrupt(f"killed after step {step}")
 
     return on_checkpoint
 

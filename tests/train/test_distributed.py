@@ -20,7 +20,7 @@ import torch
 import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM
 
-from conftest import metric_rows, train_config
+from conftest import metric_rows, stop_after_checkpoint, train_config
 from mft_pipeline.config import TrainConfig
 from mft_pipeline.train.checkpoint import save_pretrained
 from mft_pipeline.train.loop import micro_batches, train
@@ -89,13 +89,7 @@ def _fsdp_worker(rank: int, world: int, port: int, tied: Path, config: TrainConf
     model = AutoModelForCausalLM.from_pretrained(tied / "unsharded")
     sharded = distributed.wrap(model, distributed.Ranks("fsdp", rank, world, torch.device("cpu")))
     save_pretrained(sharded, AutoTokenizer.from_pretrained(tied / "unsharded"), tied / "sharded")
-    def die(step: int) -> None:
-        if step == kill_at:
-            # os._exit, as a kill would: a SystemExit ran the interpreter's teardown, where gloo's
-            # threads sometimes aborted the process (SIGABRT) before it could exit with 3.
-            os._exit(3)
-
-    train(config, on_checkpoint=die)
+    train(config, on_checkpoint=stop_after_checkpoint(kill_at, exit_code=3))
 
 
 @pytest.fixture(scope="module")
