@@ -8,7 +8,7 @@ Other uses:
 
     python -m benchmarks.quality --profile cpu --skip frontier,fidelity,low-data  # 2 CPU cores: FT, MFT; ~1.5 hours
     python -m benchmarks.quality --profile cpu --skip tail-samples,fidelity,low-data  # then the frontier; ~1.8 hours
-    python -m benchmarks.quality --profile cpu  # then the sampled-tail frontier line, fidelity, low data; ~1.3 hours
+    python -m benchmarks.quality --profile cpu  # then the sampled-tail frontier line, fidelity, low data; ~1.5 hours
     python -m benchmarks.quality --profile gpu     # one H100, 1024-token sequences (benchmarks/gpu_check.py runs its FT/MFT part)
     python -m benchmarks.quality --domain a=docs/ --domain b=more.parquet --general wiki.jsonl
     python -m benchmarks.quality --model path/to/model.gguf --methods FT,MFT --skip fidelity
@@ -108,7 +108,8 @@ PROFILES = {
     # and 65 specialized sequences: 16,510 and 8,255 predicted tokens, three times (before, at step 20 and 40).
     # These are the floors of the protocol; at MEASURED["cpu"] a run from the cache takes about 4.5 minutes, one
     # with the online dense teacher about 6, and the whole protocol (53 runs with the frontier's three lines) about
-    # 4.5 hours, so it runs in three resumable sittings of at most about 2 hours (the module docstring's commands).
+    # 4.5 hours (measured 4.9: sittings of 99, 106 and 90 minutes), so it runs in three resumable sittings of at most
+    # about 2 hours (the module docstring's commands).
     "cpu": Profile(
         seq_len=128, max_documents=400, train_sequences=320, val_sequences=65, general_sequences=130, steps=40,
         batch_size=8, lr=1e-4, warmup_steps=4, eval_every=20, low_data_sequences=8, low_data_steps=24,
