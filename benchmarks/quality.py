@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.stats import FrontierGap, Interval, frontier_gap, mean_interval, paired_difference, paired_verdict
-from mft_pipeline.cache.build import build_cache
+from mft_pipeline.stage_one import build_cache
 from mft_pipeline.cache.format import MANIFEST
 from mft_pipeline.cache.inspect import cache_info
 from mft_pipeline.cache.reader import Cache

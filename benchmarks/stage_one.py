@@ -473,7 +473,7 @@ def main(argv=None) -> dict:
     import numpy as np
     import torch
 
-    from mft_pipeline.cache.build import build_cache
+    from mft_pipeline.stage_one import build_cache
     from mft_pipeline.cache.reader import Cache
     from mft_pipeline.config import CacheConfig
     from mft_pipeline.models import load_model, load_tokenizer, pick_device, weights_fingerprint

@@ -44,7 +44,7 @@ def _field_help(cls, name: str) -> str:
 @click.option("--worker-index", "--shard-index", "worker_index", type=int, default=0, show_default=True, help=_field_help(CacheConfig, "worker_index"))
 def cache_teacher(**params):
     """Stage one: run the frozen teacher once and cache its top-k targets."""
-    from mft_pipeline.cache.build import build_cache
+    from mft_pipeline.stage_one import build_cache
 
     out = build_cache(build(CacheConfig, params))
     click.echo(f"cache written to {out}")

@@ -140,7 +140,7 @@ def pretrain(model, tokenizer, docs, steps=60, lr=3e-3):
 def stage_two(tmp_path_factory, tiny_tokenizer):
     """Folder with teacher/, cache/ (special words, k=6), general.jsonl (for DG) and general-cache/
     (other general-domain text cached with the same teacher, for replay)."""
-    from mft_pipeline.cache.build import build_cache
+    from mft_pipeline.stage_one import build_cache
     from mft_pipeline.config import CacheConfig
 
     d = tmp_path_factory.mktemp("stage-two")

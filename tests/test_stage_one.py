@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from cli.main import mft
 from conftest import make_documents, write_jsonl
-from mft_pipeline.cache.build import build_cache, make_teacher
+from mft_pipeline.stage_one import build_cache, make_teacher
 from mft_pipeline.cache.format import MANIFEST, CacheError, temp_name
 from mft_pipeline.cache.inspect import cache_info, merge_cache, verify_cache
 from mft_pipeline.cache.reader import Cache

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from mft_pipeline.cache.build import build_cache
+from mft_pipeline.stage_one import build_cache
 from mft_pipeline.cache.format import MANIFEST
 from mft_pipeline.config import DEFAULT_MODEL, CacheConfig, TrainConfig
 from mft_pipeline.data.corpus import load_corpus

@@ -1,4 +1,5 @@
-"""The pipeline does not depend on its demos: no pipeline module imports mft_pipeline.demo."""
+"""The layering: no pipeline module imports mft_pipeline.demo, and cache/ is the format alone (it does not
+import stage one's collaborators: the corpus, the teacher, the models)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,16 @@ def test_pipeline_packages_do_not_import_the_demo():
     offenders = {
         str(f.relative_to(PACKAGE.parent)): sorted(m for m in imported_modules(f) if m == "mft_pipeline.demo" or m.startswith("mft_pipeline.demo."))
         for f in files
+    }
+    assert {f: m for f, m in offenders.items() if m} == {}
+
+
+def test_the_cache_package_is_the_format_alone():
+    files = sorted((PACKAGE / "cache").glob("*.py"))
+    assert len(files) > 4
+    outside = ("mft_pipeline.data", "mft_pipeline.teacher", "mft_pipeline.models", "mft_pipeline.stage_one")
+    offenders = {
+        f.name: sorted(m for m in imported_modules(f) if any(m == o or m.startswith(o + ".") for o in outside)) for f in files
     }
     assert {f: m for f, m in offenders.items() if m} == {}
 

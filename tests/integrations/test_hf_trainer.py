@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from conftest import make_documents, write_jsonl
 from mft_pipeline import IGNORE_INDEX, sparse_mft_loss
-from mft_pipeline.cache.build import build_cache
+from mft_pipeline.stage_one import build_cache
 from mft_pipeline.cache.reader import Cache
 from mft_pipeline.config import CacheConfig
 from mft_pipeline.integrations.hf_trainer import CacheDataset, MFTTrainer, collate

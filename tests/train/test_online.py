@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import metric_rows, train_config
-from mft_pipeline.cache.build import build_cache
+from mft_pipeline.stage_one import build_cache
 from mft_pipeline.config import CacheConfig
 from mft_pipeline.distill.online import dense_mft_loss
 from mft_pipeline.distill.sparse_loss import IGNORE_INDEX

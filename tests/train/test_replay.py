@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import make_documents, metric_rows, train_config, write_jsonl, GENERAL
-from mft_pipeline.cache.build import build_cache
+from mft_pipeline.stage_one import build_cache
 from mft_pipeline.config import CacheConfig
 from mft_pipeline.distill.sparse_loss import sparse_mft_loss
 from mft_pipeline.train import distributed, loop
