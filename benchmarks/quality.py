@@ -51,7 +51,7 @@ import torch
 from benchmarks.stats import FrontierGap, Interval, frontier_gap, mean_interval, paired_difference, paired_verdict
 from mft_pipeline.stage_one import build_cache
 from mft_pipeline.cache.format import MANIFEST
-from mft_pipeline.cache.inspect import cache_info
+from mft_pipeline.cache.info import cache_info
 from mft_pipeline.cache.reader import Cache
 from mft_pipeline.config import DEFAULT_MODEL, CacheConfig, TrainConfig
 from mft_pipeline.data.corpus import Corpus, CorpusError, load_corpus

@@ -60,7 +60,7 @@ def cache_info(cache_dir, as_json):
     teacher's probability mass outside it (mean and percentiles) and how often its argmax is
     right. See docs/choosing-k.md.
     """
-    from mft_pipeline.cache.inspect import cache_info as info
+    from mft_pipeline.cache.info import cache_info as info
 
     result = info(cache_dir)
     if as_json:
@@ -92,7 +92,7 @@ def _coverage_line(row: dict) -> str:
 @click.argument("cache_dir", type=click.Path(exists=True, file_okay=False))
 def cache_verify(cache_dir):
     """Check schema, counts and checksums; exit 1 on any mismatch."""
-    from mft_pipeline.cache.inspect import verify_cache
+    from mft_pipeline.cache.info import verify_cache
 
     problems = verify_cache(cache_dir)
     for p in problems:
@@ -111,7 +111,7 @@ def cache_merge(cache_dir, parts):
     With only CACHE_DIR, the workers shared that folder. With PARTS, each worker wrote its own
     folder and CACHE_DIR is the new, merged cache.
     """
-    from mft_pipeline.cache.inspect import merge_cache
+    from mft_pipeline.cache.info import merge_cache
 
     manifest = merge_cache(cache_dir, tuple(parts))
     counts = ", ".join(f"{s}: {v['num_sequences']} sequences" for s, v in manifest["splits"].items())

@@ -15,7 +15,7 @@ from cli.main import mft
 from conftest import make_documents, write_jsonl
 from mft_pipeline.stage_one import build_cache, make_teacher
 from mft_pipeline.cache.format import MANIFEST, CacheError, temp_name
-from mft_pipeline.cache.inspect import cache_info, merge_cache, verify_cache
+from mft_pipeline.cache.info import cache_info, merge_cache, verify_cache
 from mft_pipeline.cache.reader import Cache
 from mft_pipeline.config import CacheConfig
 from mft_pipeline.data.corpus import CorpusError

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from cli.main import mft
 from conftest import make_documents, write_jsonl
 from mft_pipeline.stage_one import build_cache
-from mft_pipeline.cache.inspect import TAIL_BINS, cache_info, topk_coverage
+from mft_pipeline.cache.info import TAIL_BINS, cache_info, topk_coverage
 from mft_pipeline.cache.reader import Cache
 from mft_pipeline.config import CacheConfig
 

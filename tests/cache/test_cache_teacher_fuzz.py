@@ -19,7 +19,7 @@ from cli.main import mft
 from conftest import make_documents, write_jsonl
 from corpus_strategies import EXAMPLES, SETTINGS, corpora
 from mft_pipeline.cache.format import MANIFEST
-from mft_pipeline.cache.inspect import verify_cache
+from mft_pipeline.cache.info import verify_cache
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from cli.main import mft
 from conftest import make_documents, write_jsonl
 from mft_pipeline.stage_one import build_cache
 from mft_pipeline.cache.format import MANIFEST, CacheError, temp_name, write_json_once
-from mft_pipeline.cache.inspect import merge_cache, verify_cache
+from mft_pipeline.cache.info import merge_cache, verify_cache
 from mft_pipeline.cache.reader import Cache
 from mft_pipeline.config import CacheConfig
 
