@@ -39,20 +39,8 @@ def cache_info(path: str | Path) -> dict:
         size = sum(s["bytes"] for s in info["shards"])
         row = {"sequences": info["num_sequences"], "tokens": tokens, "bytes": size}
         if tokens:
-            split = cache.split(name)
-            right = counted = 0
-            for rows, arrays in split.chunks(("topk_ids",)):
-                labels = split.labels(rows)
-                valid = labels != IGNORE_INDEX
-                right += int(((arrays["topk_ids"][..., 0].astype(np.int64) == labels) & valid).sum())
-                counted += int(valid.sum())
-            row.update(
-                bytes_per_token=size / tokens,
-                bytes_per_candidate=size / (tokens * k),
-                teacher_argmax_accuracy=right / counted,
-                teacher_perplexity=split.teacher_perplexity(),
-            )
-            row.update(topk_coverage(split))
+            row.update(bytes_per_token=size / tokens, bytes_per_candidate=size / (tokens * k))
+            row.update(teacher_stats(cache.split(name)))
         out["splits"][name] = row
     return out
 
@@ -178,13 +166,13 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 TAIL_BINS = 1 << 16
 
 
-def topk_coverage(split, chunk_rows: int = 64, bins: int = TAIL_BINS) -> dict:
-    """How much of the teacher the top-k keeps, over one split, for choosing ``--top-k``.
+def teacher_stats(split, chunk_rows: int = 64, bins: int = TAIL_BINS) -> dict:
+    """The teacher's quality over one split, and how much of it the top-k keeps (for choosing ``--top-k``).
 
-    Reads the split ``chunk_rows`` rows at a time through ``split.batch(rows)``, so memory does
-    not grow with the split. Counts and sums are exact (int64, float64); percentiles come from
-    a histogram of ``bins`` equal bins on [0, 1] and are the upper edge of the bin holding the
-    nearest-rank percentile, i.e. at most ``1 / bins`` above it.
+    One pass: reads the split ``chunk_rows`` rows at a time through ``split.batch(rows)``, so
+    memory does not grow with the split. Counts and sums are exact (int64, float64); percentiles
+    come from a histogram of ``bins`` equal bins on [0, 1] and are the upper edge of the bin
+    holding the nearest-rank percentile, i.e. at most ``1 / bins`` above it.
 
     Args:
         split: a cache split (``len(split)`` rows, ``split.batch(rows)`` as in ``CachedSplit``).
@@ -192,15 +180,16 @@ def topk_coverage(split, chunk_rows: int = 64, bins: int = TAIL_BINS) -> dict:
         bins: histogram bins for the percentiles.
 
     Returns:
+        teacher_argmax_accuracy: share of labelled positions where the argmax is the label.
+        teacher_perplexity: exp of the mean negative cached label log-prob (no forward).
         label_outside_top_k: share of labelled positions whose label is not among the top-k.
         tail_mass_mean, tail_mass_p50, tail_mass_p90, tail_mass_p99: the teacher's probability
             outside its top-k, ``1 - sum(exp(top-k log-probs))`` per position (clipped to [0, 1]
             against float16 rounding), mean and percentiles over labelled positions.
-        teacher_argmax_accuracy: share of labelled positions where the argmax is the label.
         All None when the split has no labelled position.
     """
     n = outside = argmax_right = 0
-    tail_sum = 0.0
+    tail_sum = label_logprob_sum = 0.0
     counts = np.zeros(bins, dtype=np.int64)
     for start in range(0, len(split), chunk_rows):
         b = split.batch(list(range(start, min(start + chunk_rows, len(split)))))
@@ -213,8 +202,9 @@ def topk_coverage(split, chunk_rows: int = 64, bins: int = TAIL_BINS) -> dict:
         outside += int((valid & ~in_top).sum())
         argmax_right += int((valid & (ids[..., 0] == labels)).sum())
         tail_sum += float(tail.sum())
+        label_logprob_sum += float(b["label_logprobs"].numpy().astype(np.float64)[valid].sum())
         counts += np.bincount(np.minimum((tail * bins).astype(np.int64), bins - 1), minlength=bins)
-    keys = ("label_outside_top_k", "tail_mass_mean", "tail_mass_p50", "tail_mass_p90", "tail_mass_p99", "teacher_argmax_accuracy")
+    keys = ("teacher_argmax_accuracy", "teacher_perplexity", "label_outside_top_k", "tail_mass_mean", "tail_mass_p50", "tail_mass_p90", "tail_mass_p99")
     if n == 0:
         return dict.fromkeys(keys)
     cumulative = np.cumsum(counts)
@@ -223,5 +213,6 @@ def topk_coverage(split, chunk_rows: int = 64, bins: int = TAIL_BINS) -> dict:
         rank = max(1, int(np.ceil(q / 100 * n)))
         return float((np.searchsorted(cumulative, rank) + 1) / bins)
 
-    values = (outside / n, tail_sum / n, percentile(50), percentile(90), percentile(99), argmax_right / n)
+    perplexity = float(np.exp(-label_logprob_sum / n))
+    values = (argmax_right / n, perplexity, outside / n, tail_sum / n, percentile(50), percentile(90), percentile(99))
     return dict(zip(keys, values))

@@ -1,4 +1,4 @@
-"""`mft cache-info`'s top-k coverage numbers against a dense float64 teacher, and the streaming against the whole split."""
+"""`mft cache-info`'s teacher statistics against a dense float64 teacher, and the streaming against the whole split."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from cli.main import mft
 from conftest import make_documents, write_jsonl
 from mft_pipeline.stage_one import build_cache
-from mft_pipeline.cache.info import TAIL_BINS, cache_info, topk_coverage
+from mft_pipeline.cache.info import TAIL_BINS, cache_info, teacher_stats
 from mft_pipeline.cache.reader import Cache
 from mft_pipeline.config import CacheConfig
 
@@ -60,7 +60,7 @@ def test_coverage_equals_the_dense_teacher(cache_dir, tiny_model_dir):
         input_ids = rows["input_ids"].numpy()
         num_tokens = (rows["labels"].numpy() != -100).sum(1) + 1
         want = dense_stats(model, input_ids, num_tokens)
-        got = topk_coverage(split, chunk_rows=3)
+        got = teacher_stats(split, chunk_rows=3)
         assert 0 < want["label_outside_top_k"] < 1, "the test model must put some labels outside the top-k"
         assert got["label_outside_top_k"] == pytest.approx(want["label_outside_top_k"], abs=1e-12)
         assert got["teacher_argmax_accuracy"] == pytest.approx(want["teacher_argmax_accuracy"], abs=1e-12)
@@ -78,7 +78,7 @@ def test_streaming_is_exact_for_the_stored_values(cache_dir):
     tails = np.clip(1.0 - np.exp(whole["topk_logprobs"].numpy().astype(np.float64)).sum(-1), 0, 1)[valid]
     assert len(split) > 5
     for chunk_rows in (1, 4, len(split) + 1):
-        got = topk_coverage(split, chunk_rows=chunk_rows)
+        got = teacher_stats(split, chunk_rows=chunk_rows)
         assert got["tail_mass_mean"] == pytest.approx(tails.mean(), rel=1e-12)
         for q in (50, 90, 99):
             exact = np.percentile(tails, q, method="inverted_cdf")
@@ -90,14 +90,14 @@ def test_empty_split_gives_none():
         def __len__(self):
             return 0
 
-    assert set(topk_coverage(Empty()).values()) == {None}
+    assert set(teacher_stats(Empty()).values()) == {None}
 
 
 def test_cache_info_reports_coverage_per_split(cache_dir):
     info = cache_info(cache_dir)
     for name in ("train", "validation"):
         row = info["splits"][name]
-        assert row == {**row, **topk_coverage(Cache(cache_dir).split(name))}
+        assert row == {**row, **teacher_stats(Cache(cache_dir).split(name))}
     out = CliRunner().invoke(mft, ["cache-info", str(cache_dir)])
     assert out.exit_code == 0 and out.output.count("labels outside top-k") == 2
     data = json.loads(CliRunner().invoke(mft, ["cache-info", str(cache_dir), "--json"]).output)
