@@ -16,13 +16,13 @@ torch and no training code, so reading results stays cheap.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from mft_pipeline.errors import ConfigError, MFTError
+from mft_pipeline.files import OLD, atomic_write_text
 
 RUN_CONFIG = "run-config.yaml"
 METRICS = "metrics.jsonl"
@@ -140,7 +140,7 @@ class RunFolder:
 
     def resumable(self) -> Path | None:
         """The newest complete resume checkpoint: ``last/``, or ``last.old/`` after a crash between the two renames of a save."""
-        for name in (LAST, LAST + ".old"):
+        for name in (LAST, LAST + OLD):
             if (self.path / name / TRAINER_STATE).exists():
                 return self.path / name
         return None
@@ -174,7 +174,7 @@ class RunFolder:
     def truncate_metrics(self, after_step: int) -> None:
         """Drop the rows written after step ``after_step``, so the log matches a run resumed from that step."""
         kept = [r for r in self.metrics() if r.get("step", 0) <= after_step]
-        _write_atomic(self.metrics_file, "".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write_text(self.metrics_file, "".join(json.dumps(r) + "\n" for r in kept))
 
     def best_row(self) -> dict | None:
         return best_row(self.metrics())
@@ -182,7 +182,7 @@ class RunFolder:
     # Summary.
 
     def write_summary(self, summary: dict) -> None:
-        _write_atomic(self.summary_file, json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(self.summary_file, json.dumps(summary, indent=2) + "\n")
 
     def summary(self) -> dict | None:
         """The finished run's summary; None while it is unfinished."""
@@ -195,12 +195,6 @@ class RunFolder:
 def write_settings(settings: dict, path: Path, header: str) -> Path:
     """``settings`` as YAML (keys in the given order) that ``--config`` reads back, after a ``# header`` line."""
     text = f"# {header}; run it again with --config {Path(path).name}\n"
-    _write_atomic(Path(path), text + yaml.safe_dump(settings, sort_keys=False, allow_unicode=True))
+    atomic_write_text(Path(path), text + yaml.safe_dump(settings, sort_keys=False, allow_unicode=True))
     return Path(path)
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write beside ``path`` and rename over it, so a kill never leaves a half-written file."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

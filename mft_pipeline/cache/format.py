@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 from mft_pipeline.errors import MFTError
+from mft_pipeline.files import atomic_write
 
 
 SCHEMA_VERSION = 2
@@ -69,14 +70,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_temp_json(path: Path, data: dict, worker: int | None) -> Path:
-    tmp = path.with_name(temp_name(path.name, worker))
-    with open(tmp, "w") as f:
+def _dump_json(path: Path, data: dict) -> None:
+    with open(path, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
-    return tmp
 
 
 def write_json_atomic(path: Path, data: dict, worker: int | None = None) -> None:
@@ -85,12 +84,7 @@ def write_json_atomic(path: Path, data: dict, worker: int | None = None) -> None
     Safe when several processes write the same file at once (two workers finishing together
     both write the manifest): each writes its own temp file, and the last rename wins whole.
     """
-    tmp = _write_temp_json(Path(path), data, worker)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: _dump_json(tmp, data), temp_name(Path(path).name, worker))
 
 
 def write_json_once(path: Path, data: dict, worker: int | None = None) -> dict | None:
@@ -101,8 +95,9 @@ def write_json_once(path: Path, data: dict, worker: int | None = None) -> dict |
     others read it whole and compare.
     """
     path = Path(path)
-    tmp = _write_temp_json(path, data, worker)
+    tmp = path.with_name(temp_name(path.name, worker))
     try:
+        _dump_json(tmp, data)
         try:
             os.link(tmp, path)
         except FileExistsError:

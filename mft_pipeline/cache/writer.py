@@ -24,6 +24,7 @@ from mft_pipeline.cache.format import (
     write_json_once,
 )
 from mft_pipeline.cache.shard import write_shard_file
+from mft_pipeline.files import atomic_write
 
 # Everything a cache folder may hold; --overwrite deletes only these.
 _OWN = re.compile(r"^(\.?.*\.tmp|(train|validation)-\d{5}\.parquet|worker-\d{5}-of-\d{5}\.json|manifest\.json|cache-settings\.json)$")
@@ -111,15 +112,13 @@ class CacheWriter:
 
     def write_shard(self, name: str, table: pa.Table) -> None:
         final = shard_path(self.out, name)
-        tmp = self.out / temp_name(name, self.worker_index)
-        try:
+
+        def write(tmp: Path) -> None:
             write_shard_file(table, tmp)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
-            os.replace(tmp, final)  # atomic: a shard under its final name is always complete
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+
+        atomic_write(final, write, temp_name(name, self.worker_index))  # a shard under its final name is always complete
         self.records[name] = {"file": name, "sha256": sha256_file(final), "bytes": final.stat().st_size}
 
     def __exit__(self, exc_type, exc, tb):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pickle
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from mft_pipeline.errors import MFTError
+from mft_pipeline.files import atomic_write
 from mft_pipeline.train import distributed
 
 from mft_pipeline.run_folder import TRAINER_STATE as STATE
@@ -30,21 +30,18 @@ def save_pretrained(model, tokenizer, path: Path, state: dict | None = None) -> 
     if distributed.rank() != 0:
         return
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    old = path.with_name(path.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if weights is None:
-        model.save_pretrained(tmp, safe_serialization=True)
-    else:
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
-    tokenizer.save_pretrained(tmp)
-    if state is not None:
-        torch.save(plain(state), tmp / STATE)
-    if path.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
+
+    def write(tmp: Path) -> None:
+        if weights is None:
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+        tokenizer.save_pretrained(tmp)
+        if state is not None:
+            torch.save(plain(state), tmp / STATE)
+
+    # One fixed temp name, so that a save killed midway is cleared by the next one.
+    atomic_write(path, write, temp_name=path.name + ".tmp")
 
 
 def load_state(path: Path) -> dict:
