@@ -16,6 +16,8 @@ torch and no training code, so reading results stays cheap.
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,6 +139,29 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         write_settings(settings, self.config_file, header="Resolved settings of this run")
         return None
+
+    def prepare(self, settings: dict, defaults: dict | None = None) -> str:
+        """How running ``settings`` again here goes, for callers that rerun a set of runs (the sweep).
+
+        Returns "new" (absent or empty folder), "resumed" (the same settings and a checkpoint:
+        train with resume) or "finished, skipped". A run killed before its first checkpoint has
+        nothing worth keeping: its folder is cleared and it is "new". A folder that is not a run,
+        or holds a run made with other settings (``settings_diff``), is refused rather than reused.
+        """
+        if not self.is_run():
+            if not self.is_empty():
+                raise ConfigError(f"{self.path}: not a run folder; move it away or use another --out")
+            return "new"
+        diffs = settings_diff(self.read_settings(), settings, defaults)
+        if diffs:
+            raise ConfigError(f"{self.path}: made with other settings ({'; '.join(diffs)}); use another --out")
+        if self.is_finished():
+            return "finished, skipped"
+        if self.resumable() is not None:
+            return "resumed"
+        print(f"warning: {self.path} has no checkpoint yet; starting it again", file=sys.stderr)
+        shutil.rmtree(self.path)
+        return "new"
 
     def resumable(self) -> Path | None:
         """The newest complete resume checkpoint: ``last/``, or ``last.old/`` after a crash between the two renames of a save."""

@@ -1,4 +1,4 @@
-"""The run folder's one owner: names, settings, metrics, summary and the best-row rule."""
+"""The run folder's one owner: names, settings, start and resume, metrics, summary and the best-row rule."""
 
 from __future__ import annotations
 
@@ -36,6 +36,28 @@ def test_resume_needs_a_checkpoint_and_the_same_settings(tmp_path):
         folder.start({**same, "lr": 0.2}, resume=True)
     with pytest.raises(ConfigError, match="new_option: None -> 3"):
         folder.start({**same, "new_option": 3}, resume=True, defaults={"new_option": None})
+
+
+def test_prepare_decides_new_resumed_skipped_or_refused(tmp_path):
+    folder = RunFolder(tmp_path / "run")
+    assert folder.prepare({"lr": 0.1}) == "new"
+    folder.start({"lr": 0.1}, resume=False)
+    with pytest.raises(ConfigError, match=r"other settings \(lr: 0.1 -> 0.2\)"):
+        folder.prepare({"lr": 0.2})
+    (folder.last).mkdir()
+    (folder.last / TRAINER_STATE).write_bytes(b"")
+    assert folder.prepare({"lr": 0.1}) == "resumed"
+    folder.write_summary({"steps": 1})
+    assert folder.prepare({"lr": 0.1}) == "finished, skipped"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not a run folder"):
+        RunFolder(tmp_path / "other").prepare({"lr": 0.1})
+    assert (tmp_path / "other" / "notes.txt").exists()
+    # Killed before its first checkpoint: nothing worth keeping, so it starts over.
+    killed = RunFolder(tmp_path / "killed")
+    killed.start({"lr": 0.1}, resume=False)
+    assert killed.prepare({"lr": 0.1}) == "new" and not killed.path.exists()
 
 
 def test_settings_diff_names_each_change():

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from mft_pipeline.config import PEFT_METHODS, TRAIN_DEFAULTS, TrainConfig, doc, run_settings
 from mft_pipeline.distill.correction import check_tau, check_variant
 from mft_pipeline.errors import ConfigError
-from mft_pipeline.run_folder import RunFolder, settings_diff
+from mft_pipeline.run_folder import RunFolder
 
 # Objectives whose target does not depend on tau: run once, not once per tau.
 TAU_FREE = ("ft", "distill+ft")
@@ -149,23 +147,5 @@ def run_sweep(sweep: SweepConfig, base: dict, log=print, train=None) -> list[Pat
 
 
 def prepare(config: TrainConfig) -> str:
-    """What to do with a grid point's folder: "new", "resumed" or "finished, skipped".
-
-    A folder made with other settings is refused rather than silently reused.
-    """
-    folder = RunFolder(config.out)
-    if not folder.is_run():
-        if not folder.is_empty():
-            raise ConfigError(f"{folder.path}: not a run folder of this sweep; move it away or use another --out")
-        return "new"
-    diffs = settings_diff(folder.read_settings(), run_settings(config), TRAIN_DEFAULTS)
-    if diffs:
-        raise ConfigError(f"{folder.path}: made with other settings ({'; '.join(diffs)}); use another --out for a different sweep")
-    if folder.is_finished():
-        return "finished, skipped"
-    if folder.resumable() is not None:
-        return "resumed"
-    # Killed before its first checkpoint: nothing worth keeping.
-    print(f"warning: {folder.path} has no checkpoint yet; starting it again", file=sys.stderr)
-    shutil.rmtree(folder.path)
-    return "new"
+    """What to do with a grid point's folder: "new", "resumed" or "finished, skipped" (``RunFolder.prepare``)."""
+    return RunFolder(config.out).prepare(run_settings(config), TRAIN_DEFAULTS)
