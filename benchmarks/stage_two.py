@@ -142,7 +142,7 @@ def make_batches(model, n_batches: int, batch_size: int, seq_len: int, top_k: in
     import numpy as np
     import torch
 
-    from mft_pipeline.distill import IGNORE_INDEX
+    from mft_pipeline.labels import IGNORE_INDEX
     from mft_pipeline.models import model_vocab_size
     from mft_pipeline.teacher.transformers_backend import TransformersTeacher
 
@@ -400,6 +400,7 @@ def _loss_in_child(loss, vocab, hidden_size, device, dtype, seq_len, batch_size,
     import torch.nn.functional as F
 
     from mft_pipeline.distill import fused_sparse_mft_loss, sparse_mft_loss
+    from mft_pipeline.labels import IGNORE_INDEX
 
     if threads:
         torch.set_num_threads(threads)
@@ -413,7 +414,7 @@ def _loss_in_child(loss, vocab, hidden_size, device, dtype, seq_len, batch_size,
     hidden.requires_grad_(True)
     weight = (torch.randn(V, H, device=device, generator=gen) * H**-0.5).requires_grad_(True)
     labels = torch.randint(0, V, (B, T), device=device, generator=gen)
-    labels[:, -1] = -100
+    labels[:, -1] = IGNORE_INDEX
     topk_ids = torch.randint(0, V, (B, T, top_k), device=device, generator=gen)
     topk_logprobs = -(torch.rand(B, T, top_k, device=device, generator=gen).sort(-1).values * 6 + 1)
     label_logprobs = -(torch.rand(B, T, device=device, generator=gen) * 10 + 1)

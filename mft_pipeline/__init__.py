@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 # Exported names and the module that defines each. Loaded on first use, so that `import mft_pipeline.X`
 # for a light module (the report, the run folder) does not pull in torch.
 _EXPORTS = {
-    "IGNORE_INDEX": "mft_pipeline.distill",
+    "IGNORE_INDEX": "mft_pipeline.labels",
     "VARIANTS": "mft_pipeline.distill",
     "correction_weight": "mft_pipeline.distill",
     "dense_corrected_target": "mft_pipeline.distill",

@@ -22,7 +22,7 @@ from mft_pipeline.cache.format import (
 from mft_pipeline.cache.reader import Cache
 from mft_pipeline.cache.shard import arrow_schema, decode_shard
 from mft_pipeline.cache.writer import settings_differences, write_manifest
-from mft_pipeline.distill.sparse_loss import IGNORE_INDEX
+from mft_pipeline.labels import IGNORE_INDEX
 
 
 def cache_info(path: str | Path) -> dict:

@@ -11,7 +11,7 @@ import torch
 
 from mft_pipeline.cache.format import CacheError, read_manifest, shard_path
 from mft_pipeline.cache.shard import TEACHER_COLUMNS, decode_shard
-from mft_pipeline.distill.sparse_loss import IGNORE_INDEX
+from mft_pipeline.labels import IGNORE_INDEX
 
 # Decoded row groups kept for reuse. Bounded in bytes, not in shards, so the reader's memory
 # does not grow with the cache; big enough to hold the groups one large batch touches.

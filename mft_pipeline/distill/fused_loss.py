@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import torch
 
+from mft_pipeline.labels import IGNORE_INDEX
+
 from .correction import check_tau, check_variant
-from .sparse_loss import IGNORE_INDEX, TAILS, _check_inputs, corrected_targets
+from .sparse_loss import TAILS, _check_inputs, corrected_targets
 
 # Fewest positions per default chunk, so a small call does not launch kernels row by row.
 MIN_CHUNK = 32

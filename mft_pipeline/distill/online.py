@@ -11,8 +11,9 @@ import functools
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from mft_pipeline.labels import IGNORE_INDEX
+
 from .correction import check_tau, check_variant, dense_corrected_target
-from .sparse_loss import IGNORE_INDEX
 
 
 def dense_mft_loss(

@@ -21,9 +21,10 @@ import functools
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from mft_pipeline.labels import IGNORE_INDEX
+
 from .correction import check_tau, check_variant, correction_weight
 
-IGNORE_INDEX = -100
 TAILS = ("bucket", "renormalize")
 
 

@@ -18,7 +18,8 @@ from transformers import Trainer, TrainingArguments, default_data_collator
 
 from mft_pipeline.cache.reader import Cache
 from mft_pipeline.distill.correction import check_tau, check_variant
-from mft_pipeline.distill.sparse_loss import IGNORE_INDEX, TAILS, sparse_mft_loss
+from mft_pipeline.distill.sparse_loss import TAILS, sparse_mft_loss
+from mft_pipeline.labels import IGNORE_INDEX
 from mft_pipeline.errors import ConfigError
 
 # Columns of a cache item that are training targets, not arguments of the model's forward

@@ -16,6 +16,7 @@ from mft_pipeline.stage_one import build_cache
 from mft_pipeline.cache.info import TAIL_BINS, cache_info, teacher_stats
 from mft_pipeline.cache.reader import Cache
 from mft_pipeline.config import CacheConfig
+from mft_pipeline.labels import IGNORE_INDEX
 
 K = 4
 
@@ -58,7 +59,7 @@ def test_coverage_equals_the_dense_teacher(cache_dir, tiny_model_dir):
         # The reader's own arrays only to learn each row's length and tokens; the targets come from the model.
         rows = split.batch(list(range(len(split))))
         input_ids = rows["input_ids"].numpy()
-        num_tokens = (rows["labels"].numpy() != -100).sum(1) + 1
+        num_tokens = (rows["labels"].numpy() != IGNORE_INDEX).sum(1) + 1
         want = dense_stats(model, input_ids, num_tokens)
         got = teacher_stats(split, chunk_rows=3)
         assert 0 < want["label_outside_top_k"] < 1, "the test model must put some labels outside the top-k"
@@ -74,7 +75,7 @@ def test_coverage_equals_the_dense_teacher(cache_dir, tiny_model_dir):
 def test_streaming_is_exact_for_the_stored_values(cache_dir):
     split = Cache(cache_dir).split("train")
     whole = split.batch(list(range(len(split))))
-    valid = whole["labels"].numpy() != -100
+    valid = whole["labels"].numpy() != IGNORE_INDEX
     tails = np.clip(1.0 - np.exp(whole["topk_logprobs"].numpy().astype(np.float64)).sum(-1), 0, 1)[valid]
     assert len(split) > 5
     for chunk_rows in (1, 4, len(split) + 1):

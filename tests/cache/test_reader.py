@@ -18,6 +18,7 @@ from mft_pipeline.cache.format import SCHEMA_VERSION, shard_name
 from mft_pipeline.cache.reader import Cache
 from mft_pipeline.cache.shard import arrow_schema, encode_shard
 from mft_pipeline.cache.writer import CacheWriter
+from mft_pipeline.labels import IGNORE_INDEX
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -69,7 +70,7 @@ def reference_batch(cache_dir: Path, rows: np.ndarray) -> dict[str, torch.Tensor
     ids = np.array(data["input_ids"], dtype=np.int64)[rows]
     n = np.array(data["num_tokens"])[rows]
     T = ids.shape[1]
-    labels = np.full_like(ids, -100)
+    labels = np.full_like(ids, IGNORE_INDEX)
     for b in range(len(rows)):
         labels[b, : n[b] - 1] = ids[b, 1 : n[b]]
     bits = np.cumsum(np.array(data["topk_logprob_deltas"], dtype=np.uint16)[rows], axis=-1, dtype=np.uint16)

@@ -2,7 +2,7 @@
 
 import torch
 
-from mft_pipeline.distill.sparse_loss import IGNORE_INDEX
+from mft_pipeline.labels import IGNORE_INDEX
 
 
 def reference_weight(p_m: float, p_l: float, right: bool, tau: float, variant: str) -> float:

@@ -9,6 +9,7 @@ import torch
 
 from mft_pipeline.distill import VARIANTS, check_tau, correction_weight, dense_corrected_target
 from mft_pipeline.distill.correction import check_variant
+from mft_pipeline.labels import IGNORE_INDEX
 
 from mft_reference import reference_weight
 
@@ -172,7 +173,7 @@ def test_dense_target_any_leading_shape_and_validation():
     with pytest.raises(ValueError, match="shape"):
         dense_corrected_target(p, labels[:, :2], 0.25)
     with pytest.raises(ValueError, match="labels"):
-        dense_corrected_target(p, torch.full((2, 3), -100), 0.25)
+        dense_corrected_target(p, torch.full((2, 3), IGNORE_INDEX), 0.25)
     with pytest.raises(ValueError, match="integer"):
         dense_corrected_target(p, labels.double(), 0.25)
 

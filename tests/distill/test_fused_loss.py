@@ -235,7 +235,7 @@ def test_rejects_bad_arguments():
 
 PEAK_SCRIPT = """
 import json, sys, torch
-from mft_pipeline import fused_sparse_mft_loss, sparse_mft_loss
+from mft_pipeline import IGNORE_INDEX, fused_sparse_mft_loss, sparse_mft_loss
 
 def rss(field):
     with open("/proc/self/status") as f:
@@ -246,7 +246,7 @@ torch.manual_seed(0)
 hidden = torch.randn(batch, seq, width, requires_grad=True)
 weight = (torch.randn(vocab, width) * 0.05).requires_grad_(True)
 labels = torch.randint(0, vocab, (batch, seq))
-labels[:, -64:] = -100
+labels[:, -64:] = IGNORE_INDEX
 topk_ids = torch.randint(0, vocab, (batch, seq, k))
 topk_logprobs = -torch.rand(batch, seq, k).sort(-1).values * 5 - 1
 label_logprobs = -torch.rand(batch, seq) * 8 - 1

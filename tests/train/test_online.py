@@ -10,7 +10,7 @@ from conftest import metric_rows, train_config
 from mft_pipeline.stage_one import build_cache
 from mft_pipeline.config import CacheConfig
 from mft_pipeline.distill.online import dense_mft_loss
-from mft_pipeline.distill.sparse_loss import IGNORE_INDEX
+from mft_pipeline.labels import IGNORE_INDEX
 
 
 def test_dense_loss_at_tau_one_is_cross_entropy_and_chunks_agree():
