@@ -10,7 +10,7 @@ import sys
 import click
 
 from cli.options import build, config_file_option, options_from
-from mft_pipeline.config import CacheConfig, EvalConfig, TrainConfig
+from mft_pipeline.config import TUNE_FIELDS, CacheConfig, EvalConfig, TrainConfig, TuneConfig
 from mft_pipeline.sweep.grid import GRID_FIELDS, SweepConfig
 
 
@@ -194,6 +194,26 @@ def sweep(**params):
     from mft_pipeline.sweep.grid import run_sweep
 
     run_sweep(build(SweepConfig, params), params, log=click.echo)
+
+
+@mft.command("tune")
+@config_file_option
+@options_from(TuneConfig)
+@options_from(TrainConfig, exclude=TUNE_FIELDS)
+def tune(**params):
+    """The most specialized model that forgets at most --max-degeneralization percent: search tau and the learning rate.
+
+    Trains MFT candidates from one cache (a coarse tau x learning-rate grid, then refinement
+    rounds; finished candidates are reused), puts the most specialized checkpoint within the
+    budget in OUT/best and writes tune.md, tune.png and tune.json. When no candidate fits, the
+    answer is the start (the teacher, untuned) and why. See docs/tune.md. The other options are
+    those of `mft train` and apply to every candidate.
+    """
+    from mft_pipeline.sweep.tune import REPORT, PLOT, SUMMARY, answer, tune as run
+
+    summary = run(build(TuneConfig, params), params, log=click.echo)
+    click.echo(answer(summary))
+    click.echo("report: " + ", ".join(os.path.join(params["out"], name) for name in (REPORT, PLOT, SUMMARY)))
 
 
 @mft.command("report")

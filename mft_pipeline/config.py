@@ -226,8 +226,7 @@ class TrainConfig:
             raise ConfigError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
         _check_device(self.device)
         if self.max_degeneralization is not None:
-            if not (math.isfinite(self.max_degeneralization) and self.max_degeneralization >= 0):
-                raise ConfigError(f"max_degeneralization is a percentage >= 0, got {self.max_degeneralization}")
+            _check_budget(self.max_degeneralization)
             if self.general_eval is None:
                 # Degeneralization is measured on the general-domain corpus: without it the budget could never apply.
                 raise ConfigError("--max-degeneralization needs --general-eval (the general-domain corpus DG is measured on)")
@@ -296,6 +295,50 @@ class EvalConfig:
         _check_device(self.device)
 
 
+# TrainConfig fields `mft tune` sets per candidate (or from its own config); every other one passes through.
+TUNE_FIELDS = ("cache", "out", "tau", "lr", "variant", "max_degeneralization", "resume")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """`mft tune`: the most specialized MFT model within a forgetting budget, searched over tau and the learning rate.
+
+    A coarse grid of tau x learning rate, then refinement rounds that halve the tau intervals
+    around the best candidate at its learning rate (docs/tune.md).
+    """
+
+    cache: str = doc("Stage-one cache folder every candidate trains from (it needs a validation split: S is measured on it).")
+    out: str = doc("Tune folder: one `mft train` run folder per candidate, best/ (the chosen checkpoint), tune.md, tune.png and tune.json.")
+    max_degeneralization: float = doc(
+        "Forgetting budget: the most degeneralization (DG, in percent of the general-domain perplexity) the chosen "
+        "checkpoint may have. Each candidate stops at its first evaluation over it and keeps its best checkpoint within it."
+    )
+    taus: str = doc("Coarse grid of MFT margins in [0, 1], comma-separated; 1 is plain finetuning.", default="0,0.1,0.25,0.5,1")
+    lrs: str = doc("Coarse grid of peak learning rates, comma-separated; a few values spaced about 3x apart.", default="1e-5,3e-5,1e-4")
+    refine_rounds: int = doc(
+        "Rounds after the coarse grid. Each trains, at the best candidate's learning rate, the tau halfway between the best "
+        "tau and each of its tried neighbours (at most two runs a round). 0: the coarse grid only.",
+        default=2,
+    )
+
+    def __post_init__(self):
+        _check_budget(self.max_degeneralization)
+        _check_positive("refine_rounds", self.refine_rounds, minimum=0)
+        for name in ("tau_list", "lr_list"):
+            getattr(self, name)  # parse now, so a typo fails before any training
+
+    @property
+    def tau_list(self) -> list[float]:
+        return sorted({check_tau(_number(t, "taus")) for t in split_list(self.taus, "taus")})
+
+    @property
+    def lr_list(self) -> list[float]:
+        lrs = sorted({_number(t, "lrs") for t in split_list(self.lrs, "lrs")})
+        if not all(lr > 0 and math.isfinite(lr) for lr in lrs):
+            raise ConfigError(f"lrs must be positive, got {self.lrs!r}")
+        return lrs
+
+
 TRAIN_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 
 
@@ -324,6 +367,26 @@ def _check_device(name: str) -> None:
     if device.type == "mps" and torch.backends.mps.is_available():
         return
     raise ConfigError(f"device {name!r} is not available here; use auto, cpu, cuda, cuda:N or mps")
+
+
+def split_list(text: str, name: str) -> list[str]:
+    """The items of a comma-separated option, blanks and repeats dropped; an empty list is an error."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise ConfigError(f"{name}: empty list")
+    return list(dict.fromkeys(items))
+
+
+def _check_budget(percent) -> None:
+    if not (isinstance(percent, (int, float)) and math.isfinite(percent) and percent >= 0):
+        raise ConfigError(f"max_degeneralization is a percentage >= 0, got {percent!r}")
+
+
+def _number(text: str, name: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{name}: {text!r} is not a number") from None
 
 
 def _check_choice(name, value, choices):

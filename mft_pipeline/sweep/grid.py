@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from mft_pipeline.config import PEFT_METHODS, TRAIN_DEFAULTS, TrainConfig, doc, run_settings
+from mft_pipeline.config import PEFT_METHODS, TRAIN_DEFAULTS, TrainConfig, doc, run_settings, split_list
 from mft_pipeline.distill.correction import check_tau, check_variant
 from mft_pipeline.errors import ConfigError
 from mft_pipeline.run_folder import RunFolder
@@ -44,15 +44,15 @@ class SweepConfig:
 
     @property
     def tau_list(self) -> list[float]:
-        return [check_tau(float(t)) for t in _split(self.taus, "taus")]
+        return [check_tau(float(t)) for t in split_list(self.taus, "taus")]
 
     @property
     def variant_list(self) -> list[str]:
-        return [check_variant(v) for v in _split(self.variants, "variants")]
+        return [check_variant(v) for v in split_list(self.variants, "variants")]
 
     @property
     def peft_list(self) -> list[str]:
-        pefts = _split(self.peft, "peft")
+        pefts = split_list(self.peft, "peft")
         bad = [p for p in pefts if p not in PEFT_METHODS]
         if bad:
             raise ConfigError(f"peft must be among {', '.join(PEFT_METHODS)}; got {', '.join(bad)}")
@@ -61,19 +61,12 @@ class SweepConfig:
     def replay_list(self, replay: str | None) -> list[float]:
         if self.replay_fractions is None:
             return [0.0, 0.5] if replay else [0.0]
-        fractions = [float(f) for f in _split(self.replay_fractions, "replay_fractions")]
+        fractions = [float(f) for f in split_list(self.replay_fractions, "replay_fractions")]
         if any(not 0 <= f < 1 for f in fractions):
             raise ConfigError(f"replay fractions must be in [0, 1), got {self.replay_fractions}")
         if any(fractions) and not replay:
             raise ConfigError("--replay-fractions above 0 need --replay (a general-domain cache)")
         return fractions
-
-
-def _split(text: str, name: str) -> list[str]:
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if not items:
-        raise ConfigError(f"{name}: empty list")
-    return list(dict.fromkeys(items))
 
 
 def run_name(config: TrainConfig) -> str:
@@ -135,15 +128,22 @@ def run_sweep(sweep: SweepConfig, base: dict, log=print, train=None) -> list[Pat
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps({"sweep": dataclasses.asdict(sweep), "runs": [c.out for c in configs]}, indent=2) + "\n")
     for i, config in enumerate(configs, 1):
-        run = Path(config.out)
-        status = prepare(config)
-        log(f"[{i}/{len(configs)}] {run.name}: {status}")
-        if status == "finished, skipped":
-            continue
-        train(dataclasses.replace(config, resume=status == "resumed"))
+        train_unless_finished(config, train, lambda status: log(f"[{i}/{len(configs)}] {Path(config.out).name}: {status}"))
     paths = write_report([Path(c.out) for c in configs], out)
     log("report: " + ", ".join(str(p) for p in paths))
     return [Path(c.out) for c in configs]
+
+
+def train_unless_finished(config: TrainConfig, train, log=print) -> str:
+    """Train one run unless its folder holds it finished; a half-finished one is resumed. Returns ``prepare``'s status.
+
+    ``log`` gets the status before any training starts.
+    """
+    status = prepare(config)
+    log(status)
+    if status != "finished, skipped":
+        train(dataclasses.replace(config, resume=status == "resumed"))
+    return status
 
 
 def prepare(config: TrainConfig) -> str:

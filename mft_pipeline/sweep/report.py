@@ -142,11 +142,11 @@ def _disambiguate(results: list[RunResult]) -> None:
             r.method = f"{r.method} [{r.run.name}]"
 
 
-def _pct(x: float | None) -> str:
+def pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.2f}"
 
 
-def _ratio(x: float | None) -> str:
+def ratio(x: float | None) -> str:
     return "–" if x is None else ("n/a" if math.isnan(x) else f"{x:.3f}")
 
 
@@ -165,7 +165,7 @@ def markdown(results: list[RunResult], unfinished: list[Path] = ()) -> str:
             values = []
             for d in domains:
                 r = by_domain.get(d)
-                values += ["", "", ""] if r is None else [_pct(r.value("S")), _pct(r.value("DG")), _ratio(r.value("DG_over_S"))]
+                values += ["", "", ""] if r is None else [pct(r.value("S")), pct(r.value("DG")), ratio(r.value("DG_over_S"))]
             lines.append(f"| {method} | " + " | ".join(values) + " |")
         return lines
 
@@ -218,17 +218,9 @@ def write_csv(results: list[RunResult], path: Path) -> None:
 
 def plot(results: list[RunResult], path: Path) -> None:
     """DG against S, one line per method family (over τ or ν), FT as a star; replay dashed (Agg, PNG)."""
-    try:
-        import matplotlib
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise ConfigError("the trade-off plot needs matplotlib: pip install 'mft-pipeline[plot]'") from None
+    fig, ax = new_axes(figsize=(10, 5.5))
+    import matplotlib
 
-    # A bare Figure on the Agg canvas: no pyplot state, no display needed, the caller's backend untouched.
-    fig = Figure(figsize=(10, 5.5), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
     colors = iter(matplotlib.colormaps["tab20"].colors * 4)
     points = [r for r in results if r.value("S") is not None and r.value("DG") is not None]
     families: dict[tuple, list[RunResult]] = {}
@@ -257,3 +249,15 @@ def plot(results: list[RunResult], path: Path) -> None:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, format="png")
+
+
+def new_axes(figsize: tuple[float, float]):
+    """``(figure, axes)``: a bare Figure on the Agg canvas, so no pyplot state, no display needed, the caller's backend untouched."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ConfigError("the plot needs matplotlib: pip install 'mft-pipeline[plot]'") from None
+    fig = Figure(figsize=figsize, dpi=120)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots()
