@@ -24,7 +24,6 @@ from mft_pipeline.errors import ConfigError
 from mft_pipeline.run_folder import BEST, RunFolder
 from mft_pipeline.sweep.grid import run_name, train_unless_finished
 
-BEST_LINK = BEST  # --out/best: the chosen candidate's checkpoint
 REPORT = "tune.md"
 PLOT = "tune.png"
 SUMMARY = "tune.json"
@@ -108,6 +107,11 @@ def plan(search: TuneConfig, results: Mapping[Candidate, Outcome]) -> list[list[
     return rounds
 
 
+def round_name(index: int) -> str:
+    """How reports name round ``index`` of ``plan``: "grid", then "refine 1", "refine 2", ..."""
+    return "grid" if index == 0 else f"refine {index}"
+
+
 def next_candidates(search: TuneConfig, results: Mapping[Candidate, Outcome]) -> list[Candidate]:
     """What to train next; empty once the search is done."""
     return [c for c in plan(search, results)[-1] if c not in results]
@@ -131,18 +135,18 @@ def choose(results: Mapping[Candidate, Outcome], max_degeneralization: float) ->
     if best is None:
         stopped = [(c, o.stop) for c, o in results.items() if o.stop is not None and "DG" in o.stop]
         if not stopped:
-            return Choice(None, f"no candidate has both S and DG within DG ≤ {max_degeneralization:g}%")
+            return Choice(None, f"No candidate has both S and DG within DG ≤ {max_degeneralization:g}%")
         c, row = min(stopped, key=lambda item: (item[1]["DG"], item[0]))
         return Choice(
             None,
-            f"every candidate exceeded DG ≤ {max_degeneralization:g}% at its first evaluation: the lowest was "
+            f"Every candidate exceeded DG ≤ {max_degeneralization:g}% at its first evaluation: the lowest was "
             f"{100 * row['DG']:.2f}% at τ={c.tau:g}, lr={c.lr:g} (step {row['step']}). A lower learning rate, an earlier "
             "first evaluation (--eval-every) or a larger budget may find one.",
         )
     if results[best].best["S"] <= 0:
         return Choice(
             None,
-            f"no candidate within DG ≤ {max_degeneralization:g}% improved on the start: the most specialized had "
+            f"No candidate within DG ≤ {max_degeneralization:g}% improved on the start: the most specialized had "
             f"S = {100 * results[best].best['S']:.2f}% at τ={best.tau:g}, lr={best.lr:g}.",
         )
     return Choice(best, None)
@@ -170,8 +174,8 @@ def read_outcome(run: Path) -> Outcome:
 
 
 def tune(search: TuneConfig, base: dict, log: Callable[[str], None] = print, train=None) -> dict:
-    """Train the search's candidates (finished ones are read back, never retrained), link the winner to
-    ``--out/best`` and write tune.md, tune.png and tune.json. Returns tune.json's content.
+    """Train the search's candidates (finished ones are read back, never retrained), put the winner's
+    checkpoint in ``--out/best`` and write tune.md, tune.png and tune.json. Returns tune.json's content.
 
     ``base`` holds the pass-through TrainConfig settings (steps, eval_every, general_eval, ...);
     ``train`` trains one TrainConfig (default: ``mft_pipeline.train.loop.train``).
@@ -193,10 +197,11 @@ def tune(search: TuneConfig, base: dict, log: Callable[[str], None] = print, tra
     results: dict[Candidate, Outcome] = {}
     runs: dict[Candidate, Path] = {}
     while todo := next_candidates(search, results):
-        for candidate in todo:
+        stage = round_name(len(plan(search, results)) - 1)
+        for i, candidate in enumerate(todo, 1):
             config = candidate_config(search, base, candidate)
             runs[candidate] = Path(config.out)
-            train_unless_finished(config, train, lambda status: log(f"[{len(results) + 1}] {runs[candidate].name}: {status}"))
+            train_unless_finished(config, train, lambda status: log(f"[{stage} {i}/{len(todo)}] {runs[candidate].name}: {status}"))
             results[candidate] = read_outcome(runs[candidate])
     choice = choose(results, search.max_degeneralization)
     publish_best(out, None if choice.candidate is None else runs[choice.candidate])
@@ -211,9 +216,9 @@ def publish_best(out: Path, run: Path | None) -> None:
     """Make ``out/best`` the chosen run's checkpoint (its merged model when it trained an adapter with --merge-adapter),
     as hard links where the file system allows them (no second copy on disk); with no chosen run, remove it.
 
-    The new folder is built beside ``out/best`` and swapped in, so a kill leaves the old one or the new one.
+    The new folder is built beside ``out/best`` and swapped in, so a kill never leaves a half-made one.
     """
-    target, tmp, old = out / BEST_LINK, out / f".{BEST_LINK}.tmp", out / f".{BEST_LINK}.old"
+    target, tmp, old = out / BEST, out / f".{BEST}.tmp", out / f".{BEST}.old"
     for stale in (tmp, old):
         shutil.rmtree(stale, ignore_errors=True)
     if run is not None:
@@ -241,13 +246,13 @@ def tune_summary(search, rounds, results, runs, choice: Choice, start: str) -> d
         for c in round_:
             o = results[c]
             candidates.append({
-                "run": runs[c].name, "round": "grid" if i == 0 else f"refine {i}", "tau": c.tau, "lr": c.lr,
+                "run": runs[c].name, "round": round_name(i), "tau": c.tau, "lr": c.lr,
                 "feasible": o.feasible, "best": o.best, "stop": o.stop,
             })  # fmt: skip
     chosen = None
     if choice.candidate is not None:
         c = choice.candidate
-        chosen = {"run": runs[c].name, "tau": c.tau, "lr": c.lr, "checkpoint": BEST_LINK, **{k: results[c].best[k] for k in ("step", "S", "DG")}}
+        chosen = {"run": runs[c].name, "tau": c.tau, "lr": c.lr, "checkpoint": BEST, **{k: results[c].best[k] for k in ("step", "S", "DG")}}
     return {
         "max_degeneralization": search.max_degeneralization,
         "chosen": chosen,

@@ -92,7 +92,7 @@ def test_an_impossible_budget_answers_the_start_with_the_reason():
     table = {Candidate(0, 1e-5): over(0.031, step=2), Candidate(0.5, 1e-5): over(0.025, step=1), Candidate(1, 1e-4): over(0.2)}
     choice = choose(table, max_degeneralization=1.0)
     assert choice.candidate is None
-    assert choice.reason.startswith("every candidate exceeded DG ≤ 1% at its first evaluation: the lowest was 2.50% at τ=0.5, lr=1e-05 (step 1)")
+    assert choice.reason.startswith("Every candidate exceeded DG ≤ 1% at its first evaluation: the lowest was 2.50% at τ=0.5, lr=1e-05 (step 1)")
     # Within the budget but no better than the start on the specialized domain: the start is still the answer.
     choice = choose({Candidate(0, 1e-5): ok(-0.01, 0.001), Candidate(1, 1e-5): over(0.02)}, max_degeneralization=1.0)
     assert choice.candidate is None and "improved on the start" in choice.reason and "S = -1.00% at τ=0, lr=1e-05" in choice.reason
