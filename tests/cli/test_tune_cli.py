@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 from click.testing import CliRunner
@@ -49,3 +50,25 @@ def test_an_impossible_budget_answers_the_start(stage_two, tmp_path):
     assert not (tmp_path / "best").exists()
     missing = CliRunner().invoke(mft, ["tune", "--cache", str(stage_two / "cache"), "--out", str(tmp_path / "x"), "--max-degeneralization", "1"])
     assert missing.exit_code == 2 and "needs --general-eval" in missing.output
+
+
+def test_a_config_file_sets_the_search_and_every_candidate_s_training(tmp_path):
+    import yaml
+
+    from cli.options import build
+    from mft_pipeline.config import TuneConfig
+    from mft_pipeline.sweep.tune import Candidate, candidate_config
+
+    f = tmp_path / "tune.yaml"
+    f.write_text(yaml.safe_dump({"cache": "c", "out": "t", "max-degeneralization": 1.5, "lrs": "1e-5,1e-4", "steps": 4, "peft": "lora", "general-eval": "g.jsonl"}))
+    with mft.commands["tune"].make_context("tune", ["--config", str(f), "--taus", "0.5"]) as ctx:
+        params = dict(ctx.params)
+    search = build(TuneConfig, params)
+    assert (search.tau_list, search.lr_list, search.max_degeneralization, search.refine_rounds) == ([0.5], [1e-5, 1e-4], 1.5, 2)
+    config = candidate_config(search, params, Candidate(0.5, 1e-5))
+    assert (config.tau, config.lr, config.variant, config.max_degeneralization, config.steps, config.peft) == (0.5, 1e-5, "mft", 1.5, 4, "lora")
+    assert Path(config.out) == Path("t", "mft-tau0.5-lora-r8-lr1e-05")
+    # tau, lr and variant are the search's: not options of `mft tune`.
+    f.write_text(yaml.safe_dump({"cache": "c", "out": "t", "max-degeneralization": 1.5, "lr": 1e-3}))
+    refused = CliRunner().invoke(mft, ["tune", "--config", str(f)])
+    assert refused.exit_code == 2 and "lr" in refused.output and "unknown key" in refused.output
