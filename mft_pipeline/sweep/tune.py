@@ -76,8 +76,8 @@ def refine(results: Mapping[Candidate, Outcome]) -> list[Candidate]:
     neighbouring tau tried at that rate (feasible or not). Those not tried yet; none when nothing is feasible.
 
     DG grows with tau, so the best tau's upper neighbour is either over the budget (the midpoint
-    bisects towards the budget's edge) or within it with less S (a run that stops early); either
-    way the best lies between the neighbours.
+    bisects towards the budget's edge) or within it with less S (a run cut short by the budget).
+    Where S rises and then falls with tau, its maximum lies between the two neighbours.
     """
     best = best_feasible(results)
     if best is None:
