@@ -21,6 +21,7 @@ from typing import Callable, Mapping
 
 from mft_pipeline.config import TUNE_FIELDS, TrainConfig, TuneConfig
 from mft_pipeline.errors import ConfigError
+from mft_pipeline.files import atomic_write, atomic_write_text
 from mft_pipeline.run_folder import BEST, RunFolder
 from mft_pipeline.sweep.grid import run_name, train_unless_finished
 
@@ -206,8 +207,8 @@ def tune(search: TuneConfig, base: dict, log: Callable[[str], None] = print, tra
     choice = choose(results, search.max_degeneralization)
     publish_best(out, None if choice.candidate is None else runs[choice.candidate])
     summary = tune_summary(search, plan(search, results), results, runs, choice, start=base.get("student") or cache.manifest["model"]["id"])
-    (out / SUMMARY).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    (out / REPORT).write_text(markdown(summary))
+    atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(out / REPORT, markdown(summary))
     plot(summary, out / PLOT)
     return summary
 
@@ -216,20 +217,16 @@ def publish_best(out: Path, run: Path | None) -> None:
     """Make ``out/best`` the chosen run's checkpoint (its merged model when it trained an adapter with --merge-adapter),
     as hard links where the file system allows them (no second copy on disk); with no chosen run, remove it.
 
-    The new folder is built beside ``out/best`` and swapped in, so a kill never leaves a half-made one.
+    The new folder is made beside ``out/best`` and swapped in whole (``files.atomic_write``).
     """
-    target, tmp, old = out / BEST, out / f".{BEST}.tmp", out / f".{BEST}.old"
-    for stale in (tmp, old):
-        shutil.rmtree(stale, ignore_errors=True)
-    if run is not None:
-        folder = RunFolder(run)
-        source = folder.merged if folder.merged.is_dir() else folder.best
-        shutil.copytree(source, tmp, copy_function=_link_or_copy)
-    if target.exists():
-        target.rename(old)
-    if run is not None:
-        tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+    target = out / BEST
+    if run is None:
+        shutil.rmtree(target, ignore_errors=True)
+        return
+    folder = RunFolder(run)
+    source = folder.merged if folder.merged.is_dir() else folder.best
+    # A fixed temp name: a later search clears the one a killed search left.
+    atomic_write(target, lambda tmp: shutil.copytree(source, tmp, copy_function=_link_or_copy), temp_name=f".{BEST}.tmp")
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -173,12 +173,15 @@ def test_tune_never_retrains_a_finished_candidate(stage_two, tmp_path):
     assert again.calls == [] and len(log) == len(first.calls) and all(line.endswith("finished, skipped") for line in log)
     # One more round reuses every earlier candidate and trains only the new ones.
     more = CurveTrainer()
-    tune(dataclasses.replace(config, refine_rounds=3), base, log=lambda line: None, train=more)
-    assert len(more.calls) <= 2 and not set(more.calls) & set(first.calls)
+    chosen = tune(dataclasses.replace(config, refine_rounds=3), base, log=lambda line: None, train=more)["chosen"]
+    assert len(more.calls) == 2 and not set(more.calls) & set(first.calls)
+    assert (tmp_path / "best" / "weights.txt").read_text() == f"{chosen['tau']:g} {chosen['lr']:g} {chosen['step']}"
 
 
 def test_an_impossible_budget_writes_no_best_and_says_why(stage_two, tmp_path):
     config = TuneConfig(cache=str(stage_two / "cache"), out=str(tmp_path), max_degeneralization=0.0, taus="0,1", lrs="1e-5,1e-4")
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "weights.txt").write_text("left by an earlier search")
     summary = tune(config, base_settings(stage_two, steps=4, eval_every=1), log=lambda line: None, train=CurveTrainer())
     assert summary["chosen"] is None and summary["start"] == str(stage_two / "teacher")
     # The lowest DG of any first evaluation: tau 0 at the lower rate, step 1.
