@@ -63,13 +63,8 @@ def fused_sparse_mft_loss(
         labels, topk_ids, topk_logprobs, label_logprobs, tau, variant, ignore_index, tail:
             exactly as for ``sparse_mft_loss``: labels (B, T), topk_ids and topk_logprobs
             (B, T, k), label_logprobs (B, T).
-        chunk_size: positions per chunk. By default ``max(n * H / V, H / 2, MIN_CHUNK)`` for n
-            counted positions: one chunk's float32 logits are then about as large as the
-            call's hidden states, or as half the float32 weight gradient, whichever is more.
-            The first bound lets the working set (about three chunks of logits) grow with the
-            batch like the model's activations do, never with B × T × V; the second keeps
-            the (V, H) weight-gradient update, which every chunk pays, a small share of the
-            chunk's own work.
+        chunk_size: positions per chunk; by default ``default_chunk_size(n, V, H)`` for n
+            counted positions.
         bias: optional (V,) output-head bias.
         logit_scale: optional factor applied to the logits.
         softcap: optional final-logit soft-capping value (Gemma 2 style).
@@ -135,7 +130,7 @@ def fused_sparse_mft_loss(
     else:
         matmul_dtype = torch.promote_types(hidden.dtype, lm_head_weight.dtype)
     if chunk_size is None:
-        chunk_size = max(MIN_CHUNK, width // 2, -(-rows.numel() * width // vocab))
+        chunk_size = default_chunk_size(rows.numel(), vocab, width)
     options = _Options(
         chunk_size=chunk_size,
         matmul_dtype=matmul_dtype,
@@ -157,6 +152,18 @@ def fused_sparse_mft_loss(
         options,
     )
     return loss_sum, n_tokens
+
+
+def default_chunk_size(positions: int, vocab: int, hidden: int) -> int:
+    """Positions per chunk: ``max(n * H / V, H / 2, MIN_CHUNK)`` for n counted positions.
+
+    One chunk's float32 logits are then about as large as the call's hidden states, or as
+    half the float32 weight gradient, whichever is more. The first bound lets the working set
+    (about three chunks of logits) grow with the batch like the model's activations do, never
+    with B × T × V; the second keeps the (V, H) weight-gradient update, which every chunk
+    pays, a small share of the chunk's own work.
+    """
+    return max(MIN_CHUNK, hidden // 2, -(-positions * hidden // vocab))
 
 
 class _Options:
@@ -285,6 +292,7 @@ class _FusedSparseMFT(torch.autograd.Function):
                     continue
                 if options.softcap is not None:
                     grad.mul_(t.square_().neg_().add_(1.0))  # d(cap * tanh(x / cap)) = 1 - tanh^2
+                    del t
                 if options.logit_scale is not None:
                     grad.mul_(options.logit_scale)
                 del raw, z
@@ -300,6 +308,8 @@ class _FusedSparseMFT(torch.autograd.Function):
                         grad_weight.addmm_(g.T, h)
                 if grad_bias is not None:
                     grad_bias += grad.sum(0).to(acc_dtype)
+                # Gone before the next chunk's logits exist; held over, they were a fourth (c, V) tensor at its peak.
+                del grad, g
         ctx.save_for_backward(
             *(t if t is not None else torch.empty(0) for t in (grad_hidden, grad_weight, grad_bias))
         )
