@@ -383,19 +383,22 @@ def _peak_in_child(spec, batch_file, method, device, dtype, seed, threads) -> di
     return {"peak": peak.peak(), "before": before}
 
 
-def loss_peak_memory(loss, vocab, hidden_size, device, dtype, seq_len, batch_size, *, top_k=20, seed=0, threads=None) -> dict:
+def loss_peak_memory(loss, vocab, hidden_size, device, dtype, seq_len, batch_size, *, top_k=20, seed=0, threads=None,
+                     chunk_size=None, repeats=0) -> dict:
     """Peak memory growth of one loss + backward from (B, T, H) hidden states and a (V, H) head, in a fresh process.
 
-    ``loss``: "fused" (``fused_sparse_mft_loss``), "sparse-logits" (full logits, then
-    ``sparse_mft_loss``) or "ft-naive" (full logits, float32 cross-entropy, as Hugging Face's
-    loss). Returns {"growth", "before", "peak"} in bytes.
+    ``loss``: "fused" (``fused_sparse_mft_loss``, ``chunk_size`` positions per chunk; None: its
+    default), "sparse-logits" (full logits, then ``sparse_mft_loss``) or "ft-naive" (full logits,
+    float32 cross-entropy, as Hugging Face's loss). Returns {"growth", "before", "peak"} in bytes
+    and "seconds": the measured call's, or with ``repeats`` the median of that many more calls
+    (the first call on a device pays its start-up).
     """
     return _child("loss", loss=loss, vocab=vocab, hidden_size=hidden_size, device=str(device),
                   dtype=str(dtype).removeprefix("torch."), seq_len=seq_len, batch_size=batch_size, top_k=top_k,
-                  seed=seed, threads=threads)
+                  seed=seed, threads=threads, chunk_size=chunk_size, repeats=repeats)
 
 
-def _loss_in_child(loss, vocab, hidden_size, device, dtype, seq_len, batch_size, top_k, seed, threads) -> dict:
+def _loss_in_child(loss, vocab, hidden_size, device, dtype, seq_len, batch_size, top_k, seed, threads, chunk_size=None, repeats=0) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -418,22 +421,37 @@ def _loss_in_child(loss, vocab, hidden_size, device, dtype, seq_len, batch_size,
     topk_ids = torch.randint(0, V, (B, T, top_k), device=device, generator=gen)
     topk_logprobs = -(torch.rand(B, T, top_k, device=device, generator=gen).sort(-1).values * 6 + 1)
     label_logprobs = -(torch.rand(B, T, device=device, generator=gen) * 10 + 1)
+
+    def loss_and_backward() -> float:
+        t0 = time.perf_counter()
+        with torch.autocast(**autocast):
+            if loss == "fused":
+                value, n = fused_sparse_mft_loss(hidden, weight, labels, topk_ids, topk_logprobs, label_logprobs, TAU, chunk_size=chunk_size)
+            else:
+                logits = hidden @ weight.T
+                if loss == "ft-naive":
+                    value = F.cross_entropy(logits.float().view(-1, V), labels.view(-1), reduction="sum")
+                elif loss == "sparse-logits":
+                    value, n = sparse_mft_loss(logits, labels, topk_ids, topk_logprobs, label_logprobs, TAU)
+                else:
+                    raise ValueError(f"unknown loss {loss!r}")
+                del logits
+        value.backward()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
     peak = _Peak(device)
     before = peak.reset()
-    with torch.autocast(**autocast):
-        if loss == "fused":
-            value, n = fused_sparse_mft_loss(hidden, weight, labels, topk_ids, topk_logprobs, label_logprobs, TAU)
-        else:
-            logits = hidden @ weight.T
-            if loss == "ft-naive":
-                value = F.cross_entropy(logits.float().view(-1, V), labels.view(-1), reduction="sum")
-            elif loss == "sparse-logits":
-                value, n = sparse_mft_loss(logits, labels, topk_ids, topk_logprobs, label_logprobs, TAU)
-            else:
-                raise ValueError(f"unknown loss {loss!r}")
-            del logits
-    value.backward()
-    return {"peak": peak.peak(), "before": before, "growth": peak.peak() - before}
+    seconds = loss_and_backward()
+    result = {"peak": peak.peak(), "before": before, "growth": peak.peak() - before}
+    if repeats:
+        times = []
+        for _ in range(repeats):
+            hidden.grad = weight.grad = None
+            times.append(loss_and_backward())
+        seconds = statistics.median(times)
+    return {**result, "seconds": seconds}
 
 
 # ---------------------------------------------------------------------------------------------
