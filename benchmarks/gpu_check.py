@@ -146,8 +146,11 @@ def fused_loss_bytes(positions: int, vocab: int, hidden: int, chunk: int, matmul
     return fixed + max(loss, update)
 
 
-def chunks_part(plan: Plan) -> dict:
-    """FT-naive, then the fused loss at its default chunk and at each of ``plan.chunks``, a fresh process each."""
+def chunks_part(plan: Plan, progress=lambda partial: None) -> dict:
+    """FT-naive, then the fused loss at its default chunk and at each of ``plan.chunks``, a fresh process each.
+
+    ``progress`` gets the result so far after each point: a long CPU sweep stopped early keeps what it measured.
+    """
     import torch
 
     B, T, V, H = plan.sweep_shape
@@ -158,13 +161,15 @@ def chunks_part(plan: Plan) -> dict:
     say(f"ft-naive: {naive['growth'] / MiB:,.0f} MiB, {naive['seconds']:.3f} s")
     matmul_bytes = 2 if device.type == "cuda" else 4
     default = default_chunk_size(B * T, V, H)
-    rows = []
-    for chunk in sorted({default, *plan.chunks}):
+    result = {"shape": {"B": B, "T": T, "V": V, "H": H}, "repeats": plan.sweep_repeats, "ft_naive": naive, "fused": []}
+    for chunk in dict.fromkeys((default, *plan.chunks)):  # the default first, then in the order asked
         r = point("fused", chunk)
         predicted = fused_loss_bytes(B * T, V, H, chunk, matmul_bytes)
-        rows.append({"chunk": chunk, "default": chunk == default, **r, "vs_ft_naive": r["growth"] / naive["growth"], "predicted": predicted})
+        result["fused"].append({"chunk": chunk, "default": chunk == default, **r, "vs_ft_naive": r["growth"] / naive["growth"],
+                                "predicted": predicted})  # fmt: skip
         say(f"fused, chunk {chunk}: {r['growth'] / MiB:,.0f} MiB (predicted {predicted / MiB:,.0f}), {r['seconds']:.3f} s")
-    return {"shape": {"B": B, "T": T, "V": V, "H": H}, "repeats": plan.sweep_repeats, "ft_naive": naive, "fused": rows}
+        progress(result)
+    return result
 
 
 def ratios(parts: dict) -> dict:
@@ -187,10 +192,21 @@ def run(plan: Plan, path: Path, command: str, only: tuple[str, ...] = ()) -> dic
     # All of stage one before stage two: a run stopped early still has every model's first target.
     parts = [(f"stage_one/{Path(spec).name}", partial(stage_one_part, spec, one, plan)) for spec, one, _ in plan.models]
     parts += [(f"stage_two/{Path(spec).name}", partial(stage_two_part, spec, two, plan)) for spec, _, two in plan.models]
-    parts += [(name, partial(fn, plan)) for name, fn in (("loader", loader_part), ("eval", eval_part), ("chunks", chunks_part))]
     result = {"command": command, "device": device_info(plan.device), "plan": asdict(plan), "parts": {}, "errors": {},
               "loadavg_start": os.getloadavg()}
     started = time.perf_counter()
+
+    def save() -> None:
+        result["ratios"], result["wall_seconds"] = ratios(result["parts"]), time.perf_counter() - started
+        result["loadavg_end"] = os.getloadavg()
+        path.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+        path.with_suffix(".md").write_text(render(result))
+
+    def chunks_so_far(partial_result: dict) -> None:
+        result["parts"]["chunks"] = partial_result
+        save()
+
+    parts += [("loader", partial(loader_part, plan)), ("eval", partial(eval_part, plan)), ("chunks", partial(chunks_part, plan, chunks_so_far))]
     for name, fn in parts:
         if only and name.split("/")[0] not in only:
             continue
@@ -202,10 +218,7 @@ def run(plan: Plan, path: Path, command: str, only: tuple[str, ...] = ()) -> dic
             say(f"{name} FAILED: {e!r}")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # what this process keeps cached, the next part's fresh processes cannot use
-        result["ratios"], result["wall_seconds"] = ratios(result["parts"]), time.perf_counter() - started
-        result["loadavg_end"] = os.getloadavg()
-        path.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-        path.with_suffix(".md").write_text(render(result))
+        save()
     return result
 
 
@@ -271,7 +284,7 @@ def render_chunks(c: dict) -> str:
              f"its inputs, `fused_loss_bytes`'s prediction, and seconds ({timed}). FT-naive: {naive['growth'] / MiB:,.0f} MiB, "
              f"{naive['seconds']:.3f} s.", "", "| chunk | peak growth | predicted | vs FT-naive | seconds | vs FT-naive's time |",
              "|---|---|---|---|---|---|"]  # fmt: skip
-    for row in c["fused"]:
+    for row in sorted(c["fused"], key=lambda row: row["chunk"]):
         chunk = f"{row['chunk']} (default)" if row["default"] else row["chunk"]
         lines.append(f"| {chunk} | {row['growth'] / MiB:,.0f} MiB | {row['predicted'] / MiB:,.0f} MiB | {row['vs_ft_naive']:.3f} "
                      f"| {row['seconds']:.3f} | {row['seconds'] / naive['seconds']:.2f} |")  # fmt: skip
