@@ -1,21 +1,14 @@
-"""GPU check: the speed and memory targets of docs/performance-targets.md, measured on one CUDA device.
+"""GPU check: the targets of docs/performance-targets.md, measured on one CUDA device; no network needed.
 
-    python benchmarks/gpu_check.py speed [--models llama-360m,llama-1.2b] [--device cuda] [--out docs/results]
-    python benchmarks/gpu_check.py chunks [--device cpu] [--chunks 128,256,512,1024,2048,4096] [--out docs/results]
-    python benchmarks/gpu_check.py --rehearse [--out DIR]     # every code path on CPU at tiny sizes, ~1 minute
+    python benchmarks/gpu_check.py speed [--models llama-360m:8:4,llama-1.2b:4:2] [--out docs/results]
+    python benchmarks/gpu_check.py chunks [--device cpu] [--chunks 256,512,2048,4096] [--out docs/results]
+    python benchmarks/gpu_check.py --rehearse [--out DIR]     # every part on CPU at tiny sizes
 
-speed writes gpu-<date>.md and gpu-<date>.json into --out, rewritten after each part, so a run
-stopped early keeps what finished: stage one (the teacher's plain forward against
-``TransformersTeacher.score``, ``benchmarks.stage_one.forward_vs_score``) and stage two
-(``benchmarks.stage_two.measure_model``: offline fused MFT, FT, online dense MFT, and the loss
-alone) per model, bf16, 2048-token sequences of random tokens; then the cache loader's tokens/s,
-evaluation's peak memory, and the fused loss's peak memory and time per chunk size at
-2 x 2048 positions and a 128k vocabulary. ``--models`` takes ``benchmarks.stage_two.SHAPES``
-names (random weights, nothing to download) or any model spec. Nothing here needs a network.
-
-chunks is that last sweep alone, on any device, into fused-chunk-<device>.md/json: peak growth
-measured as ``benchmarks.stage_two`` measures the loss path (a fresh process per point), beside
-the bytes ``fused_loss_bytes`` predicts.
+speed writes gpu-<date>.md/json, rewritten after each part: stage one (``stage_one.forward_vs_score``)
+and stage two (``stage_two.measure_model``) per model, random tokens and random-weight shapes
+(``stage_two.SHAPES``, or any model spec) in bf16; the cache loader's tokens/s; evaluation's peak
+memory; and the fused loss by chunk size (peak memory and time at 2 x 2048 positions, V = 128k,
+beside ``fused_loss_bytes``'s prediction). chunks runs that sweep alone into fused-chunk-<device>.md/json.
 """
 
 from __future__ import annotations
@@ -40,9 +33,9 @@ if str(REPO) not in sys.path:  # run as a script: benchmarks/ and mft_pipeline/ 
     sys.path.insert(0, str(REPO))
 
 from benchmarks import stage_one, stage_two  # noqa: E402
+from benchmarks.stage_one import fmt_mib  # noqa: E402
 from mft_pipeline.distill.fused_loss import default_chunk_size  # noqa: E402
 
-MiB = 2**20
 # docs/performance-targets.md; each is the worst case over the models measured.
 TARGETS = (
     ("stage_one_score_vs_forward", ">=", 0.9, "stage one (score) tokens/s vs the plain forward"),
@@ -86,14 +79,6 @@ def device_info(device: str) -> dict:
         smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True)
         info["driver"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else "unknown"
     return info
-
-
-def device_line(d: dict) -> str:
-    gpu = f"{d['gpu']} (driver {d['driver']}, CUDA {d['cuda']})" if "gpu" in d else f"no GPU ({d['device']})"
-    return f"{gpu}; Python {d['python']}, torch {d['torch']}, transformers {d['transformers']}; {d['date']}"
-
-
-# ----------------------------------------------------------------------------- the parts
 
 
 def stage_one_part(spec: str, batch: int, plan: Plan) -> dict:
@@ -158,7 +143,7 @@ def chunks_part(plan: Plan, progress=lambda partial: None) -> dict:
     point = lambda loss, chunk=None: stage_two.loss_peak_memory(loss, V, H, device, dtype, T, B, top_k=plan.top_k,  # noqa: E731
                                                                  chunk_size=chunk, repeats=plan.sweep_repeats, threads=plan.threads)
     naive = point("ft-naive")
-    say(f"ft-naive: {naive['growth'] / MiB:,.0f} MiB, {naive['seconds']:.3f} s")
+    say(f"ft-naive: {fmt_mib(naive['growth'])}, {naive['seconds']:.3f} s")
     matmul_bytes = 2 if device.type == "cuda" else 4
     default = default_chunk_size(B * T, V, H)
     result = {"shape": {"B": B, "T": T, "V": V, "H": H}, "repeats": plan.sweep_repeats, "ft_naive": naive, "fused": []}
@@ -167,7 +152,7 @@ def chunks_part(plan: Plan, progress=lambda partial: None) -> dict:
         predicted = fused_loss_bytes(B * T, V, H, chunk, matmul_bytes)
         result["fused"].append({"chunk": chunk, "default": chunk == default, **r, "vs_ft_naive": r["growth"] / naive["growth"],
                                 "predicted": predicted})  # fmt: skip
-        say(f"fused, chunk {chunk}: {r['growth'] / MiB:,.0f} MiB (predicted {predicted / MiB:,.0f}), {r['seconds']:.3f} s")
+        say(f"fused, chunk {chunk}: {fmt_mib(r['growth'])} (predicted {fmt_mib(predicted)}), {r['seconds']:.3f} s")
         progress(result)
     return result
 
@@ -222,9 +207,6 @@ def run(plan: Plan, path: Path, command: str, only: tuple[str, ...] = ()) -> dic
     return result
 
 
-# ----------------------------------------------------------------------------- the results file
-
-
 def met(value, op: str, goal: float) -> str:
     if value is None:
         return "not measured"
@@ -232,8 +214,10 @@ def met(value, op: str, goal: float) -> str:
 
 
 def render(r: dict) -> str:
-    p, parts = r["plan"], r["parts"]
-    lines = [f"# GPU check, {r['device']['date'][:10]}", "", f"Command: `{r['command']}`", "", f"Device: {device_line(r['device'])}.",
+    p, parts, d = r["plan"], r["parts"], r["device"]
+    gpu = f"{d['gpu']} (driver {d['driver']}, CUDA {d['cuda']})" if "gpu" in d else f"no GPU ({d['device']})"
+    lines = [f"# GPU check, {d['date'][:10]}", "", f"Command: `{r['command']}`", "",
+             f"Device: {gpu}; Python {d['python']}, torch {d['torch']}, transformers {d['transformers']}; {d['date']}.",
              "", f"Random tokens and random-weight models; {p['seq_len']}-token sequences, top-k {p['top_k']}, {p['repeats']} paired "
              f"repeats, medians; {'bf16' if p['device'].startswith('cuda') else 'float32 (no GPU)'}. Wall time "
              f"{r['wall_seconds']:.0f} s; load average {r['loadavg_start'][0]:.2f} at the start, {r['loadavg_end'][0]:.2f} at the end. "
@@ -248,18 +232,18 @@ def render(r: dict) -> str:
     for name, s in parts.items():
         if name.startswith("stage_one/"):
             lines.append(f"| {name[10:]} | {s['params'] / 1e6:,.0f}M | {s['batch'][0]} × {s['batch'][1]} | {s['tokens_per_s']['forward']:,.0f} "
-                         f"| {s['tokens_per_s']['score']:,.0f} | {s['score_vs_forward']:.3f} | {s['peak_bytes']['forward'] / MiB:,.0f} MiB "
-                         f"| {s['peak_bytes']['score'] / MiB:,.0f} MiB |")  # fmt: skip
-    lines += ["", "Stage two (one step: forward, backward, AdamW; float32 weights, bf16 autocast; peaks in fresh processes):", "",
+                         f"| {s['tokens_per_s']['score']:,.0f} | {s['score_vs_forward']:.3f} | {fmt_mib(s['peak_bytes']['forward'])} "
+                         f"| {fmt_mib(s['peak_bytes']['score'])} |")  # fmt: skip
+    lines += ["", "Stage two (one step: forward, backward, AdamW; float32 weights, autocast on a GPU; peaks in fresh processes):", "",
               "| model | method | tokens/s | paired ratio vs FT | step peak | vs FT |", "|---|---|---|---|---|---|"]  # fmt: skip
     for name, t in parts.items():
         if name.startswith("stage_two/"):
             for m in stage_two.METHODS:
                 peak, ratio = t["peak"][m]["peak"], 1.0 if m == "ft" else t["speed"]["paired_ratio_vs_ft"][m]
-                lines.append(f"| {name[10:]} | {m} | {t['speed']['tokens_per_s'][m]:,.0f} | {ratio:.3f} | {peak / MiB:,.0f} MiB "
+                lines.append(f"| {name[10:]} | {m} | {t['speed']['tokens_per_s'][m]:,.0f} | {ratio:.3f} | {fmt_mib(peak)} "
                              f"| {peak / t['peak']['ft']['peak']:.3f} |")  # fmt: skip
             lines.append(f"| {name[10:]} | loss alone, {t['loss_positions']:,} positions, V = {t['vocab']:,} | | | fused "
-                         f"{t['loss']['fused']['growth'] / MiB:,.0f} MiB | {t['loss_peak_memory_vs_ft_naive']:.3f} of FT-naive |")  # fmt: skip
+                         f"{fmt_mib(t['loss']['fused']['growth'])} | {t['loss_peak_memory_vs_ft_naive']:.3f} of FT-naive |")  # fmt: skip
     if "loader" in parts:
         ld = parts["loader"]
         lines += ["", f"Cache loader alone (k = {ld['top_k']}, V = {ld['vocab']:,}, onto the device): "
@@ -268,7 +252,7 @@ def render(r: dict) -> str:
     if "eval" in parts:
         ev = parts["eval"]
         lines += ["", f"Evaluation ({Path(ev['spec']).name}, {ev['batch_size']} × {ev['seq_len']}): peak growth "
-                  f"{ev['chunked']['growth'] / MiB:,.0f} MiB through the head in chunks against {ev['naive']['growth'] / MiB:,.0f} MiB "
+                  f"{fmt_mib(ev['chunked']['growth'])} through the head in chunks against {fmt_mib(ev['naive']['growth'])} "
                   f"with the full logits ({ev['ratio']:.3f}; target ≤ 0.25); NLLs within {ev['nll_rel_gap']:.1e}."]  # fmt: skip
     if "chunks" in parts:
         lines += ["", render_chunks(parts["chunks"])]
@@ -281,17 +265,14 @@ def render_chunks(c: dict) -> str:
     s, naive = c["shape"], c["ft_naive"]
     timed = f"the median of {c['repeats']} calls after the measured one" if c["repeats"] else "the measured call's, first touch of its memory included"
     lines = [f"Fused loss + backward by chunk size, {s['B']} × {s['T']} positions, V = {s['V']:,}, H = {s['H']}: peak growth over "
-             f"its inputs, `fused_loss_bytes`'s prediction, and seconds ({timed}). FT-naive: {naive['growth'] / MiB:,.0f} MiB, "
+             f"its inputs, `fused_loss_bytes`'s prediction, and seconds ({timed}). FT-naive: {fmt_mib(naive['growth'])}, "
              f"{naive['seconds']:.3f} s.", "", "| chunk | peak growth | predicted | vs FT-naive | seconds | vs FT-naive's time |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     for row in sorted(c["fused"], key=lambda row: row["chunk"]):
         chunk = f"{row['chunk']} (default)" if row["default"] else row["chunk"]
-        lines.append(f"| {chunk} | {row['growth'] / MiB:,.0f} MiB | {row['predicted'] / MiB:,.0f} MiB | {row['vs_ft_naive']:.3f} "
+        lines.append(f"| {chunk} | {fmt_mib(row['growth'])} | {fmt_mib(row['predicted'])} | {row['vs_ft_naive']:.3f} "
                      f"| {row['seconds']:.3f} | {row['seconds'] / naive['seconds']:.2f} |")  # fmt: skip
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- rehearsal and command line
 
 
 def rehearsal_plan(folder: Path) -> Plan:
@@ -325,17 +306,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    plan = Plan()
+    given = {"threads": args.threads, "sweep_repeats": args.sweep_repeats,
+             "models": args.models and tuple((n, int(a), int(b)) for n, a, b in (m.split(":") for m in args.models.split(","))),
+             "chunks": args.chunks and tuple(int(c) for c in args.chunks.split(","))}  # fmt: skip
+    plan = replace(Plan(), **{k: v for k, v in given.items() if v is not None})
     if args.threads:
         torch.set_num_threads(args.threads)
-        plan = replace(plan, threads=args.threads)
     command = "python benchmarks/gpu_check.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    if args.models:
-        plan = replace(plan, models=tuple((n, int(a), int(b)) for n, a, b in (m.split(":") for m in args.models.split(","))))
-    if args.chunks:
-        plan = replace(plan, chunks=tuple(int(c) for c in args.chunks.split(",")))
-    if args.sweep_repeats is not None:
-        plan = replace(plan, sweep_repeats=args.sweep_repeats)
     if args.rehearse:
         out = Path(args.out or tempfile.mkdtemp(prefix="mft-gpu-check-"))
         out.mkdir(parents=True, exist_ok=True)

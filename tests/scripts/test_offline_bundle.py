@@ -31,13 +31,18 @@ def fake_bundle_tar(path: Path) -> dict[str, bytes]:
     return files
 
 
-def test_split_join_unpack_round_trip(tmp_path):
+def split_bundle(tmp_path, max_bytes=10_000):
+    """The fake tar split into ``tmp_path/out``; returns (tar, its files, the parts' folder, the manifest)."""
     src = tmp_path / "bundle.tar"
     files = fake_bundle_tar(src)
     out = tmp_path / "out"
     out.mkdir()
+    return src, files, out, offline_bundle.split_file(src, out, max_bytes)
+
+
+def test_split_join_unpack_round_trip(tmp_path):
     max_bytes = 10_000
-    manifest = offline_bundle.split_file(src, out, max_bytes)
+    src, files, out, manifest = split_bundle(tmp_path, max_bytes)
     parts = sorted(out.glob("bundle.tar.*"))
     assert [p.name for p in parts] == [p["name"] for p in manifest["parts"]] and len(parts) > 3
     assert all(p.stat().st_size <= max_bytes for p in parts)
@@ -55,11 +60,7 @@ def test_split_join_unpack_round_trip(tmp_path):
 
 
 def test_a_damaged_or_missing_part_is_refused(tmp_path):
-    src = tmp_path / "bundle.tar"
-    fake_bundle_tar(src)
-    out = tmp_path / "out"
-    out.mkdir()
-    manifest = offline_bundle.split_file(src, out, 10_000)
+    _, _, out, manifest = split_bundle(tmp_path)
     second = out / manifest["parts"][1]["name"]
     data = second.read_bytes()
     second.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
@@ -74,11 +75,7 @@ def test_a_damaged_or_missing_part_is_refused(tmp_path):
 
 def test_a_joined_file_that_differs_from_the_bundled_one_is_removed(tmp_path):
     """Parts intact but the whole's sha256 differs (parts from another bundle): nothing joined is left behind."""
-    src = tmp_path / "bundle.tar"
-    fake_bundle_tar(src)
-    out = tmp_path / "out"
-    out.mkdir()
-    manifest = offline_bundle.split_file(src, out, 10_000)
+    _, _, out, manifest = split_bundle(tmp_path)
     (out / "manifest.json").write_text(json.dumps({**manifest, "sha256": "0" * 64}))
     with pytest.raises(offline_bundle.BundleError, match="does not match"):
         offline_bundle.join_parts(out, tmp_path / "dest")
@@ -86,11 +83,7 @@ def test_a_joined_file_that_differs_from_the_bundled_one_is_removed(tmp_path):
 
 
 def test_unpack_command_exits_2_on_a_damaged_bundle(tmp_path, capsys):
-    src = tmp_path / "bundle.tar"
-    fake_bundle_tar(src)
-    out = tmp_path / "out"
-    out.mkdir()
-    offline_bundle.split_file(src, out, 10_000)
+    _, _, out, _ = split_bundle(tmp_path)
     (out / "bundle.tar.000").write_bytes(b"x")
     assert offline_bundle.main(["unpack", str(out), "--dest", str(tmp_path / "d"), "--no-install"]) == 2
     assert "bundle.tar.000 is damaged" in capsys.readouterr().err
