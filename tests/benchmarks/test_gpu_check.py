@@ -39,3 +39,12 @@ def test_rehearsal_measures_every_part(tmp_path):
     assert "stage one (score) tokens/s vs the plain forward" in md and "| 32 (default) |" in md
     assert "mft-gpu-rehearsal-" not in md  # the temporary model folder is named by its last part only
 
+
+
+def test_speed_without_a_gpu_says_so_and_writes_nothing(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    assert main(["speed", "--out", str(tmp_path / "out")]) == 2
+    assert "no CUDA device" in capsys.readouterr().err and not (tmp_path / "out").exists()
