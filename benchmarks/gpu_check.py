@@ -216,34 +216,28 @@ def met(value, op: str, goal: float) -> str:
 def render(r: dict) -> str:
     p, parts, d = r["plan"], r["parts"], r["device"]
     gpu = f"{d['gpu']} (driver {d['driver']}, CUDA {d['cuda']})" if "gpu" in d else f"no GPU ({d['device']})"
-    lines = [f"# GPU check, {d['date'][:10]}", "", f"Command: `{r['command']}`", "",
-             f"Device: {gpu}; Python {d['python']}, torch {d['torch']}, transformers {d['transformers']}; {d['date']}.",
-             "", f"Random tokens and random-weight models; {p['seq_len']}-token sequences, top-k {p['top_k']}, {p['repeats']} paired "
-             f"repeats, medians; {'bf16' if p['device'].startswith('cuda') else 'float32 (no GPU)'}. Wall time "
-             f"{r['wall_seconds']:.0f} s; load average {r['loadavg_start'][0]:.2f} at the start, {r['loadavg_end'][0]:.2f} at the end. "
-             "Targets: docs/performance-targets.md.", "",
-             "| target | measured (worst model) | goal | met |", "|---|---|---|---|"]  # fmt: skip
-    for key, op, goal, what in TARGETS:
-        v = r["ratios"][key]
-        lines.append(f"| {what} | {'—' if v is None else f'{v:.3f}'} | {op} {goal} | {met(v, op, goal)} |")
-    lines += ["", "Stage one (score = forward + top-k + label log-probs, brought to the host):", "",
-              "| model | params | batch | forward tokens/s | score tokens/s | score / forward | forward peak | score peak |",
-              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    speed = any(name.startswith("stage_") for name in parts) or "chunks" not in parts
+    lines = [f"# {'GPU check' if speed else 'Fused loss by chunk size'}, {d['date'][:10]}", "", f"Command: `{r['command']}`", "",
+             f"Device: {gpu}; Python {d['python']}, torch {d['torch']}, transformers {d['transformers']}; {d['date']}. "
+             f"Wall time {r['wall_seconds']:.0f} s; load average {r['loadavg_start'][0]:.2f} at the start, {r['loadavg_end'][0]:.2f} at the end."]  # fmt: skip
+    if speed:
+        lines += ["", f"Random tokens and random-weight models; {p['seq_len']}-token sequences, top-k {p['top_k']}, {p['repeats']} paired "
+                  f"repeats, medians; {'bf16' if p['device'].startswith('cuda') else 'float32 (no GPU)'}. Targets: "
+                  "docs/performance-targets.md.", "", "| target | measured (worst model) | goal | met |", "|---|---|---|---|"]  # fmt: skip
+        for key, op, goal, what in TARGETS:
+            v = r["ratios"][key]
+            lines.append(f"| {what} | {'—' if v is None else f'{v:.3f}'} | {op} {goal} | {met(v, op, goal)} |")
+        lines += ["", "Stage one (score = forward + top-k + label log-probs, brought to the host):", "",
+                  "| model | params | batch | forward tokens/s | score tokens/s | score / forward | forward peak | score peak |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, s in parts.items():
         if name.startswith("stage_one/"):
             lines.append(f"| {name[10:]} | {s['params'] / 1e6:,.0f}M | {s['batch'][0]} × {s['batch'][1]} | {s['tokens_per_s']['forward']:,.0f} "
                          f"| {s['tokens_per_s']['score']:,.0f} | {s['score_vs_forward']:.3f} | {fmt_mib(s['peak_bytes']['forward'])} "
                          f"| {fmt_mib(s['peak_bytes']['score'])} |")  # fmt: skip
-    lines += ["", "Stage two (one step: forward, backward, AdamW; float32 weights, autocast on a GPU; peaks in fresh processes):", "",
-              "| model | method | tokens/s | paired ratio vs FT | step peak | vs FT |", "|---|---|---|---|---|---|"]  # fmt: skip
-    for name, t in parts.items():
-        if name.startswith("stage_two/"):
-            for m in stage_two.METHODS:
-                peak, ratio = t["peak"][m]["peak"], 1.0 if m == "ft" else t["speed"]["paired_ratio_vs_ft"][m]
-                lines.append(f"| {name[10:]} | {m} | {t['speed']['tokens_per_s'][m]:,.0f} | {ratio:.3f} | {fmt_mib(peak)} "
-                             f"| {peak / t['peak']['ft']['peak']:.3f} |")  # fmt: skip
-            lines.append(f"| {name[10:]} | loss alone, {t['loss_positions']:,} positions, V = {t['vocab']:,} | | | fused "
-                         f"{fmt_mib(t['loss']['fused']['growth'])} | {t['loss_peak_memory_vs_ft_naive']:.3f} of FT-naive |")  # fmt: skip
+    if speed:
+        lines += ["", "Stage two (one step: forward, backward, AdamW; float32 weights, autocast on a GPU; peaks in fresh processes):", "",
+                  "| model | method | tokens/s | paired ratio vs FT | step peak | vs FT |", "|---|---|---|---|---|---|"]  # fmt: skip
     if "loader" in parts:
         ld = parts["loader"]
         lines += ["", f"Cache loader alone (k = {ld['top_k']}, V = {ld['vocab']:,}, onto the device): "
