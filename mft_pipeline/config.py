@@ -140,6 +140,12 @@ class TrainConfig:
     schedule: str = doc("Learning-rate schedule after warmup: constant or cosine.", default="constant")
     max_grad_norm: float = doc("Gradient clipping norm (0 disables).", default=1.0)
     seed: int = doc("Seed for data order and initialisation; CPU runs repeat exactly.", default=0)
+    shuffle_groups: int = doc(
+        "Training order: the cache's row groups (32 rows each) are shuffled, and the rows of every N consecutive "
+        "groups are shuffled together. Each group is then decoded once per epoch and only N are held decoded; "
+        "a larger N mixes rows from more places of the cache at once.",
+        default=8,
+    )
     eval_every: int = doc("Evaluate every N optimizer steps (and at the end).", default=50)
     general_eval: str | None = doc("General-domain corpus for the degeneralization metric (same formats as stage one's corpus).", default=None)
     general_text_field: str = doc("Text column of the general-domain corpus.", default="text")
@@ -208,7 +214,7 @@ class TrainConfig:
         check_variant(self.variant)
         _check_choice("tail", self.tail, ("bucket", "renormalize"))
         _check_choice("schedule", self.schedule, SCHEDULES)
-        for name in ("batch_size", "grad_accum", "eval_every", "eval_batch_size", "general_max_sequences"):
+        for name in ("batch_size", "grad_accum", "eval_every", "eval_batch_size", "general_max_sequences", "shuffle_groups"):
             _check_positive(name, getattr(self, name))
         if self.steps is not None:
             _check_positive("steps", self.steps)

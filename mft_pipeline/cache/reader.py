@@ -1,8 +1,17 @@
-"""Reading a finished cache back as (B, T, k) training targets, a few rows at a time."""
+"""Reading a finished cache back as (B, T, k) training targets, a few rows at a time.
+
+Two ways in: ``CachedSplit.batch(rows)`` reads any rows (random access, a small cache of decoded
+row groups), and ``CachedSplit.read_in_order(parts)`` reads a planned sequence of batches in a
+block-shuffled order (``epoch_order``), decoding each row group once per epoch; ``Prefetch``
+runs that in a background thread, so the next batch is ready when a training step ends.
+"""
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +25,8 @@ from mft_pipeline.labels import IGNORE_INDEX
 # Decoded row groups kept for reuse. Bounded in bytes, not in shards, so the reader's memory
 # does not grow with the cache; big enough to hold the groups one large batch touches.
 DEFAULT_CACHE_BYTES = 256 * 2**20
+# Micro-batches decoded ahead of the one being trained on.
+PREFETCH_DEPTH = 4
 
 
 class CachedSplit:
@@ -61,6 +72,8 @@ class CachedSplit:
         self.input_ids = np.concatenate(ids)
         self.num_tokens = np.concatenate(num)
         self._group = np.concatenate(group_of_row)
+        self._group_sizes = np.bincount(self._group, minlength=len(self._groups))
+        self.decoded_groups = 0  # row groups decoded so far, a count for tests and benchmarks
         # Row offset within its row group.
         starts = np.flatnonzero(np.r_[True, self._group[1:] != self._group[:-1]])
         self._offset = np.arange(len(self._group)) - np.repeat(starts, np.diff(np.r_[starts, len(self._group)]))
@@ -83,8 +96,7 @@ class CachedSplit:
         if g in self._decoded:
             self._decoded.move_to_end(g)
             return self._decoded[g]
-        f, index = self._groups[g]
-        arrays = decode_shard(f, columns=self.teacher_columns, row_groups=[index])
+        arrays = self._decode(g)
         self._decoded[g] = arrays
         self._decoded_bytes += sum(a.nbytes for a in arrays.values())
         while self._decoded_bytes > self.cache_bytes and len(self._decoded) > 1:
@@ -92,18 +104,27 @@ class CachedSplit:
             self._decoded_bytes -= sum(a.nbytes for a in old.values())
         return arrays
 
-    def read(self, rows=slice(None)) -> dict[str, np.ndarray]:
+    def _decode(self, g: int) -> dict[str, np.ndarray]:
+        f, index = self._groups[g]
+        self.decoded_groups += 1
+        return decode_shard(f, columns=self.teacher_columns, row_groups=[index])
+
+    def read(self, rows=slice(None), group_arrays=None) -> dict[str, np.ndarray]:
         """The teacher's columns of ``rows``, in the stored dtypes and in the order asked.
+
+        ``group_arrays(g)``: the decoded arrays of row group ``g``; by default from the small
+        cache of recently decoded groups.
 
         Returns: topk_ids (n, T - 1, k) uint16/uint32; topk_logprobs (n, T - 1, k) float16;
         argmax_logprob (n, T - 1) float32, exact; label_logprobs (n, T - 1) float32, exact;
         where the cache has tail samples, tail_ids (n, T - 1, N) uint16/uint32.
         """
+        group_arrays = group_arrays or self._group_arrays
         idx = self._rows(rows)
         out: dict[str, np.ndarray] = {}
         groups = self._group[idx]
         for g in np.unique(groups):
-            arrays = self._group_arrays(int(g))
+            arrays = group_arrays(int(g))
             where = np.flatnonzero(groups == g)
             for name, a in arrays.items():
                 if name not in out:
@@ -153,7 +174,7 @@ class CachedSplit:
             count += int(valid.sum())
         return float(np.exp(-total / count))
 
-    def batch(self, rows, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    def batch(self, rows, device: torch.device | str = "cpu", group_arrays=None) -> dict[str, torch.Tensor]:
         """Tensors for ``sparse_mft_loss``, aligned with the model's full (B, T, V) logits.
 
         Targets are padded by one ignored position at the end instead of the logits being
@@ -162,9 +183,9 @@ class CachedSplit:
         Returns: input_ids (B, T); labels (B, T), IGNORE_INDEX where there is no next token;
         topk_ids (B, T, k); topk_logprobs (B, T, k) with the exact argmax at index 0;
         label_logprobs (B, T); and, only where the cache has tail samples, tail_ids (B, T, N)
-        int64 (the losses' ``tail_ids``).
+        int64 (the losses' ``tail_ids``). ``group_arrays``: as for :meth:`read`.
         """
-        teacher = self.read(rows)
+        teacher = self.read(rows, group_arrays)
         topk_lp = teacher["topk_logprobs"].astype(np.float32)
         topk_lp[..., 0] = teacher["argmax_logprob"]
         labels = self.labels(rows)
@@ -179,6 +200,133 @@ class CachedSplit:
         if self.tail_samples:
             out["tail_ids"] = torch.from_numpy(pad(teacher["tail_ids"].astype(np.int64)))
         return {k: v.to(device) for k, v in out.items()}
+
+
+    def epoch_order(self, seed: int, epoch: int, shuffle_groups: int, stream: int | None = None) -> np.ndarray:
+        """Every row of the split once, in a seeded block-shuffled order (mosaicml/streaming's block shuffling).
+
+        The row groups are put in a random order and cut into blocks of ``shuffle_groups``
+        groups; each block's rows follow in a random order of their own. A block's groups are
+        decoded together and never needed again in the epoch, so a reader that keeps the
+        current block's decoded groups decodes each group once per epoch, whatever the split's
+        size. ``seed``, ``epoch`` (and ``stream``, another source's own order under the same
+        seed) determine the order.
+        """
+        if shuffle_groups < 1:
+            raise ValueError(f"shuffle_groups must be >= 1, got {shuffle_groups}")
+        rng = np.random.default_rng([seed, epoch] if stream is None else [seed, stream, epoch])
+        groups = rng.permutation(len(self._groups))
+        # The split's rows are stored group after group: group g holds rows starts[g] ... starts[g] + size - 1.
+        starts = np.r_[0, np.cumsum(self._group_sizes)[:-1]]
+        blocks = []
+        for b in range(0, len(groups), shuffle_groups):
+            block = groups[b : b + shuffle_groups]
+            sizes = self._group_sizes[block]
+            rows = np.repeat(starts[block] - np.r_[0, np.cumsum(sizes)[:-1]], sizes) + np.arange(sizes.sum())
+            blocks.append(rng.permutation(rows))
+        return np.concatenate(blocks)
+
+    def read_in_order(self, parts: list[tuple[np.ndarray, np.ndarray]]) -> Iterator[dict[str, torch.Tensor] | None]:
+        """``batch(rows)`` for each ``(rows, epochs)`` of ``parts`` in turn (None for no rows), each row group decoded once per epoch.
+
+        ``epochs[i]`` is the epoch of ``rows[i]``: the plan knows which pass over the split a
+        row belongs to. A group is decoded when a part first needs it in an epoch and dropped
+        after the last part of the plan that needs it in that epoch, so in an order from
+        :meth:`epoch_order` only the groups of about one block are held at a time. Under
+        several processes each rank plans its own share of the rows and decodes only the
+        groups its share touches.
+        """
+        sizes = [len(rows) for rows, _ in parts]
+        if not sum(sizes):
+            yield from (None for _ in parts)
+            return
+        # (epoch, group) keys of every planned row, and the last part that needs each key.
+        rows_all = np.concatenate([np.asarray(r, dtype=np.int64) for r, _ in parts])
+        keys = np.concatenate([np.asarray(e, dtype=np.int64) for _, e in parts]) * len(self._groups) + self._group[rows_all]
+        part_of = np.repeat(np.arange(len(parts)), sizes)
+        by_key = np.argsort(keys, kind="stable")  # within a key, parts stay in plan order
+        sorted_keys = keys[by_key]
+        is_last = np.r_[sorted_keys[1:] != sorted_keys[:-1], True]
+        release: dict[int, list[int]] = {}
+        for key, part in zip(sorted_keys[is_last].tolist(), part_of[by_key][is_last].tolist()):
+            release.setdefault(part, []).append(key)
+        decoded: dict[int, dict[str, np.ndarray]] = {}
+        for i, (rows, epochs) in enumerate(parts):
+            if not len(rows):
+                yield None
+                continue
+            rows = np.asarray(rows, dtype=np.int64)
+            # A part that crosses an epoch's end may need a group under both epochs: same arrays, either key.
+            key_of_group = dict(zip(self._group[rows].tolist(), (np.asarray(epochs) * len(self._groups) + self._group[rows]).tolist()))
+
+            def group_arrays(g: int) -> dict[str, np.ndarray]:
+                key = key_of_group[g]
+                if key not in decoded:
+                    decoded[key] = self._decode(g)
+                return decoded[key]
+
+            batch = self.batch(rows, group_arrays=group_arrays)
+            for key in release.get(i, ()):
+                decoded.pop(key, None)
+            yield batch
+
+
+class Prefetch:
+    """Iterate ``items`` in a background thread, at most ``depth`` items ahead of the consumer.
+
+    Decoding (pyarrow, numpy copies) releases the GIL, so the next batches are read while
+    the training step runs. An error in the thread is raised by ``next``; ``close()`` (or the
+    ``with`` block's end) stops the thread early.
+    """
+
+    def __init__(self, items: Iterable, depth: int = PREFETCH_DEPTH):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(target=self._fill, args=(items,), name="mft-prefetch", daemon=True)
+        self._thread.start()
+
+    def _fill(self, items: Iterable) -> None:
+        try:
+            for item in items:
+                if not self._put((True, item)):
+                    return
+            self._put((False, None))
+        except BaseException as e:  # handed to the consumer, who raises it
+            self._put((False, e))
+
+    def _put(self, entry) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Prefetch:
+        return self
+
+    def __next__(self):
+        if self._done:
+            raise StopIteration
+        ok, item = self._queue.get()
+        if ok:
+            return item
+        self._done = True
+        if item is None:
+            raise StopIteration
+        raise item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def __enter__(self) -> Prefetch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class Cache:

@@ -17,14 +17,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from mft_pipeline.cache.format import CacheError
-from mft_pipeline.cache.reader import Cache
+from mft_pipeline.cache.reader import PREFETCH_DEPTH, Cache, CachedSplit, Prefetch
 from mft_pipeline.config import TrainConfig
 from mft_pipeline.data.corpus import load_documents
 from mft_pipeline.data.packing import pack_documents
@@ -33,7 +33,7 @@ from mft_pipeline.eval.metrics import compare, model_perplexity
 from mft_pipeline.models import load_model, load_tokenizer, tokenizer_fingerprint, weights_fingerprint
 from mft_pipeline.train import distributed
 from mft_pipeline.train import peft as adapters
-from mft_pipeline.train.checkpoint import load_state, restore_rng, rng_state, save_pretrained
+from mft_pipeline.train.checkpoint import CheckpointError, load_state, restore_rng, rng_state, save_pretrained
 from mft_pipeline.train.student_loss import output_head, student_loss
 from mft_pipeline.train.tracking import NullTracker, Tracker, make_tracker
 from mft_pipeline.errors import ConfigError
@@ -72,16 +72,15 @@ def lr_lambda(config: TrainConfig, total_steps: int):
     return factor
 
 
-def batch_order(n_rows: int, rows_needed: int, seed: int, stream: int | None = None) -> np.ndarray:
-    """Row indices for the whole run: one fresh seeded permutation per epoch, concatenated.
+def batch_order(split: CachedSplit, rows_needed: int, seed: int, shuffle_groups: int, stream: int | None = None) -> np.ndarray:
+    """Row indices for the whole run: one fresh seeded block-shuffled order per epoch (``CachedSplit.epoch_order``), concatenated.
 
     ``stream`` gives another source (the replay cache) its own order under the same seed.
     """
     if rows_needed == 0:
         return np.zeros(0, dtype=np.int64)
-    epochs = -(-rows_needed // n_rows)
-    key = lambda e: [seed, e] if stream is None else [seed, stream, e]  # noqa: E731
-    return np.concatenate([np.random.default_rng(key(e)).permutation(n_rows) for e in range(epochs)])[:rows_needed]
+    epochs = -(-rows_needed // len(split))
+    return np.concatenate([split.epoch_order(seed, e, shuffle_groups, stream) for e in range(epochs)])[:rows_needed]
 
 
 def micro_batches(special_rows: np.ndarray, replay_rows: np.ndarray, batch_size: int, rank: int = 0, world: int = 1):
@@ -280,9 +279,9 @@ def setup(config: TrainConfig, ranks: distributed.Ranks, compile_model: Callable
     total_steps = config.steps or max(1, math.ceil((config.epochs or 1.0) * len(train_split) / rows_per_step))
     replay_per_step = replay_rows_per_step(config)
     special_per_step = rows_per_step - replay_per_step
-    order = batch_order(len(train_split), total_steps * special_per_step, config.seed)
+    order = batch_order(train_split, total_steps * special_per_step, config.seed, config.shuffle_groups)
     replay_split = replay.split("train") if replay else None
-    replay_order = batch_order(len(replay_split), total_steps * replay_per_step, config.seed, stream=1) if replay else order[:0]
+    replay_order = batch_order(replay_split, total_steps * replay_per_step, config.seed, config.shuffle_groups, stream=1) if replay else order[:0]
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
@@ -324,6 +323,11 @@ def begin(run: Run) -> Progress:
     distributed.load_optimizer_state(run.model, run.optimizer, state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     restore_rng(state, run.ranks.device)
+    if "data" in state and state["data"] != data_position(run, state["step"]):
+        raise CheckpointError(
+            f"{run.resume_from}: the training order at step {state['step']} is not the one the run was following (the "
+            "cache's rows changed since the checkpoint?); resuming would not continue the same order"
+        )
     if run.ranks.main:
         # Drop metric rows written after the checkpoint, so the log matches the resumed trajectory.
         run.folder.truncate_metrics(state["step"])
@@ -355,20 +359,41 @@ def micro_batch_loss(model: torch.nn.Module, parts: list[dict], config: TrainCon
     return dense_mft_loss(logits, teacher_logits, labels, tau=config.tau, variant=config.variant)
 
 
-def train_step(run: Run, step: int) -> dict:
-    """Optimizer step ``step`` (0-based) over this rank's share of its rows; returns its "train" metrics row."""
+def training_batches(run: Run, first_step: int) -> Prefetch:
+    """This rank's micro-batches from step ``first_step`` to the end, decoded ahead in a background thread.
+
+    Each item is one micro-batch's parts as ``micro_batch_loss`` takes them, on the CPU: the
+    specialized cache's rows (if any), then the replay cache's (if any). Each source is read
+    with ``CachedSplit.read_in_order`` over the whole plan, so each of its row groups is
+    decoded once per epoch.
+    """
+    config, ranks = run.config, run.ranks
+    plan = []  # per micro-batch: (positions in run.order, positions in run.replay_order)
+    for step in range(first_step, run.total_steps):
+        special = np.arange(step * run.special_per_step, (step + 1) * run.special_per_step)
+        replay = np.arange(step * run.replay_per_step, (step + 1) * run.replay_per_step)
+        plan += micro_batches(special, replay, config.batch_size, ranks.rank, ranks.world)
+    sources = [(run.train_split, run.order, [s for s, _ in plan])]
+    if run.replay_split is not None:
+        sources.append((run.replay_split, run.replay_order, [r for _, r in plan]))
+    # A position's epoch is its pass over the split: the run's order is one epoch after another.
+    readers = [split.read_in_order([(order[p], p // len(split)) for p in positions]) for split, order, positions in sources]
+    return Prefetch(([part for part in parts if part is not None] for parts in zip(*readers)), PREFETCH_DEPTH)
+
+
+def train_step(run: Run, step: int, batches: Iterator[list[dict]]) -> dict:
+    """Optimizer step ``step`` (0-based) over this rank's share of its rows; returns its "train" metrics row.
+
+    ``batches``: ``training_batches``'s stream, positioned at this step's first micro-batch.
+    """
     config, ranks, device = run.config, run.ranks, run.ranks.device
     run.model.train()
     loss_total, tokens_total = torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device)
-    special_rows = run.order[step * run.special_per_step : (step + 1) * run.special_per_step]
-    replay_rows = run.replay_order[step * run.replay_per_step : (step + 1) * run.replay_per_step]
-    # This rank's share of each micro-batch; all ranks together cover the step's rows once.
-    batches = list(micro_batches(special_rows, replay_rows, config.batch_size, ranks.rank, ranks.world))
-    for i, (special, general_rows) in enumerate(batches):
-        parts = [run.train_split.batch(special, device)] if len(special) else []
-        if len(general_rows):
-            parts.append(run.replay_split.batch(general_rows, device))
-        with distributed.gradient_sync(run.model, last_micro_batch=i == len(batches) - 1):
+    # grad_accum micro-batches of this rank's share; all ranks together cover the step's rows once.
+    count = config.grad_accum
+    for i in range(count):
+        parts = [{k: v.to(device) for k, v in part.items()} for part in next(batches)]
+        with distributed.gradient_sync(run.model, last_micro_batch=i == count - 1):
             loss_sum, n_tokens = micro_batch_loss(run.model, parts, config, run.teacher)
             loss_sum.backward()
         loss_total += loss_sum.detach()
@@ -408,6 +433,20 @@ def eval_row(step: int, current: dict, before: dict, max_degeneralization: float
     return row
 
 
+def data_position(run: Run, step: int) -> dict:
+    """Where the run stands in each source's order after ``step`` steps: epoch, row within it, and the next step's rows.
+
+    Saved with the checkpoint; a resumed run recomputes the same order from the seed and checks it here.
+    """
+    sources = (("train", run.train_split, run.order, run.special_per_step), ("replay", run.replay_split, run.replay_order, run.replay_per_step))
+    position = {}
+    for name, split, order, per_step in sources:
+        if split is not None:
+            at = step * per_step
+            position[name] = {"epoch": at // len(split), "row_in_epoch": at % len(split), "next_rows": order[at : at + per_step].tolist()}
+    return position
+
+
 def checkpoint(run: Run, progress: Progress) -> None:
     """Save ``last/``: the weights (or adapter) plus the optimizer, schedule, RNG and metrics state ``--resume`` needs."""
     state = {
@@ -418,6 +457,7 @@ def checkpoint(run: Run, progress: Progress) -> None:
         **rng_state(run.ranks.device),
         "before": progress.before,
         "best": progress.best,
+        "data": data_position(run, progress.step),
     }
     save_pretrained(run.hf_model, run.tokenizer, run.folder.last, state=state)
 
@@ -462,12 +502,14 @@ def fit(
 ) -> dict:
     """The run: ``setup``, ``begin``, then ``train_step`` / ``evaluate`` / ``checkpoint`` until done or over budget."""
     run = setup(config, ranks, compile_model)
+    batches = None
     try:
         progress = begin(run)
+        batches = training_batches(run, progress.step)
         bar = tqdm(total=run.total_steps, initial=progress.step, desc=f"train ({describe_method(config)})", unit="step", disable=not ranks.main)
         while progress.step < run.total_steps:
             started = time.perf_counter()
-            row = train_step(run, progress.step)
+            row = train_step(run, progress.step, batches)
             row["tokens_per_s"] = row["tokens"] / (time.perf_counter() - started)
             progress.step, loss = row["step"], f"{row['loss']:.4f}"
             log(run, row)
@@ -490,6 +532,8 @@ def fit(
                 on_checkpoint(progress.step)
         bar.close()
     finally:
+        if batches is not None:
+            batches.close()
         run.tracker.close()
     summary = summarize(run, progress)
     # Every rank returns once rank 0's files are all written.

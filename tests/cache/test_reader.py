@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mft_pipeline.cache.format import SCHEMA_VERSION, shard_name
-from mft_pipeline.cache.reader import Cache
+from mft_pipeline.cache.reader import Cache, Prefetch
 from mft_pipeline.cache.shard import arrow_schema, encode_shard
 from mft_pipeline.cache.writer import CacheWriter
 from mft_pipeline.labels import IGNORE_INDEX
@@ -120,7 +120,7 @@ def test_whole_split_statistics_stream(tmp_path):
 PEAK_RSS_SCRIPT = """
 import json, sys
 import numpy as np, torch
-from mft_pipeline.cache.reader import Cache
+from mft_pipeline.cache.reader import Cache, Prefetch
 
 def peak_mib():
     with open("/proc/self/status") as f:
@@ -129,14 +129,12 @@ def peak_mib():
 split = Cache(sys.argv[1], cache_bytes=int(sys.argv[2])).split("train")
 split.batch(np.arange(8))  # first use of pyarrow's and torch's code paths: the same at any cache size
 before = peak_mib()
-# Shuffled blocks of 32 rows, shuffled within: every shard is visited in random order, and each
-# row group is decoded about once (a fully random order would decode each one per batch, and
-# only cost time).
-rng = np.random.default_rng(0)
-blocks = [rng.permutation(np.arange(b, min(b + 32, len(split)))) for b in rng.permutation(np.arange(0, len(split), 32))]
-order = np.concatenate(blocks)
-for b in range(0, len(order), 8):
-    batch = split.batch(order[b : b + 8])
+# The training path: two epochs in block-shuffled order, read in order.
+order = np.concatenate([split.epoch_order(0, e, shuffle_groups=2) for e in (0, 1)])
+parts = [(order[b : b + 8], np.arange(b, b + 8) // len(split)) for b in range(0, len(order), 8)]
+for batch in split.read_in_order(parts):
+    pass
+assert split.decoded_groups == 1 + 2 * len(split._groups), split.decoded_groups  # the warm-up batch's group, then once per epoch
 print(json.dumps({"growth_mib": peak_mib() - before, "rows": len(split)}))
 """
 
@@ -150,7 +148,7 @@ def peak_rss_growth(cache_dir: Path, cache_bytes: int) -> float:
 
 
 def test_peak_memory_does_not_grow_with_the_number_of_shards(tmp_path):
-    """A pass over a whole split in training order: peak RSS stays put from 8 to 64 shards.
+    """Two passes over a whole split in training order (``read_in_order``): peak RSS stays put from 8 to 64 shards.
 
     At T = 256, k = 32 a row's decoded teacher columns take 34 KB, so the 64-shard split
     (2048 rows) would take 69 MiB decoded whole; the reader may hold 8 MiB of decoded groups.
@@ -165,6 +163,87 @@ def test_peak_memory_does_not_grow_with_the_number_of_shards(tmp_path):
     assert whole_64 > 60
     assert growth[64] < growth[8] + 12, growth
     assert growth[64] < 0.3 * whole_64, (growth, whole_64)
+
+
+def plan(order: np.ndarray, n_rows: int, batch: int, rank: int = 0, world: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A rank's share of each batch of ``order`` (several epochs, one after another), as ``read_in_order`` parts."""
+    part = batch // world
+    return [(order[b + rank * part : b + (rank + 1) * part], np.arange(b + rank * part, min(b + (rank + 1) * part, len(order))) // n_rows)
+            for b in range(0, len(order), batch)]  # fmt: skip
+
+
+def test_block_order_visits_every_row_once_per_epoch_and_decodes_each_group_once(tmp_path):
+    # 5 shards of 37 rows: row groups of 32 and 5 rows, so blocks mix full and partial groups.
+    cache_dir = write_cache(tmp_path / "cache", num_shards=5, rows_per_shard=37, T=9, k=3)
+    split = Cache(cache_dir).split("train")
+    n, groups = len(split), 10
+    assert n == 185 and len(split._groups) == groups
+    orders = [split.epoch_order(7, e, shuffle_groups=3) for e in range(3)]
+    for e, order in enumerate(orders):
+        assert sorted(order) == list(range(n)), "every row exactly once per epoch"
+        np.testing.assert_array_equal(order, split.epoch_order(7, e, shuffle_groups=3))  # the seed decides it
+        # Blocks: the order is a run of all the rows of 3 groups, then of 3 others, ...
+        block, left = set(), 0
+        for row in order:
+            g = int(split._group[row])
+            if g not in block:
+                if len(block) == 3:
+                    assert left == 0, "a block must end before rows of a fourth group come"
+                    block = set()
+                block.add(g)
+                left += int(split._group_sizes[g])
+            left -= 1
+        assert left == 0
+    assert not np.array_equal(orders[0], orders[1])
+    assert not np.array_equal(orders[0], split.epoch_order(8, 0, shuffle_groups=3))
+    assert not np.array_equal(orders[0], split.epoch_order(7, 0, shuffle_groups=3, stream=1))
+    whole = np.concatenate(orders)
+
+    # One process, batches that divide the epoch: every group decoded exactly once per epoch, batches as random access gives them.
+    reader = Cache(cache_dir).split("train")
+    for (rows, _), got in zip(plan(whole, n, 5), reader.read_in_order(plan(whole, n, 5))):
+        want = reference_batch(cache_dir, rows) if rows[0] % 7 == 0 else split.batch(rows)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
+    assert reader.decoded_groups == 3 * groups
+
+    # Two ranks, batches of 8 that cross the epochs' ends: disjoint shares that together are each epoch once,
+    # and no rank decodes a group twice in an epoch.
+    seen = []
+    for rank in (0, 1):
+        reader = Cache(cache_dir).split("train")
+        parts = plan(whole, n, 8, rank, 2)
+        batches = list(reader.read_in_order(parts))
+        assert reader.decoded_groups <= 3 * groups
+        for (rows, _), got in zip(parts, batches, strict=True):
+            if len(rows):
+                np.testing.assert_array_equal(got["input_ids"].numpy(), split.input_ids[rows])
+            else:
+                assert got is None
+        seen.append(np.concatenate([rows for rows, _ in parts]))
+    positions = [np.concatenate([np.arange(b + r * 4, min(b + r * 4 + 4, len(whole))) for b in range(0, len(whole), 8)]) for r in (0, 1)]
+    assert not set(positions[0]) & set(positions[1])
+    for e in range(3):
+        rows = np.concatenate([s[(p // n) == e] for s, p in zip(seen, positions)])
+        assert sorted(rows) == list(range(n))
+
+
+def test_prefetch_keeps_order_raises_errors_and_stops_early():
+    assert list(Prefetch(iter(range(50)), depth=3)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise ValueError("broken shard")
+
+    stream = Prefetch(failing(), depth=2)
+    assert next(stream) == 1
+    with pytest.raises(ValueError, match="broken shard"):
+        next(stream)
+    produced = []
+    endless = Prefetch((produced.append(i) or i for i in range(10**9)), depth=2)
+    assert next(endless) == 0
+    endless.close()
+    assert not endless._thread.is_alive() and len(produced) < 10
 
 
 TRAIN_RSS_SCRIPT = """
