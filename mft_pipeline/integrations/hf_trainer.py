@@ -5,6 +5,11 @@ Why a Trainer subclass and not ``compute_loss_func``: the Trainer calls
 log-probs never reach it; and before that it calls ``model(**inputs)``, which would hand
 those target columns to the model's forward. ``MFTTrainer.compute_loss`` instead runs the
 model on the inputs alone and computes ``sparse_mft_loss`` from the target columns.
+
+Reading: the Trainer's training sampler is replaced by ``BlockShuffleSampler`` (the training
+loop's block-shuffled order, so each row group is decoded about once per epoch instead of once
+per row), batches are read with one ``CachedSplit.batch`` call each (``__getitems__``), and one
+DataLoader worker decodes the next batches in the background while a step runs.
 """
 
 from __future__ import annotations
@@ -12,11 +17,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 from transformers import Trainer, TrainingArguments, default_data_collator
 
 from mft_pipeline.cache.reader import Cache
+from mft_pipeline.config import TRAIN_DEFAULTS
 from mft_pipeline.distill.correction import check_tau, check_variant
 from mft_pipeline.distill.sparse_loss import TAILS, sparse_mft_loss
 from mft_pipeline.labels import IGNORE_INDEX
@@ -35,21 +42,49 @@ class CacheDataset(Dataset):
     (``labels[t]`` is the token after ``input_ids[t]``, ``IGNORE_INDEX`` where there is none);
     topk_ids (T, k) int64; topk_logprobs (T, k) float32; label_logprobs (T,) float32; and
     tail_ids (T, N) int64 where the cache has tail samples (the loss then uses them).
-    Rows are packed to the cache's ``seq_len``, so items stack without padding.
+    Rows are packed to the cache's ``seq_len``, so items stack without padding. A DataLoader
+    fetches a whole batch with one read (``__getitems__``).
     """
 
     def __init__(self, cache: str | Path | Cache, split: str = "train"):
         self.cache = cache if isinstance(cache, Cache) else Cache(cache)
         self.split_name = split
-        self._split = self.cache.split(split)
+        self.split = self.cache.split(split)
 
     def __len__(self) -> int:
-        return len(self._split)
+        return len(self.split)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"row {i} out of range for the {self.split_name} split ({len(self)} rows)")
-        return {k: v[0] for k, v in self._split.batch([i % len(self)]).items()}
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        rows = np.asarray(indices, dtype=np.int64)
+        bad = (rows < -len(self)) | (rows >= len(self))
+        if bad.any():
+            raise IndexError(f"row {rows[bad][0]} out of range for the {self.split_name} split ({len(self)} rows)")
+        batch = self.split.batch(rows % len(self))
+        return [{k: v[i] for k, v in batch.items()} for i in range(len(rows))]
+
+
+class BlockShuffleSampler(Sampler[int]):
+    """A ``CacheDataset``'s rows in ``mft train``'s block-shuffled order (``CachedSplit.epoch_order``), a new order each epoch.
+
+    The Trainer calls ``set_epoch`` before each epoch; the order depends only on the seed and
+    the epoch, so a resumed Trainer skipping the batches it already trained on continues the
+    same order. Under several processes Accelerate hands each one its own batches of it.
+    """
+
+    def __init__(self, dataset: CacheDataset, seed: int, shuffle_groups: int = TRAIN_DEFAULTS["shuffle_groups"]):
+        self.dataset, self.seed, self.shuffle_groups, self.epoch = dataset, seed, shuffle_groups, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self):
+        return iter(self.dataset.split.epoch_order(self.seed, self.epoch, self.shuffle_groups).tolist())
 
 
 def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -73,29 +108,50 @@ class MFTTrainer(Trainer):
         tau: MFT margin in [0, 1].
         variant: one of ``mft_pipeline.VARIANTS``.
         tail: "bucket" or "renormalize" (see ``sparse_mft_loss``).
+        shuffle_groups: row groups whose rows are shuffled together, as ``mft train
+            --shuffle-groups`` (used when ``train_dataset`` is a ``CacheDataset`` and the
+            sampling strategy is the default random one).
         *args, **kwargs: those of ``transformers.Trainer``. ``remove_unused_columns`` is
             turned off, since the target columns are not arguments of the model's forward
-            and the Trainer would drop them; ``data_collator`` defaults to ``collate``.
+            and the Trainer would drop them; ``dataloader_num_workers`` 0 becomes 1, so
+            batches are decoded in the background; ``data_collator`` defaults to ``collate``.
     """
 
     # compute_loss already divides by the token count of the whole accumulated step.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, model=None, args: TrainingArguments | None = None, *, tau: float = 0.25, variant: str = "mft", tail: str = "bucket", **kwargs):
+    def __init__(
+        self, model=None, args: TrainingArguments | None = None, *, tau: float = 0.25, variant: str = "mft", tail: str = "bucket",
+        shuffle_groups: int = TRAIN_DEFAULTS["shuffle_groups"], **kwargs,
+    ):  # fmt: skip
         self.tau = check_tau(tau)
         self.variant = check_variant(variant)
         if tail not in TAILS:
             raise ConfigError(f"tail must be one of {', '.join(TAILS)}; got {tail!r}")
         self.tail = tail
+        if not (isinstance(shuffle_groups, int) and shuffle_groups >= 1):
+            raise ConfigError(f"shuffle_groups must be a positive integer, got {shuffle_groups!r}")
+        self.shuffle_groups = shuffle_groups
         if args is None:
             args = TrainingArguments(output_dir="trainer_output", remove_unused_columns=False)
         elif args.remove_unused_columns:
             args = dataclasses.replace(args, remove_unused_columns=False)
+        if args.dataloader_num_workers == 0:
+            # One worker reads the batches in order, so it decodes each row group about once per epoch; more
+            # workers would each decode the groups their batches share.
+            args = dataclasses.replace(args, dataloader_num_workers=1)
         kwargs.setdefault("data_collator", collate)
         super().__init__(model, args, **kwargs)
         # Older transformers versions decide from this flag (not loss_is_scaled_for_ga) whether
         # to divide the loss by the accumulation steps again; our loss is already per step.
         self.model_accepts_loss_kwargs = True
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if isinstance(dataset, CacheDataset) and getattr(self.args, "train_sampling_strategy", "random") == "random":
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return BlockShuffleSampler(dataset, seed, self.shuffle_groups)
+        return super()._get_train_sampler(train_dataset)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The micro-batches of one optimizer step and their labelled-token count.

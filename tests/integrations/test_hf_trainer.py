@@ -193,3 +193,23 @@ def test_eval_loss_uses_the_tail_samples_of_a_cache_that_has_them(tmp_path, tiny
         bucket, _ = sparse_mft_loss(logits, *targets, tau=0.25)
     assert got == pytest.approx((s / c).item(), rel=1e-5)
     assert got != pytest.approx((bucket / c).item(), rel=1e-5)
+
+
+def test_training_order_is_the_block_shuffled_one_read_by_a_worker(cache_dir, tiny_model_dir, tmp_path):
+    """Random sampling over a CacheDataset is mft train's block-shuffled order (a new one each epoch), read in a background worker."""
+    ds = CacheDataset(cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    trainer = MFTTrainer(model=model, args=args(tmp_path, train_sampling_strategy="random", seed=3), train_dataset=ds, tau=0.25, shuffle_groups=1)
+    assert trainer.args.dataloader_num_workers == 1
+    loader = trainer.get_train_dataloader()
+    orders = []
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        got = torch.cat([batch["input_ids"] for batch in loader])
+        order = ds.split.epoch_order(3, epoch, 1)
+        assert sorted(order) == list(range(len(ds)))
+        torch.testing.assert_close(got, torch.from_numpy(ds.split.input_ids[order].astype("int64")), rtol=0, atol=0)
+        orders.append(order)
+    assert list(orders[0]) != list(orders[1])
+    with pytest.raises(IndexError):
+        ds.__getitems__([0, -len(ds) - 1])

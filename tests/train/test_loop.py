@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cli.main import mft
 from conftest import metric_rows, train_config
+from mft_pipeline.cache.reader import Cache
 from mft_pipeline.train.loop import MismatchError, train
 
 
@@ -25,7 +26,6 @@ def test_specialized_loss_falls_and_checkpoint_loads(stage_two, tmp_path):
     AutoTokenizer.from_pretrained(tmp_path / "run" / "best")
     assert (tmp_path / "run" / "best" / "model.safetensors").exists()
     from mft_pipeline.eval.metrics import model_perplexity
-    from mft_pipeline.cache.reader import Cache
 
     val = Cache(stage_two / "cache").split("validation")
     assert model_perplexity(model, val.input_ids, val.num_tokens) == pytest.approx(best["ppl_spec"], rel=1e-4)
@@ -56,14 +56,30 @@ def test_micro_batch_accumulation_matches_one_big_batch(stage_two, tmp_path):
 
 
 def test_resume_continues_the_same_trajectory(stage_two, tmp_path, kill_and_resume):
-    train(train_config(stage_two, tmp_path / "whole", steps=8, eval_every=2, schedule="cosine", warmup_steps=2))
-    killed = train_config(stage_two, tmp_path / "killed", steps=8, eval_every=2, schedule="cosine", warmup_steps=2)
+    import shutil
+
+    from mft_pipeline.run_folder import TRAINER_STATE
+    from mft_pipeline.train.checkpoint import CheckpointError, load_state, plain
+
+    # Blocks of one row group: the order is block-shuffled, and the kill falls inside an epoch.
+    kw = dict(steps=8, eval_every=2, schedule="cosine", warmup_steps=2, shuffle_groups=1)
+    train(train_config(stage_two, tmp_path / "whole", **kw))
+    killed = train_config(stage_two, tmp_path / "killed", **kw)
     kill_and_resume.kill(killed, at=4)
+    state = load_state(tmp_path / "killed" / "last")
+    n_rows = len(Cache(stage_two / "cache").split("train"))
+    assert state["data"]["train"]["epoch"] == 16 // n_rows and state["data"]["train"]["row_in_epoch"] == 16 % n_rows > 0
     with pytest.raises(Exception, match="not empty"):
         train(killed)
     with pytest.raises(ValueError, match="same settings"):
-        train(train_config(stage_two, tmp_path / "killed", steps=9, eval_every=2, schedule="cosine", warmup_steps=2, resume=True))
-    train(train_config(stage_two, tmp_path / "killed", steps=8, eval_every=2, schedule="cosine", warmup_steps=2, resume=True))
+        train(train_config(stage_two, tmp_path / "killed", **{**kw, "steps": 9}, resume=True))
+    # A checkpoint whose order is not the one the seed gives now (as after the cache's rows changed) is refused.
+    shutil.copytree(tmp_path / "killed", tmp_path / "moved")
+    state["data"]["train"]["next_rows"] = state["data"]["train"]["next_rows"][::-1]
+    torch.save(plain(state), tmp_path / "moved" / "last" / TRAINER_STATE)
+    with pytest.raises(CheckpointError, match="training order"):
+        train(train_config(stage_two, tmp_path / "moved", **kw, resume=True))
+    train(train_config(stage_two, tmp_path / "killed", **kw, resume=True))
 
     whole, resumed = metric_rows(tmp_path / "whole", "train"), metric_rows(tmp_path / "killed", "train")
     assert [r["step"] for r in resumed] == list(range(1, 9))
