@@ -9,7 +9,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from mft_pipeline.distill.fused_loss import MIN_CHUNK
 from mft_pipeline.labels import IGNORE_INDEX
+from mft_pipeline.train.student_loss import Head, output_head
 
 
 def perplexity(nll_sum: float, n_tokens: int) -> float:
@@ -55,8 +57,14 @@ def model_perplexity(model, input_ids: np.ndarray, num_tokens: np.ndarray, batch
 
 
 @torch.no_grad()
-def model_nll(model, input_ids: np.ndarray, num_tokens: np.ndarray, batch_size: int = 8) -> tuple[float, int]:
-    """Summed NLL and label count of ``model`` on packed sequences (N, T), over all processes (see ``model_perplexity``)."""
+def model_nll(model, input_ids: np.ndarray, num_tokens: np.ndarray, batch_size: int = 8, fused: bool = True) -> tuple[float, int]:
+    """Summed NLL and label count of ``model`` on packed sequences (N, T), over all processes (see ``model_perplexity``).
+
+    Where the output head can be fused (``train.student_loss.output_head``, as for the training
+    loss), the head is applied to the final hidden states a chunk of positions at a time
+    (``head_nll``), so the (B, T, V) logits never exist; otherwise (or with ``fused=False``)
+    the model's own logits are scored row by row.
+    """
     rank, world = _rank_and_world()
     share = -(-len(num_tokens) // world)
     ids, num = input_ids[rank * share : (rank + 1) * share], num_tokens[rank * share : (rank + 1) * share]
@@ -66,6 +74,7 @@ def model_nll(model, input_ids: np.ndarray, num_tokens: np.ndarray, batch_size: 
         ids = np.concatenate([ids, np.zeros((share - len(num), input_ids.shape[1]), dtype=input_ids.dtype)])
         num = np.concatenate([num, np.zeros(share - len(num), dtype=num_tokens.dtype)])
     device = next(model.parameters()).device
+    head = output_head(model) if fused else None
     was_training = model.training
     model.eval()
     nll, count = 0.0, 0
@@ -75,10 +84,14 @@ def model_nll(model, input_ids: np.ndarray, num_tokens: np.ndarray, batch_size: 
         labels = batch_ids[:, 1:].clone()
         labels[torch.arange(labels.shape[1], device=device)[None] >= (batch_num[:, None] - 1)] = IGNORE_INDEX
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(input_ids=batch_ids).logits[:, :-1]
-        # Row by row keeps the fp32 upcast of the logits to one sequence at a time.
-        for row in range(batch_ids.shape[0]):
-            nll += F.cross_entropy(logits[row].float(), labels[row], ignore_index=IGNORE_INDEX, reduction="sum").item()
+            if head is not None:
+                nll += head_nll(head, head.hidden_states(model, batch_ids)[:, :-1], labels)
+            else:
+                logits = model(input_ids=batch_ids).logits[:, :-1]
+                # Row by row keeps the fp32 upcast of the logits to one sequence at a time.
+                for row in range(batch_ids.shape[0]):
+                    nll += F.cross_entropy(logits[row].float(), labels[row], ignore_index=IGNORE_INDEX, reduction="sum").item()
+                del logits
         count += int((labels != IGNORE_INDEX).sum())
     model.train(was_training)
     if world == 1:
@@ -88,6 +101,26 @@ def model_nll(model, input_ids: np.ndarray, num_tokens: np.ndarray, batch_size: 
     totals = torch.tensor([nll, count], dtype=torch.float64, device=sums_device)
     dist.all_reduce(totals, op=dist.ReduceOp.SUM)
     return float(totals[0]), int(totals[1])
+
+
+def head_nll(head: Head, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int | None = None) -> float:
+    """Summed next-token NLL of the labelled positions, through ``head`` one chunk of positions at a time.
+
+    ``hidden`` (B, T, H) final hidden states, ``hidden[:, t]`` predicting ``labels[:, t]``
+    (B, T), ``IGNORE_INDEX`` where nothing is scored. Only labelled positions are computed.
+    Each chunk's logits are made float32, as the logits path scores them. By default a chunk's
+    logits are about as large as the call's hidden states (at least ``MIN_CHUNK`` positions),
+    as in the fused loss, so memory grows with B × T × H, never with B × T × V.
+    """
+    width = hidden.shape[-1]
+    keep = (labels != IGNORE_INDEX).reshape(-1).nonzero().squeeze(-1)
+    h, y = hidden.reshape(-1, width)[keep], labels.reshape(-1)[keep]
+    chunk_size = chunk_size or max(MIN_CHUNK, -(-len(y) * width // head.weight.shape[0]))
+    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    for start in range(0, len(y), chunk_size):
+        logits = head.logits(h[start : start + chunk_size]).float()
+        total += F.cross_entropy(logits, y[start : start + chunk_size], reduction="sum").double()
+    return float(total)
 
 
 def _rank_and_world() -> tuple[int, int]:
