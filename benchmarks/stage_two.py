@@ -1,8 +1,8 @@
 """Stage-two benchmark: offline sparse MFT (fused) against plain finetuning and online dense MFT.
 
-    python -m benchmarks.stage_two [--quick] [--device cpu|cuda] [--models smollm2-135m,llama-128k-cpu]
-        [--seq-len 256] [--batch-size 2] [--batches 2] [--repeats 5] [--top-k 20] [--seed 0]
-        [--threads N] [--json PATH] [--out docs/results/stage-two-<device>.md]
+    python -m benchmarks.stage_two [--quick] [--only models,loader,eval] [--device cpu|cuda]
+        [--models smollm2-135m,llama-128k-cpu] [--seq-len 256] [--batch-size 2] [--batches 2] [--repeats 5]
+        [--top-k 20] [--seed 0] [--threads N] [--json PATH] [--out docs/results/stage-two-<device>.md]
 
 On the same batches, one training step (forward, backward, AdamW step) each of:
 
@@ -23,12 +23,21 @@ a fresh process per loss takes random hidden states and the head weight of the m
 shape and measures the peak growth of loss + backward, for the fused loss, for
 ``sparse_mft_loss`` on full logits, and for FT's naive cross-entropy on full float32 logits.
 
+The reader alone (``loader_rate``): a synthetic cache at T = 2048, k = 20 and a 128k vocabulary,
+written with the real writer, is read in a fresh process pinned to one CPU core (one torch
+thread, pyarrow's CPU and I/O pools at one thread), twice: as training reads it (block-shuffled
+order, ``read_in_order`` in a ``Prefetch`` thread) and as training read it before (a full random
+permutation, each micro-batch through ``CachedSplit.batch``). Batches are moved to the device.
+Evaluation (``eval_peak_memory``): a fresh process per path measures the peak growth of
+``model_nll`` at V = 128k, through the output head in chunks against the full-logits path.
+
 Targets are cached synthetically: the model itself, as its own teacher, scores the batches
 the stage-one way (``TransformersTeacher.score``), once, before anything is timed. The
 token ids are random: speed and memory do not depend on the text.
 
 The core functions take (model spec, device, dtype, seq_len, batch) so that a GPU check
-can call ``time_methods``, ``peak_memory`` and ``loss_peak_memory`` directly at other sizes.
+can call ``time_methods``, ``peak_memory``, ``loss_peak_memory``, ``loader_rate`` and
+``eval_peak_memory`` directly at other sizes.
 This is a benchmark, not a test.
 """
 
@@ -75,6 +84,9 @@ SHAPES = {
 # One torch thread: on a shared machine, small ops with two OpenMP threads wait on each other's
 # descheduled thread at every barrier (a 64-token SmolLM2 step took 50-100 s at load 10).
 QUICK = dict(seq_len=64, batch_size=1, batches=1, repeats=3, losses="fused,ft-naive", threads=1)
+PARTS = ("models", "loader", "eval")
+# The reader alone: Llama 3's vocabulary, 4 shards of 64 rows (8 row groups, 537 MB decoded).
+LOADER = dict(seq_len=2048, top_k=20, vocab=128256, shards=4, rows_per_shard=64, batch_size=4, epochs=2, random_rows=48)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -92,7 +104,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--losses", default=",".join(LOSSES), help=f"losses measured alone, from {', '.join(LOSSES)} (fused and ft-naive are needed)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--quick", action="store_true", help=f"small sizes ({QUICK}), under 3 minutes on 2 CPU cores")
-    p.add_argument("--json", default=None, help="write the ratios (and all numbers) as JSON here")
+    p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts to run, from {', '.join(PARTS)}")
+    p.add_argument("--eval-model", default="llama-128k-cpu", help="model spec or shape of the evaluation peak-memory part (V >= 128k)")
+    p.add_argument("--eval-seq-len", type=int, default=2048)
+    p.add_argument("--eval-batch-size", type=int, default=1)
+    p.add_argument("--json", default=None, help="write the ratios (and all numbers) as JSON here; with --only, the "
+                   "figures of the other parts in an existing file are kept, and its run under earlier_runs")
     p.add_argument("--out", default=None, help="markdown results file (default: none)")
     args = p.parse_args(argv)
     if args.quick:
@@ -106,6 +123,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.losses = [x.strip() for x in args.losses.split(",") if x.strip()]
     if not {"fused", "ft-naive"} <= set(args.losses) or not set(args.losses) <= set(LOSSES):
         p.error(f"--losses must include fused and ft-naive, from {', '.join(LOSSES)}")
+    args.only = [x.strip() for x in args.only.split(",") if x.strip()]
+    if not args.only or not set(args.only) <= set(PARTS):
+        p.error(f"--only takes parts from {', '.join(PARTS)}")
     return args
 
 
@@ -454,6 +474,170 @@ def _loss_in_child(loss, vocab, hidden_size, device, dtype, seq_len, batch_size,
     return {**result, "seconds": seconds}
 
 
+def write_synthetic_cache(out, seq_len: int, top_k: int, vocab: int, shards: int, rows_per_shard: int, seed: int = 0) -> Path:
+    """A finished training cache of random, well-formed teacher scores, written with ``CacheWriter``.
+
+    Only the first shard is encoded; the others are byte copies of it under their own names
+    (Parquet at zstd level 9 takes a while per shard). Decoding does not depend on the values.
+    """
+    import shutil
+
+    import numpy as np
+
+    from mft_pipeline.cache.format import SCHEMA_VERSION, shard_name
+    from mft_pipeline.cache.shard import arrow_schema, encode_shard
+    from mft_pipeline.cache.writer import CacheWriter
+
+    out, rng, T, k = Path(out), np.random.default_rng(seed), seq_len, top_k
+    plan = [{"file": shard_name("train", j), "split": "train", "start": j * rows_per_shard, "rows": rows_per_shard,
+             "labels": rows_per_shard * (T - 1), "worker": 0} for j in range(shards)]  # fmt: skip
+    settings = {"schema_version": SCHEMA_VERSION, "model": {"id": "synthetic", "fingerprint": "-", "vocab_size": vocab},
+                "top_k": k, "seq_len": T, "rows_per_shard": rows_per_shard, "num_workers": 1, "plan": plan}  # fmt: skip
+    with CacheWriter(out, settings) as writer:
+        m = rows_per_shard
+        topk_lp = -np.sort(rng.exponential(2, size=(m, T - 1, k)), axis=-1).astype(np.float32)
+        table = encode_shard(
+            arrow_schema(T, k, vocab), 0, rng.integers(0, vocab, size=(m, T)).astype(np.int32), np.full(m, T, dtype=np.int32),
+            rng.integers(0, vocab, size=(m, T - 1, k)), topk_lp, -rng.exponential(3, size=(m, T - 1)).astype(np.float32),
+        )  # fmt: skip
+        writer.write_shard(plan[0]["file"], table)
+        for p in plan[1:]:
+            shutil.copyfile(out / plan[0]["file"], out / p["file"])
+            writer.finished(p["file"])
+    return out
+
+
+def loader_rate(cache_dir, device, *, batch_size=LOADER["batch_size"], epochs=LOADER["epochs"], random_rows=LOADER["random_rows"],
+                shuffle_groups=None, seed=0) -> dict:
+    """Tokens/s of the reader alone on a cache's training split, in a fresh process on one CPU core.
+
+    ``loader_tokens_per_s``: ``epochs`` epochs in the training loop's order (block-shuffled,
+    ``read_in_order`` in a ``Prefetch`` thread), micro-batches of ``batch_size`` rows moved to
+    ``device``. ``loader_tokens_per_s_random_rows``: ``random_rows`` rows of a full random
+    permutation, each micro-batch through ``CachedSplit.batch`` (the order training read
+    before), with the decoded-group cache held to one group: the old 256 MiB cache holds about
+    30 of these groups, a vanishing share of a real training split, but all of this small one.
+    Tokens are rows × T. The rates divide by the CPU time of the pinned process (all its
+    threads), i.e. what one core of its own delivers, so other jobs on a shared machine do not
+    count; ``loader_tokens_per_wall_s*`` divide by wall time, which equals it on an idle core
+    and on a GPU machine includes waiting for the device. Returns both kinds of rate, the ratio
+    of the CPU-time rates, and the row groups each order decoded.
+    """
+    from mft_pipeline.config import TRAIN_DEFAULTS
+
+    return _child("loader", cache_dir=str(cache_dir), device=str(device), batch_size=batch_size, epochs=epochs,
+                  random_rows=random_rows, shuffle_groups=shuffle_groups or TRAIN_DEFAULTS["shuffle_groups"], seed=seed)  # fmt: skip
+
+
+def _loader_in_child(cache_dir, device, batch_size, epochs, random_rows, shuffle_groups, seed) -> dict:
+    import numpy as np
+    import pyarrow as pa
+    import torch
+
+    from mft_pipeline.cache.reader import Cache, Prefetch
+
+    # One core: the process (the prefetch thread included) may run on one CPU only, with one thread per pool.
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    torch.set_num_threads(1)
+    pa.set_cpu_count(1)
+    pa.set_io_thread_count(1)
+    device = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    split = Cache(cache_dir).split("train")
+    n, T = len(split), split.input_ids.shape[1]
+    split.batch(np.arange(batch_size), device)  # warm-up: pyarrow's, numpy's and torch's first calls
+    order = np.concatenate([split.epoch_order(seed, e, shuffle_groups) for e in range(epochs)])
+    parts = [(order[b : b + batch_size], np.arange(b, min(b + batch_size, len(order))) // n) for b in range(0, len(order), batch_size)]
+    split.decoded_groups = 0
+    sync()
+    t0, c0 = time.perf_counter(), time.process_time()
+    with Prefetch(split.read_in_order(parts)) as stream:
+        for batch in stream:
+            on_device = {k: v.to(device) for k, v in batch.items()}
+    sync()
+    block_seconds, block_cpu, block_decoded = time.perf_counter() - t0, time.process_time() - c0, split.decoded_groups
+    del on_device
+    # Before: a full random permutation, each micro-batch decoding the groups its rows fall in.
+    before = Cache(cache_dir, cache_bytes=1).split("train")
+    rows = np.random.default_rng(seed).permutation(n)[:random_rows]
+    before.batch(rows[:1], device)
+    before.decoded_groups = 0
+    sync()
+    t0, c0 = time.perf_counter(), time.process_time()
+    for b in range(0, len(rows), batch_size):
+        before.batch(rows[b : b + batch_size], device)
+    sync()
+    random_seconds, random_cpu = time.perf_counter() - t0, time.process_time() - c0
+    block, random_rate = len(order) * T / block_cpu, len(rows) * T / random_cpu
+    return {
+        "loader_tokens_per_s": block, "loader_tokens_per_s_random_rows": random_rate, "speedup": block / random_rate,
+        "loader_tokens_per_wall_s": len(order) * T / block_seconds, "loader_tokens_per_wall_s_random_rows": len(rows) * T / random_seconds,
+        "block_rows": len(order), "block_seconds": block_seconds, "block_cpu_seconds": block_cpu, "block_groups_decoded": block_decoded,
+        "random_rows": len(rows), "random_seconds": random_seconds, "random_cpu_seconds": random_cpu,
+        "random_groups_decoded": before.decoded_groups,
+        "row_groups": len(split._groups), "rows": n, "seq_len": T, "shuffle_groups": shuffle_groups, "batch_size": batch_size,
+    }  # fmt: skip
+
+
+def measure_loader(device, *, seq_len=LOADER["seq_len"], top_k=LOADER["top_k"], vocab=LOADER["vocab"], shards=LOADER["shards"],
+                   rows_per_shard=LOADER["rows_per_shard"], seed=0, say=None, **rate_kw) -> dict:
+    """Write the synthetic cache (``write_synthetic_cache``) in a temporary folder and measure ``loader_rate`` on it."""
+    say = say or (lambda *x: None)
+    with tempfile.TemporaryDirectory(prefix="mft-bench-loader-") as tmp:
+        t0 = time.perf_counter()
+        cache = write_synthetic_cache(Path(tmp) / "cache", seq_len, top_k, vocab, shards, rows_per_shard, seed)
+        written = time.perf_counter() - t0
+        say(f"loader: cache of {shards} x {rows_per_shard} rows at T={seq_len}, k={top_k}, V={vocab} written in {written:.0f} s")
+        result = loader_rate(cache, device, seed=seed, **rate_kw)
+        result["cache_bytes"] = sum(f.stat().st_size for f in cache.glob("*.parquet"))
+    result.update(vocab=vocab, top_k=top_k, shards=shards, rows_per_shard=rows_per_shard, write_seconds=written)
+    say(f"loader: {result['loader_tokens_per_s']:,.0f} tokens/s in training order, {result['loader_tokens_per_s_random_rows']:,.0f} "
+        f"in a full random order ({result['speedup']:.1f}x)")
+    return result
+
+
+def eval_peak_memory(spec, device, seq_len, batch_size, fused: bool, *, seed=0, threads=None) -> dict:
+    """Peak memory growth of ``model_nll`` on ``batch_size`` × ``seq_len`` random tokens, in a fresh process.
+
+    ``fused``: through the output head in chunks (the default evaluation path) or through the
+    model's full logits. Returns {"growth", "before", "peak"} in bytes and the summed "nll".
+    """
+    return _child("eval", spec=spec, device=str(device), seq_len=seq_len, batch_size=batch_size, fused=fused, seed=seed, threads=threads)
+
+
+def _eval_in_child(spec, device, seq_len, batch_size, fused, seed, threads) -> dict:
+    import numpy as np
+    import torch
+
+    from mft_pipeline.eval.metrics import model_nll
+
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device(device)
+    model = build_model(spec, device, seed).eval()
+    vocab = model.get_output_embeddings().weight.shape[0]
+    ids = np.random.default_rng(seed).integers(0, vocab, size=(batch_size, seq_len))
+    num = np.full(batch_size, seq_len)
+    model_nll(model, ids[:1, :8], num[:1] * 0 + 8, fused=fused)  # warm-up: first calls, the head's probe
+    peak = _Peak(device)
+    before = peak.reset()
+    nll, count = model_nll(model, ids, num, batch_size, fused=fused)
+    top = peak.peak()
+    return {"growth": top - before, "before": before, "peak": top, "nll": nll, "count": count, "vocab": vocab}
+
+
+def measure_eval(spec, device, seq_len, batch_size, *, seed=0, threads=None, say=None) -> dict:
+    """``eval_peak_memory`` of the chunked and the full-logits path, their ratio, and their NLLs' relative gap."""
+    say = say or (lambda *x: None)
+    paths = {name: eval_peak_memory(spec, device, seq_len, batch_size, fused, seed=seed, threads=threads)
+             for name, fused in (("chunked", True), ("naive", False))}  # fmt: skip
+    chunked, naive = paths["chunked"], paths["naive"]
+    result = {**paths, "ratio": chunked["growth"] / naive["growth"], "nll_rel_gap": abs(chunked["nll"] - naive["nll"]) / abs(naive["nll"]),
+              "spec": spec, "seq_len": seq_len, "batch_size": batch_size}  # fmt: skip
+    say(f"eval: peak growth {fmt_mib(chunked['growth'])} chunked vs {fmt_mib(naive['growth'])} full logits ({result['ratio']:.3f})")
+    return result
+
+
 # ---------------------------------------------------------------------------------------------
 # The run
 
@@ -465,28 +649,41 @@ def run(args, say) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    per_model = {}
-    for spec in args.models:
-        r = per_model[spec] = measure_model(
-            spec, device, dtype, args.seq_len, args.batch_size, n_batches=args.batches, repeats=args.repeats,
-            top_k=args.top_k, seed=args.seed, threads=args.threads, loss_tokens=args.loss_tokens, losses=args.losses, say=say,
-        )
-        say(f"{spec}: offline/FT speed {r['offline_vs_ft_speed']:.3f}, peak {r['offline_vs_ft_peak_memory']:.3f}, "
-            f"loss peak vs FT-naive {r['loss_peak_memory_vs_ft_naive']:.3f} ({r['seconds']:.0f} s)")
-    at_128k = [r["loss_peak_memory_vs_ft_naive"] for r in per_model.values() if r["vocab"] >= 128000]
-    return {
-        # Worst case over the models: the figure a target is checked against.
-        "offline_vs_ft_speed": min(r["offline_vs_ft_speed"] for r in per_model.values()),
-        "offline_vs_ft_peak_memory": max(r["offline_vs_ft_peak_memory"] for r in per_model.values()),
-        "loss_peak_memory_vs_ft_naive_128k": max(at_128k) if at_128k else None,
-        "per_model": per_model,
-    }
+    out = {k: None for k, *_ in TARGETS}
+    if "models" in args.only:
+        per_model = {}
+        for spec in args.models:
+            r = per_model[spec] = measure_model(
+                spec, device, dtype, args.seq_len, args.batch_size, n_batches=args.batches, repeats=args.repeats,
+                top_k=args.top_k, seed=args.seed, threads=args.threads, loss_tokens=args.loss_tokens, losses=args.losses, say=say,
+            )
+            say(f"{spec}: offline/FT speed {r['offline_vs_ft_speed']:.3f}, peak {r['offline_vs_ft_peak_memory']:.3f}, "
+                f"loss peak vs FT-naive {r['loss_peak_memory_vs_ft_naive']:.3f} ({r['seconds']:.0f} s)")
+        at_128k = [r["loss_peak_memory_vs_ft_naive"] for r in per_model.values() if r["vocab"] >= 128000]
+        out.update({
+            # Worst case over the models: the figure a target is checked against.
+            "offline_vs_ft_speed": min(r["offline_vs_ft_speed"] for r in per_model.values()),
+            "offline_vs_ft_peak_memory": max(r["offline_vs_ft_peak_memory"] for r in per_model.values()),
+            "loss_peak_memory_vs_ft_naive_128k": max(at_128k) if at_128k else None,
+            "per_model": per_model,
+        })  # fmt: skip
+    if "loader" in args.only:
+        loader = out["loader"] = measure_loader(device, seed=args.seed, say=say)
+        out.update(loader_tokens_per_s=loader["loader_tokens_per_s"], loader_speedup_vs_random_rows=loader["speedup"],
+                   loader_tokens_per_s_random_rows=loader["loader_tokens_per_s_random_rows"])  # fmt: skip
+    if "eval" in args.only:
+        ev = out["eval"] = measure_eval(args.eval_model, device, args.eval_seq_len, args.eval_batch_size, seed=args.seed, threads=args.threads, say=say)
+        out["eval_peak_memory_vs_naive_128k"] = ev["ratio"] if ev["chunked"]["vocab"] >= 128000 else None
+    return out
 
 
 TARGETS = (
     ("offline_vs_ft_speed", ">=", 0.97, "offline MFT tokens/s vs FT"),
     ("offline_vs_ft_peak_memory", "<=", 1.0, "offline MFT peak memory vs FT"),
     ("loss_peak_memory_vs_ft_naive_128k", "<=", 0.15, "loss + backward peak vs FT's naive float32 cross-entropy at V = 128k"),
+    ("loader_tokens_per_s", ">=", 500_000, "reader alone, training order, tokens/s on one CPU core (T = 2048, k = 20, V = 128k)"),
+    ("loader_speedup_vs_random_rows", ">=", 10, "reader: training order vs a full random order, same run"),
+    ("eval_peak_memory_vs_naive_128k", "<=", 0.25, "evaluation peak vs the full-logits evaluation at V = 128k"),
 )
 
 
@@ -502,7 +699,7 @@ def render(r: dict) -> str:
         + f"; {m['platform']}; Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}. "
         + f"Load average at start / end: {r['loadavg_start']} / {r['loadavg_end']}.",
         "",
-        f"Sizes: {a['batches']} batches of {a['batch_size']} × {a['seq_len']} random tokens per timed pass, "
+        f"Parts run: {', '.join(a['only'])}. Sizes: {a['batches']} batches of {a['batch_size']} × {a['seq_len']} random tokens per timed pass, "
         f"top-k {a['top_k']}, τ = {TAU}, seed {a['seed']}, {a['repeats']} paired repeats; "
         + ("bf16 autocast, float32 weights." if m["device"].startswith("cuda") else "float32."),
         "",
@@ -514,8 +711,9 @@ def render(r: dict) -> str:
     for key, op, goal, what in TARGETS:
         value = r["ratios"][key]
         met = value is not None and (value >= goal if op == ">=" else value <= goal)
-        lines.append(f"| {what} | {'n/a' if value is None else f'{value:.3f}'} | {op} {goal} | {'yes' if met else 'NO'} |")
-    for spec, p in r["ratios"]["per_model"].items():
+        shown = "not run" if value is None else f"{value:,.0f}" if value >= 1000 else f"{value:.3f}"
+        lines.append(f"| {what} | {shown} | {op} {goal:,} | {'yes' if met else 'NO' if value is not None else '-'} |")
+    for spec, p in (r["ratios"].get("per_model") or {}).items():
         s = p["speed"]
         lines += [
             "",
@@ -544,6 +742,37 @@ def render(r: dict) -> str:
         ]
         for name, lp in p["loss"].items():
             lines.append(f"| {name} | {fmt_mib(lp['growth'])} | {lp['growth'] / p['loss']['ft-naive']['growth']:.3f} |")
+    if r["ratios"].get("loader"):
+        ld = r["ratios"]["loader"]
+        lines += [
+            "",
+            f"## Reader alone (T = {ld['seq_len']:,}, k = {ld['top_k']}, V = {ld['vocab']:,}; one CPU core)",
+            "",
+            f"Synthetic cache: {ld['shards']} shards × {ld['rows_per_shard']} rows ({ld['row_groups']} row groups, "
+            f"{fmt_mib(ld['cache_bytes'])} on disk), written with the real writer in {ld['write_seconds']:.0f} s. "
+            f"Micro-batches of {ld['batch_size']} rows moved to {m['device']}.",
+            "",
+            "| order | rows read | CPU seconds | wall seconds | row groups decoded | tokens per CPU second | tokens per wall second |",
+            "|---|---|---|---|---|---|---|",
+            f"| training: block-shuffled ({ld['shuffle_groups']} groups), prefetched | {ld['block_rows']} | {ld['block_cpu_seconds']:.2f} | "
+            f"{ld['block_seconds']:.2f} | {ld['block_groups_decoded']} | {ld['loader_tokens_per_s']:,.0f} | {ld['loader_tokens_per_wall_s']:,.0f} |",
+            f"| before: full random permutation, read per micro-batch | {ld['random_rows']} | {ld['random_cpu_seconds']:.2f} | "
+            f"{ld['random_seconds']:.2f} | {ld['random_groups_decoded']} | {ld['loader_tokens_per_s_random_rows']:,.0f} | "
+            f"{ld['loader_tokens_per_wall_s_random_rows']:,.0f} |",
+        ]
+    if r["ratios"].get("eval"):
+        ev = r["ratios"]["eval"]
+        lines += [
+            "",
+            f"## Evaluation ({ev['spec']}, V = {ev['chunked']['vocab']:,}, {ev['batch_size']} × {ev['seq_len']:,} tokens)",
+            "",
+            "| path | peak growth | vs full logits | summed NLL |",
+            "|---|---|---|---|",
+            f"| through the head in chunks | {fmt_mib(ev['chunked']['growth'])} | {ev['ratio']:.3f} | {ev['chunked']['nll']:.6g} |",
+            f"| full logits | {fmt_mib(ev['naive']['growth'])} | 1.000 | {ev['naive']['nll']:.6g} |",
+            "",
+            f"Relative gap between the two NLLs: {ev['nll_rel_gap']:.2g}.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -568,7 +797,15 @@ def main(argv=None) -> dict:
     text = render(result)
     print(text)
     if args.json:
-        Path(args.json).write_text(json.dumps({**{k: ratios[k] for k, *_ in TARGETS}, "run": result}, indent=2) + "\n")
+        path = Path(args.json)
+        headline = {k: ratios.get(k) for k in (*(k for k, *_ in TARGETS), "loader_tokens_per_s_random_rows")}
+        out = {**headline, "run": result}
+        if set(args.only) != set(PARTS) and path.exists():
+            # A run of some parts keeps an earlier file's figures of the others, and that run under earlier_runs.
+            old = json.loads(path.read_text())
+            out = {**{k: v for k, v in old.items() if k in headline and v is not None}, **{k: v for k, v in headline.items() if v is not None}}
+            out.update(run=result, earlier_runs=[old["run"], *old.get("earlier_runs", [])])
+        path.write_text(json.dumps(out, indent=2) + "\n")
     if args.out:
         Path(args.out).write_text(text)
     say(f"done in {result['wall_seconds']:.0f} s")
