@@ -201,7 +201,6 @@ class CachedSplit:
             out["tail_ids"] = torch.from_numpy(pad(teacher["tail_ids"].astype(np.int64)))
         return {k: v.to(device) for k, v in out.items()}
 
-
     def epoch_order(self, seed: int, epoch: int, shuffle_groups: int, stream: int | None = None) -> np.ndarray:
         """Every row of the split once, in a seeded block-shuffled order (mosaicml/streaming's block shuffling).
 

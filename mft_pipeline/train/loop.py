@@ -378,7 +378,10 @@ def training_batches(run: Run, first_step: int) -> Prefetch:
         sources.append((run.replay_split, run.replay_order, [r for _, r in plan]))
     # A position's epoch is its pass over the split: the run's order is one epoch after another.
     readers = [split.read_in_order([(order[p], p // len(split)) for p in positions]) for split, order, positions in sources]
-    return Prefetch(([part for part in parts if part is not None] for parts in zip(*readers)), PREFETCH_DEPTH)
+    # Page-locked on CUDA, so the copy to the device can overlap the step (train_step copies non-blocking).
+    pin = (lambda t: t.pin_memory()) if ranks.device.type == "cuda" else (lambda t: t)
+    micro = ([{k: pin(v) for k, v in part.items()} for part in parts if part is not None] for parts in zip(*readers))
+    return Prefetch(micro, PREFETCH_DEPTH)
 
 
 def train_step(run: Run, step: int, batches: Iterator[list[dict]]) -> dict:
@@ -392,7 +395,7 @@ def train_step(run: Run, step: int, batches: Iterator[list[dict]]) -> dict:
     # grad_accum micro-batches of this rank's share; all ranks together cover the step's rows once.
     count = config.grad_accum
     for i in range(count):
-        parts = [{k: v.to(device) for k, v in part.items()} for part in next(batches)]
+        parts = [{k: v.to(device, non_blocking=True) for k, v in part.items()} for part in next(batches)]
         with distributed.gradient_sync(run.model, last_micro_batch=i == count - 1):
             loss_sum, n_tokens = micro_batch_loss(run.model, parts, config, run.teacher)
             loss_sum.backward()
