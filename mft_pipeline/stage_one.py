@@ -93,8 +93,10 @@ def _plan(packed: dict[str, Packed], rows_per_shard: int, num_workers: int) -> l
 def _shard_table(schema, split: str, packed: Packed, start: int, stop: int, teacher, config: CacheConfig, bar) -> pa.Table:
     parts = []
     positions = packed.input_ids.shape[1] - 1
-    for b in range(start, stop, config.batch_size):
-        e = min(b + config.batch_size, stop)
+    # An engine that schedules rows itself gets the whole shard, so it is never starved of rows.
+    rows_per_call = stop - start if getattr(teacher, "schedules_rows", False) else config.batch_size
+    for b in range(start, stop, rows_per_call):
+        e = min(b + rows_per_call, stop)
         if config.tail_samples:
             uniforms = tail_uniforms(config.tail_seed, split, b, e - b, positions, config.tail_samples)
             parts.append(teacher.score(packed.input_ids[b:e], packed.num_tokens[b:e], config.top_k, tail_uniforms=uniforms))

@@ -40,15 +40,19 @@ class TeacherBackend(Protocol):
         max_top_k: the largest k this backend can return (vocab size, or vLLM's cap).
         vocab_size: the teacher's output vocabulary size.
         samples_tail: whether ``score`` can draw tail samples (it needs the full logits).
+        schedules_rows: whether ``score`` bounds its own memory however many rows it gets
+            (an engine that schedules them in steps): stage one then hands it a whole shard
+            per call; otherwise ``--batch-size`` rows, which bound the memory of one forward.
     """
 
     name: str
     max_top_k: int
     vocab_size: int
     samples_tail: bool
+    schedules_rows: bool
 
     def score(self, input_ids: np.ndarray, num_tokens: np.ndarray, top_k: int, tail_uniforms: np.ndarray | None = None) -> TeacherScores:
-        """Score one batch.
+        """Score a batch of rows (a whole shard where ``schedules_rows``).
 
         Args:
             input_ids: (B, T) int64 packed token ids; row ``b`` is real up to ``num_tokens[b]``.

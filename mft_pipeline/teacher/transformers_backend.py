@@ -20,6 +20,8 @@ class TransformersTeacher:
     name = "transformers"
     # The full logits are at hand, so ids can be drawn from the teacher's tail.
     samples_tail = True
+    # One forward holds the logits of every row it gets: the caller bounds them (--batch-size).
+    schedules_rows = False
 
     def __init__(self, model, chunk_tokens: int = 2048):
         self.model = model.eval()

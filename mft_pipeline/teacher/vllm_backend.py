@@ -39,7 +39,15 @@ is read back. Facts about vLLM this module relies on (checked against vLLM's sou
   reserved for weights and KV cache; ``vllm.platforms.current_platform`` says which device
   the installed build drives.
 * Requests that ask for prompt logprobs bypass the prefix cache, so every position is
-  scored; ``LLM.generate`` returns outputs in the order of the prompts.
+  scored.
+* ``LLM.llm_engine`` is the ``LLMEngine`` that ``LLM.generate`` itself drives: ``add_request(
+  request_id, prompt, params)`` queues a request and ``step()`` returns the outputs that came
+  back since the last call, each with the ``request_id`` it was given (vLLM adds a suffix only
+  internally). With ``SamplingParams(output_kind=RequestOutputKind.FINAL_ONLY)``, as
+  ``LLM.generate`` sets it, a request gives one output, when finished, holding all its prompt
+  log-probs. The engine core runs in its own process and keeps stepping through the queued
+  requests while this process converts finished outputs; ``abort_request([ids])`` drops
+  requests.
 * The V1 engine (vLLM >= 0.8) refuses a generate request whose prompt is as long as
   ``max_model_len`` (vllm-project/vllm#16445), and a request must generate at least one
   token, so the engine is given ``max_model_len = seq_len + 1``.
@@ -47,6 +55,9 @@ is read back. Facts about vLLM this module relies on (checked against vLLM's sou
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import itertools
 import os
 import re
 from collections.abc import Sequence
@@ -72,9 +83,10 @@ DEFAULT_LOGITS_BUDGET_BYTES = 1 << 30
 # vLLM schedules up to 256 sequences per step by default and refuses a token cap below that
 # (max_num_batched_tokens >= max_num_seqs); a cap far above the longest useful step gains nothing.
 MIN_STEP_TOKENS, MAX_STEP_TOKENS = 256, 16384
-# Prompt tokens handed to one LLM.generate call. The Python-side outputs hold (k + 1) candidates
-# per token, so a bounded call keeps them (and the wait before the first result) bounded.
-DEFAULT_TOKENS_PER_CALL = 32768
+# Prompt tokens queued in the engine at once (whole rows). Enough for several full engine steps,
+# so the scheduler never runs short while finished rows are converted; bounded because the
+# Python-side outputs of unconverted rows hold (k + 1) candidates per token.
+DEFAULT_TOKENS_IN_FLIGHT = 32768
 # How long close() waits for the engine client's output thread, which ends within milliseconds
 # of the shutdown signal; a bound so that a wedged engine cannot hang a finished run.
 CLOSE_TIMEOUT_S = 30.0
@@ -301,9 +313,15 @@ def _engine_vocab_size(llm) -> int:
 class VLLMTeacher:
     """Scores packed sequences with vLLM's offline ``LLM`` engine (CUDA GPUs or the CPU build).
 
-    Only vLLM's public API is used (``LLM``, ``SamplingParams``, ``TokensPrompt``,
-    ``RequestOutput.prompt_logprobs``, ``vllm.platforms.current_platform``), so the CPU build
-    the tests run and a GPU build take the same path; docs/vllm.md lists the versions run.
+    Only vLLM's public API is used (``LLM``, its ``llm_engine``'s ``add_request``/``step``/
+    ``abort_request``, ``SamplingParams``, ``TokensPrompt``, ``RequestOutput.prompt_logprobs``,
+    ``vllm.platforms.current_platform``), so the CPU build the tests run and a GPU build take
+    the same path; docs/vllm.md lists the versions run.
+
+    ``score`` takes any number of rows (stage one hands it a whole shard) and keeps at most
+    ``tokens_in_flight`` prompt tokens queued in the engine, which schedules them in steps of
+    ``max_num_batched_tokens``; each finished row is converted while the engine works on the
+    rest.
 
     Args:
         model: hub id, local folder or .gguf file of the teacher.
@@ -320,7 +338,8 @@ class VLLMTeacher:
             one more position, for the single token vLLM insists on generating.
         logits_budget_bytes: logit memory one engine step may use; sets the engine's
             ``max_num_batched_tokens`` through ``step_token_budget``.
-        tokens_per_call: prompt tokens per ``LLM.generate`` call (whole rows; at least one).
+        tokens_in_flight: prompt tokens queued in the engine at once (whole rows; at least one
+            row), however many rows one ``score`` call holds.
         seed: engine seed (nothing is sampled that we read, but runs stay reproducible).
         extra_llm_kwargs: anything else for ``vllm.LLM(...)``; overrides the above.
     """
@@ -329,6 +348,8 @@ class VLLMTeacher:
     # vLLM hands back only the top-k log-probs, never the full distribution that tail samples
     # must be drawn from.
     samples_tail = False
+    # The engine bounds a step's memory however many rows are queued.
+    schedules_rows = True
 
     def __init__(
         self,
@@ -340,7 +361,7 @@ class VLLMTeacher:
         gpu_memory_utilization: float | None = None,
         max_model_len: int | None = None,
         logits_budget_bytes: int = DEFAULT_LOGITS_BUDGET_BYTES,
-        tokens_per_call: int = DEFAULT_TOKENS_PER_CALL,
+        tokens_in_flight: int = DEFAULT_TOKENS_IN_FLIGHT,
         seed: int = 0,
         extra_llm_kwargs: dict[str, Any] | None = None,
     ):
@@ -362,10 +383,8 @@ class VLLMTeacher:
             seed=seed,
             max_logprobs=max_top_k,
             logprobs_mode="raw_logprobs",
+            max_num_batched_tokens=step_token_budget(config_vocab_size(model), logits_budget_bytes),
         )
-        vocab = _config_vocab_size(model)
-        if vocab is not None:
-            kwargs["max_num_batched_tokens"] = step_token_budget(vocab, logits_budget_bytes)
         kwargs.update(extra_llm_kwargs or {})
         self.llm_kwargs = kwargs
         try:
@@ -383,7 +402,8 @@ class VLLMTeacher:
             raise ConfigError(f"max_top_k={max_top_k} exceeds the teacher's vocabulary ({self.vocab_size})")
         self.max_top_k = max_top_k
         self.max_model_len = max_model_len
-        self.tokens_per_call = max(1, int(tokens_per_call))
+        self.tokens_in_flight = max(1, int(tokens_in_flight))
+        self._request_ids = itertools.count()
         self._engine_max_len = kwargs.get("max_model_len")
         self._sampling_params: dict[int, Any] = {}
         try:  # a TypedDict; a plain {"prompt_token_ids": [...]} is what it builds
@@ -395,7 +415,12 @@ class VLLMTeacher:
 
     def _params(self, top_k: int):
         if top_k not in self._sampling_params:
-            base = dict(prompt_logprobs=top_k, max_tokens=1, temperature=1.0, n=1, detokenize=False)
+            from vllm.sampling_params import RequestOutputKind
+
+            base = dict(
+                prompt_logprobs=top_k, max_tokens=1, temperature=1.0, n=1, detokenize=False,
+                output_kind=RequestOutputKind.FINAL_ONLY,  # one output per row, when it is done
+            )
             try:
                 params = self._vllm.SamplingParams(**base, flat_logprobs=True)
             except TypeError:  # vLLM before flat_logprobs existed
@@ -406,16 +431,32 @@ class VLLMTeacher:
     def _prompt(self, token_ids: list[int]):
         return self._tokens_prompt(prompt_token_ids=token_ids)
 
-    def _calls(self, rows: list[int], num: np.ndarray) -> list[list[int]]:
-        """Split rows into generate calls of at most ``tokens_per_call`` prompt tokens."""
-        calls, current, tokens = [], [], 0
-        for b in rows:
-            if current and tokens + int(num[b]) > self.tokens_per_call:
-                calls.append(current)
-                current, tokens = [], 0
-            current.append(b)
-            tokens += int(num[b])
-        return calls + [current] if current else calls
+    def _finished(self, ids: np.ndarray, num: np.ndarray, rows: list[int], top_k: int):
+        """Yield ``(row, RequestOutput)`` as the engine finishes rows, in any order.
+
+        Rows are queued while fewer than ``tokens_in_flight`` prompt tokens are in the engine,
+        and one more is queued as each finishes, so the engine keeps working while the caller
+        converts. Rows still queued when the caller stops (an error) are aborted.
+        """
+        engine, params = self._llm.llm_engine, self._params(top_k)
+        waiting, in_flight, tokens = collections.deque(rows), {}, 0
+        try:
+            while waiting or in_flight:
+                while waiting and (not in_flight or tokens + num[waiting[0]] <= self.tokens_in_flight):
+                    b = waiting.popleft()
+                    request_id = f"mft-{next(self._request_ids)}"
+                    engine.add_request(request_id, self._prompt(ids[b, : num[b]].tolist()), params)
+                    in_flight[request_id] = b
+                    tokens += int(num[b])
+                for out in engine.step():
+                    # Outputs of another call's aborted rows may still arrive: not ours.
+                    if out.finished and out.request_id in in_flight:
+                        b = in_flight.pop(out.request_id)
+                        tokens -= int(num[b])
+                        yield b, out
+        finally:
+            if in_flight:
+                engine.abort_request(list(in_flight))
 
     def score(self, input_ids: np.ndarray, num_tokens: np.ndarray, top_k: int, tail_uniforms: np.ndarray | None = None) -> TeacherScores:
         if tail_uniforms is not None:
@@ -443,15 +484,12 @@ class VLLMTeacher:
                 "with max_model_len >= the packed sequence length (--seq-len)"
             )
         rows = [b for b in range(B) if num[b] >= 2]  # a row of 0 or 1 tokens predicts nothing
-        for call in self._calls(rows, num):
-            prompts = [self._prompt(ids[b, : num[b]].tolist()) for b in call]
-            outputs = self._llm.generate(prompts, self._params(top_k), use_tqdm=False)
-            if len(outputs) != len(call):
-                raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(call)} prompts")
-            for b, out in zip(call, outputs):
+        # closing: an error while converting aborts the rows still in the engine, at once.
+        with contextlib.closing(self._finished(ids, num, rows, top_k)) as finished:
+            for b, out in finished:
                 got = getattr(out, "prompt_token_ids", None)
                 if got is not None and (len(got) != num[b] or not np.array_equal(np.asarray(got), ids[b, : num[b]])):
-                    raise RuntimeError("vLLM returned outputs out of prompt order")
+                    raise RuntimeError(f"vLLM returned the output of another prompt for request {out.request_id}")
                 topk_ids[b], topk_lp[b], label_lp[b] = scores_from_prompt_logprobs(out.prompt_logprobs, ids[b], top_k, T)
         return TeacherScores(topk_ids=topk_ids, topk_logprobs=topk_lp, label_logprobs=label_lp)
 
@@ -487,15 +525,25 @@ def _first_line(e: BaseException, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _config_vocab_size(model: str) -> int | None:
-    """The vocabulary from a local model folder's config.json, for sizing engine steps before
-    the engine exists; None when there is no such file (hub ids, GGUF): vLLM's default then."""
-    import json
-    from pathlib import Path
+def config_vocab_size(model: str, **hub_kwargs) -> int:
+    """The model's output vocabulary, read from its config before any engine exists.
 
-    path = Path(model) / "config.json"
-    if not path.is_file():
-        return None
-    config = json.loads(path.read_text())
-    vocab = config.get("vocab_size", config.get("text_config", {}).get("vocab_size"))
-    return int(vocab) if vocab else None
+    Args:
+        model: a model folder, a hub id (its config from the local hub cache, or downloaded
+            unless ``HF_HUB_OFFLINE=1``) or a ``.gguf`` file (its metadata), as
+            ``models.resolve`` reads specs.
+        hub_kwargs: for ``AutoConfig.from_pretrained`` (``cache_dir``, ``local_files_only``).
+    """
+    from transformers import AutoConfig
+
+    from mft_pipeline.models import resolve
+
+    name, kwargs = resolve(model)
+    try:
+        config = AutoConfig.from_pretrained(name, **kwargs, **hub_kwargs)
+    except Exception as e:  # transformers raises many types here; the user needs one clear line
+        raise ModelLoadError(f"could not read the model config of {model!r} (its vocabulary sizes vLLM's engine steps): {_first_line(e)}") from e
+    vocab = getattr(config.get_text_config(), "vocab_size", None)
+    if not vocab:
+        raise ModelLoadError(f"the model config of {model!r} names no vocab_size (it sizes vLLM's engine steps)")
+    return int(vocab)

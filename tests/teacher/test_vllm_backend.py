@@ -11,9 +11,11 @@ log-probs are exact.
 
 from __future__ import annotations
 
+import json
 import sys
 import types
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -299,6 +301,8 @@ def make_fake_vllm(flat_supported: bool = True):
     mod = types.ModuleType("vllm")
     mod.__version__ = "0.0.fake"
     mod.created = []
+    sampling = types.ModuleType("vllm.sampling_params")
+    sampling.RequestOutputKind = types.SimpleNamespace(CUMULATIVE=0, DELTA=1, FINAL_ONLY=2)
 
     class SamplingParams:
         def __init__(self, **kw):
@@ -308,36 +312,59 @@ def make_fake_vllm(flat_supported: bool = True):
 
     @dataclass
     class RequestOutput:
+        request_id: str
         prompt_token_ids: list[int]
         prompt_logprobs: object
+        finished: bool = True
 
     class ModelConfig:
         def get_vocab_size(self):
             return V_FAKE
 
+    class LLMEngine:
+        """Queues requests; each step finishes the newest one, so rows come back out of order,
+        and also reports an unfinished request, which a FINAL_ONLY caller must not take."""
+
+        def __init__(self, max_logprobs, max_model_len):
+            self.model_config = ModelConfig()
+            self.max_logprobs, self.max_model_len = max_logprobs, max_model_len
+            self.queued, self.requests, self.aborted = {}, [], []
+            self.most_tokens_queued = 0
+            self.drop_logprobs = False  # a test's way to make one output unreadable
+
+        def add_request(self, request_id, prompt, params):
+            ids = list(prompt["prompt_token_ids"])
+            assert params.prompt_logprobs <= self.max_logprobs, "vLLM rejects prompt_logprobs > max_logprobs"
+            assert self.max_model_len is None or len(ids) < self.max_model_len, "V1 refuses a prompt as long as max_model_len"
+            assert request_id not in self.queued
+            self.queued[request_id] = (ids, params)
+            self.requests.append((ids, params))
+            self.most_tokens_queued = max(self.most_tokens_queued, sum(len(i) for i, _ in self.queued.values()))
+
+        def step(self):
+            if not self.queued:
+                return []
+            request_id = next(reversed(self.queued))
+            ids, params = self.queued.pop(request_id)
+            build = flat_form if getattr(params, "flat_logprobs", False) else dict_form
+            logprobs = None if self.drop_logprobs else build(fake_table(ids), np.array(ids), params.prompt_logprobs)
+            unfinished = [RequestOutput(r, i, None, finished=False) for r, (i, _) in list(self.queued.items())[:1]]
+            return unfinished + [RequestOutput(request_id, ids, logprobs)]
+
+        def abort_request(self, request_ids):
+            self.aborted += request_ids
+            for r in request_ids:
+                self.queued.pop(r)
+
     class LLM:
         def __init__(self, **kw):
             self.kwargs = kw
-            self.llm_engine = types.SimpleNamespace(model_config=ModelConfig())
-            self.calls = []
+            self.llm_engine = LLMEngine(kw["max_logprobs"], kw.get("max_model_len"))
             mod.created.append(self)
-
-        def generate(self, prompts, sampling_params, use_tqdm=True):
-            self.calls.append((prompts, sampling_params, use_tqdm))
-            k = sampling_params.prompt_logprobs
-            assert k <= self.kwargs["max_logprobs"], "vLLM rejects prompt_logprobs > max_logprobs"
-            build = flat_form if getattr(sampling_params, "flat_logprobs", False) else dict_form
-            outs = []
-            for p in prompts:
-                ids = list(p["prompt_token_ids"])
-                limit = self.kwargs.get("max_model_len")
-                assert limit is None or len(ids) < limit, "V1 refuses a prompt as long as max_model_len"
-                outs.append(RequestOutput(ids, build(fake_table(ids), np.array(ids), k)))
-            return outs
 
     inputs = types.ModuleType("vllm.inputs")
     inputs.TokensPrompt = dict  # TypedDict: calling it builds a plain dict
-    mod.LLM, mod.SamplingParams, mod.inputs = LLM, SamplingParams, inputs
+    mod.LLM, mod.SamplingParams, mod.inputs, mod.sampling_params = LLM, SamplingParams, inputs, sampling
     return mod, inputs
 
 
@@ -354,6 +381,18 @@ class FakePlatform:
         return self.device is None
 
 
+def model_folder(path: Path, vocab_size: int = V_FAKE) -> str:
+    """A model folder as far as the backend reads it before the engine starts: its config."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": vocab_size}))
+    return str(path)
+
+
+@pytest.fixture
+def tiny(tmp_path) -> str:
+    return model_folder(tmp_path / "tiny")
+
+
 @pytest.fixture
 def fake_vllm(monkeypatch):
     def install(flat_supported=True, device="cuda"):
@@ -363,6 +402,7 @@ def fake_vllm(monkeypatch):
         mod.platforms = platforms
         monkeypatch.setitem(sys.modules, "vllm", mod)
         monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+        monkeypatch.setitem(sys.modules, "vllm.sampling_params", mod.sampling_params)
         monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
         monkeypatch.delenv(vllm_backend.GPU_MEMORY_ENV, raising=False)
         return mod
@@ -381,7 +421,7 @@ def test_cpu_build_defaults_and_memory_setting(fake_vllm, monkeypatch, tmp_path)
     """On the CPU build: float32 like the transformers backend, a small share of host RAM
     (overridable by the environment), and an engine step sized from the vocabulary."""
     mod = fake_vllm(device="cpu")
-    (tmp_path / "config.json").write_text('{"vocab_size": 131072}')
+    model_folder(tmp_path, vocab_size=131072)
     VLLMTeacher(str(tmp_path), max_top_k=4)
     kw = mod.created[-1].kwargs
     assert kw["dtype"] == "float32" and kw["gpu_memory_utilization"] == vllm_backend.CPU_GPU_MEMORY_UTILIZATION
@@ -405,7 +445,63 @@ def test_step_token_budget_is_clamped():
     assert vllm_backend.step_token_budget(10**7) == vllm_backend.MIN_STEP_TOKENS
 
 
-def test_engine_refusal_is_a_model_load_error(fake_vllm):
+def tiny_gguf(path: Path, vocab_size: int) -> Path:
+    """A Llama GGUF file holding only what its config is read from: metadata and one embedding."""
+    gguf = pytest.importorskip("gguf")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(64)
+    writer.add_embedding_length(8)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(16)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(1)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(vocab_size)
+    writer.add_tensor("token_embd.weight", np.zeros((vocab_size, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def hub_cache(cache: Path, repo_id: str, vocab_size: int) -> Path:
+    """A hub cache (huggingface_hub's layout) holding one repo's config.json at revision main."""
+    folder = cache / f"models--{repo_id.replace('/', '--')}"
+    model_folder(folder / "snapshots" / "0123abcd", vocab_size)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text("0123abcd")
+    return cache
+
+
+def test_the_logits_budget_reads_the_vocabulary_of_every_kind_of_model_spec(tmp_path):
+    """A folder, a hub id from the hub cache (offline) and a GGUF file give their own
+    vocabulary, and the engine step follows from it: 2**30 // (V * 6) tokens."""
+    from mft_pipeline.models import ModelLoadError
+
+    specs = {
+        model_folder(tmp_path / "folder", 131072): 131072,
+        "org/tiny": 49152,
+        str(tiny_gguf(tmp_path / "gguf" / "tiny.gguf", 262144)): 262144,
+    }
+    cache = hub_cache(tmp_path / "hub", "org/tiny", 49152)
+    for spec, vocab in specs.items():
+        got = vllm_backend.config_vocab_size(spec, cache_dir=cache, local_files_only=True)
+        assert got == vocab, spec
+        assert vllm_backend.step_token_budget(got) == (1 << 30) // (vocab * 6)
+    assert [vllm_backend.step_token_budget(v) for v in specs.values()] == [1365, 3640, 682]
+    with pytest.raises(ModelLoadError, match="org/absent"):
+        vllm_backend.config_vocab_size("org/absent", cache_dir=cache, local_files_only=True)
+
+
+def test_the_engine_gets_the_budget_of_a_gguf_teacher(fake_vllm, tmp_path):
+    mod = fake_vllm(device="cpu")
+    VLLMTeacher(str(tiny_gguf(tmp_path / "tiny.gguf", 262144)), max_top_k=4)
+    assert mod.created[-1].kwargs["max_num_batched_tokens"] == 682
+
+
+def test_engine_refusal_is_a_model_load_error(fake_vllm, tmp_path):
     from mft_pipeline.models import ModelLoadError
 
     mod = fake_vllm()
@@ -418,34 +514,53 @@ def test_engine_refusal_is_a_model_load_error(fake_vllm):
 
     mod.LLM = refuse
     with pytest.raises(ModelLoadError) as info:
-        VLLMTeacher("x/xlnet", max_top_k=4)
-    assert str(info.value) == "vLLM could not start an engine for 'x/xlnet': Model architectures ['XLNetLMHeadModel'] are not supported for now."
+        VLLMTeacher(model_folder(tmp_path / "xlnet"), max_top_k=4)
+    assert str(info.value) == f"vLLM could not start an engine for '{tmp_path / 'xlnet'}': Model architectures ['XLNetLMHeadModel'] are not supported for now."
 
 
-def test_rows_go_to_generate_in_calls_of_bounded_tokens(fake_vllm):
+def test_rows_in_the_engine_stay_within_tokens_in_flight(fake_vllm, tiny):
+    """Whole rows are queued while they fit in tokens_in_flight (one row always does), each
+    finished row makes room for the next, and rows finished out of order land in their place."""
     mod = fake_vllm()
-    teacher = VLLMTeacher("tiny/model", max_top_k=4, max_model_len=10, tokens_per_call=15)
     ids = np.random.default_rng(0).integers(0, V_FAKE, size=(5, 10))
     num = np.array([10, 4, 9, 10, 1])
-    one_call = VLLMTeacher("tiny/model", max_top_k=4, max_model_len=10).score(ids, num, 3)
-    scores = teacher.score(ids, num, 3)
-    calls = [[len(p["prompt_token_ids"]) for p in c[0]] for c in mod.created[0].calls]
-    assert calls == [[10, 4], [9], [10]]  # whole rows, never more than 15 tokens unless one row is
-    for a, b in zip(scores.__dict__.values(), one_call.__dict__.values()):
+    all_at_once = VLLMTeacher(tiny, max_top_k=4, max_model_len=10).score(ids, num, 3)
+    assert mod.created[-1].llm_engine.most_tokens_queued == 33  # every row with 2+ tokens
+    scores = VLLMTeacher(tiny, max_top_k=4, max_model_len=10, tokens_in_flight=15).score(ids, num, 3)
+    engine = mod.created[-1].llm_engine
+    assert engine.most_tokens_queued == 14 and not engine.queued  # rows 10 + 4, never 10 + 9
+    assert [len(r) for r, _ in engine.requests] == [10, 4, 9, 10]
+    for a, b in zip(scores.__dict__.values(), all_at_once.__dict__.values()):
         np.testing.assert_array_equal(a, b)
+    for b in range(4):
+        want = expected(fake_table(ids[b, : num[b]].tolist()), ids[b, : num[b]], 3, 10)
+        np.testing.assert_array_equal(scores.topk_ids[b], want[0])
+
+
+def test_a_row_that_fails_to_convert_aborts_the_rows_still_queued(fake_vllm, tiny):
+    mod = fake_vllm()
+    teacher = VLLMTeacher(tiny, max_top_k=4, max_model_len=10)
+    engine = mod.created[-1].llm_engine
+    engine.drop_logprobs = True
+    ids = np.random.default_rng(0).integers(0, V_FAKE, size=(3, 10))
+    with pytest.raises(ValueError, match="prompt_logprobs is None"):
+        teacher.score(ids, np.array([10, 10, 10]), 3)
+    assert len(engine.aborted) == 2 and not engine.queued
+    engine.drop_logprobs = False  # the next call starts clean
+    assert teacher.score(ids, np.array([10, 10, 10]), 3).topk_ids.any()
 
 
 @pytest.mark.parametrize("flat_supported", [True, False])
-def test_teacher_end_to_end_on_fake_vllm(fake_vllm, flat_supported):
+def test_teacher_end_to_end_on_fake_vllm(fake_vllm, flat_supported, tiny):
     mod = fake_vllm(flat_supported=flat_supported)
     teacher = VLLMTeacher(
-        "tiny/model", tokenizer="tiny/tok", max_top_k=8, max_model_len=10, seed=3,
+        tiny, tokenizer="tiny/tok", max_top_k=8, max_model_len=10, seed=3,
         extra_llm_kwargs={"enforce_eager": True},
     )
     llm = mod.created[-1]
     assert teacher.name == "vllm" and teacher.max_top_k == 8 and teacher.vocab_size == V_FAKE
     assert llm.kwargs["max_logprobs"] == 8 and llm.kwargs["logprobs_mode"] == "raw_logprobs"
-    assert llm.kwargs["model"] == "tiny/model" and llm.kwargs["tokenizer"] == "tiny/tok"
+    assert llm.kwargs["model"] == tiny and llm.kwargs["tokenizer"] == "tiny/tok"
     # One position beyond the packed length: V1 refuses a prompt as long as max_model_len.
     assert llm.kwargs["max_model_len"] == 11 and llm.kwargs["seed"] == 3 and llm.kwargs["enforce_eager"]
     assert llm.kwargs["tensor_parallel_size"] == 1 and llm.kwargs["dtype"] == "auto"
@@ -457,9 +572,11 @@ def test_teacher_end_to_end_on_fake_vllm(fake_vllm, flat_supported):
     num_tokens = np.array([10, 6, 1, 10])
     scores = teacher.score(input_ids, num_tokens, top_k=k)
 
-    prompts, params, use_tqdm = llm.calls[-1]
-    assert use_tqdm is False and len(prompts) == 3  # the 1-token row is not sent
-    assert [p["prompt_token_ids"] for p in prompts] == [input_ids[b, : num_tokens[b]].tolist() for b in (0, 1, 3)]
+    requests = llm.llm_engine.requests
+    assert len(requests) == 3  # the 1-token row is not sent
+    assert [ids for ids, _ in requests] == [input_ids[b, : num_tokens[b]].tolist() for b in (0, 1, 3)]
+    params = requests[-1][1]
+    assert params.output_kind == mod.sampling_params.RequestOutputKind.FINAL_ONLY
     assert params.prompt_logprobs == k and params.max_tokens == 1 and params.temperature == 1.0
     assert params.detokenize is False
     assert getattr(params, "flat_logprobs", False) is flat_supported
@@ -486,10 +603,10 @@ def test_teacher_end_to_end_on_fake_vllm(fake_vllm, flat_supported):
     assert "torch" in teacher.library_versions()
 
 
-def test_max_top_k_above_vocab_is_refused(fake_vllm):
+def test_max_top_k_above_vocab_is_refused(fake_vllm, tiny):
     fake_vllm()
     with pytest.raises(ValueError, match="vocabulary"):
-        VLLMTeacher("tiny/model", max_top_k=V_FAKE + 1)
+        VLLMTeacher(tiny, max_top_k=V_FAKE + 1)
 
 
 # ---------------------------------------------------------------------------------------
