@@ -24,6 +24,7 @@ import io
 import json
 import os
 import platform
+import re
 import resource
 import shlex
 import shutil
@@ -413,16 +414,24 @@ def measure_vllm(b: SimpleNamespace) -> dict:
     }  # fmt: skip
 
 
-# Where a sampled stack's time goes: the first rule (innermost frame first) whose text occurs in
-# one of its frames names it. Frames look like "function (path/file.py:line)".
+# Where a sampled stack's time goes: its innermost frame that holds one of a rule's texts names it
+# (rules in order, per frame). Frames look like "function (path/file.py:line)".
 PROFILE_RULES = [
-    ("engine: prompt log-probs (log-softmax, top-k, rank over the vocabulary)", ("compute_prompt_logprobs", "gather_logprobs", "compute_logprobs", "batched_count_greater_than")),
-    ("engine: logits (the output head)", ("compute_logits", "logits_processor")),
-    ("engine: model forward (attention, MLP)", ("model_executor/models/",)),
-    ("engine: scheduling, inputs, sampling, other", ("vllm/v1/core/", "vllm/v1/worker/", "vllm/v1/sample/", "vllm/v1/engine/core.py")),
-    ("frontend: outputs to Python objects (vLLM)", ("output_processor", "logprobs.py")),
-    ("frontend: conversion to arrays (mft)", ("vllm_backend.py",)),
+    ("engine: prompt log-probs (log-softmax, top-k, ranks over the vocabulary)", ("compute_logprobs", "gather_logprobs", "batched_count_greater_than", "_get_prompt_logprobs_dict")),
+    ("engine: output head (logits of every prompt token)", ("compute_logits", "logits_processor.py")),
+    ("engine: model forward (attention, MLP)", ("vllm/model_executor/", "vllm/attention/", "vllm/v1/attention/")),
+    ("engine: scheduling, input preparation, sampling, other engine work", ("vllm/v1/core/", "vllm/v1/worker/", "vllm/v1/sample/", "vllm/v1/engine/core.py", "vllm/v1/executor/")),
+    ("frontend: vLLM's output processing (Python objects per candidate)", ("vllm/v1/engine/", "vllm/outputs.py", "vllm/logprobs.py")),
+    ("frontend: conversion to arrays (vllm_backend)", ("vllm_backend.py",)),
 ]  # fmt: skip
+
+
+def profile_group(stack: list[str]) -> str:
+    for frame in reversed(stack):
+        for name, keys in PROFILE_RULES:
+            if any(key in frame for key in keys):
+                return name
+    return "other (threads, imports, unmatched)"
 
 
 def profile_vllm(run, work: Path) -> dict:
@@ -431,21 +440,23 @@ def profile_vllm(run, work: Path) -> dict:
     raw = work / "py-spy.txt"
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     cmd = [spy, "record", "--pid", str(os.getpid()), "--subprocesses", "--rate", "100", "--format", "raw", "-o", str(raw)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(2)  # attached
     t0 = time.perf_counter()
     run()
     seconds = time.perf_counter() - t0
     proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=60)
+    if proc.wait(timeout=60) != 0 or not raw.is_file():
+        raise SystemExit(f"py-spy failed: {proc.stderr.read()[-1000:]}")
     groups, frames, total = Counter(), Counter(), 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
+        if not count.isdigit():  # the rest of a process's command line that held a newline
+            continue
         stack, count = stack.split(";"), int(count)
         total += count
-        inner = stack[::-1]
-        groups[next((name for name, keys in PROFILE_RULES if any(key in f for f in inner for key in keys)), "other (imports, threads, idle loops)")] += count
-        frames[inner[0].split(" (")[0]] += count
+        groups[profile_group(stack)] += count
+        frames[re.sub(r"\(\S*(site-packages|lib/python3\.\d+)/", "(", stack[-1].replace(f"{REPO}/", ""))] += count  # no local paths
     return {"seconds": seconds, "samples": total, "rate_hz": 100, "groups": dict(groups.most_common()), "top_frames": frames.most_common(12)}
 
 
