@@ -10,7 +10,7 @@ import sys
 import click
 
 from cli.options import build, config_file_option, options_from
-from mft_pipeline.config import TUNE_FIELDS, CacheConfig, EvalConfig, TrainConfig, TuneConfig
+from mft_pipeline.config import TUNE_FIELDS, CacheConfig, CompareConfig, EvalConfig, TrainConfig, TuneConfig
 from mft_pipeline.sweep.grid import GRID_FIELDS, SweepConfig
 
 
@@ -214,6 +214,20 @@ def tune(**params):
     summary = run(build(TuneConfig, params), params, log=click.echo)
     click.echo(answer(summary))
     click.echo("report: " + ", ".join(os.path.join(params["out"], name) for name in (REPORT, PLOT, SUMMARY)))
+
+
+@mft.command("compare")
+@options_from(CompareConfig)
+def compare(**params):
+    """Does MFT help on my data? FT against MFT from a reference checkpoint, over seeds, with intervals and a verdict.
+
+    Writes OUT/NAME.md (S, DG and DG/S per method with 95% intervals, MFT against FT paired by
+    seed, and what the comparison's size can and cannot tell) and OUT/NAME/runs.csv. Finished
+    runs are reused, so a killed comparison continues when the same command runs again.
+    """
+    from mft_pipeline.compare.runs import run_compare
+
+    return run_compare(build(CompareConfig, params), log=lambda line: click.echo(line, err=True))
 
 
 @mft.command("report")

@@ -24,9 +24,9 @@ def _base(tp):
 def options_from(cls, positional: tuple[str, ...] = (), exclude: tuple[str, ...] = ()):
     """Decorator adding one click parameter per field of ``cls``.
 
-    Fields named in ``positional`` become arguments; booleans become ``--flag``s; every other
-    field becomes ``--field-name`` with the field's default and help. Fields in ``exclude``
-    get no parameter.
+    Fields named in ``positional`` become arguments; booleans become ``--flag``s; tuples become
+    repeatable options; every other field becomes ``--field-name`` with the field's default and
+    help. Fields in ``exclude`` get no parameter.
     """
     hints = typing.get_type_hints(cls)
 
@@ -41,6 +41,8 @@ def options_from(cls, positional: tuple[str, ...] = (), exclude: tuple[str, ...]
             required = fld.default is dataclasses.MISSING
             if tp is bool:
                 f = click.option(flag, fld.name, is_flag=True, default=fld.default, help=help_)(f)
+            elif typing.get_origin(tp) is tuple:
+                f = click.option(flag, fld.name, type=_TYPES[typing.get_args(tp)[0]], multiple=True, help=help_)(f)
             else:
                 default = None if required else fld.default
                 f = click.option(flag, fld.name, type=_TYPES[tp], default=default, required=required, show_default=not required and default is not None, help=help_)(f)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 from mft_pipeline.distill.correction import check_tau, check_variant
 from mft_pipeline.errors import ConfigError
@@ -343,6 +344,95 @@ class TuneConfig:
         if not all(lr > 0 and math.isfinite(lr) for lr in lrs):
             raise ConfigError(f"lrs must be positive, got {self.lrs!r}")
         return lrs
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """`mft compare`: does MFT forget less per unit of specialization than plain finetuning, on these corpora?"""
+
+    domain: tuple[str, ...] = doc(
+        "Your specialized corpus as NAME=PATH, in any format cache-teacher reads (repeatable). Default: the built-in "
+        "legal, math and code corpora (legal alone with --quick).",
+        default=(),
+    )
+    general: str | None = doc(
+        "Your general-domain corpus: DG is measured on its held-out documents, and the reference checkpoint and replay "
+        "train on the rest. Default: the built-in GCIDE dictionary.",
+        default=None,
+    )
+    out: str = doc(
+        "Results folder: NAME.md, and NAME/ with runs.csv and the plots (NAME says the profile, model and domains). "
+        "A relative path is taken from the working directory.",
+        default="mft-compare",
+    )
+    work: str | None = doc(
+        "Folder for the model, corpora, caches and runs; finished runs are reused when the command is run again. "
+        "Default: OUT/work.",
+        default=None,
+    )
+    quick: bool = doc(
+        "The quick profile: FT against MFT (tau 0.25) on one domain, 3 seeds, 24 steps of 8 x 128 tokens, about "
+        "20-25 minutes on 2 CPU cores. One operating point: it says whether MFT helps here, not by how much elsewhere.",
+        default=False,
+    )
+    profile: str | None = doc(
+        "Size of the protocol: quick (as --quick), cpu (the full protocol for 2 CPU cores: about half an hour per domain "
+        "for FT and MFT, hours more for the frontier, fidelity and low-data parts), gpu (1024-token sequences, one CUDA "
+        "GPU) or smoke (seconds, for a tiny --model in tests). Default: cpu, or quick with --quick.",
+        default=None,
+    )
+    model: str = doc(
+        f"Model every method starts from: a hub id, a local folder, a .gguf file, or '{DEFAULT_MODEL}'.", default=DEFAULT_MODEL
+    )
+    methods: str | None = doc(
+        "Comma-separated methods: FT, MFT, LoRA r8, LoRA r8 + MFT, Replay 0.5 (uses general-domain data), distill+ft, "
+        "single-correction (the last two on the frontier domain only). Default: the profile's (FT,MFT).",
+        default=None,
+    )
+    seeds: int | None = doc("Seeds per method and frontier point. Default: the profile's (3 for FT, MFT and the frontier, 1 for the rest).", default=None)
+    skip: str | None = doc(
+        "Comma-separated parts to leave out: frontier, tail-samples, fidelity, low-data. Default: none, or all of them "
+        "with --quick.",
+        default=None,
+    )
+    frontier_domain: str | None = doc("Domain of the frontier, fidelity and low-data parts. Default: the first domain.", default=None)
+    lr: float | None = doc("Learning rate of every method, instead of the profile's.", default=None)
+    keep_checkpoints: bool = doc("Keep each run's best checkpoint (hundreds of MB each); by default only the metrics stay.", default=False)
+
+    def __post_init__(self):
+        # The profile, method and part names are checked by mft_pipeline.compare.protocol.make_plan, which owns them.
+        if self.quick and self.profile not in (None, "quick"):
+            raise ConfigError(f"--quick is the quick profile; it cannot be combined with --profile {self.profile}")
+        parse_domains(self.domain)  # now, so a typo fails before any training
+        if self.seeds is not None:
+            _check_positive("seeds", self.seeds)
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+
+    @property
+    def profile_name(self) -> str:
+        return "quick" if self.quick else self.profile or "cpu"
+
+    @property
+    def domains(self) -> dict[str, Path]:
+        """The --domain corpora, {name: path}; empty when the built-in ones are used."""
+        return parse_domains(self.domain)
+
+
+def parse_domains(specs) -> dict[str, Path]:
+    """``NAME=PATH`` strings into {name: path}; names are unique and usable as folder and table labels."""
+    domains = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        name = name.strip()
+        if not sep or not name or not path:
+            raise ConfigError(f"--domain {spec!r}: expected NAME=PATH, e.g. --domain mydocs=path/to/docs.jsonl")
+        if not name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"--domain {spec!r}: the name may hold only letters, digits, - and _")
+        if name in domains:
+            raise ConfigError(f"--domain {name} given twice")
+        domains[name] = Path(path)
+    return domains
 
 
 TRAIN_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}

@@ -1,5 +1,11 @@
 """The layering: no pipeline module imports mft_pipeline.demo, and cache/ is the format alone (it does not
-import stage one's collaborators, the corpus, the teacher and the models, nor the losses)."""
+import stage one's collaborators, the corpus, the teacher and the models, nor the losses).
+
+The package has two layers. The pipeline (PIPELINE, and the modules at the package's top level)
+is what a user's own corpus and model go through. The recipes (RECIPES: the quickstart in demo/
+and `mft compare`) are products built on it, which may use demo's corpora and model as their
+defaults. Every subpackage is in exactly one layer, so a new one has to be placed.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "mft_pipeline"
-PIPELINE = ("cache", "data", "teacher", "distill", "train", "eval", "sweep")
+PIPELINE = ("cache", "data", "teacher", "distill", "train", "eval", "sweep", "integrations")
+RECIPES = ("demo", "compare")
 
 
 def imported_modules(path: Path, root: Path = PACKAGE.parent) -> set[str]:
@@ -31,6 +38,11 @@ def pipeline_files() -> list[Path]:
     files = [f for sub in PIPELINE for f in sorted((PACKAGE / sub).rglob("*.py"))]
     files += [f for f in sorted(PACKAGE.glob("*.py"))]  # config, models, errors, the package itself
     return files
+
+
+def test_every_subpackage_is_in_one_layer():
+    subpackages = {d.name for d in PACKAGE.iterdir() if (d / "__init__.py").is_file()}
+    assert subpackages == set(PIPELINE) | set(RECIPES) and not set(PIPELINE) & set(RECIPES)
 
 
 def test_pipeline_packages_do_not_import_the_demo():

@@ -1,8 +1,7 @@
-"""Statistics of the quality benchmark: intervals over seeds, paired differences, and frontier gaps.
+"""Statistics of `mft compare`: intervals over seeds, paired differences, and frontier gaps.
 
-Pure functions of plain numbers, so the report's claims can be checked by hand. The t
-quantile is computed here (the exact Student t CDF for integer degrees of freedom,
-Abramowitz & Stegun 26.7.3-4, inverted by bisection) because scipy is not a dependency.
+Pure functions of plain numbers, so the results file's claims can be checked by hand. The
+Student t quantiles come from scipy.
 """
 
 from __future__ import annotations
@@ -10,49 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-
-def t_cdf(t: float, df: int) -> float:
-    """P(T <= t) for Student's t with integer ``df`` >= 1 degrees of freedom (exact, closed form)."""
-    if df < 1 or int(df) != df:
-        raise ValueError(f"df must be a positive integer, got {df}")
-    theta = math.atan(abs(t) / math.sqrt(df))
-    c2 = math.cos(theta) ** 2
-    # A = P(|T| < |t|) as a finite series in cos(theta): A&S 26.7.3 (odd df) and 26.7.4 (even df).
-    if df % 2:
-        term, series = 1.0, 0.0
-        if df > 1:
-            series = term = math.cos(theta)
-            for j in range(3, df - 1, 2):
-                term *= c2 * (j - 1) / j
-                series += term
-        a = 2 / math.pi * (theta + math.sin(theta) * series)
-    else:
-        term = series = 1.0
-        for j in range(2, df - 1, 2):
-            term *= c2 * (j - 1) / j
-            series += term
-        a = math.sin(theta) * series
-    return 0.5 + math.copysign(a / 2, t)
-
-
-def t_quantile(p: float, df: int) -> float:
-    """The ``p`` quantile of Student's t with ``df`` degrees of freedom, to about 1e-12."""
-    if not 0 < p < 1:
-        raise ValueError(f"p must be in (0, 1), got {p}")
-    if p < 0.5:
-        return -t_quantile(1 - p, df)
-    low, high = 0.0, 1.0
-    while t_cdf(high, df) < p:
-        high *= 2
-    for _ in range(200):
-        mid = (low + high) / 2
-        if t_cdf(mid, df) < p:
-            low = mid
-        else:
-            high = mid
-        if high - low < 1e-13 * max(1.0, high):
-            break
-    return (low + high) / 2
+from scipy import stats
 
 
 @dataclass(frozen=True)
@@ -72,6 +29,11 @@ class Interval:
         return self.n >= 2 and (self.high < 0 or self.low > 0)
 
 
+def t_critical(n: int, confidence: float = 0.95) -> float:
+    """The two-sided Student t critical value for the mean of ``n`` >= 2 values: t_{(1+c)/2, n-1}."""
+    return float(stats.t.ppf((1 + confidence) / 2, n - 1))
+
+
 def mean_interval(values: list[float], confidence: float = 0.95) -> Interval:
     """Student t interval for the mean: mean ± t_{(1+c)/2, n-1} · sd / sqrt(n), with the n-1 sample sd."""
     n = len(values)
@@ -81,7 +43,7 @@ def mean_interval(values: list[float], confidence: float = 0.95) -> Interval:
     if n < 2:
         return Interval(mean, math.nan, math.nan, n)
     sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
-    half = t_quantile((1 + confidence) / 2, n - 1) * sd / math.sqrt(n)
+    half = t_critical(n, confidence) * sd / math.sqrt(n)
     return Interval(mean, mean - half, mean + half, n)
 
 

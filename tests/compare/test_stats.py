@@ -1,37 +1,44 @@
-"""The benchmark's statistics against closed forms, published t tables, numpy, and simulation."""
+"""The comparison's statistics against closed forms, published t tables, numpy, and simulation."""
 
 import math
 
 import numpy as np
 import pytest
 
-from benchmarks.stats import Interval, frontier_gap, mean_interval, paired_difference, paired_verdict, s_at_dg, t_cdf, t_quantile
+from mft_pipeline.compare.stats import Interval, frontier_gap, mean_interval, paired_difference, paired_verdict, s_at_dg, t_critical
 
 # Two-sided 95% critical values t_{0.975, df} as printed in standard tables (e.g. NIST/SEMATECH e-Handbook 1.3.6.7.2).
 T_TABLE = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 9: 2.262, 10: 2.228, 19: 2.093, 29: 2.045, 30: 2.042, 100: 1.984}
+# Two-sided 90% and 99% values (the same tables' 0.95 and 0.995 columns).
+T_TABLE_90 = {2: 2.920, 4: 2.132, 10: 1.812}
+T_TABLE_99 = {2: 9.925, 4: 4.604, 10: 3.169}
 
 
 @pytest.mark.parametrize("df,t", sorted(T_TABLE.items()))
-def test_t_quantile_matches_published_table(df, t):
-    assert t_quantile(0.975, df) == pytest.approx(t, abs=6e-4)
+def test_interval_half_width_is_the_published_t_value(df, t):
+    # Values -1 and +1 around 0 plus zeros: mean 0 and sample sd sqrt(2 / df), so sd / sqrt(n) is sqrt(2 / (df (df + 1))).
+    n = df + 1
+    values = [-1.0, 1.0] + [0.0] * (n - 2)
+    iv = mean_interval(values)
+    assert iv.mean == 0 and iv.n == n
+    assert iv.half_width / math.sqrt(2 / (df * n)) == pytest.approx(t, abs=6e-4)
+    assert t_critical(n) == pytest.approx(t, abs=6e-4)
 
 
-def test_t_quantile_matches_closed_forms():
+def test_other_confidence_levels_match_the_tables():
+    for table, confidence in ((T_TABLE_90, 0.90), (T_TABLE_99, 0.99)):
+        for df, t in table.items():
+            assert t_critical(df + 1, confidence) == pytest.approx(t, abs=6e-4)
+
+
+def test_t_critical_matches_closed_forms():
     # df = 1 is the Cauchy distribution; df = 2 has F^{-1}(p) = (2p - 1) / sqrt(2 p (1 - p)).
-    for p in (0.6, 0.9, 0.975, 0.995):
-        assert t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-10)
-        assert t_quantile(p, 2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-10)
-        assert t_quantile(1 - p, 5) == pytest.approx(-t_quantile(p, 5), rel=1e-12)
-
-
-def test_t_cdf_matches_simulation_and_the_normal_limit():
-    rng = np.random.default_rng(0)
-    for df in (3, 4, 7):
-        draws = rng.standard_t(df, size=400_000)
-        for t in (-2.0, 0.5, 1.5):
-            assert t_cdf(t, df) == pytest.approx(np.mean(draws <= t), abs=3e-3)
+    for confidence in (0.2, 0.8, 0.95, 0.99):
+        p = (1 + confidence) / 2
+        assert t_critical(2, confidence) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-10)
+        assert t_critical(3, confidence) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-10)
     # Large df: the t distribution approaches the standard normal.
-    assert t_cdf(1.959963984540054, 2000) == pytest.approx(0.975, abs=2e-4)
+    assert t_critical(2001) == pytest.approx(1.959963984540054, abs=2e-3)
 
 
 def test_mean_interval_by_hand():

@@ -1,0 +1,291 @@
+"""What `mft compare` runs: the methods, the profiles that size the protocol, and the plan with its time estimate.
+
+The protocol is the paper's section 3.1, scaled: every method starts from a reference checkpoint
+lightly tuned on the general domain, trains on a fixed token budget per domain with the same
+steps, batch and learning rate, and is read at its checkpoint with the lowest specialized
+validation perplexity; several seeds (data order and the initialization of new parameters) give
+Student t intervals. Beyond the per-domain table the protocol has optional parts (PARTS): the
+sparse-against-dense MFT frontier, a sampled-tail line on it, the sparse-cache fidelity check and
+the low-data curves.
+
+Methods and profiles are data: a new method is a ``Method`` entry, a new size a ``Profile``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from mft_pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mft_pipeline.config import CompareConfig
+
+DOMAINS = ("legal", "math", "code")  # built-in specialized corpora (mft_pipeline.demo), used without --domain
+GENERAL = "gcide"  # built-in general-domain corpus, used without --general
+GENERAL_LABEL = "GCIDE"
+FRONTIER_TAUS = (0.0, 0.1, 0.25, 0.5)
+TOP_K = 20  # the cache every method trains from
+# The sampled-tail frontier's cache: top-12 plus 11 ids drawn from the teacher outside them (--tail-samples),
+# about the bytes per token of the k = 20 cache (docs/choosing-k.md); the results file gives both measured.
+SAMPLED_K, SAMPLED_N = 12, 11
+PARTS = ("frontier", "tail-samples", "fidelity", "low-data")  # tail-samples is a third frontier line
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method: a label and the training settings that make it; everything else is the profile's."""
+
+    name: str
+    variant: str = "ft"
+    tau: float | None = None  # the MFT margin, for the objectives that have one
+    peft: str = "none"
+    peft_rank: int = 8
+    replay_fraction: float = 0.0  # > 0: mixes general-domain sequences into each step, so uses general data
+    online: bool = False  # the dense teacher beside the student instead of the cached top-k
+    lr: float | None = None  # None: the profile's
+    core: bool = False  # seeded with Profile.seeds; the others with Profile.other_seeds
+    frontier_domain_only: bool = False
+
+    def train_settings(self) -> dict:
+        """The TrainConfig fields this method sets (the replay cache is added by the caller)."""
+        settings: dict = dict(variant=self.variant)
+        if self.tau is not None:
+            settings["tau"] = self.tau
+        if self.peft != "none":
+            settings.update(peft=self.peft, peft_rank=self.peft_rank)
+        if self.replay_fraction:
+            settings["replay_fraction"] = self.replay_fraction
+        if self.online:
+            settings["online"] = True
+        if self.lr is not None:
+            settings["lr"] = self.lr
+        return settings
+
+    @property
+    def uses_general_data(self) -> bool:
+        return self.replay_fraction > 0
+
+    @property
+    def folder(self) -> str:
+        return self.name.replace(" ", "_").replace("=", "").replace("+", "plus")
+
+
+METHODS = {
+    m.name: m
+    for m in (
+        Method("FT", core=True),
+        Method("MFT", "mft", tau=0.25, core=True),
+        Method("LoRA r8", peft="lora"),
+        Method("LoRA r8 + MFT", "mft", tau=0.25, peft="lora"),
+        Method("Replay 0.5", replay_fraction=0.5),
+        Method("distill+ft", "distill+ft", frontier_domain_only=True),
+        Method("single-correction", "single-correction", tau=0.25, frontier_domain_only=True),
+    )
+}
+# The frontier's lines: name -> (label, top-k of its cache or "dense", tail samples, method-name suffix).
+LINES = {
+    "cached": (f"k = {TOP_K} cache", TOP_K, 0, ""),
+    "sampled": (f"k = {SAMPLED_K} + {SAMPLED_N} tail samples", SAMPLED_K, SAMPLED_N, f" k={SAMPLED_K}+{SAMPLED_N}"),
+    "online": ("online dense", "dense", 0, " online"),
+}
+
+
+def frontier_method(line: str, tau: float) -> Method:
+    """The MFT run at ``tau`` on a frontier line; the cached line's tau = 0.25 point is the table's MFT run."""
+    name = f"MFT tau={tau:g}{LINES[line][3]}"
+    return Method("MFT" if name == "MFT tau=0.25" else name, "mft", tau=tau, online=line == "online", core=True)
+
+
+def fidelity_method(k: int) -> Method:
+    return Method(f"MFT k={k}", "mft", tau=0.25)
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """What a profile was sized from, measured with ``train`` on the profile's seq_len and batch size."""
+
+    train: float  # training tokens per second: forward, backward and optimizer step, cached targets
+    eval: float  # evaluated (or cached) tokens per second: one forward without gradients
+    online: float  # training tokens per second with the online dense teacher beside the student
+    overhead_s: float  # per run: loading the model, tokenizing the general evaluation, writing checkpoints
+    measured: str  # where and how
+
+
+CPU_THROUGHPUT = Throughput(
+    # Measured 2026-11-27 on the cpu profile's first sitting's own runs (2-core Xeon, 2 threads, nothing else running):
+    # SmolLM2-135M, seq_len 128, batch 8. Training: the mean tokens_per_s of metrics.jsonl (FT 218-229, MFT 239).
+    # Evaluation: the wall time between a run's last training step and its logged evaluation in the TensorBoard
+    # events, 26-27 s for 24,765 tokens. Overhead: loading (2 s) and the two checkpoints (about 4 s each). Online
+    # dense: the mean tokens_per_s of the second sitting's 12 online frontier runs (146-173).
+    train=235, eval=930, online=160, overhead_s=12,
+    measured="measured on the cpu profile's first two sittings: 2 threads on 2 cores, no other load",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Profile:
+    seq_len: int
+    max_documents: int  # per built-in corpus, before the split: keeps tokenization cheap
+    train_sequences: int  # the fixed training budget per domain
+    val_sequences: int
+    general_sequences: int
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    eval_every: int
+    low_data_sequences: int
+    low_data_steps: int
+    low_data_eval_every: int
+    reference_steps: int  # light general-domain tuning before everything else; 0 skips it
+    replay_sequences: int  # general-domain training sequences replay draws from
+    device: str
+    seeds: int  # core methods (FT, MFT) and every frontier point
+    other_seeds: int  # every other method, the k = 5 / 50 fidelity runs and low data
+    methods: tuple[str, ...]  # run when --methods is not given
+    val_fraction: float = 0.1  # documents held out, by hash, for validation and the general evaluation
+    domains: tuple[str, ...] = DOMAINS  # built-in domains, when no --domain is given
+    skip: tuple[str, ...] = ()  # PARTS left out unless --skip says otherwise
+    throughput: Throughput | None = None  # what the profile was sized from
+
+    @property
+    def train_tokens(self) -> int:
+        return self.steps * self.batch_size * self.seq_len
+
+    @property
+    def protocol(self) -> dict:
+        """The settings every method shares, as the results file lists them."""
+        left_out = ("device", "methods", "domains", "skip", "throughput")
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if not k.startswith("low_data") and k not in left_out}
+
+
+PROFILES = {
+    # Does MFT help on my data? One domain (legal unless --domain), FT against MFT tau 0.25, 3 seeds, nothing else.
+    # Each run trains on 24 x 8 x 128 = 24,576 tokens (one pass over its 192 sequences) and evaluates 96 general and
+    # 48 specialized sequences three times (before, at step 12 and 24). At CPU_THROUGHPUT a run takes about 3 minutes
+    # and the whole comparison (reference, 2 caches, 6 runs) about 21 minutes, plus preparing the model and corpora.
+    "quick": Profile(
+        seq_len=128, max_documents=400, train_sequences=192, val_sequences=48, general_sequences=96, steps=24,
+        batch_size=8, lr=1e-4, warmup_steps=2, eval_every=12, low_data_sequences=8, low_data_steps=24,
+        low_data_eval_every=4, reference_steps=20, replay_sequences=384, device="cpu", seeds=3, other_seeds=1,
+        methods=("FT", "MFT"), domains=("legal",), skip=PARTS, throughput=CPU_THROUGHPUT,
+    ),
+    # Each run trains on 40 x 8 x 128 = 40,960 tokens (one pass over its 320 sequences) and evaluates 130 general
+    # and 65 specialized sequences: 16,510 and 8,255 predicted tokens, three times (before, at step 20 and 40).
+    # These are the floors of the protocol; at CPU_THROUGHPUT a run from the cache takes about 4.5 minutes, one
+    # with the online dense teacher about 6, and the whole protocol (53 runs with the frontier's three lines) about
+    # 4.5 hours (measured 4.9: sittings of 99, 106 and 90 minutes), so it runs in three resumable sittings of at most
+    # about 2 hours (--skip frontier,fidelity,low-data; then --skip tail-samples,fidelity,low-data; then all).
+    "cpu": Profile(
+        seq_len=128, max_documents=400, train_sequences=320, val_sequences=65, general_sequences=130, steps=40,
+        batch_size=8, lr=1e-4, warmup_steps=4, eval_every=20, low_data_sequences=8, low_data_steps=24,
+        low_data_eval_every=4, reference_steps=20, replay_sequences=640, device="cpu", seeds=3, other_seeds=1,
+        methods=("FT", "MFT"), throughput=CPU_THROUGHPUT,
+    ),
+    # Not yet run. Sized for one 10-minute call of the GPU check (benchmarks/gpu_check.py: FT and MFT, 3 seeds,
+    # 3 domains, --skip frontier,fidelity,low-data = 18 runs, a reference and 4 caches) from an H100's expected rate
+    # (FT of a 213M model at ~100k tokens/s): each run trains on 40 x 8 x 1024 = 327,680 tokens (8x the CPU
+    # profile's, ~5 s at 60k tokens/s) and evaluates 68 general and 36 specialized sequences, 69,632 and 36,864
+    # tokens (4.2x and 4.4x the CPU profile's). Loading and checkpoints (~5-10 s a run) dominate; under 7 minutes.
+    "gpu": Profile(
+        seq_len=1024, max_documents=20000, train_sequences=320, val_sequences=36, general_sequences=68, steps=40,
+        batch_size=8, lr=5e-5, warmup_steps=4, eval_every=20, low_data_sequences=16, low_data_steps=40,
+        low_data_eval_every=5, reference_steps=20, replay_sequences=1280, device="cuda", seeds=3, other_seeds=3,
+        methods=("FT", "MFT", "LoRA r8", "LoRA r8 + MFT", "Replay 0.5", "distill+ft", "single-correction"),
+    ),
+    # Seconds with a tiny model: the tests run the whole protocol end to end with it. Not a measurement.
+    "smoke": Profile(
+        seq_len=32, max_documents=60, train_sequences=8, val_sequences=2, general_sequences=2, steps=2, batch_size=2,
+        lr=1e-3, warmup_steps=0, eval_every=1, low_data_sequences=2, low_data_steps=2, low_data_eval_every=1,
+        reference_steps=1, replay_sequences=8, device="cpu", seeds=2, other_seeds=1, methods=("FT", "MFT"),
+        val_fraction=0.3,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a CompareConfig runs, checked against the names this module owns."""
+
+    profile_name: str
+    profile: Profile  # with --lr applied
+    domains: list[str]
+    methods: list[str]
+    skip: set[str]
+    frontier_domain: str
+
+
+def make_plan(config: CompareConfig) -> Plan:
+    """The profile, domains, methods and parts ``config`` asks for, or a ConfigError naming what is unknown."""
+    name = config.profile_name
+    if name not in PROFILES:
+        raise ConfigError(f"--profile {name}: choose from {', '.join(PROFILES)}")
+    p = PROFILES[name]
+    if config.lr is not None:
+        p = replace(p, lr=config.lr)
+    if config.seeds is not None:
+        p = replace(p, seeds=config.seeds, other_seeds=config.seeds)
+    domains = list(config.domains) or list(p.domains)
+    methods = [m.strip() for m in config.methods.split(",") if m.strip()] if config.methods else list(p.methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    skip = set(p.skip) if config.skip is None else {s.strip() for s in config.skip.split(",") if s.strip()}
+    if skip - set(PARTS):
+        raise ConfigError(f"--skip: unknown {', '.join(sorted(skip - set(PARTS)))}; choose from {', '.join(PARTS)}")
+    frontier_domain = config.frontier_domain or domains[0]
+    if frontier_domain not in domains:
+        raise ConfigError(f"--frontier-domain {frontier_domain}: not one of the domains {', '.join(domains)}")
+    return Plan(name, p, domains, methods, skip, frontier_domain)
+
+
+def seeds_for(p: Profile, method: Method) -> range:
+    return range(p.seeds if method.core else p.other_seeds)
+
+
+def planned_runs(p: Profile, chosen: list[str], n_domains: int, skip: set[str]) -> dict[str, int]:
+    """How many runs of each kind `mft compare` trains (mirrors its steps; the smoke test checks the count).
+
+    Kinds: "cached" (the profile's steps from a cache), "online" (the same with the dense teacher), "reference" and
+    "low_data" (their own step counts), and "caches" (stage-one caches of train_sequences each).
+    """
+    n = lambda method: len(seeds_for(p, method))  # noqa: E731
+    counts = dict(reference=1 if p.reference_steps else 0, cached=0, online=0, caches=1 + n_domains, low_data=0)
+    for m in (METHODS[name] for name in chosen):
+        counts["cached"] += n(m) * (1 if m.frontier_domain_only else n_domains)
+        counts["caches"] += m.uses_general_data
+    core = n(METHODS["MFT"])
+    if "frontier" not in skip:
+        counts["cached"] += core * (len(FRONTIER_TAUS) - ("MFT" in chosen))
+        counts["online"] += core * len(FRONTIER_TAUS)
+        if "tail-samples" not in skip:
+            counts["cached"] += core * len(FRONTIER_TAUS)
+            counts["caches"] += 1
+    if "fidelity" not in skip:
+        counts["cached"] += 2 * n(fidelity_method(5))
+        counts["caches"] += 2
+    if "low-data" not in skip:
+        counts["low_data"] = 2
+        counts["caches"] += 1
+    return counts
+
+
+def estimate_minutes(p: Profile, counts: dict[str, int], tp: Throughput) -> dict[str, float]:
+    """Minutes per kind of work: training tokens over training throughput, evaluated tokens over evaluation throughput.
+
+    Every run evaluates before training and every ``eval_every`` steps; each evaluation scores
+    general_sequences + val_sequences sequences.
+    """
+    eval_tokens = (p.general_sequences + p.val_sequences) * p.seq_len
+    evals = 1 + math.ceil(p.steps / p.eval_every)
+    per_run = {
+        "cached": p.train_tokens / tp.train + evals * eval_tokens / tp.eval + tp.overhead_s,
+        "online": p.train_tokens / tp.online + evals * eval_tokens / tp.eval + tp.overhead_s,
+        "reference": p.reference_steps * p.batch_size * p.seq_len / tp.train + evals * eval_tokens / tp.eval + tp.overhead_s,
+        "low_data": p.low_data_steps * p.batch_size * p.seq_len / tp.train
+        + (1 + math.ceil(p.low_data_steps / p.low_data_eval_every)) * eval_tokens / tp.eval + tp.overhead_s,
+        "caches": (p.train_sequences + p.val_sequences) * p.seq_len / tp.eval,
+    }
+    return {kind: counts[kind] * per_run[kind] / 60 for kind in counts}

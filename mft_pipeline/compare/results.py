@@ -1,0 +1,441 @@
+"""What `mft compare` writes: runs.csv, the results file (tables, intervals, verdicts, what its size can tell) and plots.
+
+Everything in the results file is generated. A hand-written reading of it lives beside it in
+NAME.reading.md, which the results file links to when it exists and never rewrites.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import platform
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+
+from mft_pipeline.compare.protocol import FRONTIER_TAUS, LINES, METHODS, Profile, estimate_minutes
+from mft_pipeline.compare.stats import FrontierGap, Interval, frontier_gap, mean_interval, paired_difference, paired_verdict, t_critical
+
+METRICS = ("S", "DG", "DG_over_S")
+
+
+@dataclass
+class Row:
+    """One finished run, as runs.csv has it (its columns in this order). S, DG in fractions (the tables print %)."""
+
+    seed: int
+    domain: str
+    method: str
+    tau: float | None
+    k: int | str  # cached top-k, or "dense" for the online reference
+    tail_samples: int
+    S: float | None
+    DG: float | None
+    DG_over_S: float | None
+    general_eval_tokens: int
+    spec_eval_tokens: int
+
+
+def write_csv(rows: list[Row], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = [f.name for f in fields(Row)]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(names)
+        for r in rows:
+            writer.writerow([cell(name, getattr(r, name)) for name in names])
+
+
+def cell(name: str, value) -> str:
+    if name in METRICS:
+        return f"{value:.6f}" if defined(value) else ""
+    return "" if value is None else str(value)
+
+
+def defined(value: float | None) -> bool:
+    """DG/S is NaN where S <= 0 (no specialization to divide by); such runs drop out of its mean."""
+    return value is not None and math.isfinite(value)
+
+
+def by_method(rows: list[Row], domain: str) -> dict[str, dict[int, Row]]:
+    out: dict[str, dict[int, Row]] = {}
+    for r in rows:
+        if r.domain == domain:
+            out.setdefault(r.method, {})[r.seed] = r
+    return out
+
+
+def interval_of(runs: dict[int, Row], name: str, scale: float = 1.0) -> Interval | None:
+    values = [scale * getattr(r, name) for r in runs.values() if defined(getattr(r, name))]
+    return mean_interval(values) if values else None
+
+
+def paired_mft_ft(rows: list[Row], domain: str) -> Interval | None:
+    """Per seed, MFT's DG/S minus FT's, over the seeds where both are defined; None without such a pair."""
+    methods = by_method(rows, domain)
+    if "FT" not in methods or "MFT" not in methods:
+        return None
+    ratios = {m: {s: r.DG_over_S for s, r in methods[m].items() if defined(r.DG_over_S)} for m in ("MFT", "FT")}
+    if not set(ratios["MFT"]) & set(ratios["FT"]):
+        return None
+    return paired_difference(ratios["MFT"], ratios["FT"])
+
+
+# ----------------------------------------------------------------------------- the frontier
+
+
+def frontier_points(frontier: dict[float, dict[int, Row]]) -> list[tuple[Interval, Interval]]:
+    """(S %, DG %) intervals over seeds at each tau, in increasing tau."""
+    return [(interval_of(runs, "S", 100), interval_of(runs, "DG", 100)) for _, runs in sorted(frontier.items())]
+
+
+def frontier_comparison(frontier: dict[str, dict[float, dict[int, Row]]], line: str) -> tuple[FrontierGap, Interval | None]:
+    """The dense-minus-``line`` S gap at equal DG on the mean frontiers, and the interval of each seed's mean gap."""
+    means = {t: [(s.mean, d.mean) for s, d in frontier_points(frontier[t])] for t in (line, "online")}
+    gap = frontier_gap(means[line], means["online"])
+    pair = {t: frontier[t] for t in (line, "online")}
+    seeds = sorted(set.intersection(*(set(runs) for f in pair.values() for runs in f.values())))
+    per_seed = []
+    for seed in seeds:
+        curve = {t: [(100 * f[tau][seed].S, 100 * f[tau][seed].DG) for tau in sorted(f)] for t, f in pair.items()}
+        g = frontier_gap(curve[line], curve["online"])
+        if g.rows:
+            per_seed.append(g.mean_gap)
+    return gap, (mean_interval(per_seed) if per_seed else None)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_frontier(frontier: dict[str, dict[float, dict[int, Row]]], path: Path, domain: str) -> None:
+    plt = _pyplot()
+
+    def err(iv: Interval) -> float:
+        return 0.0 if iv.n < 2 else iv.half_width
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    colors = {"cached": "tab:blue", "sampled": "tab:green", "online": "tab:orange"}
+    for line, (label, *_) in LINES.items():
+        if line not in frontier:
+            continue
+        color = colors[line]
+        points = frontier_points(frontier[line])
+        ax.errorbar(
+            [s.mean for s, _ in points], [d.mean for _, d in points], xerr=[err(s) for s, _ in points],
+            yerr=[err(d) for _, d in points], marker="o", capsize=3, label=label, color=color,
+        )  # fmt: skip
+        for tau, (s, d) in zip(sorted(frontier[line]), points):
+            ax.annotate(f"τ={tau:g}", (s.mean, d.mean), textcoords="offset points", xytext=(5, 5), fontsize=8, color=color)
+    n = max(len(r) for f in frontier.values() for r in f.values())
+    ax.set(xlabel="S, specialization (%)", ylabel="DG, degeneralization (%)", title=f"MFT frontier, {domain}: mean and 95% t interval of {n} seeds")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_low_data(low: dict[str, list[dict]], path: Path) -> None:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for name, rows in low.items():
+        steps = [r["step"] for r in rows]
+        axes[0].plot(steps, [r["ppl_spec"] for r in rows], marker="o", label=name)
+        axes[1].plot(steps, [r["ppl_gen"] for r in rows], marker="o", label=name)
+    axes[0].set(title="specialized validation perplexity", xlabel="step")
+    axes[1].set(title="general perplexity", xlabel="step")
+    for ax in axes:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- the results file
+
+
+@dataclass
+class Report:
+    """Everything the results file says, gathered while the comparison runs."""
+
+    name: str  # the results file is NAME.md; runs.csv and the plots are in NAME/ beside it
+    command: str
+    model: str  # the model spec as given
+    model_folder: str  # where it was loaded from
+    profile: Profile
+    domains: list[str]
+    general: str  # how the general-domain corpus is named
+    skip: set[str]
+    counts: dict[str, int]  # planned work, as planned_runs counts it
+    rows: list[Row] = field(default_factory=list)
+    reference: dict | None = None
+    frontier_domain: str = ""
+    frontier: dict[str, dict[float, dict[int, Row]]] = field(default_factory=dict)  # line -> tau -> seed -> Row
+    cache_bytes: dict[str, float] = field(default_factory=dict)  # line -> bytes per training token
+    fidelity: dict[str, dict[int, Row]] = field(default_factory=dict)
+    low: dict[str, list[dict]] = field(default_factory=dict)  # method -> evaluation rows
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def fmt(iv: Interval | None, digits: int = 2) -> str:
+    """mean [low, high]; the mean alone for one seed."""
+    if iv is None:
+        return "—"
+    if iv.n < 2:
+        return f"{iv.mean:.{digits}f}"
+    return f"{iv.mean:.{digits}f} [{iv.low:.{digits}f}, {iv.high:.{digits}f}]"
+
+
+def method_cells(runs: dict[int, Row]) -> str:
+    cells = [fmt(interval_of(runs, "S", 100)), fmt(interval_of(runs, "DG", 100)), fmt(interval_of(runs, "DG_over_S"), 3)]
+    return f"| {len(runs)} | " + " | ".join(cells) + " |"
+
+
+def write_results(path: Path, r: Report) -> None:
+    """NAME.md; its links point into NAME/, the figures folder beside it."""
+    sections = (header_lines, sizing_lines, table_lines, paired_lines, limits_lines, frontier_lines, fidelity_lines, low_data_lines)
+    lines = [line for section in sections for line in section(r, path)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def header_lines(r: Report, path: Path) -> list[str]:
+    import torch
+    import transformers
+
+    p = r.profile
+    spec_tokens = {row.domain: row.spec_eval_tokens for row in r.rows}
+    reading = path.with_suffix(".reading.md")
+    lines = [
+        f"# mft compare: {r.name}",
+        "",
+        f"Command: `{r.command}`  ",
+        f"Ran {datetime.now(timezone.utc):%Y-%m-%d} on {platform.machine()} with {torch.get_num_threads()} threads"
+        f"{' and ' + torch.cuda.get_device_name() if p.device == 'cuda' else ''}; torch {torch.__version__}, "
+        f"transformers {transformers.__version__}; {r.seconds / 60:.1f} minutes in all (finished runs reused).  ",
+        f"Model: `{r.model}` ({describe_model(r.model_folder)}). General domain: {r.general}. Domains: {', '.join(r.domains)}.",
+        "",
+    ]
+    if reading.exists():
+        lines += [f"A reading of these numbers, written by hand: [{reading.name}]({reading.name}).", ""]
+    lines += [
+        "Protocol, the same for every method: "
+        + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in p.protocol.items())
+        + f". Each run trains on {p.train_tokens:,} tokens ({p.steps} steps × {p.batch_size} × {p.seq_len}), drawn from the "
+        "domain's first `train sequences` packed sequences in a seeded order. Validation and the general evaluation are "
+        "held-out documents"
+        + (f" (predicted tokens evaluated: general {r.rows[0].general_eval_tokens:,}; specialized "
+           + ", ".join(f"{d} {n:,}" for d, n in spec_tokens.items()) + ")" if r.rows else "")
+        + ". S and DG are in %, of the checkpoint with the lowest specialized validation perplexity. Replay mixes general "
+        "training sequences into each batch and so **uses general-domain data**; the other methods do not.",
+        "",
+        "Intervals: mean over seeds and its 95% Student t interval, mean ± t(0.975, n−1) · sd / √n with the sample sd "
+        "(the t quantile from scipy.stats). A seed sets the data order and the initialization of new parameters (LoRA); "
+        "the caches and the reference checkpoint are the same for every seed. DG/S is averaged per run, not taken of "
+        "the means. One seed shows the value alone.",
+        "",
+    ]
+    lines += [f"Warning: {note}.  " for note in r.notes] + ([""] if r.notes else [])
+    if r.reference:
+        ref = r.reference
+        tuned = ref["model"] != r.model_folder
+        lines += [
+            f"Reference checkpoint (the paper's section 3.1): FT on {r.general} training sequences for {ref['steps']} "
+            f"steps, keeping the checkpoint with the lowest general validation perplexity: {ref['ppl_before']:.3f} → "
+            f"{ref['ppl_after']:.3f}"
+            + (f" (step {ref['best_step']}). " if tuned else " (no checkpoint beat the untuned model, which is used). ")
+            + "Every method starts from it, its caches are built from it, and S and DG are measured against it.",
+            "",
+        ]
+    return lines
+
+
+def describe_model(folder: str) -> str:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    return f"{config.model_type}, {config.num_hidden_layers} layers, width {config.hidden_size}, vocabulary {config.vocab_size}"
+
+
+def sizing_lines(r: Report, path: Path | None = None) -> list[str]:
+    """The arithmetic the profile was sized by, next to the time the run really took."""
+    p, counts, tp = r.profile, r.counts, r.profile.throughput
+    lines = ["## Sizing", ""]
+    if tp is None:
+        work = ", ".join(f"{kind.replace('_', ' ')} {n}" for kind, n in counts.items())
+        return lines + [f"Planned work: {work}. This profile has no measured throughput to size it by.", ""]
+    eval_tokens = (p.general_sequences + p.val_sequences) * p.seq_len
+    evals = 1 + math.ceil(p.steps / p.eval_every)
+    minutes = estimate_minutes(p, counts, tp)
+    return lines + [
+        f"Throughput ({tp.measured}): training {tp.train:.0f} tokens/s (forward, backward and AdamW step from the cache), "
+        f"{tp.online:.0f} tokens/s with the online dense teacher, evaluation {tp.eval:.0f} tokens/s (forward only; stage one "
+        f"caches at about the same rate), {tp.overhead_s:.0f} s per run of loading and checkpoints.",
+        "",
+        f"One run: {p.train_tokens:,} training tokens / {tp.train:.0f} = {p.train_tokens / tp.train / 60:.1f} min; {evals} "
+        f"evaluations (before training and every {p.eval_every} steps) × {eval_tokens:,} tokens / {tp.eval:.0f} = "
+        f"{evals * eval_tokens / tp.eval / 60:.1f} min; an online run trains in {p.train_tokens / tp.online / 60:.1f} min.",
+        "",
+        "| work | count | estimated minutes |",
+        "|---|---|---|",
+        *(f"| {kind.replace('_', ' ')} | {counts[kind]} | {minutes[kind]:.0f} |" for kind in counts),
+        f"| total | | {sum(minutes.values()):.0f} (this run: {r.seconds / 60:.0f}, finished runs reused) |",
+        "",
+    ]
+
+
+def table_lines(r: Report, path: Path) -> list[str]:
+    lines = ["## S / DG / DG/S per domain", ""]
+    for domain in r.domains:
+        lines += [f"### {domain}", "", "| method | seeds | S % | DG % | DG/S |", "|---|---|---|---|---|"]
+        for method, runs in by_method(r.rows, domain).items():
+            spec = METHODS.get(method)
+            label = f"{method} (uses general data)" if spec and spec.uses_general_data else method
+            lines.append(f"| {label} " + method_cells(runs))
+        lines.append("")
+    return lines
+
+
+def paired_lines(r: Report, path: Path) -> list[str]:
+    lines = [
+        "## MFT against FT, paired by seed",
+        "",
+        "Per seed, MFT's DG/S minus FT's (the same data order and start); mean and 95% t interval of the differences.",
+        "",
+        "| domain | pairs | MFT − FT, DG/S | verdict |",
+        "|---|---|---|---|",
+    ]
+    for domain in r.domains:
+        methods = by_method(r.rows, domain)
+        if "FT" not in methods or "MFT" not in methods:
+            continue
+        diff = paired_mft_ft(r.rows, domain)
+        if diff is None:
+            lines.append(f"| {domain} | 0 | — | DG/S is undefined (S <= 0) in every pair. |")
+        else:
+            lines.append(f"| {domain} | {diff.n} | {fmt(diff, 3)} | {paired_verdict(diff, 'MFT', 'FT')} |")
+    return lines + ["", f"Every run, one row each: [runs.csv]({r.name}/runs.csv).", ""]
+
+
+def limits_lines(r: Report, path: Path) -> list[str]:
+    """What a comparison of this size can and cannot tell, from its own numbers."""
+    p = r.profile
+    lines = ["## What this size can and cannot tell", ""]
+    if "frontier" in r.skip:
+        lines.append(
+            f"- **One operating point, not a frontier.** Every method trains {p.steps} steps of {p.batch_size} × {p.seq_len} "
+            f"tokens at one learning rate ({p.lr:g}), MFT at τ = 0.25. A smaller learning rate or an earlier stop also "
+            "makes FT forget less, so this says which method forgets less per unit of specialization here, not at every "
+            "learning rate or training length."
+        )
+    else:
+        lines.append(
+            f"- **One learning rate.** The frontier below varies τ for MFT; every method trains {p.steps} steps at one "
+            f"learning rate ({p.lr:g}). A smaller learning rate or an earlier stop also makes FT forget less."
+        )
+    diffs = {d: paired_mft_ft(r.rows, d) for d in r.domains}
+    widths = {d: iv.half_width for d, iv in diffs.items() if iv is not None and iv.n >= 2}
+    n = max((iv.n for iv in diffs.values() if iv is not None), default=0)
+    if widths:
+        lines.append(
+            f"- **{n} seeds.** A 95% interval is the mean ± {t_critical(n):.2f} · sd / √{n} (with 2 seeds the factor would "
+            f"be {t_critical(2):.1f}). The paired MFT − FT intervals of DG/S reach ± "
+            + ", ".join(f"{w:.3f} ({d})" for d, w in widths.items())
+            + ": a true difference smaller than about that is not told apart from none."
+        )
+    elif n:
+        lines.append(f"- **{n} paired seed(s): no interval, so no verdict.** Run with --seeds 3 or more.")
+    lines.append(
+        "- **What the intervals cover.** A seed changes the data order (and the initialization of new parameters) only. "
+        "The evaluation texts, the caches and the reference checkpoint are the same for every seed, so the intervals "
+        "say nothing about another sample of text or another reference."
+    )
+    if r.rows:
+        spec = {row.domain: row.spec_eval_tokens for row in r.rows}
+        lines.append(
+            f"- **Evaluation size.** S is measured on held-out specialized text ({', '.join(f'{d} {n:,}' for d, n in spec.items())} "
+            f"predicted tokens) and DG on {r.rows[0].general_eval_tokens:,} predicted tokens of held-out general text, the "
+            "same texts for every run."
+        )
+    lines += [f"- **One model** (`{r.model}`); another model may forget differently.", ""]
+    return lines
+
+
+def frontier_lines(r: Report, path: Path) -> list[str]:
+    """The frontier section: a table of each line's points, the plot, and each sparse line's S gap to the dense one."""
+    frontier = r.frontier
+    if not frontier:
+        return []
+    present = [t for t in LINES if t in frontier]
+    points = {t: frontier_points(frontier[t]) for t in present}
+    label = {t: LINES[t][0] for t in present}
+    lines = [
+        f"## Sparse against dense: the MFT frontier ({r.frontier_domain}, tau = {', '.join(f'{t:g}' for t in FRONTIER_TAUS)})",
+        "",
+        "Bytes per training token: " + "; ".join(f"{LINES[t][0]} {b:.1f}" for t, b in r.cache_bytes.items()) + ".",
+        "",
+        "| tau | " + " | ".join(f"{label[t]} S % | DG %" for t in present) + " |",
+        "|---|" + "---|---|" * len(present),
+    ]
+    for i, tau in enumerate(sorted(frontier["online"])):
+        lines.append(f"| {tau:g} | " + " | ".join(f"{fmt(points[t][i][0])} | {fmt(points[t][i][1])}" for t in present) + " |")
+    lines += ["", f"![frontier]({r.name}/frontier.png)", ""]
+    for line in (t for t in present if t != "online"):
+        lines += gap_lines(label[line], *frontier_comparison(frontier, line))
+    return lines
+
+
+def gap_lines(name: str, gap: FrontierGap, per_seed: Interval | None) -> list[str]:
+    if not gap.rows:
+        return [f"The {name} and online dense frontiers cover no common DG range, so S cannot be compared at equal DG.", ""]
+    return [
+        f"{name} against online dense: S at equal DG, each frontier read piecewise-linearly along tau (the best S where "
+        f"it crosses that DG), at {len(gap.rows)} DG values spanning the range both frontiers cover:",
+        "",
+        f"| DG % | {name} S % | dense S % | dense − {name} |",
+        "|---|---|---|---|",
+        *(f"| {d:.2f} | {a:.2f} | {b:.2f} | {g:+.2f} |" for d, a, b, g in gap.rows),
+        "",
+        f"Mean gap {gap.mean_gap:+.2f} points of S"
+        + (f"; per seed (each seed's own frontiers), {fmt(per_seed)} over {per_seed.n} seed(s)" if per_seed else "")
+        + ". "
+        + (
+            f"On the mean frontiers the {name} one is dominated: the dense one has more S at every common DG"
+            if gap.dominated
+            else f"On the mean frontiers the {name} one is not dominated: at some common DG it has as much S as the dense one or more"
+        )
+        + (
+            "; the per-seed gap's interval contains 0, so the difference is within seed noise."
+            if per_seed and per_seed.n >= 2 and not per_seed.excludes_zero()
+            else "."
+        ),
+        "",
+    ]
+
+
+def fidelity_lines(r: Report, path: Path) -> list[str]:
+    if not r.fidelity:
+        return []
+    lines = [f"## Sparse-cache fidelity ({r.frontier_domain}, MFT tau=0.25)", "", "| targets | seeds | S % | DG % | DG/S |", "|---|---|---|---|---|"]
+    lines += [f"| {label} " + method_cells(runs) for label, runs in r.fidelity.items()]
+    return lines + [""]
+
+
+def low_data_lines(r: Report, path: Path) -> list[str]:
+    if not r.low:
+        return []
+    p = r.profile
+    lines = [f"## Low data ({r.frontier_domain}, {p.low_data_sequences} training sequences of {p.seq_len} tokens, {p.low_data_steps} steps, seed 0)", ""]
+    lines += ["| step | " + " | ".join(f"{n} spec ppl | {n} gen ppl" for n in r.low) + " |", "|---|" + "---|---|" * len(r.low)]
+    for i, row in enumerate(next(iter(r.low.values()))):
+        cells = []
+        for curve in r.low.values():
+            point = curve[i] if i < len(curve) else {}
+            cells += [f"{point.get('ppl_spec', float('nan')):.3f}", f"{point.get('ppl_gen', float('nan')):.3f}"]
+        lines.append(f"| {row['step']} | " + " | ".join(cells) + " |")
+    return lines + ["", f"![low data]({r.name}/low-data.png)", ""]

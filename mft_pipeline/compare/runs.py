@@ -1,0 +1,391 @@
+"""`mft compare` end to end: check the inputs, plan, prepare the model and corpora, train every run, write the results.
+
+``run_compare`` composes named steps:
+
+- ``open_corpus`` / ``size_warnings``: every user corpus is read and split before a model is loaded;
+- ``Comparison.prepare``: the model, the corpora, the general evaluation set and the reference checkpoint;
+- ``Comparison.tables``: every chosen method, domain and seed (the per-domain tables and the paired verdict);
+- ``Comparison.frontier``, ``.fidelity``, ``.low_data``: the optional parts (PARTS);
+- ``write_csv`` and ``write_results`` (results.py).
+
+Every run goes through ``train`` (train/loop.py); a finished run is read back instead, so a killed
+comparison continues where it stopped when the same command runs again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Callable
+
+from mft_pipeline.cache.format import MANIFEST
+from mft_pipeline.cache.info import cache_info
+from mft_pipeline.cache.reader import Cache
+from mft_pipeline.compare.protocol import (
+    FRONTIER_TAUS, GENERAL, GENERAL_LABEL, LINES, METHODS, SAMPLED_K, SAMPLED_N, TOP_K, Method, Plan, Profile,
+    estimate_minutes, fidelity_method, frontier_method, make_plan, planned_runs, seeds_for,
+)  # fmt: skip
+from mft_pipeline.compare.results import Report, Row, plot_frontier, plot_low_data, write_csv, write_results
+from mft_pipeline.config import DEFAULT_MODEL, TRAIN_DEFAULTS, CacheConfig, CompareConfig, TrainConfig, run_settings
+from mft_pipeline.data.corpus import Corpus, CorpusError, load_corpus
+from mft_pipeline.data.packing import pack_documents
+from mft_pipeline.demo.corpora import prepare_corpus
+from mft_pipeline.demo.local_model import local_model
+from mft_pipeline.errors import ConfigError
+from mft_pipeline.models import load_tokenizer
+from mft_pipeline.run_folder import RunFolder
+from mft_pipeline.stage_one import build_cache
+from mft_pipeline.train.loop import train
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def run_compare(config: CompareConfig, log: Callable[[str], None] = _stderr) -> Path:
+    """Run the comparison ``config`` describes and return the results file's path (OUT/NAME.md)."""
+    import torch
+
+    plan = make_plan(config)
+    p = plan.profile
+    if p.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"the {plan.profile_name} profile needs a CUDA GPU")
+    if {"frontier", "low-data"} - plan.skip and importlib.util.find_spec("matplotlib") is None:
+        raise ConfigError("the frontier and low-data plots need matplotlib: pip install 'mft-pipeline[plot]', or --skip them")
+    # Every user corpus is read and split now, so a bad path or an empty corpus stops the comparison
+    # before a model is loaded or anything is trained.
+    corpora = {f"--domain {n}": open_corpus(f"--domain {n}", path, p.val_fraction) for n, path in config.domains.items()}
+    if config.general:
+        corpora["--general"] = open_corpus("--general", Path(config.general), p.val_fraction)
+
+    counts = planned_runs(p, plan.methods, len(plan.domains), plan.skip)
+    log(plan_line(plan.profile_name, p, counts))
+    started = time.time()
+    name = result_name(config)
+    c = Comparison(config, plan, name)
+    report = Report(
+        name=name, command=command_line(config), model=config.model, model_folder="", profile=p, domains=plan.domains,
+        general="the --general corpus" if config.general else GENERAL_LABEL, skip=plan.skip, counts=counts,
+        frontier_domain=plan.frontier_domain,
+    )  # fmt: skip
+    c.prepare(corpora, report, log)
+    c.tables(report)
+    if "frontier" not in plan.skip:
+        c.frontier(report)
+    if "fidelity" not in plan.skip:
+        c.fidelity(report)
+    if "low-data" not in plan.skip:
+        c.low_data(report)
+
+    report.rows = list(c.runner.rows.values())
+    report.seconds = time.time() - started
+    write_csv(report.rows, c.figures / "runs.csv")
+    path = Path(config.out) / f"{name}.md"
+    write_results(path, report)
+    log(f"wrote {path}")
+    return path
+
+
+def plan_line(profile: str, p: Profile, counts: dict[str, int]) -> str:
+    plan = f"plan ({profile} profile): {counts['cached'] + counts['online']} runs ({counts['online']} of them online dense) and {counts['caches']} caches"
+    if p.throughput:
+        minutes = sum(estimate_minutes(p, counts, p.throughput).values())
+        plan += (
+            f", about {minutes:.0f} minutes at the throughput the profile was sized from ({p.throughput.measured}), plus "
+            "preparing the model and corpora"
+        )
+    return plan + "; finished runs are reused"
+
+
+def command_line(config: CompareConfig) -> str:
+    """The `mft compare` command that gives ``config``: every setting that is not the default."""
+    parts = ["mft compare"]
+    for f in fields(config):
+        value = getattr(config, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if value == f.default:
+            continue
+        if isinstance(value, bool):
+            parts.append(flag)
+        elif isinstance(value, tuple):
+            parts += [f"{flag} {shlex.quote(v)}" for v in value]
+        else:
+            parts.append(f"{flag} {shlex.quote(f'{value:g}' if isinstance(value, float) else str(value))}")
+    return " ".join(parts)
+
+
+def model_slug(spec: str) -> str:
+    return spec if spec == DEFAULT_MODEL else Path(spec.rstrip("/")).name.removesuffix(".gguf")
+
+
+def path_key(name: str, path: Path) -> str:
+    """A folder name for a user corpus: its name plus a hash of where it is, so two corpora never share caches."""
+    return f"{name}-{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]}"
+
+
+def result_name(config: CompareConfig) -> str:
+    """quality-PROFILE[-MODEL][-lrLR][-general-NAME][-DOMAINS]: one name per distinct comparison."""
+    name = f"quality-{config.profile_name}" + ("" if config.model == DEFAULT_MODEL else f"-{model_slug(config.model)}")
+    if config.lr is not None:
+        name += f"-lr{config.lr:g}"
+    if config.general:
+        name += f"-general-{Path(config.general).stem.split('.')[0]}"
+    return name + "".join(f"-{d}" for d in config.domains)
+
+
+# ----------------------------------------------------------------------------- corpora, checked before training
+
+
+def open_corpus(role: str, path: Path, val_fraction: float) -> Corpus:
+    """Read and split a corpus, or raise CorpusError naming its role, before anything is trained.
+
+    ``role`` is how the user named it (``--domain mydocs``, ``--general``).
+    """
+    try:
+        corpus = load_corpus(path, val_fraction=val_fraction)
+    except CorpusError as e:
+        raise CorpusError(f"{role}: {e}") from None
+    if not corpus.validation:
+        raise CorpusError(
+            f"{role}: {path}: none of its {corpus.num_documents} documents fell into validation (a hash picks "
+            f"{val_fraction:.0%} of them); add documents, or split long ones, so S and DG can be measured"
+        )
+    return corpus
+
+
+def count_tokens(docs: list[str], tokenizer) -> int:
+    return sum(len(ids) for ids in tokenizer(docs, add_special_tokens=False)["input_ids"])
+
+
+def size_warnings(role: str, corpus: Corpus, tokenizer, need_val_tokens: int, need_train_tokens: int) -> list[str]:
+    """What the corpus lacks for the profile, in tokens; empty when it supplies enough.
+
+    Too few validation tokens make S or DG noisy; too few training tokens make every run repeat sequences.
+    """
+    notes = []
+    val = count_tokens(corpus.validation, tokenizer)
+    if val < need_val_tokens:
+        notes.append(
+            f"{role}: its {len(corpus.validation)} validation documents hold {val:,} tokens, fewer than the "
+            f"{need_val_tokens:,} the profile evaluates on; the evaluation is smaller and noisier"
+        )
+    if need_train_tokens:
+        train_tokens = count_tokens(corpus.train, tokenizer)
+        if train_tokens < need_train_tokens:
+            notes.append(
+                f"{role}: its {len(corpus.train)} training documents hold {train_tokens:,} tokens, fewer than the "
+                f"{need_train_tokens:,} each run trains on; runs repeat sequences"
+            )
+    return notes
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def train_once(out: Path, settings: dict, keep_best: bool) -> dict:
+    """Train once; a finished run is read back instead of retrained, a killed one resumed (``RunFolder.prepare``).
+
+    Only the metrics are needed afterwards, and a run's checkpoints take gigabytes (the last
+    one holds the optimizer state), so they are deleted unless ``keep_best``.
+    """
+    folder, config = RunFolder(out), TrainConfig(out=str(out), **settings)
+    status = folder.prepare(run_settings(config), TRAIN_DEFAULTS)
+    if status == "finished, skipped":
+        return folder.summary()
+    summary = train(replace(config, resume=status == "resumed"))
+    shutil.rmtree(folder.last, ignore_errors=True)
+    if not keep_best:
+        shutil.rmtree(folder.best, ignore_errors=True)
+    return summary
+
+
+def eval_labels(num_tokens) -> int:
+    """Predicted tokens of packed rows: each row of n tokens scores n - 1."""
+    return int(sum(int(n) - 1 for n in num_tokens if n > 0))
+
+
+@dataclass
+class Runner:
+    """Trains each (domain, method, seed) once and keeps its row: a run shared by two parts is one row."""
+
+    runs: Path
+    common: dict  # TrainConfig settings every run shares
+    keep_checkpoints: bool
+    tokens: dict[str, tuple[int, int]] = field(default_factory=dict)  # domain -> (general, specialized) evaluated tokens
+    rows: dict[tuple[str, str, int], Row] = field(default_factory=dict)
+
+    def record(self, domain: str, key: str, method: Method, seed: int, cache: str, k=TOP_K, tail_samples: int = 0, **extra) -> Row:
+        """``key`` names the domain's folder; ``extra`` adds TrainConfig settings (the replay cache)."""
+        if (domain, method.name, seed) not in self.rows:
+            settings = {**self.common, **method.train_settings(), **extra, "cache": cache, "seed": seed}
+            summary = train_once(self.runs / key / method.folder / f"seed{seed}", settings, self.keep_checkpoints)
+            best = summary.get("best") or {}
+            self.rows[domain, method.name, seed] = Row(
+                seed, domain, method.name, method.tau, k, tail_samples, best.get("S"), best.get("DG"), best.get("DG_over_S"),
+                *self.tokens[domain],
+            )  # fmt: skip
+        return self.rows[domain, method.name, seed]
+
+
+class Comparison:
+    """One comparison's folders, model, corpora and caches, and the steps that train its runs."""
+
+    def __init__(self, config: CompareConfig, plan: Plan, name: str):
+        self.config, self.plan, self.p, self.name = config, plan, plan.profile, name
+        self.user = config.domains
+        work = Path(config.work or Path(config.out) / "work")
+        self.data = work / "data"
+        self.model_folder = work / model_slug(config.model)
+        # The reference checkpoint, its caches and every run depend on the profile, model, lr and general corpus.
+        self.work = work / config.profile_name / ("" if config.model == DEFAULT_MODEL else model_slug(config.model))
+        if config.lr is not None:
+            self.work = self.work / f"lr{config.lr:g}"
+        if config.general:
+            self.work = self.work / path_key("general", Path(config.general))
+        self.figures = Path(config.out) / name
+        self.keys = {d: (path_key(d, self.user[d]) if self.user else d) for d in plan.domains}
+        self.caches: dict[str, str] = {}
+
+    def seeds(self, method: Method) -> range:
+        return seeds_for(self.p, method)
+
+    def cache(self, corpus: Path, name: str, top_k: int = TOP_K, train_sequences: int | None = None, tail_samples: int = 0) -> str:
+        out = self.work / name
+        if not (out / MANIFEST).exists():
+            p = self.p
+            build_cache(
+                CacheConfig(
+                    corpus=str(corpus), out=str(out), model=self.model, seq_len=p.seq_len, top_k=top_k, val_fraction=p.val_fraction,
+                    max_train_sequences=train_sequences or p.train_sequences, max_val_sequences=p.val_sequences,
+                    batch_size=8, device=p.device, resume=out.exists(), tail_samples=tail_samples,
+                )
+            )  # fmt: skip
+        return str(out)
+
+    def prepare(self, corpora: dict[str, Corpus], report: Report, log: Callable[[str], None]) -> None:
+        """The model, the corpora (with size warnings), the general evaluation set, the reference checkpoint, the runner."""
+        p, config = self.p, self.config
+        self.figures.mkdir(parents=True, exist_ok=True)
+        self.model = report.model_folder = local_model(self.model_folder, config.model)
+        tokenizer = load_tokenizer(self.model)
+        names = self.plan.domains
+        self.sources = {d: (self.user[d] if self.user else prepare_corpus(d, self.data, max_documents=p.max_documents)) for d in names}
+        self.general = Path(config.general) if config.general else prepare_corpus(GENERAL, self.data, max_documents=p.max_documents)
+        for d in names:
+            corpus = corpora.get(f"--domain {d}") or open_corpus(d, self.sources[d], p.val_fraction)
+            report.notes += size_warnings(f"domain {d}", corpus, tokenizer, p.val_sequences * p.seq_len, p.train_sequences * p.seq_len)
+        general = corpora.get("--general") or open_corpus(f"general ({GENERAL_LABEL})", self.general, p.val_fraction)
+        report.notes += size_warnings("general domain", general, tokenizer, p.general_sequences * p.seq_len, 0)
+        for note in report.notes:
+            log(f"warning: {note}")
+
+        # General domain: its hash-split validation documents are the evaluation set; its training
+        # documents are the replay source, so replay never sees the evaluation text.
+        self.work.mkdir(parents=True, exist_ok=True)
+        general_eval = self.work / "general-eval.jsonl"
+        if not general_eval.exists():
+            tmp = general_eval.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in general.validation))
+            tmp.rename(general_eval)
+        general_tokens = pack_documents(general.validation, tokenizer, p.seq_len, p.general_sequences, desc="tokenize general").num_labels
+        common = dict(
+            batch_size=p.batch_size, lr=p.lr, warmup_steps=p.warmup_steps, general_eval=str(general_eval),
+            general_max_sequences=p.general_sequences, device=p.device, steps=p.steps, eval_every=p.eval_every,
+        )  # fmt: skip
+        if p.reference_steps:
+            report.reference = self.reference_checkpoint(common)
+            self.model, self.work = report.reference["model"], self.work / "from-reference"
+        self.runner = Runner(self.work / "runs", common, config.keep_checkpoints)
+        for d in names:
+            self.caches[d] = self.cache(self.sources[d], f"cache-{self.keys[d]}")
+            self.runner.tokens[d] = (general_tokens, eval_labels(Cache(self.caches[d]).split("validation").num_tokens))
+
+    def reference_checkpoint(self, common: dict) -> dict:
+        """The paper's section 3.1 starts every method from a reference checkpoint lightly tuned on the
+        general domain, the one with the lowest general validation perplexity. That absorbs what
+        any training on packed raw text teaches (the packing's conventions, plain text for a chat
+        model) before DG is measured, so DG measures forgetting. The untuned model is kept when no
+        checkpoint beats it."""
+        folder = self.work / "reference"
+        cache = self.cache(self.general, "cache-general-untuned")
+        settings = {**common, "steps": self.p.reference_steps, "seed": 0, "variant": "ft", "cache": cache}
+        summary = train_once(folder, settings, keep_best=True)
+        before, best = summary["before"], summary["best"]
+        tuned = best is not None and best["ppl_spec"] < before["ppl_spec"]
+        return {
+            "model": str(folder / "best") if tuned else self.model,
+            "steps": self.p.reference_steps,
+            "best_step": best["step"] if tuned else 0,
+            "ppl_before": before["ppl_spec"],
+            "ppl_after": best["ppl_spec"] if tuned else before["ppl_spec"],
+        }
+
+    def tables(self, report: Report) -> None:
+        """Every chosen method in every domain (frontier-domain-only methods there alone), each over its seeds."""
+        chosen = [METHODS[m] for m in self.plan.methods]
+        # Replay draws from a pool several times the reference's own general sequences, as general
+        # data is plentiful in the paper's setting; a pool the size of the reference's is fit
+        # within a few steps, and replaying it then raises general validation perplexity.
+        replay = {}
+        if any(m.uses_general_data for m in chosen):
+            replay["replay"] = self.cache(self.general, "cache-general", train_sequences=self.p.replay_sequences)
+        for domain in report.domains:
+            for method in chosen:
+                if method.frontier_domain_only and domain != report.frontier_domain:
+                    continue
+                extra = replay if method.uses_general_data else {}
+                for seed in self.seeds(method):
+                    self.runner.record(domain, self.keys[domain], method, seed, self.caches[domain], **extra)
+
+    def frontier(self, report: Report) -> None:
+        """MFT at each tau from the k = 20 cache, from the online dense reference (teacher next to the student,
+        full-vocabulary correction) and, unless skipped, from a cache of about the same bytes holding fewer top-k
+        ids plus sampled tail ids; the same seeds. In this order, so a comparison cut short has the two lines every
+        comparison needs first."""
+        fd = report.frontier_domain
+        caches = {"cached": self.caches[fd], "online": self.caches[fd]}
+        if "tail-samples" not in report.skip:
+            name = f"cache-{self.keys[fd]}-k{SAMPLED_K}-tail{SAMPLED_N}"
+            caches["sampled"] = self.cache(self.sources[fd], name, top_k=SAMPLED_K, tail_samples=SAMPLED_N)
+        for line, cache in caches.items():
+            _, k, n, _ = LINES[line]
+            if line != "online":
+                report.cache_bytes[line] = cache_info(cache)["splits"]["train"]["bytes_per_token"]
+            report.frontier[line] = {}
+            for tau in FRONTIER_TAUS:
+                m = frontier_method(line, tau)
+                report.frontier[line][tau] = {s: self.runner.record(fd, self.keys[fd], m, s, cache, k, n) for s in self.seeds(m)}
+        plot_frontier(report.frontier, self.figures / "frontier.png", fd)
+
+    def fidelity(self, report: Report) -> None:
+        """The same MFT run from caches with k = 5 and 50, next to k = 20, the sampled tail and online dense."""
+        fd, frontier = report.frontier_domain, report.frontier
+        for k in (5, 20, 50):
+            if k == TOP_K:  # the frontier's tau = 0.25 point, when it ran
+                if frontier:
+                    report.fidelity[f"cached k={k}"] = frontier["cached"][0.25]
+                continue
+            cache, m = self.cache(self.sources[fd], f"cache-{self.keys[fd]}-k{k}", top_k=k), fidelity_method(k)
+            report.fidelity[f"cached k={k}"] = {s: self.runner.record(fd, self.keys[fd], m, s, cache, k) for s in self.seeds(m)}
+        if "sampled" in frontier:
+            report.fidelity[f"cached k={SAMPLED_K} + {SAMPLED_N} tail samples"] = frontier["sampled"][0.25]
+        if frontier:
+            report.fidelity["online (dense)"] = frontier["online"][0.25]
+
+    def low_data(self, report: Report) -> None:
+        """A handful of sequences, many passes, frequent evaluations (seed 0)."""
+        p, fd = self.p, report.frontier_domain
+        cache = self.cache(self.sources[fd], f"cache-{self.keys[fd]}-low", train_sequences=p.low_data_sequences)
+        for method in (METHODS["FT"], METHODS["MFT"]):
+            folder = self.runner.runs / "low-data" / self.keys[fd] / method.name
+            settings = {**self.runner.common, **method.train_settings(), "cache": cache, "seed": 0}
+            train_once(folder, {**settings, "steps": p.low_data_steps, "eval_every": p.low_data_eval_every}, self.config.keep_checkpoints)
+            report.low[method.name] = [r for r in RunFolder(folder).metrics() if r["kind"] in ("before", "eval")]
+        plot_low_data(report.low, self.figures / "low-data.png")
