@@ -3,7 +3,7 @@
     python -m benchmarks.quality --profile cpu --skip frontier,fidelity,low-data  # 2 CPU cores: FT, MFT; ~1.5 hours
     python -m benchmarks.quality --profile cpu --skip tail-samples,fidelity,low-data  # then the frontier; ~1.8 hours
     python -m benchmarks.quality --profile cpu  # then the sampled-tail frontier line, fidelity, low data; ~1.5 hours
-    python -m benchmarks.quality --profile gpu  # one CUDA GPU, 1024-token sequences (benchmarks/gpu_check.py runs its FT/MFT part)
+    python -m benchmarks.quality --profile gpu --methods FT,MFT --skip frontier,fidelity,low-data  # one CUDA GPU (docs/gpu-check.md)
     python -m benchmarks.quality --model path/to/model.gguf --methods FT,MFT --skip fidelity
 
 Every other option is `mft compare`'s (`mft compare --help`). The results file is
@@ -23,7 +23,6 @@ from pathlib import Path
 import click
 
 from cli.main import mft
-from mft_pipeline.compare.protocol import PROFILES  # noqa: F401  (benchmarks/gpu_check.py sizes its carried corpora by them)
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
+from mft_pipeline.config import CompareConfig, split_list
 from mft_pipeline.errors import ConfigError
-
-if TYPE_CHECKING:
-    from mft_pipeline.config import CompareConfig
 
 DOMAINS = ("legal", "math", "code")  # built-in specialized corpora (mft_pipeline.demo), used without --domain
 GENERAL = "gcide"  # built-in general-domain corpus, used without --general
@@ -184,9 +181,9 @@ PROFILES = {
         low_data_eval_every=4, reference_steps=20, replay_sequences=640, device="cpu", seeds=3, other_seeds=1,
         methods=("FT", "MFT"), throughput=CPU_THROUGHPUT,
     ),
-    # Not yet run. Sized for one 10-minute call of the GPU check (benchmarks/gpu_check.py: FT and MFT, 3 seeds,
-    # 3 domains, --skip frontier,fidelity,low-data = 18 runs, a reference and 4 caches) from an H100's expected rate
-    # (FT of a 213M model at ~100k tokens/s): each run trains on 40 x 8 x 1024 = 327,680 tokens (8x the CPU
+    # Not yet run. Sized for about 10 minutes on one H100 for FT and MFT, 3 seeds, 3 domains with
+    # --skip frontier,fidelity,low-data (18 runs, a reference and 4 caches; docs/gpu-check.md), from an H100's expected
+    # rate (FT of a 213M model at ~100k tokens/s): each run trains on 40 x 8 x 1024 = 327,680 tokens (8x the CPU
     # profile's, ~5 s at 60k tokens/s) and evaluates 68 general and 36 specialized sequences, 69,632 and 36,864
     # tokens (4.2x and 4.4x the CPU profile's). Loading and checkpoints (~5-10 s a run) dominate; under 7 minutes.
     "gpu": Profile(
@@ -228,7 +225,7 @@ def make_plan(config: CompareConfig) -> Plan:
     if config.seeds is not None:
         p = replace(p, seeds=config.seeds, other_seeds=config.seeds)
     domains = list(config.domains) or list(p.domains)
-    methods = [m.strip() for m in config.methods.split(",") if m.strip()] if config.methods else list(p.methods)
+    methods = split_list(config.methods, "methods") if config.methods is not None else list(p.methods)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
