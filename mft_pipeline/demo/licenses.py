@@ -7,56 +7,18 @@ when it is missing.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
-import sys
 from pathlib import Path
 from typing import Iterator
 
-from mft_pipeline.demo.fetch import log, run
+from mft_pipeline.demo.fetch import pip_package_data
 
 LICENSE_PIP_PACKAGE = "licensedcode-data"
 
 
-def find_license_dir() -> Path | None:
-    importlib.invalidate_caches()
-    try:
-        spec = importlib.util.find_spec("licensedcode")
-    except (ImportError, ValueError):
-        return None
-    if spec is None:
-        return None
-    for loc in spec.submodule_search_locations or []:
-        d = Path(loc) / "data" / "licenses"
-        if d.is_dir() and any(d.glob("*.LICENSE")):
-            return d
-    return None
-
-
 def license_dir(install: bool) -> Path:
-    found = find_license_dir()
-    if found is not None:
-        return found
-    cmd = [sys.executable, "-m", "pip", "install", LICENSE_PIP_PACKAGE]
-    manual = " ".join(cmd)
-    if not install:
-        raise RuntimeError(f"{LICENSE_PIP_PACKAGE} is not installed; run by hand:  {manual}")
-    log(f"installing {LICENSE_PIP_PACKAGE} with pip")
-    res = run(cmd)
-    if res.returncode != 0:
-        raise RuntimeError(
-            f"pip install {LICENSE_PIP_PACKAGE} failed ({res.stderr.strip()[-300:]}); "
-            f"run by hand:  {manual}"
-        )
-    found = find_license_dir()
-    if found is None:
-        raise RuntimeError(
-            f"{LICENSE_PIP_PACKAGE} installed but licensedcode/data/licenses not importable; "
-            f"check with:  {sys.executable} -c 'import licensedcode'"
-        )
-    return found
-
+    """``licensedcode/data/licenses`` of the installed package, pip-installing it when missing."""
+    return pip_package_data(LICENSE_PIP_PACKAGE, "licensedcode", "data/licenses", "*.LICENSE", install=install)
 
 
 def strip_front_matter(text: str) -> str:

