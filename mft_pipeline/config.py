@@ -352,12 +352,13 @@ class CompareConfig:
 
     domain: tuple[str, ...] = doc(
         "Your specialized corpus as NAME=PATH, in any format cache-teacher reads (repeatable). Default: the built-in "
-        "legal, math and code corpora (legal alone with --quick).",
+        "legal (license texts), sympy (SymPy's docstrings) and code (the Python standard library) corpora (legal "
+        "alone with --quick).",
         default=(),
     )
     general: str | None = doc(
         "Your general-domain corpus: DG is measured on its held-out documents, and the reference checkpoint and replay "
-        "train on the rest. Default: the built-in GCIDE dictionary.",
+        "train on the rest. Default: the built-in U.S. State of the Union addresses.",
         default=None,
     )
     out: str = doc(

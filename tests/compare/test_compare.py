@@ -43,7 +43,7 @@ def test_settings_are_checked_before_anything_runs(tmp_path):
         (["--methods", "FT,XFT"], "--methods: unknown XFT"),
         (["--skip", "frontier,everything"], "--skip: unknown everything"),
         (["--profile", "huge"], "--profile huge: choose from quick, cpu, gpu, smoke"),
-        (["--frontier-domain", "poetry"], "not one of the domains legal, math, code"),
+        (["--frontier-domain", "poetry"], "not one of the domains legal, sympy, code"),
         (["--seeds", "0"], "seeds must be an integer >= 1"),
     ):
         result = compare("--out", tmp_path / "out", *args)
