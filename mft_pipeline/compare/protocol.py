@@ -113,13 +113,13 @@ class Throughput:
 
 
 CPU_THROUGHPUT = Throughput(
-    # Measured 2026-11-27 on the cpu profile's first sitting's own runs (2-core Xeon, 2 threads, nothing else running):
+    # Measured 2026-11-27 on the cpu profile's first invocation's own runs (2-core Xeon, 2 threads, nothing else running):
     # SmolLM2-135M, seq_len 128, batch 8. Training: the mean tokens_per_s of metrics.jsonl (FT 218-229, MFT 239).
     # Evaluation: the wall time between a run's last training step and its logged evaluation in the TensorBoard
     # events, 26-27 s for 24,765 tokens. Overhead: loading (2 s) and the two checkpoints (about 4 s each). Online
-    # dense: the mean tokens_per_s of the second sitting's 12 online frontier runs (146-173).
+    # dense: the mean tokens_per_s of the second invocation's 12 online frontier runs (146-173).
     train=235, eval=930, online=160, overhead_s=12,
-    measured="measured on the cpu profile's first two sittings: 2 threads on 2 cores, no other load",
+    measured="measured on the cpu profile's first two invocations: 2 threads on 2 cores, no other load",
 )  # fmt: skip
 
 
@@ -175,7 +175,7 @@ PROFILES = {
     # and 65 specialized sequences: 16,510 and 8,255 predicted tokens, three times (before, at step 20 and 40).
     # These are the floors of the protocol; at CPU_THROUGHPUT a run from the cache takes about 4.5 minutes, one
     # with the online dense teacher about 6, and the whole protocol (53 runs with the frontier's three lines) about
-    # 4.5 hours (measured 4.9: sittings of 99, 106 and 90 minutes), so it runs in three resumable sittings of at most
+    # 4.5 hours (measured 4.9: invocations of 99, 106 and 90 minutes), so it runs in three resumable invocations of at most
     # about 2 hours (--skip frontier,fidelity,low-data; then --skip tail-samples,fidelity,low-data; then all).
     "cpu": Profile(
         seq_len=128, max_documents=400, train_sequences=320, val_sequences=65, general_sequences=130, steps=40,

@@ -1,7 +1,7 @@
 """Online reference mode: the dense MFT loss against a live teacher's full distribution.
 
 Not the default path. It exists to measure the sparse cache's fidelity: at ``k = vocab size``
-the cached loss must agree with this one (MFT-SPEC section 3, property 1).
+the cached loss must agree with this one (docs/method.md, "The sparse loss over cached targets", property 1).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Perplexity and the paper's specialization / degeneralization metrics (MFT-SPEC section 4)."""
+"""Perplexity and the paper's specialization / degeneralization metrics (docs/method.md, "Metrics")."""
 
 from __future__ import annotations
 

