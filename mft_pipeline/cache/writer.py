@@ -15,7 +15,7 @@ from mft_pipeline.cache.format import (
     TEMP_FILE,
     CacheError,
     is_worker_temp,
-    read_json,
+    read_part,
     sha256_file,
     shard_path,
     temp_name,
@@ -142,7 +142,7 @@ def write_manifest(out: Path, settings: dict, num_workers: int, worker: int | No
     planned_by = {p["file"]: p["worker"] for p in settings["plan"]}
     records: dict[str, dict] = {}
     for i in range(num_workers):
-        part = read_json(out / worker_name(i, num_workers))
+        part = read_part(out / worker_name(i, num_workers))
         for name, record in part["shards"].items():
             if name in records:
                 raise CacheError(f"{out}: shard {name} is recorded by two workers (overlapping parts)")
