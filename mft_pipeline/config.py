@@ -69,7 +69,11 @@ class CacheConfig:
         default=None,
     )
     resume: bool = doc("Continue an interrupted cache: finished shards are kept, the rest computed.", default=False)
-    overwrite: bool = doc("Delete an existing cache in the output folder first.", default=False)
+    overwrite: bool = doc(
+        "Delete an existing cache in the output folder first. With several workers, only this worker's part of the same "
+        "cache (and the manifest): never another worker's files.",
+        default=False,
+    )
 
     def __post_init__(self):
         _check_choice("backend", self.backend, BACKENDS)
