@@ -130,8 +130,7 @@ def _gather(out: Path, sources: list[Path]) -> None:
         theirs = read_settings(src)
         if settings is None:
             settings = theirs
-        elif theirs != settings:
-            diffs = settings_differences(settings, theirs)
+        elif diffs := settings_differences(settings, theirs):
             raise CacheError(f"{src}: made with other settings than {sources[0]}:\n  " + "\n  ".join(diffs[:10]))
         for part in sorted(src.glob("worker-*-of-*.json")):
             if part.name in owner:

@@ -31,13 +31,19 @@ from mft_pipeline.files import atomic_write
 _OWN = re.compile(r"^(\.?.*\.tmp|(train|validation)-\d{5}\.parquet|worker-\d{5}-of-\d{5}\.json|manifest\.json|cache-settings\.json)$")
 
 
+# Where the inputs lie, not what they are: workers on other machines may read the same corpus,
+# model or tokenizer from other paths. Their fingerprints (content hashes) are compared instead.
+LOCATIONS = ("corpus.path", "model.id", "tokenizer.id")
+
+
 def settings_differences(a: dict, b: dict, prefix="") -> list[str]:
+    """"field: existing ... vs now ..." for every setting (dotted path) in which ``a`` and ``b`` differ, ``LOCATIONS`` aside."""
     out = []
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key), b.get(key)
         if isinstance(va, dict) and isinstance(vb, dict):
             out += settings_differences(va, vb, f"{prefix}{key}.")
-        elif va != vb:
+        elif va != vb and f"{prefix}{key}" not in LOCATIONS:
             out.append(f"{prefix}{key}: existing {va!r} vs now {vb!r}")
     return out
 
