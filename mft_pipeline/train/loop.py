@@ -45,14 +45,18 @@ class MismatchError(CacheError):
     """The student does not belong to the cache's teacher."""
 
 
-def check_student(cache: Cache, tokenizer, model, allow_different_student: bool) -> None:
-    """Refuse a student the cached targets were not made for."""
-    want = cache.manifest["tokenizer"]["fingerprint"]
-    if tokenizer_fingerprint(tokenizer) != want:
+def check_tokenizer(cache: Cache, tokenizer, whose: str = "the student's") -> None:
+    """Refuse a tokenizer other than the one the cache's token ids come from."""
+    if tokenizer_fingerprint(tokenizer) != cache.manifest["tokenizer"]["fingerprint"]:
         raise MismatchError(
-            "the student's tokenizer differs from the one the cache was made with; cached token ids would "
+            f"{whose} tokenizer differs from the one the cache {cache.path} was made with; cached token ids would "
             "mean other tokens. Use the teacher's tokenizer or rebuild the cache."
         )
+
+
+def check_student(cache: Cache, tokenizer, model, allow_different_student: bool) -> None:
+    """Refuse a student the cached targets were not made for."""
+    check_tokenizer(cache, tokenizer)
     if weights_fingerprint(model) != cache.manifest["model"]["fingerprint"] and not allow_different_student:
         raise MismatchError(
             f"the student's weights differ from the cache's teacher ({cache.manifest['model']['id']}). MFT starts "
