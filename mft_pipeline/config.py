@@ -477,6 +477,11 @@ def split_list(text: str, name: str) -> list[str]:
     return list(dict.fromkeys(items))
 
 
+def split_numbers(text: str, name: str) -> list[float]:
+    """The numbers of a comma-separated option (``split_list``); anything else is a ConfigError naming the option."""
+    return [_number(t, name) for t in split_list(text, name)]
+
+
 def _check_budget(percent) -> None:
     if not (isinstance(percent, (int, float)) and math.isfinite(percent) and percent >= 0):
         raise ConfigError(f"max_degeneralization is a percentage >= 0, got {percent!r}")
