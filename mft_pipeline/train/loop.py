@@ -168,16 +168,16 @@ def prepare_student(model: torch.nn.Module, config: TrainConfig) -> None:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def compile_in_place(model: torch.nn.Module) -> None:
+def compile_in_place(model: torch.nn.Module, **options) -> None:
     """``torch.compile`` the module in place (``nn.Module.compile``): its type, state dict and wrappers stay as they are.
 
     The fused loss calls the model's body directly (outside DDP), past the compiled top-level
-    call, so the body is compiled too.
+    call, so the body is compiled too. ``options`` go to ``torch.compile`` (e.g. ``backend``).
     """
     head = output_head(model)  # before compiling: its probe forward would otherwise set off a compile of its own
-    model.compile()
+    model.compile(**options)
     if head is not None:
-        head.body.compile()
+        head.body.compile(**options)
 
 
 def train(config: TrainConfig, on_checkpoint: Callable[[int], None] | None = None, compile_model: Callable[[torch.nn.Module], None] = compile_in_place) -> dict:
