@@ -143,7 +143,10 @@ def train(**params):
 
 def format_summary(summary: dict) -> str:
     best, before = summary["best"] or {}, summary["before"]
-    lines = [f"best checkpoint: step {best.get('step')} -> {summary['config']['out']}/best"]
+    if best:
+        lines = [f"best checkpoint: step {best['step']} -> {summary['config']['out']}/best"]
+    else:  # the best-row rule keeps only evaluations within the budget
+        lines = [f"no checkpoint: no evaluation was within --max-degeneralization {summary['config']['max_degeneralization']}%"]
     if "ppl_spec" in best:
         lines.append(f"specialized perplexity {before['ppl_spec']:.3f} -> {best['ppl_spec']:.3f}   S  = {100 * best['S']:.2f}%")
     if "ppl_gen" in best:

@@ -69,7 +69,11 @@ class CacheConfig:
         default=None,
     )
     resume: bool = doc("Continue an interrupted cache: finished shards are kept, the rest computed.", default=False)
-    overwrite: bool = doc("Delete an existing cache in the output folder first.", default=False)
+    overwrite: bool = doc(
+        "Delete an existing cache in the output folder first. With several workers, only this worker's part of the same "
+        "cache (and the manifest): never another worker's files.",
+        default=False,
+    )
 
     def __post_init__(self):
         _check_choice("backend", self.backend, BACKENDS)
@@ -472,6 +476,11 @@ def split_list(text: str, name: str) -> list[str]:
     if not items:
         raise ConfigError(f"{name}: empty list")
     return list(dict.fromkeys(items))
+
+
+def split_numbers(text: str, name: str) -> list[float]:
+    """The numbers of a comma-separated option (``split_list``); anything else is a ConfigError naming the option."""
+    return [_number(t, name) for t in split_list(text, name)]
 
 
 def _check_budget(percent) -> None:

@@ -13,8 +13,11 @@ from mft_pipeline.cache.format import (
     MANIFEST,
     SETTINGS,
     CacheError,
+    FieldError,
     read_json,
     read_manifest,
+    read_part,
+    read_settings,
     sha256_file,
     shard_path,
     worker_name,
@@ -50,6 +53,8 @@ def verify_cache(path: str | Path) -> list[str]:
     path = Path(path)
     try:
         manifest = read_manifest(path)
+    except FieldError as e:
+        return [f"{e.path}: {problem}" for problem in e.problems]
     except CacheError as e:
         return [str(e)]
     problems = []
@@ -98,13 +103,13 @@ def merge_cache(path: str | Path, sources: tuple[str | Path, ...] = ()) -> dict:
     settings_path = path / SETTINGS
     if not settings_path.exists():
         raise CacheError(f"{path}: no {SETTINGS}; is this a stage-one output folder?")
-    settings = read_json(settings_path)
+    settings = read_settings(path)
     n = settings["num_workers"]
     missing = [i for i in range(n) if not (path / worker_name(i, n)).exists()]
     if missing:
         raise CacheError(f"{path}: workers {missing} of {n} have not finished; rerun them with --worker-index I --resume")
     for i in range(n):
-        part = read_json(path / worker_name(i, n))
+        part = read_part(path / worker_name(i, n))
         for name, rec in part["shards"].items():
             f = shard_path(path, name)
             if not f.exists() or sha256_file(f) != rec["sha256"]:
@@ -122,11 +127,10 @@ def _gather(out: Path, sources: list[Path]) -> None:
     for src in sources:
         if not (src / SETTINGS).exists():
             raise CacheError(f"{src}: no {SETTINGS}; not a stage-one output folder")
-        theirs = read_json(src / SETTINGS)
+        theirs = read_settings(src)
         if settings is None:
             settings = theirs
-        elif theirs != settings:
-            diffs = settings_differences(settings, theirs)
+        elif diffs := settings_differences(settings, theirs):
             raise CacheError(f"{src}: made with other settings than {sources[0]}:\n  " + "\n  ".join(diffs[:10]))
         for part in sorted(src.glob("worker-*-of-*.json")):
             if part.name in owner:
@@ -142,7 +146,7 @@ def _gather(out: Path, sources: list[Path]) -> None:
     try:
         shutil.copy2(sources[0] / SETTINGS, tmp / SETTINGS)
         for name, src in owner.items():
-            for shard in read_json(src / name)["shards"]:
+            for shard in read_part(src / name)["shards"]:
                 _link_or_copy(shard_path(src, shard), shard_path(tmp, shard))
             shutil.copy2(src / name, tmp / name)
     except BaseException:

@@ -15,7 +15,8 @@ from mft_pipeline.cache.format import (
     TEMP_FILE,
     CacheError,
     is_worker_temp,
-    read_json,
+    read_part,
+    read_settings,
     sha256_file,
     shard_path,
     temp_name,
@@ -30,13 +31,19 @@ from mft_pipeline.files import atomic_write
 _OWN = re.compile(r"^(\.?.*\.tmp|(train|validation)-\d{5}\.parquet|worker-\d{5}-of-\d{5}\.json|manifest\.json|cache-settings\.json)$")
 
 
+# Where the inputs lie, not what they are: workers on other machines may read the same corpus,
+# model or tokenizer from other paths. Their fingerprints (content hashes) are compared instead.
+LOCATIONS = ("corpus.path", "model.id", "tokenizer.id")
+
+
 def settings_differences(a: dict, b: dict, prefix="") -> list[str]:
+    """"field: existing ... vs now ..." for every setting (dotted path) in which ``a`` and ``b`` differ, ``LOCATIONS`` aside."""
     out = []
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key), b.get(key)
         if isinstance(va, dict) and isinstance(vb, dict):
             out += settings_differences(va, vb, f"{prefix}{key}.")
-        elif va != vb:
+        elif va != vb and f"{prefix}{key}" not in LOCATIONS:
             out.append(f"{prefix}{key}: existing {va!r} vs now {vb!r}")
     return out
 
@@ -69,9 +76,10 @@ class CacheWriter:
         if entries and self.overwrite:
             if foreign:
                 raise CacheError(f"{self.out}: holds files that are not a cache ({foreign[:3]}); refusing to delete")
-            for e in entries:
+            mine = self._replaced(entries)
+            for e in mine:
                 (self.out / e).unlink(missing_ok=True)
-            entries = []
+            entries = [e for e in entries if e not in mine]
         if foreign:
             raise CacheError(f"{self.out}: not empty and not a cache ({foreign[:3]}); choose another folder")
         settings_path = self.out / SETTINGS
@@ -98,6 +106,34 @@ class CacheWriter:
                 if is_worker_temp(e, self.worker_index):
                     (self.out / e).unlink(missing_ok=True)  # this worker's crash left it; it never counts as finished
         return self
+
+    def _replaced(self, entries: list[str]) -> list[str]:
+        """The entries ``--overwrite`` deletes.
+
+        A single worker owns the whole folder. Of several workers sharing it, each replaces only
+        its own part of the same cache (its planned shards, its worker file and temp files) and
+        the manifest, which stops describing the folder; never another worker's files, which may
+        be finished or being written right now.
+        """
+        if self.num_workers == 1:
+            return entries
+        own_temps = [e for e in entries if is_worker_temp(e, self.worker_index)]
+        if not (self.out / SETTINGS).exists():
+            if any(not e.endswith(".tmp") for e in entries):
+                raise CacheError(
+                    f"{self.out}: holds cache files but no {SETTINGS}, so this worker's part cannot be told from the others'; "
+                    "delete the folder to build a cache in it"
+                )
+            return own_temps  # other workers' temp files: a cache being set up
+        diffs = settings_differences(read_settings(self.out), self.settings)
+        if diffs:
+            raise CacheError(
+                f"{self.out}: holds a cache made with other settings:\n  " + "\n  ".join(diffs) + "\nwith several workers, "
+                "--overwrite replaces only this worker's part of the same cache, never other workers' files; "
+                "delete the folder to build another cache in it, or use another folder"
+            )
+        own = set(self._planned()) | {worker_name(self.worker_index, self.num_workers), MANIFEST}
+        return [e for e in entries if e in own] + own_temps
 
     def _planned(self) -> list[str]:
         return [s["file"] for s in self.settings["plan"] if s["worker"] == self.worker_index]
@@ -142,7 +178,7 @@ def write_manifest(out: Path, settings: dict, num_workers: int, worker: int | No
     planned_by = {p["file"]: p["worker"] for p in settings["plan"]}
     records: dict[str, dict] = {}
     for i in range(num_workers):
-        part = read_json(out / worker_name(i, num_workers))
+        part = read_part(out / worker_name(i, num_workers))
         for name, record in part["shards"].items():
             if name in records:
                 raise CacheError(f"{out}: shard {name} is recorded by two workers (overlapping parts)")

@@ -21,6 +21,7 @@ from mft_pipeline.errors import ConfigError
 from mft_pipeline.eval.metrics import compare, model_perplexity
 from mft_pipeline.models import load_model, load_tokenizer, pick_device
 from mft_pipeline.run_folder import RunFolder
+from mft_pipeline.train.loop import check_tokenizer
 
 ADAPTER_CONFIG = "adapter_config.json"
 DEFAULT_SEQ_LEN = 2048
@@ -52,6 +53,8 @@ def eval_sets(config: EvalConfig, tokenizer) -> dict:
             cache = Cache(config.spec_eval)
             if not cache.has("validation"):
                 raise ConfigError(f"--spec-eval {config.spec_eval}: the cache has no validation split")
+            # The model scores the cache's token ids: with another tokenizer they would mean other tokens.
+            check_tokenizer(cache, tokenizer, f"--model {config.model}:")
             if seq_len is not None and seq_len != cache.seq_len:
                 raise ConfigError(f"--seq-len {seq_len} differs from the --spec-eval cache's {cache.seq_len}")
             sets["ppl_spec"], seq_len = cache.split("validation"), cache.seq_len

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from mft_pipeline.config import PEFT_METHODS, TRAIN_DEFAULTS, TrainConfig, doc, run_settings, split_list
+from mft_pipeline.config import PEFT_METHODS, TRAIN_DEFAULTS, TrainConfig, doc, run_settings, split_list, split_numbers
 from mft_pipeline.distill.correction import check_tau, check_variant
 from mft_pipeline.errors import ConfigError
 from mft_pipeline.run_folder import RunFolder
@@ -44,7 +44,7 @@ class SweepConfig:
 
     @property
     def tau_list(self) -> list[float]:
-        return [check_tau(float(t)) for t in split_list(self.taus, "taus")]
+        return [check_tau(t) for t in split_numbers(self.taus, "taus")]
 
     @property
     def variant_list(self) -> list[str]:
@@ -61,7 +61,7 @@ class SweepConfig:
     def replay_list(self, replay: str | None) -> list[float]:
         if self.replay_fractions is None:
             return [0.0, 0.5] if replay else [0.0]
-        fractions = [float(f) for f in split_list(self.replay_fractions, "replay_fractions")]
+        fractions = split_numbers(self.replay_fractions, "replay_fractions")
         if any(not 0 <= f < 1 for f in fractions):
             raise ConfigError(f"replay fractions must be in [0, 1), got {self.replay_fractions}")
         if any(fractions) and not replay:

@@ -35,7 +35,7 @@ from mft_pipeline.train import distributed
 from mft_pipeline.train import peft as adapters
 from mft_pipeline.train.checkpoint import CheckpointError, load_state, restore_rng, rng_state, save_pretrained
 from mft_pipeline.train.student_loss import output_head, student_loss
-from mft_pipeline.train.tracking import NullTracker, Tracker, make_tracker
+from mft_pipeline.train.tracking import NullTracker, Tracker, check_tracker, make_tracker
 from mft_pipeline.errors import ConfigError
 from mft_pipeline.config import TRAIN_DEFAULTS, run_settings
 from mft_pipeline.run_folder import RunFolder, improves
@@ -45,14 +45,18 @@ class MismatchError(CacheError):
     """The student does not belong to the cache's teacher."""
 
 
-def check_student(cache: Cache, tokenizer, model, allow_different_student: bool) -> None:
-    """Refuse a student the cached targets were not made for."""
-    want = cache.manifest["tokenizer"]["fingerprint"]
-    if tokenizer_fingerprint(tokenizer) != want:
+def check_tokenizer(cache: Cache, tokenizer, whose: str = "the student's") -> None:
+    """Refuse a tokenizer other than the one the cache's token ids come from."""
+    if tokenizer_fingerprint(tokenizer) != cache.manifest["tokenizer"]["fingerprint"]:
         raise MismatchError(
-            "the student's tokenizer differs from the one the cache was made with; cached token ids would "
+            f"{whose} tokenizer differs from the one the cache {cache.path} was made with; cached token ids would "
             "mean other tokens. Use the teacher's tokenizer or rebuild the cache."
         )
+
+
+def check_student(cache: Cache, tokenizer, model, allow_different_student: bool) -> None:
+    """Refuse a student the cached targets were not made for."""
+    check_tokenizer(cache, tokenizer)
     if weights_fingerprint(model) != cache.manifest["model"]["fingerprint"] and not allow_different_student:
         raise MismatchError(
             f"the student's weights differ from the cache's teacher ({cache.manifest['model']['id']}). MFT starts "
@@ -164,16 +168,16 @@ def prepare_student(model: torch.nn.Module, config: TrainConfig) -> None:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def compile_in_place(model: torch.nn.Module) -> None:
+def compile_in_place(model: torch.nn.Module, **options) -> None:
     """``torch.compile`` the module in place (``nn.Module.compile``): its type, state dict and wrappers stay as they are.
 
     The fused loss calls the model's body directly (outside DDP), past the compiled top-level
-    call, so the body is compiled too.
+    call, so the body is compiled too. ``options`` go to ``torch.compile`` (e.g. ``backend``).
     """
     head = output_head(model)  # before compiling: its probe forward would otherwise set off a compile of its own
-    model.compile()
+    model.compile(**options)
     if head is not None:
-        head.body.compile()
+        head.body.compile(**options)
 
 
 def train(config: TrainConfig, on_checkpoint: Callable[[int], None] | None = None, compile_model: Callable[[torch.nn.Module], None] = compile_in_place) -> dict:
@@ -241,6 +245,18 @@ def setup(config: TrainConfig, ranks: distributed.Ranks, compile_model: Callable
     prepare_student(model, config)
     if config.peft != "none":
         model = adapters.wrap(model, config)
+    # Every input before the run folder: a bad one (a typo in --general-eval) must leave no folder behind.
+    if ranks.main:
+        check_tracker(config.report_to)
+    train_split = cache.split("train")
+    eval_sets = {}
+    if cache.has("validation"):
+        eval_sets["ppl_spec"] = cache.split("validation")
+    elif ranks.main:
+        print("warning: the cache has no validation split; S cannot be measured and the last step is kept", file=sys.stderr)
+    if config.general_eval:
+        docs = load_documents(config.general_eval, config.general_text_field)
+        eval_sets["ppl_gen"] = pack_documents(docs, tokenizer, cache.seq_len, config.general_max_sequences, desc="tokenize general")
     # Rank 0 alone makes or checks the run folder (and alone writes to it); every rank gets its answer.
     folder = RunFolder(config.out)
     resume_from = distributed.on_main(lambda: folder.start(run_settings(config), config.resume, TRAIN_DEFAULTS))
@@ -256,7 +272,6 @@ def setup(config: TrainConfig, ranks: distributed.Ranks, compile_model: Callable
         # After DDP/FSDP took it, as torch.compile's distributed support expects; evaluation inside DDP stays eager.
         compile_model(model)
 
-    train_split = cache.split("train")
     if ranks.main and not config.online and config.tail == "bucket":
         for name, source in (("the cache", cache), ("the replay cache", replay)):
             if source is not None and source.tail_samples:
@@ -265,14 +280,6 @@ def setup(config: TrainConfig, ranks: distributed.Ranks, compile_model: Callable
                     "(an unbiased estimate of the dense loss)",
                     file=sys.stderr,
                 )
-    eval_sets = {}
-    if cache.has("validation"):
-        eval_sets["ppl_spec"] = cache.split("validation")
-    elif ranks.main:
-        print("warning: the cache has no validation split; S cannot be measured and the last step is kept", file=sys.stderr)
-    if config.general_eval:
-        docs = load_documents(config.general_eval, config.general_text_field)
-        eval_sets["ppl_gen"] = pack_documents(docs, tokenizer, cache.seq_len, config.general_max_sequences, desc="tokenize general")
 
     rows_per_step = config.batch_size * config.grad_accum
     # Every method gets the same number of steps of the same size; replay takes its share of each step.

@@ -52,6 +52,14 @@ def require(module: str, extra: str) -> None:
         raise ConfigError(f"--report-to needs the {module} package: pip install 'mft-pipeline[{extra}]'")
 
 
+def check_tracker(report_to: str | None) -> str:
+    """The tracker ``report_to`` stands for (``check_report_to``), or ConfigError unless its library is installed."""
+    report_to = check_report_to(report_to)
+    if report_to != "none":
+        require(*_PACKAGES[report_to])
+    return report_to
+
+
 def make_tracker(report_to: str | None, run_dir: str | Path, config_dict: dict) -> Tracker:
     """A tracker writing under ``run_dir``; ``config_dict`` (the run's settings) is recorded with it.
 
@@ -62,10 +70,9 @@ def make_tracker(report_to: str | None, run_dir: str | Path, config_dict: dict) 
 
     Under several processes, make it on the main process only and a ``NullTracker`` elsewhere.
     """
-    report_to = check_report_to(report_to)
+    report_to = check_tracker(report_to)
     if report_to == "none":
         return NullTracker()
-    require(*_PACKAGES[report_to])
     if report_to == "tensorboard":
         return TensorBoardTracker(Path(run_dir) / "tensorboard", config_dict)
     return WandbTracker(Path(run_dir), config_dict)

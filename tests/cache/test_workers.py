@@ -148,3 +148,53 @@ def test_old_worker_flag_names_still_work(tmp_path, tiny_model_dir):
         assert [p.name for p in (tmp_path / out).glob("worker-*.json")] == ["worker-00001-of-00002.json"]
     assert shard_digests(tmp_path / "old") == shard_digests(tmp_path / "new")
     assert json.loads((tmp_path / "old" / "cache-settings.json").read_text())["num_workers"] == 2
+
+
+def test_overwrite_by_one_of_two_workers_replaces_only_its_own_part(tmp_path, tiny_model_dir):
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(30))
+    cfg = dict(corpus=str(corpus), model=str(tiny_model_dir), device="cpu", seq_len=16, top_k=3, rows_per_shard=4)
+    expected = shard_digests(build_cache(CacheConfig(out=str(tmp_path / "one"), **cfg)))
+    out = tmp_path / "shared"
+    for i in range(2):
+        build_cache(CacheConfig(out=str(out), num_workers=2, worker_index=i, **cfg))
+    plan = json.loads((out / "cache-settings.json").read_text())["plan"]
+    names = [s["file"] for s in plan if s["worker"] == 0] + ["worker-00000-of-00002.json"]
+    assert len(names) > 2
+    worker_0 = {name: (out / name).stat().st_mtime_ns for name in names}
+    build_cache(CacheConfig(out=str(out), num_workers=2, worker_index=1, overwrite=True, **cfg))
+    # Worker 0's shards and worker file are the very files it wrote; worker 1 rewrote its part and, last, the manifest.
+    assert {name: (out / name).stat().st_mtime_ns for name in names if (out / name).exists()} == worker_0
+    assert verify_cache(out) == [] and shard_digests(out) == expected
+    # Another cache's settings would leave worker 0's part stale: refused, nothing deleted.
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(CacheError, match="(?s)other settings.*top_k.*only this worker's part"):
+        build_cache(CacheConfig(out=str(out), num_workers=2, worker_index=1, overwrite=True, **{**cfg, "top_k": 2}))
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_workers_reading_the_corpus_and_model_from_other_paths_share_a_cache(tmp_path, tiny_model_dir):
+    """Workers on two machines: the same corpus and model at other paths; their fingerprints are what must agree."""
+    import shutil
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_documents(30))
+    cfg = dict(device="cpu", seq_len=16, top_k=3, rows_per_shard=4)
+    expected = shard_digests(build_cache(CacheConfig(corpus=str(corpus), out=str(tmp_path / "one"), model=str(tiny_model_dir), **cfg)))
+    (tmp_path / "machine-b").mkdir()
+    other_corpus = shutil.copy(corpus, tmp_path / "machine-b" / "docs.jsonl")
+    other_model = shutil.copytree(tiny_model_dir, tmp_path / "machine-b" / "model")
+    paths = [(corpus, tiny_model_dir), (other_corpus, other_model)]
+    # One shared folder, and one folder per machine joined by cache-merge.
+    for i, (c, m) in enumerate(paths):
+        build_cache(CacheConfig(corpus=str(c), model=str(m), out=str(tmp_path / "shared"), num_workers=2, worker_index=i, **cfg))
+        build_cache(CacheConfig(corpus=str(c), model=str(m), out=str(tmp_path / f"part{i}"), num_workers=2, worker_index=i, **cfg))
+    result = CliRunner().invoke(mft, ["cache-merge", str(tmp_path / "merged"), str(tmp_path / "part0"), str(tmp_path / "part1")])
+    assert result.exit_code == 0, result.output
+    for cache in ("shared", "merged"):
+        assert verify_cache(tmp_path / cache) == [] and shard_digests(tmp_path / cache) == expected
+    # A different corpus is still refused, in a shared folder and in a merge.
+    changed = write_jsonl(tmp_path / "machine-b" / "changed.jsonl", make_documents(30, seed=1))
+    with pytest.raises(CacheError, match="other settings(.|\n)*corpus.fingerprint"):
+        build_cache(CacheConfig(corpus=str(changed), model=str(other_model), out=str(tmp_path / "shared"), num_workers=2, worker_index=1, resume=True, **cfg))
+    build_cache(CacheConfig(corpus=str(changed), model=str(other_model), out=str(tmp_path / "changed1"), num_workers=2, worker_index=1, **cfg))
+    with pytest.raises(CacheError, match="other settings(.|\n)*corpus.fingerprint"):
+        merge_cache(tmp_path / "mixed", (tmp_path / "part0", tmp_path / "changed1"))

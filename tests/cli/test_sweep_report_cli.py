@@ -40,11 +40,16 @@ def test_bad_settings_are_one_line_errors(stage_two, tmp_path):
     cases = [
         (["sweep", *_common(stage_two), "--out", str(tmp_path / "a"), "--taus", "0.5,2"], "tau"),
         (["sweep", *_common(stage_two), "--out", str(tmp_path / "b"), "--peft", "lora,adapter"], "peft"),
+        (["sweep", *_common(stage_two), "--out", str(tmp_path / "e"), "--taus", "0.1,abc"], "taus: 'abc' is not a number"),
+        (["sweep", *_common(stage_two), "--out", str(tmp_path / "f"), "--replay", str(stage_two / "general-cache"), "--replay-fractions", "0,x"],
+         "replay_fractions: 'x' is not a number"),
         (["train", *_common(stage_two), "--out", str(tmp_path / "c"), "--peft", "lora", "--peft-targets", "nope"], "no such Linear layer"),
         (["train", *_common(stage_two), "--out", str(tmp_path / "d"), "--replay-fraction", "0.5"], "needs --replay"),
     ]
     for args, message in cases:
         result = CliRunner().invoke(mft, args)
         assert result.exit_code == 2 and message in result.output, result.output
+        errors = [line for line in result.output.splitlines() if line.lower().startswith("error:")]
+        assert len(errors) == 1 and "Traceback" not in result.output, result.output
     missing = CliRunner().invoke(mft, ["report", str(tmp_path), "--out", str(tmp_path / "r")])
     assert missing.exit_code == 2 and "no run folders" in missing.output

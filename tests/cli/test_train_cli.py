@@ -19,6 +19,19 @@ def test_gpu_options_reach_the_run(stage_two, tmp_path):
     assert bad.exit_code == 2 and "attn_implementation must be one of" in bad.output
 
 
+def test_a_typo_in_general_eval_leaves_no_folder_and_the_corrected_rerun_trains(stage_two, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--cache", str(stage_two / "cache"), "--out", str(out), "--steps", "1", "--eval-every", "1", "--general-eval"]
+    typo = CliRunner().invoke(mft, [*args, str(stage_two / "genreal.jsonl")])
+    assert typo.exit_code == 2 and "Traceback" not in typo.output, typo.output
+    assert [line for line in typo.output.splitlines() if line.startswith("error:")] == typo.output.strip().splitlines()[-1:]
+    assert "genreal.jsonl" in typo.output
+    assert not out.exists() or not any(out.iterdir()), sorted(p.name for p in out.iterdir())
+    fixed = CliRunner().invoke(mft, [*args, str(stage_two / "general.jsonl")])
+    assert fixed.exit_code == 0, fixed.output
+    assert yaml.safe_load((out / "run-config.yaml").read_text())["general_eval"] == str(stage_two / "general.jsonl")
+
+
 # Machine-found bad input: random values for every `mft train` option that takes one.
 
 import dataclasses  # noqa: E402

@@ -48,3 +48,22 @@ def test_plain_table(stage_two):
     result = CliRunner().invoke(mft, ["eval", "--model", teacher, "--base", teacher, "--spec-eval", str(stage_two / "cache")])
     assert result.exit_code == 0, result.output
     assert "S  = 0.00%" in result.output  # a model against itself
+
+
+def test_eval_refuses_a_model_whose_tokenizer_is_not_the_caches(stage_two, tmp_path):
+    """The cache's token ids mean other tokens to another tokenizer: its perplexity would be silently wrong."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import other_tokenizer
+
+    other = tmp_path / "retokenized"
+    AutoModelForCausalLM.from_pretrained(stage_two / "teacher").save_pretrained(other)
+    other_tokenizer().save_pretrained(other)
+    teacher = str(stage_two / "teacher")
+    result = CliRunner().invoke(mft, ["eval", "--model", str(other), "--base", teacher, "--spec-eval", str(stage_two / "cache")])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert result.output.strip().splitlines() == [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert "tokenizer differs" in result.output
+    # The same model scored on a corpus is packed with its own tokenizer: nothing to refuse.
+    corpus = CliRunner().invoke(mft, ["eval", "--model", str(other), "--base", str(other), "--general-eval", str(stage_two / "general.jsonl"), "--max-sequences", "2"])
+    assert corpus.exit_code == 0, corpus.output

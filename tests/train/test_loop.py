@@ -110,12 +110,36 @@ def test_refuses_another_tokenizer_even_when_allowed(stage_two, tmp_path):
 
 
 def test_degeneralization_budget_stops_and_keeps_best_within(stage_two, tmp_path):
-    summary = train(train_config(stage_two, tmp_path / "run", variant="ft", lr=5e-3, steps=40, eval_every=2, max_degeneralization=1.0))
+    from mft_pipeline.run_folder import best_row
+
+    kw = dict(variant="ft", lr=5e-3, steps=12, eval_every=2)
+    train(train_config(stage_two, tmp_path / "free", **kw))
+    free = metric_rows(tmp_path / "free", "eval")
+    dg = [100 * r["DG"] for r in free]
+    # A budget the first evaluation keeps and a later one breaks, read off the same run without a budget.
+    assert max(dg) > max(dg[0], 0), f"finetuning never degeneralized beyond its first evaluation: {dg}"
+    budget = (max(dg[0], 0) + max(dg)) / 2
+    stop = next(i for i, d in enumerate(dg) if d > budget)
+    summary = train(train_config(stage_two, tmp_path / "run", **kw, max_degeneralization=budget))
     evals = metric_rows(tmp_path / "run", "eval")
-    assert summary["stopped_early"] and not evals[-1]["within_budget"] and evals[-1]["step"] < 40
-    assert all(r["within_budget"] for r in evals[:-1])
-    if summary["best"] is not None:
-        assert 100 * summary["best"]["DG"] <= 1.0
+    assert summary["stopped_early"] and [r["step"] for r in evals] == [r["step"] for r in free[: stop + 1]]
+    assert [r["within_budget"] for r in evals] == [True] * stop + [False]
+    assert summary["best"]["step"] == best_row(free[:stop])["step"] and 100 * summary["best"]["DG"] <= budget
+    assert summary["best"]["ppl_spec"] == pytest.approx(best_row(free[:stop])["ppl_spec"], rel=1e-6)
+    assert (tmp_path / "run" / "best" / "model.safetensors").exists()
+
+
+def test_nothing_within_the_degeneralization_budget_keeps_no_checkpoint(stage_two, tmp_path):
+    summary = train(train_config(stage_two, tmp_path / "run", variant="ft", lr=5e-3, steps=12, eval_every=2, max_degeneralization=0.0))
+    evals = metric_rows(tmp_path / "run", "eval")
+    assert 100 * evals[0]["DG"] > 0.0, "the first evaluation must already be over a zero budget"
+    # The run stops at its first evaluation, and no checkpoint is called best.
+    assert summary["stopped_early"] and summary["best"] is None
+    assert [(r["step"], r["within_budget"]) for r in evals] == [(2, False)]
+    assert not (tmp_path / "run" / "best").exists()
+    from cli.main import format_summary
+
+    assert format_summary(summary).splitlines()[0] == "no checkpoint: no evaluation was within --max-degeneralization 0.0%"
 
 
 def test_cli_train_prints_s_and_dg(stage_two, tmp_path):
