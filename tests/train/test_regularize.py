@@ -89,7 +89,7 @@ def test_ewc_with_lora_weighs_the_change_b_a_of_each_adapted_weight():
             term = LAM / 2 * (fisher[f"{name}.weight"].double() * (b @ a * (8.0 / 4)) ** 2).sum()
             ga, gb = torch.autograd.grad(term, (a, b))
             leaves[name] = (module, ga, gb)
-            total += float(term)
+            total += float(term.detach())
     assert len(leaves) == 4  # q_proj and down_proj of 2 layers
     assert value == pytest.approx(total, rel=1e-5)
     for module, ga, gb in leaves.values():
