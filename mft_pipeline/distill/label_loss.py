@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .sparse_loss import IGNORE_INDEX
+from mft_pipeline.labels import IGNORE_INDEX
 
 LABEL_VARIANTS = ("dft", "talr")
 # Floor of a TALR weight, relative to the uniform weight 1/n.

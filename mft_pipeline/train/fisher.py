@@ -13,7 +13,6 @@ records the model's weights fingerprint, so `mft train --ewc` refuses any other 
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +23,8 @@ from tqdm.auto import tqdm
 from mft_pipeline.config import FisherConfig
 from mft_pipeline.data.corpus import load_documents
 from mft_pipeline.data.packing import pack_documents
-from mft_pipeline.distill.sparse_loss import IGNORE_INDEX
 from mft_pipeline.errors import ConfigError
+from mft_pipeline.files import atomic_write
 from mft_pipeline.train.regularize import FISHER_FORMAT
 
 ESTIMATOR = "per-sequence"
@@ -57,7 +56,7 @@ def diagonal_fisher(model: torch.nn.Module, input_ids: np.ndarray, num_tokens: n
         row = torch.as_tensor(ids[:num], dtype=torch.long, device=device)[None]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(input_ids=row).logits[0, :-1]
-        loss = F.cross_entropy(logits.float(), row[0, 1:], ignore_index=IGNORE_INDEX)
+        loss = F.cross_entropy(logits.float(), row[0, 1:])  # the row holds only real tokens
         for (name, _), g in zip(params.items(), torch.autograd.grad(loss, list(params.values()))):
             sums[name] += g.float().square()
         sequences += 1
@@ -96,7 +95,6 @@ def write_fisher(config: FisherConfig) -> dict:
         "tokens": str(tokens),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-    save_file({name: t.contiguous().cpu() for name, t in fisher.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, out)  # never a half-written Fisher file under the asked name
+    tensors = {name: t.contiguous().cpu() for name, t in fisher.items()}
+    atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return metadata
