@@ -10,7 +10,7 @@ import sys
 import click
 
 from cli.options import build, config_file_option, options_from
-from mft_pipeline.config import TUNE_FIELDS, CacheConfig, CompareConfig, EvalConfig, TrainConfig, TuneConfig
+from mft_pipeline.config import TUNE_FIELDS, AverageConfig, CacheConfig, CompareConfig, EvalConfig, FisherConfig, TrainConfig, TuneConfig
 from mft_pipeline.sweep.grid import GRID_FIELDS, SweepConfig
 
 
@@ -158,8 +158,37 @@ def format_summary(summary: dict) -> str:
     if summary.get("merged"):
         lines.append(f"merged model: {summary['merged']}")
     if summary.get("uses_general_data"):
-        lines.append("note: this run used general-domain data (replay)")
+        lines.append("note: this run used general-domain data (" + ("replay" if summary["config"].get("replay") else "EWC's Fisher") + ")")
     return "\n".join(lines)
+
+
+@mft.command("fisher")
+@options_from(FisherConfig)
+def fisher(**params):
+    """For EWC: the starting model's diagonal empirical Fisher on general-domain text (per-sequence squared gradients).
+
+    F is the mean over sequences of the squared gradient of each sequence's mean token NLL. The
+    file records the model's weights fingerprint; `mft train --ewc FILE --ewc-lambda L` refuses
+    any other starting model, and reports mark such runs as using general-domain data.
+    """
+    from mft_pipeline.train.fisher import write_fisher
+
+    config = build(FisherConfig, params)
+    info = write_fisher(config)
+    click.echo(f"wrote {config.out}: {info['sequences']} sequences, {info['tokens']} tokens ({info['estimator']} Fisher of {info['model']})")
+
+
+@mft.command("average")
+@options_from(AverageConfig)
+def average(**params):
+    """Weight averaging (WiSE-FT): (1 - alpha) * start + alpha * tuned, written as a from_pretrained folder.
+
+    A PEFT adapter is merged into the start first. alpha 0 and 1 give the start and the tuned
+    weights exactly. Score the result with `mft eval --model OUT --base START`.
+    """
+    from mft_pipeline.train.average import write_average
+
+    click.echo(f"wrote {write_average(build(AverageConfig, params))}")
 
 
 @mft.command("eval")

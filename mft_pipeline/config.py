@@ -7,7 +7,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from mft_pipeline.distill.correction import check_tau, check_variant
+from mft_pipeline.distill.correction import VARIANTS, check_tau
+from mft_pipeline.distill.label_loss import LABEL_VARIANTS
 from mft_pipeline.errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -19,6 +20,15 @@ DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
 REPORT_TO = ("tensorboard", "wandb", "none")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 DEFAULT_REPLAY_FRACTION = 0.5
+# Training objectives: the teacher-target variants of the correction, then the label-only ones.
+OBJECTIVES = VARIANTS + LABEL_VARIANTS
+
+
+def check_objective(variant: str) -> str:
+    """Return ``variant``, or raise ``ConfigError`` unless it is one of ``OBJECTIVES``."""
+    if variant not in OBJECTIVES:
+        raise ConfigError(f"unknown variant {variant!r}; expected one of {', '.join(OBJECTIVES)}")
+    return variant
 
 
 def doc(help: str, **kw):
@@ -125,7 +135,13 @@ class TrainConfig:
     out: str = doc("Run folder: metrics.jsonl, best/ (from_pretrained checkpoint) and last/ (for --resume).")
     student: str | None = doc("Student model; by default the cache's teacher (MFT starts from the same weights).", default=None)
     tau: float = doc("MFT margin in [0, 1]; 1 is plain finetuning.", default=0.25)
-    variant: str = doc("Objective: mft, ft, distill+ft or single-correction.", default="mft")
+    variant: str = doc(
+        "Objective: mft, ft, distill+ft or single-correction (targets from the cached teacher), or dft or talr "
+        "(cross-entropy reweighted per token by the student's own label probability, stop-gradient: DFT weighs each "
+        "token by p(label), TALR by p(label)^(1/T) normalized over the batch, T the batch's median sequence loss; "
+        "they read only the cache's labels, and ignore --tau).",
+        default="mft",
+    )
     tail: str = doc(
         "Teacher mass outside the top-k: bucket (keeps it as one tail class) or renormalize. With bucket, a cache made "
         "with --tail-samples spreads that mass over its sampled ids instead (an unbiased estimate of the dense loss).",
@@ -184,6 +200,18 @@ class TrainConfig:
         f"cache, in (0, 1); the rest come from the specialized cache. Default {DEFAULT_REPLAY_FRACTION} (the paper's 50%).",
         default=None,
     )
+    l2_init: float | None = doc(
+        "L2 to the start: add lambda/2 * sum (theta - theta0)^2 over the trained parameters, theta0 their values at the "
+        "start (with --peft: the adapter's parameters, theta0 their initialization, so LoRA's B is pulled to 0).",
+        default=None,
+    )
+    ewc: str | None = doc(
+        "EWC: a Fisher file from `mft fisher` (the starting model's diagonal Fisher on GENERAL-domain text); adds "
+        "--ewc-lambda/2 * sum F (theta - theta0)^2 over the model's weights (with --peft lora: over each adapted "
+        "weight's change B A). Results are labelled as using general data.",
+        default=None,
+    )
+    ewc_lambda: float | None = doc("With --ewc: the penalty's strength lambda.", default=None)
     online: bool = doc(
         "Online reference mode: load the cache's teacher next to the student and train on its dense, full-vocabulary "
         "corrected distribution instead of the cached top-k. Slower; for measuring the sparse cache's fidelity.",
@@ -216,7 +244,7 @@ class TrainConfig:
 
     def __post_init__(self):
         check_tau(self.tau)
-        check_variant(self.variant)
+        check_objective(self.variant)
         _check_choice("tail", self.tail, ("bucket", "renormalize"))
         _check_choice("schedule", self.schedule, SCHEDULES)
         for name in ("batch_size", "grad_accum", "eval_every", "eval_batch_size", "general_max_sequences", "shuffle_groups"):
@@ -266,12 +294,68 @@ class TrainConfig:
                 object.__setattr__(self, "replay_fraction", DEFAULT_REPLAY_FRACTION)
             if not (isinstance(self.replay_fraction, (int, float)) and 0 < self.replay_fraction < 1):
                 raise ConfigError(f"replay_fraction must be in (0, 1), got {self.replay_fraction}")
+        if self.online and self.variant in LABEL_VARIANTS:
+            raise ConfigError(f"--variant {self.variant} uses no teacher; --online trains on the live teacher's distribution")
+        self._check_regularizers()
         if self.online and self.tail != "bucket":
             raise ConfigError("--tail is about cached top-k targets; --online uses the dense teacher distribution")
         if self.attn_implementation is not None:
             _check_choice("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
             if self.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
                 raise ConfigError("--attn-implementation flash_attention_2 needs the flash-attn package (pip install flash-attn), which is not installed")
+
+
+    def _check_regularizers(self) -> None:
+        for name in ("l2_init", "ewc_lambda"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+        if (self.ewc is None) != (self.ewc_lambda is None):
+            raise ConfigError("--ewc FILE and --ewc-lambda go together")
+        if self.ewc is not None and self.l2_init is not None:
+            raise ConfigError("choose one of --l2-init and --ewc, not both")
+        if (self.ewc is not None or self.l2_init is not None) and self.distributed == "fsdp":
+            raise ConfigError("--l2-init and --ewc keep a full copy of the starting weights; use --distributed ddp")
+        if self.ewc is not None and self.peft in ("dora", "ia3"):
+            # The Fisher is over the base weights; only LoRA's change of a weight (B A) is a plain difference to weigh.
+            raise ConfigError(f"--ewc with --peft {self.peft}: only --peft lora (or none) is supported")
+
+
+@dataclass(frozen=True)
+class FisherConfig:
+    """`mft fisher`: the starting model's diagonal empirical Fisher on general-domain text, for `mft train --ewc`."""
+
+    model: str = doc("The starting model (as `mft train` will load it: the cache's teacher, or --student).")
+    corpus: str = doc("GENERAL-domain corpus (same formats as stage one's), packed into --seq-len rows.")
+    out: str = doc("Fisher file to write (.safetensors); refused if it exists.")
+    text_field: str = doc("Column holding the document text.", default="text")
+    seq_len: int = doc("Tokens per packed sequence.", default=2048)
+    max_tokens: int = doc(
+        "Token budget: sequences are used in order until their predicted tokens reach it (or the corpus ends).",
+        default=100_000,
+    )
+    device: str = doc("Torch device (auto, cpu, cuda, ...).", default="auto")
+
+    def __post_init__(self):
+        _check_positive("seq_len", self.seq_len, minimum=2)
+        _check_positive("max_tokens", self.max_tokens)
+        _check_device(self.device)
+        if not self.out.endswith(".safetensors"):
+            raise ConfigError(f"--out must be a .safetensors file, got {self.out!r}")
+
+
+@dataclass(frozen=True)
+class AverageConfig:
+    """`mft average`: weight averaging (WiSE-FT) of a starting model and a model tuned from it."""
+
+    start: str = doc("The starting model (a hub id, folder, .gguf or the default spec).")
+    tuned: str = doc("The tuned checkpoint: a from_pretrained folder (e.g. RUN/best) or a PEFT adapter of --start (merged first).")
+    alpha: float = doc("Weight of the tuned model: theta = (1 - alpha) theta_start + alpha theta_tuned; 0 is the start, 1 the tuned model, exactly.")
+    out: str = doc("Folder to write (safetensors + tokenizer, for from_pretrained); must be empty or absent.")
+
+    def __post_init__(self):
+        if not (isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool) and 0 <= self.alpha <= 1):
+            raise ConfigError(f"alpha must be in [0, 1], got {self.alpha!r}")
 
 
 @dataclass(frozen=True)

@@ -86,21 +86,9 @@ def fused_sparse_mft_loss(
     check_variant(variant)
     if tail not in TAILS:
         raise ValueError(f"unknown tail {tail!r}; expected one of {', '.join(TAILS)}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    for name, value in (("logit_scale", logit_scale), ("softcap", softcap)):
-        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
-            raise ValueError(f"{name} must be a positive number or None, got {value!r}")
-    if hidden.dim() != 3 or not hidden.dtype.is_floating_point:
-        raise ValueError(f"hidden must be a (B, T, H) float tensor, got {hidden.dtype} {tuple(hidden.shape)}")
+    _check_head(hidden, lm_head_weight, bias, chunk_size, logit_scale, softcap)
     batch, seq, width = hidden.shape
-    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != width or not lm_head_weight.dtype.is_floating_point:
-        raise ValueError(
-            f"lm_head_weight must be a (V, H={width}) float tensor, got {lm_head_weight.dtype} {tuple(lm_head_weight.shape)}"
-        )
     vocab = lm_head_weight.shape[0]
-    if bias is not None and bias.shape != (vocab,):
-        raise ValueError(f"bias shape {tuple(bias.shape)} must be (V,) = ({vocab},)")
     # The shape and dtype rules are those of sparse_mft_loss; a meta tensor stands in for
     # the logits, so checking them allocates nothing.
     _check_inputs(hidden.new_empty((batch, seq, vocab), device="meta"), labels, topk_ids, topk_logprobs, label_logprobs, tail_ids)
@@ -125,15 +113,9 @@ def fused_sparse_mft_loss(
             zero = zero + bias[:0].float().sum()
         return zero, n_tokens
 
-    if hidden.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(hidden.device.type):
-        matmul_dtype = torch.get_autocast_dtype(hidden.device.type)
-    else:
-        matmul_dtype = torch.promote_types(hidden.dtype, lm_head_weight.dtype)
-    if chunk_size is None:
-        chunk_size = default_chunk_size(rows.numel(), vocab, width)
     options = _Options(
-        chunk_size=chunk_size,
-        matmul_dtype=matmul_dtype,
+        chunk_size=chunk_size or default_chunk_size(rows.numel(), vocab, width),
+        matmul_dtype=_matmul_dtype(hidden, lm_head_weight),
         logit_scale=None if logit_scale is None else float(logit_scale),
         softcap=None if softcap is None else float(softcap),
         tau=tau,
@@ -166,10 +148,58 @@ def default_chunk_size(positions: int, vocab: int, hidden: int) -> int:
     return max(MIN_CHUNK, hidden // 2, -(-positions * hidden // vocab))
 
 
+def _check_head(hidden, lm_head_weight, bias, chunk_size, logit_scale, softcap) -> None:
+    """The shape and value rules of the head arguments: hidden (B, T, H), weight (V, H), bias (V,)."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    for name, value in (("logit_scale", logit_scale), ("softcap", softcap)):
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+            raise ValueError(f"{name} must be a positive number or None, got {value!r}")
+    if hidden.dim() != 3 or not hidden.dtype.is_floating_point:
+        raise ValueError(f"hidden must be a (B, T, H) float tensor, got {hidden.dtype} {tuple(hidden.shape)}")
+    width = hidden.shape[-1]
+    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != width or not lm_head_weight.dtype.is_floating_point:
+        raise ValueError(
+            f"lm_head_weight must be a (V, H={width}) float tensor, got {lm_head_weight.dtype} {tuple(lm_head_weight.shape)}"
+        )
+    vocab = lm_head_weight.shape[0]
+    if bias is not None and bias.shape != (vocab,):
+        raise ValueError(f"bias shape {tuple(bias.shape)} must be (V,) = ({vocab},)")
+
+
+def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    if hidden.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(hidden.device.type):
+        return torch.get_autocast_dtype(hidden.device.type)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _chunk_logits(h, w, b, loss_dtype, options) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(n, V) logits ``transform(h @ w.T + b)`` in ``loss_dtype``, and what the soft-cap's derivative needs (tanh) or None."""
+    raw = (h @ w.T).to(loss_dtype)
+    if b is not None:
+        raw += b
+    # The model's transform, keeping what its derivative needs: scale, then soft-cap.
+    if options.softcap is not None:
+        t = raw.mul_((options.logit_scale or 1.0) / options.softcap).tanh_()
+        return t * options.softcap, t
+    if options.logit_scale is not None:
+        return raw.mul_(options.logit_scale), None
+    return raw, None
+
+
+def _through_transform(grad: torch.Tensor, t: torch.Tensor | None, options) -> torch.Tensor:
+    """The gradient w.r.t. the logits turned, in place, into the gradient w.r.t. ``h @ w.T + b``."""
+    if options.softcap is not None:
+        grad.mul_(t.square_().neg_().add_(1.0))  # d(cap * tanh(x / cap)) = 1 - tanh^2
+    if options.logit_scale is not None:
+        grad.mul_(options.logit_scale)
+    return grad
+
+
 class _Options:
     """Non-tensor settings handed through ``autograd.Function.apply``."""
 
-    def __init__(self, *, chunk_size, matmul_dtype, logit_scale, softcap, tau, variant, tail):
+    def __init__(self, *, chunk_size, matmul_dtype, logit_scale, softcap, tau=None, variant=None, tail=None):
         self.chunk_size = chunk_size
         self.matmul_dtype = matmul_dtype
         self.logit_scale = logit_scale
@@ -244,6 +274,22 @@ def _chunk_loss_and_grad(z, labels, topk_ids, topk_logprobs, label_logprobs, tai
     return loss, grad
 
 
+def _accumulate(grad, h, w, piece, first, grad_hidden, grad_weight, grad_bias, options) -> None:
+    """Add one chunk's share to the hidden, weight and bias gradients, from its gradient w.r.t. ``h @ w.T + b``."""
+    g = grad.to(options.matmul_dtype)
+    if grad_hidden is not None:
+        torch.mm(g, w, out=grad_hidden[piece])
+    if grad_weight is not None:
+        if g.dtype != grad_weight.dtype:
+            grad_weight += (g.T @ h).to(grad_weight.dtype)
+        elif first:
+            torch.mm(g.T, h, out=grad_weight)  # no zero fill: the first chunk writes it
+        else:
+            grad_weight.addmm_(g.T, h)
+    if grad_bias is not None:
+        grad_bias += grad.sum(0).to(grad_bias.dtype)
+
+
 class _FusedSparseMFT(torch.autograd.Function):
     """Loss over n valid positions; all gradients are computed in forward, chunk by chunk.
 
@@ -272,17 +318,7 @@ class _FusedSparseMFT(torch.autograd.Function):
             for start in range(0, h_all.shape[0], options.chunk_size):
                 piece = slice(start, start + options.chunk_size)
                 h = h_all[piece]
-                raw = (h @ w.T).to(loss_dtype)
-                if b is not None:
-                    raw += b
-                # The model's transform, keeping what its derivative needs: scale, then soft-cap.
-                if options.softcap is not None:
-                    t = raw.mul_((options.logit_scale or 1.0) / options.softcap).tanh_()
-                    z = t * options.softcap
-                elif options.logit_scale is not None:
-                    z = raw.mul_(options.logit_scale)
-                else:
-                    z = raw
+                z, t = _chunk_logits(h, w, b, loss_dtype, options)
                 loss, grad = _chunk_loss_and_grad(
                     z, labels[piece], topk_ids[piece], topk_logprobs[piece], label_logprobs[piece],
                     None if tail_ids is None else tail_ids[piece], options, need_grad,
@@ -290,26 +326,12 @@ class _FusedSparseMFT(torch.autograd.Function):
                 loss_sum += loss
                 if grad is None:
                     continue
-                if options.softcap is not None:
-                    grad.mul_(t.square_().neg_().add_(1.0))  # d(cap * tanh(x / cap)) = 1 - tanh^2
-                    del t
-                if options.logit_scale is not None:
-                    grad.mul_(options.logit_scale)
-                del raw, z
-                g = grad.to(options.matmul_dtype)
-                if grad_hidden is not None:
-                    torch.mm(g, w, out=grad_hidden[piece])
-                if grad_weight is not None:
-                    if g.dtype != acc_dtype:
-                        grad_weight += (g.T @ h).to(acc_dtype)
-                    elif start == 0:
-                        torch.mm(g.T, h, out=grad_weight)  # no zero fill: the first chunk writes it
-                    else:
-                        grad_weight.addmm_(g.T, h)
-                if grad_bias is not None:
-                    grad_bias += grad.sum(0).to(acc_dtype)
-                # Gone before the next chunk's logits exist; held over, they were a fourth (c, V) tensor at its peak.
-                del grad, g
+                del z
+                grad = _through_transform(grad, t, options)
+                del t
+                _accumulate(grad, h, w, piece, start == 0, grad_hidden, grad_weight, grad_bias, options)
+                # Gone before the next chunk's logits exist; held over, it was a fourth (c, V) tensor at its peak.
+                del grad
         ctx.save_for_backward(
             *(t if t is not None else torch.empty(0) for t in (grad_hidden, grad_weight, grad_bias))
         )
@@ -329,3 +351,102 @@ class _FusedSparseMFT(torch.autograd.Function):
         for needed, stored, dtype in zip(ctx.needs_input_grad[:3], ctx.saved_tensors, ctx.dtypes):
             grads.append(stored.mul_(grad_output).to(dtype) if needed else None)
         return (*grads, None, None, None, None, None, None)
+
+
+def fused_label_logprobs(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_size: int | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """The student's log-prob of each label, ``log_softmax(transform(hidden @ lm_head_weight.T + bias))[label]``,
+    with logits built one chunk of positions at a time: what label-only objectives (``label_loss``) need.
+
+    Args:
+        hidden: (B, T, H) final hidden states; ``hidden[:, t]`` predicts ``labels[:, t]``.
+        lm_head_weight: (V, H) output-head weight.
+        labels: (B, T) integer labels; ``ignore_index`` marks positions that are not computed.
+        chunk_size, bias, logit_scale, softcap: as for ``fused_sparse_mft_loss``.
+
+    Returns:
+        (B, T) float32 (float64 for float64 inputs) log-probs, 0 at ignored positions,
+        differentiable w.r.t. ``hidden``, ``lm_head_weight`` and ``bias``. Backward recomputes
+        each chunk's logits: ``d s_i / d z_i = onehot(label_i) - softmax(z_i)``.
+    """
+    _check_head(hidden, lm_head_weight, bias, chunk_size, logit_scale, softcap)
+    if labels.shape != hidden.shape[:2]:
+        raise ValueError(f"labels shape {tuple(labels.shape)} must be (B, T) = {tuple(hidden.shape[:2])}")
+    width, vocab = hidden.shape[-1], lm_head_weight.shape[0]
+    valid = (labels != ignore_index).reshape(-1)
+    rows = valid.nonzero().squeeze(-1)
+    flat_labels = labels.reshape(-1)[rows].long()
+    if ((flat_labels < 0) | (flat_labels >= vocab)).any():
+        raise ValueError(f"labels of non-ignored positions must be in [0, {vocab})")
+    options = _Options(
+        chunk_size=chunk_size or default_chunk_size(rows.numel(), vocab, width),
+        matmul_dtype=_matmul_dtype(hidden, lm_head_weight),
+        logit_scale=None if logit_scale is None else float(logit_scale),
+        softcap=None if softcap is None else float(softcap),
+    )
+    values = _FusedLabelLogprobs.apply(hidden.reshape(-1, width)[rows], lm_head_weight, bias, flat_labels, options)
+    out = values.new_zeros(labels.numel())
+    return out.index_put((rows,), values).view(labels.shape)
+
+
+class _FusedLabelLogprobs(torch.autograd.Function):
+    """(n,) label log-probs of n positions; backward recomputes the logits chunk by chunk.
+
+    Shapes: hidden (n, H), weight (V, H), bias (V,) or None, labels (n,).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, options):
+        loss_dtype = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
+        out = torch.empty(hidden.shape[0], dtype=loss_dtype, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w, h_all = weight.detach().to(options.matmul_dtype), hidden.detach().to(options.matmul_dtype)
+            b = None if bias is None else bias.detach().to(loss_dtype)
+            for start in range(0, h_all.shape[0], options.chunk_size):
+                piece = slice(start, start + options.chunk_size)
+                z, _ = _chunk_logits(h_all[piece], w, b, loss_dtype, options)
+                out[piece] = torch.log_softmax(z, dim=-1).gather(-1, labels[piece, None]).squeeze(-1)
+        ctx.save_for_backward(hidden, weight, bias, labels)
+        ctx.options, ctx.loss_dtype = options, loss_dtype
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        hidden, weight, bias, labels = ctx.saved_tensors
+        options, loss_dtype = ctx.options, ctx.loss_dtype
+        acc_dtype = torch.promote_types(weight.dtype, torch.float32)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w, h_all = weight.detach().to(options.matmul_dtype), hidden.detach().to(options.matmul_dtype)
+            b = None if bias is None else bias.detach().to(loss_dtype)
+            grad_hidden = torch.empty_like(h_all) if ctx.needs_input_grad[0] else None
+            grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if ctx.needs_input_grad[1] else None
+            grad_bias = torch.zeros(weight.shape[0], dtype=acc_dtype, device=weight.device) if bias is not None and ctx.needs_input_grad[2] else None
+            g_all = grad_output.to(loss_dtype)
+            for start in range(0, h_all.shape[0], options.chunk_size):
+                piece = slice(start, start + options.chunk_size)
+                z, t = _chunk_logits(h_all[piece], w, b, loss_dtype, options)
+                g = g_all[piece, None]
+                # d(g * s_label)/dz = g * (onehot(label) - softmax(z)), built in place over z.
+                grad = torch.softmax(z, dim=-1).mul_(-g).scatter_add_(-1, labels[piece, None], g)
+                del z
+                grad = _through_transform(grad, t, options)
+                del t
+                _accumulate(grad, h_all[piece], w, piece, False, grad_hidden, grad_weight, grad_bias, options)
+                del grad
+        return (
+            None if grad_hidden is None else grad_hidden.to(hidden.dtype),
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+            None,
+            None,
+        )

@@ -12,13 +12,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from mft_pipeline.config import PEFT_METHODS, TRAIN_DEFAULTS, TrainConfig, doc, run_settings, split_list, split_numbers
-from mft_pipeline.distill.correction import check_tau, check_variant
+from mft_pipeline.config import (
+    PEFT_METHODS, TRAIN_DEFAULTS, TrainConfig, check_objective, doc, run_settings, split_list, split_numbers,
+)
+from mft_pipeline.distill.correction import check_tau
 from mft_pipeline.errors import ConfigError
 from mft_pipeline.run_folder import RunFolder
 
 # Objectives whose target does not depend on tau: run once, not once per tau.
-TAU_FREE = ("ft", "distill+ft")
+TAU_FREE = ("ft", "distill+ft", "dft", "talr")
 # TrainConfig fields the grid sets per run; the sweep passes every other one through unchanged.
 GRID_FIELDS = ("cache", "out", "tau", "variant", "peft", "replay_fraction", "resume")
 
@@ -30,7 +32,7 @@ class SweepConfig:
     cache: str = doc("Stage-one cache folder every run trains from.")
     out: str = doc("Sweep folder: one run folder per grid point, plus report.md, report.csv and tradeoff.png.")
     taus: str = doc("Comma-separated MFT margins, e.g. 0,0.1,0.25,0.5,1 (ft and distill+ft ignore tau and run once).", default="0.25")
-    variants: str = doc("Comma-separated objectives: mft, ft, distill+ft, single-correction.", default="mft,ft")
+    variants: str = doc("Comma-separated objectives: mft, ft, distill+ft, single-correction, dft, talr.", default="mft,ft")
     peft: str = doc("Comma-separated PEFT settings: none, lora, dora, ia3 (rank from --peft-rank).", default="none")
     replay_fractions: str | None = doc(
         "Comma-separated replay fractions (share of general-domain sequences per step); 0 = no replay. "
@@ -48,7 +50,7 @@ class SweepConfig:
 
     @property
     def variant_list(self) -> list[str]:
-        return [check_variant(v) for v in split_list(self.variants, "variants")]
+        return [check_objective(v) for v in split_list(self.variants, "variants")]
 
     @property
     def peft_list(self) -> list[str]:

@@ -19,7 +19,7 @@ from mft_pipeline.errors import ConfigError
 from mft_pipeline.run_folder import RUN_CONFIG, SUMMARY, RunFolder
 
 PEFT_NAMES = {"lora": "LoRA", "dora": "DoRA", "ia3": "IA3"}
-OBJECTIVE_NAMES = {"ft": "FT", "mft": "MFT", "distill+ft": "distill+ft", "single-correction": "single-correction"}
+OBJECTIVE_NAMES = {"ft": "FT", "mft": "MFT", "distill+ft": "distill+ft", "single-correction": "single-correction", "dft": "DFT", "talr": "TALR"}
 TAU_VARIANTS = ("mft", "single-correction")
 GENERAL_DATA_NOTE = "uses general-domain data"
 GENERAL_DATA_HEADING = "**Below: methods that use general-domain data.**"
@@ -52,16 +52,21 @@ def describe(config: dict) -> tuple[str, str, tuple]:
     """
     variant, peft = config["variant"], config.get("peft", "none")
     replay = bool(config.get("replay"))
+    l2, ewc = config.get("l2_init"), config.get("ewc_lambda") if config.get("ewc") else None
     pieces: list[tuple[str, str]] = []  # (family part, label part)
     if peft != "none":
         name = PEFT_NAMES[peft] + (f" r{config.get('peft_rank')}" if peft in ("lora", "dora") else "")
         pieces.append((name, name))
-    if variant != "ft" or not (peft != "none" or replay):
-        # Like the paper, "LoRA r8" and "Replay" alone mean the plain FT objective.
+    if variant != "ft" or not (peft != "none" or replay or l2 is not None or ewc is not None):
+        # Like the paper, "LoRA r8", "Replay", "L2-init" and "EWC" alone mean the plain FT objective.
         name = OBJECTIVE_NAMES[variant]
         pieces.append((name, f"{name} τ={config['tau']:g}" if variant in TAU_VARIANTS else name))
     if replay:
         pieces.append(("Replay", f"Replay ν={config['replay_fraction']:g}"))
+    if l2 is not None:
+        pieces.append(("L2-init", f"L2-init λ={l2:g}"))
+    if ewc is not None:
+        pieces.append(("EWC", f"EWC λ={ewc:g}"))
     family = " + ".join(p[0] for p in pieces)
     label = " + ".join(p[1] for p in pieces)
     if config.get("online"):
@@ -70,7 +75,9 @@ def describe(config: dict) -> tuple[str, str, tuple]:
         replay,
         bool(config.get("online")),
         ("none", "lora", "dora", "ia3").index(peft),
-        ("ft", "mft", "distill+ft", "single-correction").index(variant),
+        tuple(OBJECTIVE_NAMES).index(variant),
+        l2 or 0.0,
+        ewc or 0.0,
         config.get("peft_rank") or 0,
         config["tau"] if variant in TAU_VARIANTS else 0.0,
         config.get("replay_fraction") or 0.0,
@@ -102,7 +109,7 @@ def load_run(run: Path) -> RunResult | None:
     result = RunResult(run=run, config=config, before=before, best=folder.best_row())
     result.method, result.family, result.sort_key = describe(config)
     result.domain = Path(config["cache"]).name
-    result.uses_general_data = bool(summary.get("uses_general_data", config.get("replay")))
+    result.uses_general_data = bool(summary.get("uses_general_data", config.get("replay") or config.get("ewc")))
     return result
 
 
@@ -185,8 +192,8 @@ def markdown(results: list[RunResult], unfinished: list[Path] = ()) -> str:
     if general:
         lines += [
             f"{GENERAL_DATA_HEADING} Replay trains on general-domain",
-            "sequences, so these runs are not comparable on equal terms with the methods above, which see only",
-            "the specialized corpus.",
+            "sequences and EWC weighs its penalty by a Fisher computed on general-domain text, so these runs",
+            "are not comparable on equal terms with the methods above, which see only the specialized corpus.",
             "",
         ] + table(general) + [""]
     lines += ["## Runs", ""]

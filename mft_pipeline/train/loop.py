@@ -28,11 +28,13 @@ from mft_pipeline.cache.reader import PREFETCH_DEPTH, Cache, CachedSplit, Prefet
 from mft_pipeline.config import TrainConfig
 from mft_pipeline.data.corpus import load_documents
 from mft_pipeline.data.packing import pack_documents
+from mft_pipeline.distill.label_loss import LABEL_VARIANTS
 from mft_pipeline.distill.online import dense_mft_loss
 from mft_pipeline.eval.metrics import compare, model_perplexity
 from mft_pipeline.models import load_model, load_tokenizer, tokenizer_fingerprint, weights_fingerprint
 from mft_pipeline.train import distributed
 from mft_pipeline.train import peft as adapters
+from mft_pipeline.train import regularize
 from mft_pipeline.train.checkpoint import CheckpointError, load_state, restore_rng, rng_state, save_pretrained
 from mft_pipeline.train.student_loss import output_head, student_loss
 from mft_pipeline.train.tracking import NullTracker, Tracker, check_tracker, make_tracker
@@ -216,6 +218,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     resume_from: Path | None
     tracker: Tracker  # TensorBoard or W&B on rank 0, a NullTracker elsewhere
+    regularizer: regularize.Regularizer | None = None  # --l2-init or --ewc
 
 
 @dataclass
@@ -238,6 +241,7 @@ def setup(config: TrainConfig, ranks: distributed.Ranks, compile_model: Callable
     model = load_model(student_spec, ranks.load_device, dtype=torch.float32)
     # Checked on the base weights, before any adapter is put on them.
     check_student(cache, tokenizer, model, config.allow_different_student)
+    fisher = regularize.load_fisher(config.ewc, model) if config.ewc else None
     replay = open_replay(config, cache) if config.replay else None
     teacher = load_online_teacher(cache, ranks.device) if config.online else None
     if teacher is not None:
@@ -257,6 +261,8 @@ def setup(config: TrainConfig, ranks: distributed.Ranks, compile_model: Callable
     if config.general_eval:
         docs = load_documents(config.general_eval, config.general_text_field)
         eval_sets["ppl_gen"] = pack_documents(docs, tokenizer, cache.seq_len, config.general_max_sequences, desc="tokenize general")
+    # Before a resumed run's weights are loaded: theta0 is where the run started.
+    regularizer = regularize.make_regularizer(model, config, fisher)
     # Rank 0 alone makes or checks the run folder (and alone writes to it); every rank gets its answer.
     folder = RunFolder(config.out)
     resume_from = distributed.on_main(lambda: folder.start(run_settings(config), config.resume, TRAIN_DEFAULTS))
@@ -299,7 +305,7 @@ def setup(config: TrainConfig, ranks: distributed.Ranks, compile_model: Callable
         hf_model=distributed.unwrap(model), teacher=teacher, train_split=train_split, replay_split=replay_split,
         eval_sets=eval_sets, order=order, replay_order=replay_order, special_per_step=special_per_step,
         replay_per_step=replay_per_step, total_steps=total_steps, trainable=trainable, optimizer=optimizer,
-        scheduler=scheduler, resume_from=resume_from, tracker=tracker,
+        scheduler=scheduler, resume_from=resume_from, tracker=tracker, regularizer=regularizer,
     )  # fmt: skip
 
 
@@ -324,7 +330,7 @@ def begin(run: Run) -> Progress:
         before = evaluate(run.hf_model, run.eval_sets, run.config.eval_batch_size)
         if "ppl_spec" in run.eval_sets:
             before["teacher_ppl_spec"] = float(run.eval_sets["ppl_spec"].teacher_perplexity())
-        log(run, {"step": 0, "kind": "before", "uses_general_data": run.replay_split is not None, **before})
+        log(run, {"step": 0, "kind": "before", "uses_general_data": uses_general_data(run.config), **before})
         return Progress(step=0, before=before, best=None)
     state = load_state(run.resume_from)
     distributed.load_optimizer_state(run.model, run.optimizer, state["optimizer"])
@@ -417,12 +423,13 @@ def train_step(run: Run, step: int, batches: Iterator[list[dict]]) -> dict:
     for p in run.trainable:
         if p.grad is not None:
             p.grad.div_(n / ranks.world)
+    penalty = {"penalty": run.regularizer.add_gradient()} if run.regularizer is not None else {}
     grad_norm = distributed.clip_grad_norm(run.trainable, config.max_grad_norm or float("inf"))
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return {"step": step + 1, "kind": "train", "loss": float(loss_total) / n, "tokens": int(tokens_total), "lr": lr, "grad_norm": grad_norm}
+    return {"step": step + 1, "kind": "train", "loss": float(loss_total) / n, "tokens": int(tokens_total), "lr": lr, "grad_norm": grad_norm, **penalty}
 
 
 def evaluate(model: torch.nn.Module, eval_sets: dict[str, Any], batch_size: int) -> dict[str, float]:
@@ -484,8 +491,9 @@ def summarize(run: Run, progress: Progress) -> dict:
         "best": progress.best,
         "steps": run.total_steps,
         "stopped_early": progress.stopped_early,
-        # Replay trains on general-domain data; reports must not compare it on equal terms.
-        "uses_general_data": run.replay_split is not None,
+        "method": describe_method(config),
+        # Replay trains on general-domain data, EWC's Fisher comes from it; reports must not compare them on equal terms.
+        "uses_general_data": uses_general_data(config),
         "adapter": config.peft != "none",
         "merged": str(merged) if merged else None,
         "config": dataclasses.asdict(config),
@@ -496,10 +504,17 @@ def summarize(run: Run, progress: Progress) -> dict:
     return summary
 
 
+def uses_general_data(config: TrainConfig) -> bool:
+    """Whether the run sees general-domain data: replay's sequences, or EWC's Fisher."""
+    return bool(config.replay or config.ewc)
+
+
 def describe_method(config: TrainConfig) -> str:
-    method = [config.variant, f"tau={config.tau:g}"]
+    method = [config.variant] + ([] if config.variant in LABEL_VARIANTS else [f"tau={config.tau:g}"])
     method += [config.peft] if config.peft != "none" else []
     method += [f"replay {config.replay_fraction:g}"] if config.replay else []
+    method += [f"l2-init {config.l2_init:g}"] if config.l2_init is not None else []
+    method += [f"ewc {config.ewc_lambda:g}"] if config.ewc else []
     method += ["online"] if config.online else []
     return ", ".join(method)
 

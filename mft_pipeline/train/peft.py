@@ -95,15 +95,20 @@ def load_adapter_weights(model, checkpoint: Path) -> None:
         raise ConfigError(f"{checkpoint}: the adapter does not fit this run (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
 
 
-def merge(base_spec: str, adapter_dir: Path, tokenizer, out: Path) -> None:
-    """Write ``out``: the base model with the adapter from ``adapter_dir`` merged in, a plain from_pretrained folder."""
+def merged_model(base_spec: str, adapter_dir: Path) -> torch.nn.Module:
+    """The base model (float32, on the CPU) with the adapter from ``adapter_dir`` merged into its weights."""
     from peft import PeftModel
 
     from mft_pipeline.models import load_model
-    from mft_pipeline.train.checkpoint import save_pretrained
 
     # On the CPU, so merging never competes with training for accelerator memory.
     base = load_model(base_spec, torch.device("cpu"), dtype=torch.float32)
     with _quiet():
-        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    save_pretrained(merged, tokenizer, out)
+        return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+
+
+def merge(base_spec: str, adapter_dir: Path, tokenizer, out: Path) -> None:
+    """Write ``out``: the base model with the adapter from ``adapter_dir`` merged in, a plain from_pretrained folder."""
+    from mft_pipeline.train.checkpoint import save_pretrained
+
+    save_pretrained(merged_model(base_spec, adapter_dir), tokenizer, out)

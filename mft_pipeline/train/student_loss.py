@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mft_pipeline.distill.fused_loss import fused_sparse_mft_loss
+from mft_pipeline.distill.fused_loss import fused_label_logprobs, fused_sparse_mft_loss
+from mft_pipeline.distill.label_loss import LABEL_VARIANTS, label_only_loss, logits_label_logprobs
 from mft_pipeline.distill.sparse_loss import sparse_mft_loss
 from mft_pipeline.train import distributed
 
@@ -171,7 +172,9 @@ def student_loss(
             topk_ids and topk_logprobs (B_i, T, k_i), label_logprobs (B_i, T), and tail_ids
             (B_i, T, N_i) where that cache has tail samples (then they replace the tail
             bucket). All share T; k and N may differ between parts.
-        tau, variant, tail: as for ``sparse_mft_loss``.
+        tau, variant, tail: as for ``sparse_mft_loss``; a label-only ``variant`` (``dft``,
+            ``talr``, see ``label_only_loss``) reads only the parts' input_ids and labels, and the
+            whole micro-batch is its one batch.
         fused: False forces the logits path.
         chunk_size: positions per chunk of the fused loss (default: its own choice, see
             ``fused_sparse_mft_loss``); fewer, larger chunks trade memory for speed on a GPU.
@@ -184,6 +187,16 @@ def student_loss(
         raise ValueError("batch_parts is empty")
     input_ids = torch.cat([part["input_ids"] for part in batch_parts])
     head = _head(model) if fused else None
+    if variant in LABEL_VARIANTS:
+        labels = torch.cat([part["labels"] for part in batch_parts])
+        if head is not None:
+            label_logprobs = fused_label_logprobs(
+                head.hidden_states(model, input_ids), head.weight, labels, chunk_size=chunk_size,
+                bias=head.bias, logit_scale=head.logit_scale, softcap=head.softcap,
+            )
+        else:
+            label_logprobs = logits_label_logprobs(model(input_ids=input_ids).logits, labels)
+        return label_only_loss(label_logprobs, labels, variant)
     if head is not None:
         hidden = head.hidden_states(model, input_ids)
         loss = lambda rows, part: fused_sparse_mft_loss(  # noqa: E731

@@ -104,6 +104,17 @@ def test_labels_follow_the_paper():
     assert describe({**base, "variant": "ft", "replay": "g", "replay_fraction": 0.5})[:2] == ("Replay ν=0.5", "Replay")
 
 
+def test_baselines_are_labelled_by_what_they_use():
+    base = dict(variant="ft", tau=0.25, peft="none", peft_rank=8, replay=None, replay_fraction=None, online=False)
+    assert describe({**base, "variant": "dft"})[:2] == ("DFT", "DFT")
+    assert describe({**base, "variant": "talr", "peft": "lora"})[:2] == ("LoRA r8 + TALR", "LoRA r8 + TALR")
+    assert describe({**base, "l2_init": 0.01})[:2] == ("L2-init λ=0.01", "L2-init")
+    assert describe({**base, "ewc": "f.safetensors", "ewc_lambda": 100.0})[:2] == ("EWC λ=100", "EWC")
+    assert describe({**base, "variant": "dft", "l2_init": 1.0})[:2] == ("DFT + L2-init λ=1", "DFT + L2-init")
+    # Settings of older run folders, without the new keys, read as before.
+    assert describe({**base, "variant": "mft"})[:2] == ("MFT τ=0.25", "MFT")
+
+
 def test_the_report_reads_run_folders_without_importing_torch():
     import os
     import subprocess

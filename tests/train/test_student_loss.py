@@ -113,6 +113,25 @@ def test_variants_and_tails_reach_the_loss(variant, tail):
     torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("variant", ("dft", "talr"))
+@pytest.mark.parametrize("name", ("llama-tied", "gemma2-softcap", "granite-logits-scaling"))
+def test_label_only_objectives_fused_equal_logits_path_and_ignore_the_teacher(name, variant):
+    model = build(name, seed=14)
+    parts = [batch_part(2, k=5, seed=15), batch_part(1, k=3, seed=16)]
+    fused_loss, fused_n, fused_grads = loss_and_grads(model, parts, fused=True, variant=variant, chunk_size=4)
+    plain_loss, plain_n, plain_grads = loss_and_grads(model, parts, fused=False, variant=variant)
+    assert fused_n == plain_n == 3 * (SEQ - 1)
+    torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-5, atol=1e-5)
+    assert len(fused_grads) == len(list(model.parameters()))
+    for key in plain_grads:
+        # TALR's weights reach ~n on easy tokens, so its gradients are tens: float32 rounding is ~1e-5 absolute.
+        torch.testing.assert_close(fused_grads[key], plain_grads[key], rtol=1e-4, atol=5e-5, msg=key)
+    # Another teacher's columns, garbage included, change nothing: only input_ids and labels are read.
+    garbage = [dict(part, topk_ids=part["topk_ids"] * 0 - 5, topk_logprobs=torch.rand_like(part["topk_logprobs"]), label_logprobs=part["label_logprobs"] * float("nan")) for part in parts]
+    again, _, _ = loss_and_grads(model, garbage, fused=True, variant=variant, chunk_size=4)
+    assert torch.equal(again, fused_loss)
+
+
 def test_tail_samples_of_a_part_reach_both_loss_paths():
     """A part from a cache with tail samples uses them, the other part keeps the bucket, on both paths."""
     from mft_pipeline.distill import sparse_mft_loss
