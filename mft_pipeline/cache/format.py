@@ -15,7 +15,9 @@ from mft_pipeline.errors import MFTError
 from mft_pipeline.files import atomic_write
 
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+# Version 3 added the optional ``target`` column; a version-2 cache reads as one without it.
+READABLE_SCHEMA_VERSIONS = (2, 3)
 MANIFEST = "manifest.json"
 SETTINGS = "cache-settings.json"
 SPLITS = ("train", "validation")
@@ -134,9 +136,9 @@ def read_manifest(cache_dir: str | Path) -> dict:
             hint = " (stage one did not finish: rerun it with --resume, or `mft cache-merge` if workers wrote parts)"
         raise CacheError(f"{cache_dir}: not a finished cache, no {MANIFEST}{hint}")
     manifest = read_json(path)
-    if manifest.get("schema_version") != SCHEMA_VERSION:
+    if manifest.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
         raise CacheError(
-            f"{path}: schema version {manifest.get('schema_version')} is not {SCHEMA_VERSION}; rebuild the cache with this version"
+            f"{path}: schema version {manifest.get('schema_version')} is not one of {READABLE_SCHEMA_VERSIONS}; rebuild the cache with this version"
         )
     try:
         shards = [s["file"] for split in manifest["splits"].values() for s in split["shards"]]

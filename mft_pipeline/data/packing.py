@@ -24,9 +24,9 @@ class Packed:
     Attributes:
         input_ids: (N, T) int32; the last row is padded with EOS past ``num_tokens``.
         num_tokens: (N,) int32 real tokens per row; row n has ``num_tokens[n] - 1`` labels.
-        target: (N, T) bool, whether the token in each slot is a training target (the label
-            of the position before it), or None when every token is (plain text). Slot 0
-            and padding are never targets.
+        target: (N, T - 1) bool, whether position t's label (token t + 1) is a training
+            target, as the cache's ``target`` column; None when every label is (plain text).
+            False on padding.
     """
 
     input_ids: np.ndarray
@@ -67,16 +67,15 @@ def pack(
         n = min(n, max_sequences)
     ids = np.full((n, seq_len), pad_id, dtype=np.int32)
     num = np.zeros(n, dtype=np.int32)
-    mask = None if target is None else np.zeros((n, seq_len), dtype=bool)
+    slots = None if target is None else np.zeros((n, seq_len), dtype=bool)  # per token, not per position
     for r in range(n):
         piece = slice(r * stride, r * stride + seq_len - len(prefix))
         chunk = np.concatenate([prefix, stream[piece]])
         ids[r, : len(chunk)] = chunk
         num[r] = len(chunk)
-        if mask is not None:
-            mask[r, len(prefix) : len(chunk)] = target[piece]
-            mask[r, 0] = False
-    return Packed(ids, num, mask)
+        if slots is not None:
+            slots[r, len(prefix) : len(chunk)] = target[piece]
+    return Packed(ids, num, None if slots is None else slots[:, 1:])
 
 
 def pack_records(records: list[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id: int, max_sequences: int | None = None, bos: int | None = None) -> Packed:
@@ -109,7 +108,7 @@ def pack_records(records: list[tuple[np.ndarray, np.ndarray]], seq_len: int, pad
         ids.append(r_ids), mask.append(r_mask)
     flush()
     if not rows:
-        return Packed(np.zeros((0, seq_len), np.int32), np.zeros(0, np.int32), np.zeros((0, seq_len), bool))
+        return Packed(np.zeros((0, seq_len), np.int32), np.zeros(0, np.int32), np.zeros((0, seq_len - 1), bool))
     out = Packed(*(np.concatenate([getattr(p, f) for p in rows]) for f in ("input_ids", "num_tokens", "target")))
     if max_sequences is not None:
         out = Packed(out.input_ids[:max_sequences], out.num_tokens[:max_sequences], out.target[:max_sequences])

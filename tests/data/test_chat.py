@@ -123,8 +123,9 @@ def test_records_kept_whole_in_rows_where_they_fit():
     assert packed.num_tokens.tolist() == [22, 11]
     (ids, mask), = tokenize_records([short], tok)
     assert (packed.input_ids[0, :22] == np.concatenate([ids, ids])).all()
-    assert (packed.target[0, 1:22] == np.concatenate([mask, mask])[1:]).all() and not packed.target[0, 0]
-    assert not packed.target[:, 22:].any() and (packed.input_ids[1, 11:] == tok.eos_token_id).all()
+    # Position t's label is token t + 1.
+    assert (packed.target[0, :21] == np.concatenate([mask, mask])[1:]).all()
+    assert not packed.target[:, 21:].any() and (packed.input_ids[1, 11:] == tok.eos_token_id).all()
 
 
 @pytest.mark.parametrize("bos", [None, 99])
@@ -137,7 +138,7 @@ def test_prompt_longer_than_a_row_is_cut_and_rows_without_target_dropped(bos):
     start = 0 if bos is None else 1
     # The short record has its own row; every target token of the long one is a label exactly once,
     # in a row that holds the tokens before it.
-    targets = [int(t) for row, m in zip(packed.input_ids[1:], packed.target[1:]) for t in row[m]]
+    targets = [int(t) for row, m in zip(packed.input_ids[1:], packed.target[1:]) for t in row[1:][m]]
     assert targets == ids[-4:].tolist()
     # Rows of the prompt alone are dropped: the long record keeps only the rows its answer ends up in.
     assert packed.target.any(1).all() and len(packed) == 3  # 30 tokens would make 5 rows
