@@ -76,3 +76,54 @@ def test_version_two_cache_reads_every_position_as_target(chat_cache, tmp_path):
     assert split.target_tokens == manifest["splits"]["train"]["num_labels"] == int((split.labels() != IGNORE_INDEX).sum())
     assert np.array_equal(split.labels() >= 0, np.arange(split.input_ids.shape[1] - 1)[None] < split.num_tokens[:, None] - 1)
 
+
+def answer_positions(tokenizer, row: np.ndarray, num: int) -> np.ndarray:
+    """(T - 1,) bool: positions whose next token overlaps an answer, found by searching the decoded row.
+
+    An answer runs from after "assistant: " through the EOS that ends its record.
+    """
+    pieces = [tokenizer.decode([int(t)]) for t in row[:num]]
+    ends = np.cumsum([len(p) for p in pieces])
+    starts = ends - np.array([len(p) for p in pieces])
+    text = "".join(pieces)
+    inside = np.zeros(len(text) + 1, dtype=bool)
+    at = text.find("assistant: ")
+    while at >= 0:
+        stop = text.find("<eos>", at) + len("<eos>")
+        inside[at + len("assistant: ") : stop] = True
+        at = text.find("assistant: ", stop)
+    token_is_answer = np.array([inside[s:e].any() for s, e in zip(starts, ends)])
+    out = np.zeros(len(row) - 1, dtype=bool)
+    out[: num - 1] = token_is_answer[1:]
+    return out
+
+
+def test_tau_one_mft_equals_answer_only_cross_entropy(chat_cache, tiny_model_dir, tiny_tokenizer):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mft_pipeline.distill.sparse_loss import sparse_mft_loss
+    from mft_pipeline.eval.metrics import model_perplexity
+
+    split = Cache(chat_cache).split("train")
+    rows = list(range(min(6, len(split))))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval()
+    ids = split.input_ids[rows]
+    with torch.no_grad():
+        logits = model(torch.as_tensor(ids, dtype=torch.long)).logits
+    # Independent reference: float64 NLL of the next token at the answer positions found in the text.
+    mask = np.stack([answer_positions(tiny_tokenizer, split.input_ids[r], split.num_tokens[r]) for r in rows])
+    assert mask.any() and not mask.all()
+    logp = torch.log_softmax(logits[:, :-1], -1).numpy()
+    nll = -np.take_along_axis(logp, ids[:, 1:, None].astype(np.int64), -1)[..., 0]
+    reference = nll[mask].sum()
+    batch = split.batch(rows)
+    for variant in ("mft", "ft"):
+        loss, n = sparse_mft_loss(
+            logits, batch["labels"], batch["topk_ids"], batch["topk_logprobs"], batch["label_logprobs"], tau=1.0, variant=variant
+        )
+        assert int(n) == int(mask.sum())
+        assert float(loss) == pytest.approx(reference, rel=1e-6)
+    # The specialized perplexity counts the same positions.
+    ppl = model_perplexity(model, ids, split.num_tokens[rows], target=split.target[rows])
+    assert ppl == pytest.approx(float(np.exp(reference / mask.sum())), rel=1e-6)
