@@ -49,6 +49,15 @@ class CacheConfig:
     tokenizer: str | None = doc("Tokenizer, if not the model's own.", default=None)
     text_field: str = doc("Column holding the document text.", default="text")
     sample_by: str = doc("For plain-text files: what one document is (paragraph, document = whole file, line).", default="paragraph")
+    chat_template: str | None = doc(
+        "Jinja chat template file rendering 'messages' and message-list 'prompt'/'completion' records, "
+        "instead of the tokenizer's own.",
+        default=None,
+    )
+    all_turns: bool = doc(
+        "Train on every turn of a 'messages' record, not only the assistant's (the default trains on the answers only).",
+        default=False,
+    )
     seq_len: int = doc("Tokens per packed sequence.", default=2048)
     top_k: int = doc("Teacher candidates stored per token.", default=20)
     tail_samples: int = doc(

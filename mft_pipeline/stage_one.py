@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from mft_pipeline.cache.format import SCHEMA_VERSION, SPLITS, CacheError, shard_
 from mft_pipeline.cache.shard import arrow_schema, encode_shard
 from mft_pipeline.cache.writer import CacheWriter
 from mft_pipeline.config import CacheConfig
+from mft_pipeline.data.chat import ChatRecord, read_template
 from mft_pipeline.data.corpus import load_corpus
 from mft_pipeline.data.packing import Packed, pack_documents, row_prefix
 from mft_pipeline.models import load_model, load_tokenizer, pick_device, tokenizer_fingerprint, weights_fingerprint
@@ -112,6 +114,7 @@ def _shard_table(schema, split: str, packed: Packed, start: int, stop: int, teac
         np.concatenate([p.topk_logprobs for p in parts]),
         np.concatenate([p.label_logprobs for p in parts]),
         tail_ids=np.concatenate([p.tail_ids for p in parts]) if config.tail_samples else None,
+        target=None if packed.target is None else packed.target[start:stop],
     )
 
 
@@ -167,10 +170,14 @@ def _write_cache(config: CacheConfig, teacher, fingerprint: str, tokenizer, corp
     if context is not None and config.seq_len > context:
         raise ConfigError(f"--seq-len {config.seq_len} exceeds the teacher's context of {context} tokens")
     caps = {"train": config.max_train_sequences, "validation": config.max_val_sequences}
+    template = read_template(config.chat_template)
     packed = {
-        split: pack_documents(getattr(corpus, split), tokenizer, config.seq_len, caps[split], desc=f"tokenize {split}")
+        split: pack_documents(
+            getattr(corpus, split), tokenizer, config.seq_len, caps[split], f"tokenize {split}", template, config.all_turns
+        )
         for split in SPLITS
     }
+    chat = isinstance(corpus.train[0], ChatRecord)
     if len(packed["train"]) == 0:
         raise CacheError("the corpus yields no training sequence (fewer than two tokens)")
     if len(packed["validation"]) == 0:
@@ -207,7 +214,12 @@ def _write_cache(config: CacheConfig, teacher, fingerprint: str, tokenizer, corp
         # Only when used, so caches without samples keep the settings (and resume) they always had.
         settings["tail_samples"] = config.tail_samples
         settings["tail_seed"] = config.tail_seed
-    schema = arrow_schema(config.seq_len, config.top_k, teacher.vocab_size, config.tail_samples)
+    if chat:
+        # Likewise only for instruction and chat corpora: the shards' target column.
+        settings["targets"] = True
+        settings["corpus"]["chat_template"] = None if template is None else hashlib.sha256(template.encode()).hexdigest()
+        settings["corpus"]["all_turns"] = config.all_turns
+    schema = arrow_schema(config.seq_len, config.top_k, teacher.vocab_size, config.tail_samples, targets=chat)
     mine = [s for s in settings["plan"] if s["worker"] == config.worker_index]
     with CacheWriter(
         config.out, settings, worker_index=config.worker_index, num_workers=config.num_workers, resume=config.resume, overwrite=config.overwrite

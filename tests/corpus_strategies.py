@@ -55,3 +55,23 @@ def corpora(draw) -> tuple[str, bytes]:
 # Sized for the test suite (well under 30 s together); MFT_FUZZ_EXAMPLES=500 searches longer.
 EXAMPLES = int(os.environ.get("MFT_FUZZ_EXAMPLES", "25"))
 SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+# Instruction and chat records: right shapes, wrong types, missing keys, formats mixed in one file.
+_contents = st.one_of(st.text(max_size=20), st.none(), st.integers(), st.lists(st.text(max_size=3), max_size=2))
+_messages = st.lists(
+    st.one_of(
+        st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool", ""]), "content": _contents}),
+        st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant"])}),
+        st.integers(),
+        st.text(max_size=5),
+    ),
+    max_size=5,
+)
+chat_values = st.one_of(_messages, field_values)
+chat_lines = st.one_of(
+    st.builds(lambda m: json.dumps({"messages": m}), chat_values),
+    st.builds(lambda p, c: json.dumps({"prompt": p, "completion": c}), chat_values, chat_values),
+    st.builds(lambda t: json.dumps({"text": t}), st.text(max_size=10)),
+    st.just(""),
+)

@@ -15,7 +15,9 @@ from mft_pipeline.errors import MFTError
 from mft_pipeline.files import atomic_write
 
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+# Version 3 added the optional ``target`` column; a version-2 cache reads as one without it.
+READABLE_SCHEMA_VERSIONS = (2, 3)
 MANIFEST = "manifest.json"
 SETTINGS = "cache-settings.json"
 SPLITS = ("train", "validation")
@@ -156,7 +158,11 @@ _COMMON_FIELDS = {
     "seq_len": _integer(2, _LIST_MAX),
 }
 # Checked where present: synthetic caches (tests, benchmarks) are made without a tokenizer.
-_OPTIONAL_FIELDS = {"tail_samples": _integer(0, _LIST_MAX), "tokenizer.fingerprint": _TEXT}
+_OPTIONAL_FIELDS = {
+    "tail_samples": _integer(0, _LIST_MAX),
+    "tokenizer.fingerprint": _TEXT,
+    "targets": ((lambda v: isinstance(v, bool)), "true or false"),  # chat caches: a target column marks the answers
+}
 _SPLIT_FIELDS = {"num_sequences": _COUNT, "num_labels": _COUNT}
 _SHARD_FIELDS = {"file": _SHARD_NAME, "sha256": _TEXT, "bytes": _COUNT, "rows": _COUNT, "labels": _COUNT}
 _PLAN_FIELDS = {"file": _SHARD_NAME, "split": ((lambda v: v in SPLITS), f"one of {SPLITS}"), "start": _COUNT, "rows": _COUNT, "labels": _COUNT, "worker": _COUNT}
@@ -267,8 +273,8 @@ def read_manifest(cache_dir: str | Path) -> dict:
         raise CacheError(f"{cache_dir}: not a finished cache, no {MANIFEST}{hint}")
     manifest = read_json(path)
     version = manifest.get("schema_version") if isinstance(manifest, dict) else None
-    if version != SCHEMA_VERSION:
-        raise CacheError(f"{path}: schema version {version} is not {SCHEMA_VERSION}; rebuild the cache with this version")
+    if version not in READABLE_SCHEMA_VERSIONS:
+        raise CacheError(f"{path}: schema version {version} is not one of {READABLE_SCHEMA_VERSIONS}; rebuild the cache with this version")
     # Also refuses shard names that would point outside the folder.
     problems = manifest_problems(manifest)
     if problems:

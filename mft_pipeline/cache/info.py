@@ -31,8 +31,10 @@ from mft_pipeline.labels import IGNORE_INDEX
 def cache_info(path: str | Path) -> dict:
     """Sizes and the teacher's quality per split.
 
-    Returns a dict per split: sequences, tokens (labelled positions), bytes, bytes per token,
-    bytes per stored candidate (k per token), teacher argmax accuracy and perplexity.
+    Returns a dict per split: sequences, tokens (labelled positions), target_tokens (those that
+    are training targets: the answers of an instruction or chat corpus, else all), bytes, bytes
+    per token, bytes per stored candidate (k per token), and the teacher's argmax accuracy and
+    perplexity over the target positions.
     """
     cache = Cache(path)
     k = cache.top_k
@@ -40,8 +42,9 @@ def cache_info(path: str | Path) -> dict:
     for name, info in cache.manifest["splits"].items():
         tokens = info["num_labels"]
         size = sum(s["bytes"] for s in info["shards"])
-        row = {"sequences": info["num_sequences"], "tokens": tokens, "bytes": size}
+        row = {"sequences": info["num_sequences"], "tokens": tokens, "target_tokens": 0, "bytes": size}
         if tokens:
+            row["target_tokens"] = cache.split(name).target_tokens
             row.update(bytes_per_token=size / tokens, bytes_per_candidate=size / (tokens * k))
             row.update(teacher_stats(cache.split(name)))
         out["splits"][name] = row
@@ -58,7 +61,9 @@ def verify_cache(path: str | Path) -> list[str]:
     except CacheError as e:
         return [str(e)]
     problems = []
-    schema = arrow_schema(manifest["seq_len"], manifest["top_k"], manifest["model"]["vocab_size"], manifest.get("tail_samples", 0))
+    schema = arrow_schema(
+        manifest["seq_len"], manifest["top_k"], manifest["model"]["vocab_size"], manifest.get("tail_samples", 0), manifest.get("targets", False)
+    )
     for split, info in manifest["splits"].items():
         rows = labels = 0
         for shard in info["shards"]:

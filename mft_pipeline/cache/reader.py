@@ -42,22 +42,25 @@ class CachedSplit:
         num_tokens: (N,) int32.
         tail_samples: sampled tail ids per position (the manifest's ``tail_samples``; 0 for
             caches made without them).
+        target: (N, T - 1) bool, whether position t's label is a training target (instruction
+            and chat corpora: the answers); None for caches without the column, where every
+            labelled position is.
     """
 
-    def __init__(self, path: Path, shards: list[dict], cache_bytes: int = DEFAULT_CACHE_BYTES, tail_samples: int = 0):
+    def __init__(self, path: Path, shards: list[dict], cache_bytes: int = DEFAULT_CACHE_BYTES, tail_samples: int = 0, targets: bool = False):
         self.path = Path(path)
         self.cache_bytes = cache_bytes
         self.tail_samples = tail_samples
         self.teacher_columns = TEACHER_COLUMNS + (("tail_ids",) if tail_samples else ())
         self._groups: list[tuple[Path, int]] = []  # (shard file, row group) in split order
-        group_of_row, ids, num = [], [], []
+        group_of_row, ids, num, target = [], [], [], []
         for shard in shards:
             f = shard_path(self.path, shard["file"])
             if not f.exists():
                 raise CacheError(f"{f}: listed in the manifest but missing; run `mft cache-verify`")
             try:
                 pf = pq.ParquetFile(f, memory_map=True)
-                small = decode_shard(pf, columns=("input_ids", "num_tokens"))
+                small = decode_shard(pf, columns=("input_ids", "num_tokens") + (("target",) if targets else ()))
             except (OSError, ValueError) as e:  # pyarrow's errors for a broken file derive from these
                 raise CacheError(f"{f}: unreadable Parquet ({e}); run `mft cache-verify`") from e
             if pf.metadata.num_rows != shard["rows"]:
@@ -69,8 +72,10 @@ class CachedSplit:
                 self._groups.append((f, g))
             ids.append(small["input_ids"])
             num.append(small["num_tokens"])
+            target.append(small.get("target"))
         self.input_ids = np.concatenate(ids)
         self.num_tokens = np.concatenate(num)
+        self.target = np.concatenate(target) if targets else None
         self._group = np.concatenate(group_of_row)
         self._group_sizes = np.bincount(self._group, minlength=len(self._groups))
         self.decoded_groups = 0  # row groups decoded so far, a count for tests and benchmarks
@@ -83,13 +88,26 @@ class CachedSplit:
     def __len__(self) -> int:
         return len(self.num_tokens)
 
+    @property
+    def target_tokens(self) -> int:
+        """Labelled positions that are training targets (all of them without a target column)."""
+        if self.target is None:
+            return int((self.num_tokens.astype(np.int64) - 1).sum())
+        return int(self.target.sum())
+
     def _rows(self, rows) -> np.ndarray:
         return np.arange(len(self))[rows].reshape(-1)
 
     def labels(self, rows=slice(None)) -> np.ndarray:
-        """(n, T - 1) int64 next-token labels, IGNORE_INDEX past each row's end."""
+        """(n, T - 1) int64 next-token labels, IGNORE_INDEX past each row's end and at non-target positions.
+
+        Every loss, metric and evaluation that reads its labels here counts only the target
+        positions (the answers of an instruction or chat corpus).
+        """
         ids = self.input_ids[rows, 1:].astype(np.int64)
         valid = np.arange(ids.shape[1])[None] < (self.num_tokens[rows, None] - 1)
+        if self.target is not None:
+            valid = valid & self.target[rows]
         return np.where(valid, ids, IGNORE_INDEX)
 
     def _group_arrays(self, g: int) -> dict[str, np.ndarray]:
@@ -338,6 +356,8 @@ class Cache:
         self.top_k = self.manifest["top_k"]
         # Caches made without --tail-samples have no such field: the tail bucket.
         self.tail_samples = self.manifest.get("tail_samples", 0)
+        # Likewise caches of plain text (and of schema version 2) have no target column.
+        self.targets = self.manifest.get("targets", False)
         self.cache_bytes = cache_bytes
         self._splits: dict[str, CachedSplit] = {}
 
@@ -349,5 +369,5 @@ class Cache:
             info = self.manifest["splits"].get(name)
             if not info or not info["shards"]:
                 raise CacheError(f"{self.path}: no {name} sequences in this cache")
-            self._splits[name] = CachedSplit(self.path, info["shards"], self.cache_bytes, self.tail_samples)
+            self._splits[name] = CachedSplit(self.path, info["shards"], self.cache_bytes, self.tail_samples, self.targets)
         return self._splits[name]

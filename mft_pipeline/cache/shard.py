@@ -32,10 +32,11 @@ COLUMNS = {
     "argmax_logprob": ("argmax_logprob", lambda T, k, n: (T - 1,)),
     "label_logprobs": ("label_logprobs", lambda T, k, n: (T - 1,)),
     "tail_ids": ("tail_ids", lambda T, k, n: (T - 1, n)),
+    "target": ("target", lambda T, k, n: (T - 1,)),
 }
-# Columns a shard holds only in caches made with them (``--tail-samples N`` with N > 0); a
-# cache without them reads as before.
-OPTIONAL_COLUMNS = ("tail_ids",)
+# Columns a shard holds only in caches made with them (tail_ids: ``--tail-samples N`` with
+# N > 0; target: instruction and chat corpora); a cache without them reads as before.
+OPTIONAL_COLUMNS = ("tail_ids", "target")
 # The teacher's columns, the large ones that stage two reads per batch (tail_ids too, where present).
 TEACHER_COLUMNS = ("topk_ids", "topk_logprobs", "argmax_logprob", "label_logprobs")
 
@@ -45,7 +46,7 @@ TEACHER_COLUMNS = ("topk_ids", "topk_logprobs", "argmax_logprob", "label_logprob
 BYTE_STREAM_SPLIT = tuple(
     # one ".list.element" per nesting level, i.e. per dimension of the per-row shape
     COLUMNS[name][0] + ".list.element" * len(COLUMNS[name][1](2, 1, 1))
-    for name in (*TEACHER_COLUMNS, *OPTIONAL_COLUMNS)
+    for name in (*TEACHER_COLUMNS, "tail_ids")
 )
 
 
@@ -54,8 +55,8 @@ def ids_type(vocab_size: int) -> pa.DataType:
     return pa.uint16() if vocab_size <= 2**16 else pa.uint32()
 
 
-def arrow_schema(seq_len: int, top_k: int, vocab_size: int, tail_samples: int = 0) -> pa.Schema:
-    """The schema of a cache's shards; ``tail_ids`` only when ``tail_samples > 0``."""
+def arrow_schema(seq_len: int, top_k: int, vocab_size: int, tail_samples: int = 0, targets: bool = False) -> pa.Schema:
+    """The schema of a cache's shards; ``tail_ids`` only when ``tail_samples > 0``, ``target`` only with ``targets``."""
     n = seq_len - 1
     types = {
         "seq_id": pa.int64(),
@@ -68,6 +69,8 @@ def arrow_schema(seq_len: int, top_k: int, vocab_size: int, tail_samples: int = 
     }
     if tail_samples:
         types["tail_ids"] = pa.list_(pa.list_(ids_type(vocab_size), tail_samples), n)
+    if targets:
+        types["target"] = pa.list_(pa.bool_(), n)
     return pa.schema([(stored, types[name]) for name, (stored, _) in COLUMNS.items() if name in types])
 
 
@@ -125,6 +128,7 @@ def encode_shard(
     topk_logprobs: np.ndarray,
     label_logprobs: np.ndarray,
     tail_ids: np.ndarray | None = None,
+    target: np.ndarray | None = None,
 ) -> pa.Table:
     """The rows ``first_row ...`` of a split and the teacher's scores of them, as one shard table.
 
@@ -135,9 +139,12 @@ def encode_shard(
         topk_ids: (N, T - 1, k); topk_logprobs: (N, T - 1, k) float32, descending (index 0 is
             the argmax, kept exact in ``argmax_logprob``); label_logprobs: (N, T - 1).
         tail_ids: (N, T - 1, n) sampled tail ids, exactly when the schema has ``tail_ids``.
+        target: (N, T - 1) bool, whether position t's label is a training target, exactly
+            when the schema has ``target``.
     """
-    if (tail_ids is None) != (schema.get_field_index("tail_ids") < 0):
-        raise ValueError("tail_ids must be given exactly when the schema has the tail_ids column")
+    for name, value in (("tail_ids", tail_ids), ("target", target)):
+        if (value is None) != (schema.get_field_index(name) < 0):
+            raise ValueError(f"{name} must be given exactly when the schema has the {name} column")
     n = len(num_tokens)
     decoded = {
         "seq_id": np.arange(first_row, first_row + n, dtype=np.int64),
@@ -148,6 +155,7 @@ def encode_shard(
         "argmax_logprob": np.asarray(topk_logprobs[..., 0], dtype=np.float32),
         "label_logprobs": np.asarray(label_logprobs, dtype=np.float32),
         "tail_ids": tail_ids,
+        "target": target,
     }
     columns = {}
     for name, (stored, _) in COLUMNS.items():
@@ -184,7 +192,7 @@ def decode_shard(
     Returns: name -> array: seq_id (N,) int64, num_tokens (N,) int32, input_ids (N, T) int32,
     topk_ids (N, T - 1, k) uint16/uint32, topk_logprobs (N, T - 1, k) float16 (the argmax's
     exact value is ``argmax_logprob``), argmax_logprob and label_logprobs (N, T - 1) float32,
-    tail_ids (N, T - 1, n) uint16/uint32.
+    tail_ids (N, T - 1, n) uint16/uint32, target (N, T - 1) bool.
     """
     if isinstance(source, (str, Path)):
         source = pq.ParquetFile(source, memory_map=True)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from mft_pipeline.data.chat import ChatError, ChatRecord, check_record, record_format
 from mft_pipeline.errors import MFTError
 
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst")
@@ -21,12 +24,12 @@ class Corpus:
     """Documents of one corpus, split into train and validation.
 
     Attributes:
-        train, validation: document texts, in corpus order.
-        fingerprint: hash of all document texts in order (before the split).
+        train, validation: document texts (or, for instruction and chat corpora, records), in corpus order.
+        fingerprint: hash of all documents in order (before the split).
     """
 
-    train: list[str]
-    validation: list[str]
+    train: list[str] | list[ChatRecord]
+    validation: list[str] | list[ChatRecord]
     fingerprint: str
 
     @property
@@ -74,8 +77,94 @@ def _check_utf8(files: list[Path]) -> None:
             raise CorpusError(f"{f}: not valid UTF-8 at byte {e.start} ({e.reason})") from None
 
 
-def load_documents(path: str | Path, text_field: str = "text", sample_by: str = "paragraph") -> list[str]:
+def _open(f: Path):
+    """A binary file object over ``f`` that reads lines, decompressing .zst and .gz."""
+    import gzip
+    import io
+
+    import zstandard
+
+    name = f.name.lower()
+    return io.BufferedReader(zstandard.open(f, "rb")) if name.endswith(".zst") else gzip.open(f, "rb") if name.endswith(".gz") else open(f, "rb")
+
+
+def _file_columns(f: Path, kind: str) -> list[str] | None:
+    """The columns one file's first record has, where that is cheap to see (JSON Lines, Parquet)."""
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_schema(f).names
+        except Exception:
+            return None  # datasets reports the broken file
+    if ".jsonl" not in f.name.lower():
+        return None
+    with _open(f) as fh:
+        for line in fh:
+            if line.strip():
+                try:
+                    first = json.loads(line)
+                except ValueError:
+                    return None
+                return list(first) if isinstance(first, dict) else None
+    return None
+
+
+def _check_one_format(files: list[Path], kind: str) -> None:
+    # datasets would fail to merge the schemas with an unhelpful message, or silently leave
+    # one format's rows empty; name the two files instead.
+    seen: dict[str, Path] = {}
+    for f in files:
+        columns = _file_columns(f, kind)
+        if columns is not None:
+            seen.setdefault(record_format(columns), f)
+    if len(seen) > 1:
+        (a, fa), (b, fb) = list(seen.items())[:2]
+        raise CorpusError(f"{fa} holds {a} records but {fb} holds {b} records; keep one record format per corpus")
+
+
+def _locator(files: list[Path] | None, path: Path, kind: str):
+    """row index -> "FILE, line N" (JSON Lines) or "FILE, record N" (other formats)."""
+    if files is None:
+        return lambda i: f"{path}, record {i + 1}"
+    starts = []  # per file: (first row, file, line number of each row or None)
+    row = 0
+    for f in files:
+        if kind == "json" and ".jsonl" in f.name.lower():
+            with _open(f) as fh:
+                lines = [n + 1 for n, line in enumerate(fh) if line.strip()]
+            starts.append((row, f, lines))
+            row += len(lines)
+        else:
+            import pyarrow.parquet as pq
+
+            count = pq.ParquetFile(f).metadata.num_rows if kind == "parquet" else None
+            starts.append((row, f, None))
+            row += count or 0
+
+    def locate(i: int) -> str:
+        first, f, lines = next(s for s in reversed(starts) if s[0] <= i)
+        return f"{f}, line {lines[i - first]}" if lines is not None and i - first < len(lines) else f"{f}, record {i - first + 1}"
+
+    return locate
+
+
+def _chat_records(ds, fmt: str, locate) -> list[ChatRecord]:
+    records = []
+    for i, row in enumerate(ds):
+        try:
+            records.append(check_record(row, fmt, locate(i)))
+        except ChatError as e:
+            raise CorpusError(str(e)) from None
+    return records
+
+
+def load_documents(path: str | Path, text_field: str = "text", sample_by: str = "paragraph") -> list[str] | list[ChatRecord]:
     """Read every document of a corpus, in a deterministic order.
+
+    A corpus whose records have a ``messages`` column, or ``prompt`` and ``completion``
+    columns, is an instruction or chat corpus: its records come back as checked
+    :class:`ChatRecord` s (see :mod:`mft_pipeline.data.chat`); all its files must hold that format.
 
     Args:
         path: a file, a folder of files of one format, or a folder made by
@@ -89,6 +178,7 @@ def load_documents(path: str | Path, text_field: str = "text", sample_by: str = 
     if not path.exists():
         raise CorpusError(f"{path}: no such file or folder")
     datasets.disable_progress_bars()
+    files, kind = None, "saved"
     try:
         if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
             ds = datasets.load_from_disk(str(path))
@@ -103,6 +193,8 @@ def load_documents(path: str | Path, text_field: str = "text", sample_by: str = 
                 raise CorpusError(f"{path}: mixes formats {sorted(kinds)}; keep one format per corpus")
             kind = kinds.pop()
             _check_utf8(files)
+            if kind != "text":
+                _check_one_format(files, kind)
             kwargs = {"sample_by": sample_by} if kind == "text" else {}
             if kind == "text":
                 text_field = "text"
@@ -113,6 +205,12 @@ def load_documents(path: str | Path, text_field: str = "text", sample_by: str = 
         raise CorpusError(f"{path}: could not be read as a corpus: {e}") from e
     finally:
         datasets.enable_progress_bars()
+    fmt = "text" if kind == "text" else record_format(ds.column_names)
+    if fmt != "text":
+        records = _chat_records(ds, fmt, _locator(files, path, kind))
+        if not records:
+            raise CorpusError(f"{path}: corpus is empty (no records)")
+        return records
     if text_field not in ds.column_names:
         raise CorpusError(f"{path}: no text field {text_field!r}; columns are {ds.column_names} (use --text-field)")
     texts = ds[text_field]
@@ -125,15 +223,17 @@ def load_documents(path: str | Path, text_field: str = "text", sample_by: str = 
     return docs
 
 
-def _hash(text: str) -> bytes:
+def _hash(doc: str | ChatRecord) -> bytes:
+    text = doc.key() if isinstance(doc, ChatRecord) else doc
     return hashlib.sha256(text.encode("utf-8")).digest()
 
 
-def split_documents(docs: list[str], val_fraction: float) -> Corpus:
+def split_documents(docs: list[str] | list[ChatRecord], val_fraction: float) -> Corpus:
     """Assign each document to validation when its hash falls below ``val_fraction``.
 
-    Depends only on the document's text, so it is stable across runs, file orders and
-    corpus growth, and identical documents always land on the same side.
+    Depends only on the document's text (a record's: its whole content, so a conversation
+    never lands on both sides), so it is stable across runs, file orders and corpus growth,
+    and identical documents always land on the same side.
     """
     whole = hashlib.sha256()
     train, val = [], []

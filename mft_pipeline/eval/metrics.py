@@ -46,33 +46,42 @@ def compare(before: dict, after: dict) -> dict:
     return row
 
 
-def model_perplexity(model, input_ids: np.ndarray, num_tokens: np.ndarray, batch_size: int = 8) -> float:
+def model_perplexity(model, input_ids: np.ndarray, num_tokens: np.ndarray, batch_size: int = 8, target: np.ndarray | None = None) -> float:
     """Perplexity of ``model`` on packed sequences (N, T), counting each row's real labels only.
+
+    With ``target`` ((N, T - 1) bool, as ``Packed.target`` and ``CachedSplit.target``), only the
+    labels of target positions count: an instruction or chat corpus's answers.
 
     The one evaluation path for one process and many: under ``torch.distributed`` every rank must
     call it with the same rows; each scores a contiguous share and the NLL sums and label counts
     are all-reduced. With one process it scores every row and the sums are its own.
     """
-    return perplexity(*model_nll(model, input_ids, num_tokens, batch_size))
+    return perplexity(*model_nll(model, input_ids, num_tokens, batch_size, target=target))
 
 
 @torch.no_grad()
-def model_nll(model, input_ids: np.ndarray, num_tokens: np.ndarray, batch_size: int = 8, fused: bool = True) -> tuple[float, int]:
+def model_nll(
+    model, input_ids: np.ndarray, num_tokens: np.ndarray, batch_size: int = 8, fused: bool = True, target: np.ndarray | None = None
+) -> tuple[float, int]:
     """Summed NLL and label count of ``model`` on packed sequences (N, T), over all processes (see ``model_perplexity``).
 
     Where the output head can be fused (``train.student_loss.output_head``, as for the training
     loss), the head is applied to the final hidden states a chunk of positions at a time
     (``head_nll``), so the (B, T, V) logits never exist; otherwise (or with ``fused=False``)
-    the model's own logits are scored row by row.
+    the model's own logits are scored row by row. ``target`` as in ``model_perplexity``.
     """
     rank, world = _rank_and_world()
     share = -(-len(num_tokens) // world)
     ids, num = input_ids[rank * share : (rank + 1) * share], num_tokens[rank * share : (rank + 1) * share]
+    if target is None:
+        target = np.ones((len(input_ids), input_ids.shape[1] - 1), dtype=bool)
+    mask = target[rank * share : (rank + 1) * share]
     if len(num) < share:
         # Every rank runs the same number of forwards (FSDP gathers weights inside each one);
         # padding rows have no tokens, so they add nothing to the sums.
         ids = np.concatenate([ids, np.zeros((share - len(num), input_ids.shape[1]), dtype=input_ids.dtype)])
         num = np.concatenate([num, np.zeros(share - len(num), dtype=num_tokens.dtype)])
+        mask = np.concatenate([mask, np.zeros((share - len(mask), mask.shape[1]), dtype=bool)])
     device = next(model.parameters()).device
     head = output_head(model) if fused else None
     was_training = model.training
@@ -83,6 +92,7 @@ def model_nll(model, input_ids: np.ndarray, num_tokens: np.ndarray, batch_size: 
         batch_num = torch.as_tensor(num[start : start + batch_size], dtype=torch.long, device=device)
         labels = batch_ids[:, 1:].clone()
         labels[torch.arange(labels.shape[1], device=device)[None] >= (batch_num[:, None] - 1)] = IGNORE_INDEX
+        labels[~torch.as_tensor(mask[start : start + batch_size], device=device)] = IGNORE_INDEX
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             if head is not None:
                 nll += head_nll(head, head.hidden_states(model, batch_ids)[:, :-1], labels)

@@ -84,7 +84,7 @@ def score_checkpoint(config: EvalConfig) -> dict:
     sets = eval_sets(config, tokenizer)
 
     def perplexities(model) -> dict:
-        return {name: model_perplexity(model, seqs.input_ids, seqs.num_tokens, config.batch_size) for name, seqs in sets.items()}
+        return {name: model_perplexity(model, seqs.input_ids, seqs.num_tokens, config.batch_size, seqs.target) for name, seqs in sets.items()}
 
     # fp32 weights, bf16 autocast on GPU: as training evaluates.
     model = load_model(base, device, dtype=torch.float32).eval()

@@ -439,7 +439,7 @@ def evaluate(model: torch.nn.Module, eval_sets: dict[str, Any], batch_size: int)
     share of the rows (``model_perplexity``); rank 0's numbers are returned on every rank, so all
     take the same best-checkpoint and stopping decisions.
     """
-    row = {name: model_perplexity(model, seqs.input_ids, seqs.num_tokens, batch_size) for name, seqs in eval_sets.items()}
+    row = {name: model_perplexity(model, seqs.input_ids, seqs.num_tokens, batch_size, seqs.target) for name, seqs in eval_sets.items()}
     return distributed.from_main(row)
 
 
