@@ -39,9 +39,7 @@ from mft_pipeline.distill.fused_loss import default_chunk_size  # noqa: E402
 # docs/performance-targets.md; each is the worst case over the models measured.
 TARGETS = (
     ("stage_one_score_vs_forward", ">=", 0.9, "stage one (score) tokens/s vs the plain forward"),
-    ("offline_vs_ft_speed", ">=", 0.97, "offline MFT tokens/s vs FT"),
-    ("offline_vs_ft_peak_memory", "<=", 1.0, "offline MFT peak memory vs FT"),
-    ("loss_peak_memory_vs_ft_naive_128k", "<=", 0.15, "loss + backward peak vs FT's naive float32 cross-entropy at V = 128k"),
+    *(t for t in stage_two.TARGETS if t[0] in ("offline_vs_ft_speed", "offline_vs_ft_peak_memory", "loss_peak_memory_vs_ft_naive_128k")),
 )
 
 
@@ -160,14 +158,7 @@ def chunks_part(plan: Plan, progress=lambda partial: None) -> dict:
 def ratios(parts: dict) -> dict:
     ones = [p["score_vs_forward"] for k, p in parts.items() if k.startswith("stage_one/")]
     twos = [p for k, p in parts.items() if k.startswith("stage_two/")]
-    at_128k = [t["loss_peak_memory_vs_ft_naive"] for t in twos if t["vocab"] >= 128000]
-    worst = lambda f, xs: f(xs) if xs else None  # noqa: E731
-    return {
-        "stage_one_score_vs_forward": worst(min, ones),
-        "offline_vs_ft_speed": worst(min, [t["offline_vs_ft_speed"] for t in twos]),
-        "offline_vs_ft_peak_memory": worst(max, [t["offline_vs_ft_peak_memory"] for t in twos]),
-        "loss_peak_memory_vs_ft_naive_128k": worst(max, at_128k),
-    }
+    return {"stage_one_score_vs_forward": min(ones) if ones else None, **stage_two.worst_case(twos)}
 
 
 def run(plan: Plan, path: Path, command: str, only: tuple[str, ...] = ()) -> dict:
@@ -210,7 +201,7 @@ def run(plan: Plan, path: Path, command: str, only: tuple[str, ...] = ()) -> dic
 def met(value, op: str, goal: float) -> str:
     if value is None:
         return "not measured"
-    return "yes" if (value >= goal if op == ">=" else value <= goal) else f"NO (off by {abs(value - goal):.3f})"
+    return "yes" if stage_two.met(value, op, goal) else f"NO (off by {abs(value - goal):.3f})"
 
 
 def render(r: dict) -> str:
@@ -221,23 +212,7 @@ def render(r: dict) -> str:
              f"Device: {gpu}; Python {d['python']}, torch {d['torch']}, transformers {d['transformers']}; {d['date']}. "
              f"Wall time {r['wall_seconds']:.0f} s; load average {r['loadavg_start'][0]:.2f} at the start, {r['loadavg_end'][0]:.2f} at the end."]  # fmt: skip
     if speed:
-        lines += ["", f"Random tokens and random-weight models; {p['seq_len']}-token sequences, top-k {p['top_k']}, {p['repeats']} paired "
-                  f"repeats, medians; {'bf16' if p['device'].startswith('cuda') else 'float32 (no GPU)'}. Targets: "
-                  "docs/performance-targets.md.", "", "| target | measured (worst model) | goal | met |", "|---|---|---|---|"]  # fmt: skip
-        for key, op, goal, what in TARGETS:
-            v = r["ratios"][key]
-            lines.append(f"| {what} | {'—' if v is None else f'{v:.3f}'} | {op} {goal} | {met(v, op, goal)} |")
-        lines += ["", "Stage one (score = forward + top-k + label log-probs, brought to the host):", "",
-                  "| model | params | batch | forward tokens/s | score tokens/s | score / forward | forward peak | score peak |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for name, s in parts.items():
-        if name.startswith("stage_one/"):
-            lines.append(f"| {name[10:]} | {s['params'] / 1e6:,.0f}M | {s['batch'][0]} × {s['batch'][1]} | {s['tokens_per_s']['forward']:,.0f} "
-                         f"| {s['tokens_per_s']['score']:,.0f} | {s['score_vs_forward']:.3f} | {fmt_mib(s['peak_bytes']['forward'])} "
-                         f"| {fmt_mib(s['peak_bytes']['score'])} |")  # fmt: skip
-    if speed:
-        lines += ["", "Stage two (one step: forward, backward, AdamW; float32 weights, autocast on a GPU; peaks in fresh processes):", "",
-                  "| model | method | tokens/s | paired ratio vs FT | step peak | vs FT |", "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += render_speed(r)
     if "loader" in parts:
         ld = parts["loader"]
         lines += ["", f"Cache loader alone (k = {ld['top_k']}, V = {ld['vocab']:,}, onto the device): "
@@ -255,18 +230,40 @@ def render(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_speed(r: dict) -> list[str]:
+    """The targets, then stage one's and stage two's table, a row per model."""
+    p, parts = r["plan"], r["parts"]
+    ones = {name.split("/", 1)[1]: s for name, s in parts.items() if name.startswith("stage_one/")}
+    twos = {name.split("/", 1)[1]: s for name, s in parts.items() if name.startswith("stage_two/")}
+    return [
+        "", f"Random tokens and random-weight models; {p['seq_len']}-token sequences, top-k {p['top_k']}, {p['repeats']} paired "
+        f"repeats, medians; {'bf16' if p['device'].startswith('cuda') else 'float32 (no GPU)'}. Targets: docs/performance-targets.md.", "",
+        *stage_one.table(["target", "measured (worst model)", "goal", "met"],
+                         [[what, "—" if r["ratios"][key] is None else f"{r['ratios'][key]:.3f}", f"{op} {goal}", met(r["ratios"][key], op, goal)]
+                          for key, op, goal, what in TARGETS]),
+        "", "Stage one (score = forward + top-k + label log-probs, brought to the host):", "",
+        *stage_one.table(["model", "params", "batch", "forward tokens/s", "score tokens/s", "score / forward", "forward peak", "score peak"],
+                         [[name, f"{s['params'] / 1e6:,.0f}M", f"{s['batch'][0]} × {s['batch'][1]}", f"{s['tokens_per_s']['forward']:,.0f}",
+                           f"{s['tokens_per_s']['score']:,.0f}", f"{s['score_vs_forward']:.3f}", fmt_mib(s["peak_bytes"]["forward"]),
+                           fmt_mib(s["peak_bytes"]["score"])] for name, s in ones.items()]),
+        "", "Stage two (one step: forward, backward, AdamW; float32 weights, autocast on a GPU; peaks in fresh processes):", "",
+        *stage_one.table(["model", "method", "tokens/s", "paired ratio vs FT", "step peak", "vs FT"],
+                         [[name, meth, f"{t['speed']['tokens_per_s'][meth]:,.0f}",
+                           f"{1.0 if meth == 'ft' else t['speed']['paired_ratio_vs_ft'][meth]:.3f}", fmt_mib(t["peak"][meth]["peak"]),
+                           f"{t['peak'][meth]['peak'] / t['peak']['ft']['peak']:.3f}"] for name, t in twos.items() for meth in stage_two.METHODS]),
+    ]  # fmt: skip
+
+
 def render_chunks(c: dict) -> str:
     s, naive = c["shape"], c["ft_naive"]
     timed = f"the median of {c['repeats']} calls after the measured one" if c["repeats"] else "the measured call's, first touch of its memory included"
-    lines = [f"Fused loss + backward by chunk size, {s['B']} × {s['T']} positions, V = {s['V']:,}, H = {s['H']}: peak growth over "
-             f"its inputs, `fused_loss_bytes`'s prediction, and seconds ({timed}). FT-naive: {fmt_mib(naive['growth'])}, "
-             f"{naive['seconds']:.3f} s.", "", "| chunk | peak growth | predicted | vs FT-naive | seconds | vs FT-naive's time |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
-    for row in sorted(c["fused"], key=lambda row: row["chunk"]):
-        chunk = f"{row['chunk']} (default)" if row["default"] else row["chunk"]
-        lines.append(f"| {chunk} | {fmt_mib(row['growth'])} | {fmt_mib(row['predicted'])} | {row['vs_ft_naive']:.3f} "
-                     f"| {row['seconds']:.3f} | {row['seconds'] / naive['seconds']:.2f} |")  # fmt: skip
-    return "\n".join(lines)
+    rows = [[f"{row['chunk']} (default)" if row["default"] else row["chunk"], fmt_mib(row["growth"]), fmt_mib(row["predicted"]),
+             f"{row['vs_ft_naive']:.3f}", f"{row['seconds']:.3f}", f"{row['seconds'] / naive['seconds']:.2f}"]
+            for row in sorted(c["fused"], key=lambda row: row["chunk"])]  # fmt: skip
+    return "\n".join([f"Fused loss + backward by chunk size, {s['B']} × {s['T']} positions, V = {s['V']:,}, H = {s['H']}: peak growth over "
+                      f"its inputs, `fused_loss_bytes`'s prediction, and seconds ({timed}). FT-naive: {fmt_mib(naive['growth'])}, "
+                      f"{naive['seconds']:.3f} s.", "",
+                      *stage_one.table(["chunk", "peak growth", "predicted", "vs FT-naive", "seconds", "vs FT-naive's time"], rows)])  # fmt: skip
 
 
 def rehearsal_plan(folder: Path) -> Plan:

@@ -146,31 +146,36 @@ def setup(args) -> SimpleNamespace:
 
 
 class PeakMemory:
-    """Peak memory of one phase: CUDA allocator peak, or the CPU process's peak RSS."""
+    """Peak memory since ``reset``: CUDA allocator peak, or the CPU process's peak RSS."""
 
     def __init__(self, device):
         self.torch, self.cuda = __import__("torch"), device.type == "cuda"
-        resets = self.reset()
+        resets = self.cuda or clear_peak_rss()
         self.kind = "torch.cuda.max_memory_allocated" if self.cuda else "peak RSS (VmHWM, reset per phase)" if resets else "peak RSS so far (ru_maxrss)"
 
-    def reset(self) -> bool:
+    def reset(self) -> int:
+        """Reset the peak; return the memory held now: allocated on CUDA, resident (VmRSS) on CPU."""
         if self.cuda:
+            self.torch.cuda.synchronize()
             self.torch.cuda.reset_peak_memory_stats()
-            return True
-        with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-            return True
-        return False
-
-    def current(self) -> int:
-        """Memory held now: allocated on CUDA, resident (VmRSS) on CPU."""
-        return int(self.torch.cuda.memory_allocated()) if self.cuda else (proc_status_bytes("VmRSS") or 0)
+            return int(self.torch.cuda.memory_allocated())
+        clear_peak_rss()
+        return proc_status_bytes("VmRSS") or 0
 
     def peak(self) -> int:
         if self.cuda:
+            self.torch.cuda.synchronize()
             return int(self.torch.cuda.max_memory_allocated())
         found = proc_status_bytes("VmHWM")
         return found if found is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def clear_peak_rss() -> bool:
+    """Reset the process's VmHWM to its VmRSS; False where the kernel does not allow it."""
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+        return True
+    return False
 
 
 def proc_status_bytes(field: str) -> int | None:
@@ -300,17 +305,49 @@ def parquet_what_if(cache_dir: Path, labels: int, top_k: int) -> list[dict]:
 
 
 def measure_transformers(b: SimpleNamespace) -> dict:
-    from mft_pipeline.stage_one import build_cache
-    from mft_pipeline.cache.reader import Cache
-    from mft_pipeline.config import CacheConfig
+    """Forward, score and ``build_cache`` in rotating rounds; then the cache's sizes and the replayed builds."""
+    args = b.args
+    build = cache_builder(b)
+    forward, score = forward_and_score(b)
+    say("warm-up ...")  # kernels, allocator, lazy imports (datasets, pyarrow.parquet), datasets' JSON cache
+    forward()
+    score()
+    shutil.rmtree(build(sequences=min(len(b.packed), args.batch_size)))
+    memory = PeakMemory(b.device)
+    memory_before = memory.reset()
+    seconds, peaks = timed_rounds({"forward": forward, "score": score, "build": lambda: shutil.rmtree(build())}, args.repeats, memory)
+    kept = build()
+    sizes = [checked_size(b, kept)]
+    what_if = parquet_what_if(kept, sizes[0]["labels"], args.top_k)
+    replay = ReplayTeacher(b.teacher, score(top_k=max([args.top_k, *args.extra_k]), keep={}))  # one untimed pass at max k
+    replayed, replay_peak = timed_rounds({"build_replay": lambda: shutil.rmtree(build(replay))}, args.repeats, memory)
+    sizes += [{**cache_size(build(replay, top_k=k), k), "replayed": True} for k in args.extra_k]
+    return {
+        "model": {
+            "parameters": sum(p.numel() for p in b.model.parameters()), "vocab_size": b.teacher.vocab_size,
+            "dtype": str(next(b.model.parameters()).dtype).replace("torch.", ""),
+            "attention": getattr(b.model.config, "_attn_implementation", None),
+            "split_head": b.teacher._split_head, "chunk_tokens": b.teacher.chunk_tokens,
+        },
+        "memory_kind": memory.kind, "memory_before": memory_before,
+        "timings": summarize({**seconds, **replayed}, b.tokens, {**peaks, **replay_peak}),
+        "sizes": sorted(sizes, key=lambda s: s["top_k"]), "parquet_what_if": what_if,
+    }  # fmt: skip
 
-    args, n, B = b.args, len(b.packed), b.args.batch_size
+
+def cache_builder(b: SimpleNamespace):
+    """``build(teacher, top_k, sequences)``: the whole ``build_cache`` over the benchmark's documents
+    into a new folder, with the loaded model and tokenizer handed in; returns the folder."""
+    from mft_pipeline.config import CacheConfig
+    from mft_pipeline.stage_one import build_cache
+
+    args, B = b.args, b.args.batch_size
     os.environ["HF_DATASETS_CACHE"] = str(b.work / "hf-datasets")  # keep datasets' Arrow cache out of ~
     corpus_file = b.work / "corpus.jsonl"
     corpus_file.write_text("".join(json.dumps({"text": d}) + "\n" for d in b.docs), encoding="utf-8")
     builds = iter(range(10**6))
 
-    def build(teacher=b.teacher, top_k=args.top_k, sequences=n) -> Path:
+    def build(teacher=b.teacher, top_k=args.top_k, sequences=len(b.packed)) -> Path:
         out = b.work / f"build-{next(builds)}"
         config = CacheConfig(
             corpus=str(corpus_file), out=str(out), model=args.model, seq_len=args.seq_len, top_k=top_k, val_fraction=0.0,
@@ -322,49 +359,37 @@ def measure_transformers(b: SimpleNamespace) -> dict:
         b.sync()
         return out
 
+    return build
+
+
+def forward_and_score(b: SimpleNamespace):
+    """The two passes over every batch: the plain forward, and ``TransformersTeacher.score``
+    (``score(top_k, keep)`` also stores each batch's scores in ``keep`` and returns it)."""
+
     def forward():
         with b.torch.inference_mode():
             for ids in b.device_ids:
                 b.model(ids).logits
         b.sync()
 
-    def score(top_k=args.top_k, keep=None):
+    def score(top_k=b.args.top_k, keep=None):
         for ids, num in b.batches:
             s = b.teacher.score(ids, num, top_k)
             if keep is not None:
                 keep[ReplayTeacher.key(ids, num)] = s
         b.sync()
+        return keep
 
-    say("warm-up ...")  # kernels, allocator, lazy imports (datasets, pyarrow.parquet), datasets' JSON cache
-    forward()
-    score()
-    shutil.rmtree(build(sequences=min(n, B)))
-    memory = PeakMemory(b.device)
-    memory_before = memory.current()
-    seconds, peaks = timed_rounds({"forward": forward, "score": score, "build": lambda: shutil.rmtree(build())}, args.repeats, memory)
+    return forward, score
 
-    kept = build()  # the cache checked and sized; its sequences must be the benchmark's rows
-    if not (Cache(kept).split("train").input_ids == b.packed.input_ids).all():
+
+def checked_size(b: SimpleNamespace, cache_dir: Path) -> dict:
+    """``cache_size`` of a built cache, once its sequences are checked to be the benchmark's rows."""
+    from mft_pipeline.cache.reader import Cache
+
+    if not (Cache(cache_dir).split("train").input_ids == b.packed.input_ids).all():
         raise SystemExit("build_cache packed other sequences than the benchmark's rows; the comparison would be unfair")
-    sizes = [cache_size(kept, args.top_k)]
-    what_if = parquet_what_if(kept, sizes[0]["labels"], args.top_k)
-
-    stored: dict[bytes, object] = {}  # everything but the teacher, and the other k, from one untimed pass at max k
-    score(top_k=max([args.top_k, *args.extra_k]), keep=stored)
-    replay = ReplayTeacher(b.teacher, stored)
-    replayed, replay_peak = timed_rounds({"build_replay": lambda: shutil.rmtree(build(replay))}, args.repeats, memory)
-    sizes += [{**cache_size(build(replay, top_k=k), k), "replayed": True} for k in args.extra_k]
-    timings = summarize({**seconds, **replayed}, b.tokens, {**peaks, **replay_peak})
-    return {
-        "model": {
-            "parameters": sum(p.numel() for p in b.model.parameters()), "vocab_size": b.teacher.vocab_size,
-            "dtype": str(next(b.model.parameters()).dtype).replace("torch.", ""),
-            "attention": getattr(b.model.config, "_attn_implementation", None),
-            "split_head": b.teacher._split_head, "chunk_tokens": b.teacher.chunk_tokens,
-        },
-        "memory_kind": memory.kind, "memory_before": memory_before, "timings": timings,
-        "sizes": sorted(sizes, key=lambda s: s["top_k"]), "parquet_what_if": what_if,
-    }  # fmt: skip
+    return cache_size(cache_dir, b.args.top_k)
 
 
 def measure_vllm(b: SimpleNamespace) -> dict:
@@ -621,36 +646,25 @@ def forward_vs_score(model, batches: list, top_k: int, *, repeats: int = 5, say=
     from mft_pipeline.teacher.transformers_backend import TransformersTeacher
 
     device = next(model.parameters()).device
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     teacher = TransformersTeacher(model)
-    on_device = [torch.as_tensor(ids, device=device) for ids in batches]
 
-    def forward(i: int) -> None:
-        with torch.inference_mode():
-            model(on_device[i]).logits
-        sync()
+    def passes(rows: list) -> dict:
+        b = SimpleNamespace(model=model, teacher=teacher, torch=torch, args=SimpleNamespace(top_k=top_k),
+                            sync=(lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None),
+                            device_ids=[torch.as_tensor(ids, device=device) for ids in rows],
+                            batches=[(ids, np.full(len(ids), ids.shape[1])) for ids in rows])  # fmt: skip
+        return dict(zip(("forward", "score"), forward_and_score(b)))
 
-    def score(i: int) -> None:
-        teacher.score(batches[i], np.full(len(batches[i]), batches[i].shape[1]), top_k)
-        sync()
-
-    runs = {"forward": forward, "score": score}
-    for fn in runs.values():
-        fn(0)
-    passes = {name: (lambda fn=fn: [fn(i) for i in range(len(batches))]) for name, fn in runs.items()}
-    seconds, _ = timed_rounds(passes, repeats, log=say or (lambda *a: None))
+    first, every = passes(batches[:1]), passes(batches)
+    for fn in first.values():  # warm-up
+        fn()
+    seconds, _ = timed_rounds(every, repeats, log=say or (lambda *a: None))
     memory, peaks = PeakMemory(device), {}
-    for name, fn in runs.items():  # the peak of one batch
-        sync()
-        memory.reset()
-        before = memory.current()
-        fn(0)
+    for name, fn in first.items():  # the peak of one batch
+        before = memory.reset()
+        fn()
         peaks[name] = memory.peak() - before
     tokens = sum(ids.size for ids in batches)
-    return {
-        "tokens_per_s": {name: tokens / statistics.median(s) for name, s in seconds.items()},
-        "seconds": seconds,
-        "score_vs_forward": statistics.median(f / s for f, s in zip(seconds["forward"], seconds["score"])),
-        "peak_bytes": peaks,
-        "tokens_per_pass": tokens,
-    }
+    t = summarize(seconds, tokens)
+    return {"tokens_per_s": {name: x["tokens_per_s"] for name, x in t.items()}, "seconds": seconds,
+            "score_vs_forward": t["score"]["vs_forward_paired"], "peak_bytes": peaks, "tokens_per_pass": tokens}  # fmt: skip

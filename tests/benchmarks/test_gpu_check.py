@@ -4,17 +4,14 @@ import json
 
 import pytest
 
-from benchmarks import stage_two
 from benchmarks.gpu_check import main
 
 
 def test_rehearsal_measures_every_part(tmp_path):
     assert main(["--rehearse", "--out", str(tmp_path)]) == 0
     r = json.loads((tmp_path / "gpu-rehearsal.json").read_text())
-    # TODO(reader-eval): until benchmarks.stage_two has measure_loader and measure_eval, those two parts fail.
-    pending = set() if hasattr(stage_two, "measure_loader") else {"loader", "eval"}
-    assert set(r["errors"]) == pending
-    assert set(r["parts"]) == {"stage_one/tiny", "stage_two/tiny", "chunks", "loader", "eval"} - pending
+    assert r["errors"] == {}
+    assert set(r["parts"]) == {"stage_one/tiny", "stage_two/tiny", "chunks", "loader", "eval"}
 
     one, two = r["parts"]["stage_one/tiny"], r["parts"]["stage_two/tiny"]
     per_repeat = sorted(f / s for f, s in zip(one["seconds"]["forward"], one["seconds"]["score"]))
@@ -37,6 +34,7 @@ def test_rehearsal_measures_every_part(tmp_path):
 
     md = (tmp_path / "gpu-rehearsal.md").read_text()
     assert "stage one (score) tokens/s vs the plain forward" in md and "| 32 (default) |" in md
+    assert "| tiny | offline |" in md and "| tiny | ft |" in md  # a stage-two row per method
     assert "mft-gpu-rehearsal-" not in md  # the temporary model folder is named by its last part only
 
 
