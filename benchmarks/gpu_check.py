@@ -16,9 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -68,15 +65,8 @@ def say(*parts) -> None:
 
 def device_info(device: str) -> dict:
     import torch
-    import transformers
 
-    info = {"device": device, "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}  # fmt: skip
-    if device.startswith("cuda"):
-        info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True)
-        info["driver"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else "unknown"
-    return info
+    return {**stage_one.machine_info(torch.device(device), torch), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
 def stage_one_part(spec: str, batch: int, plan: Plan) -> dict:
@@ -303,7 +293,7 @@ def main(argv=None) -> int:
     plan = replace(Plan(), **{k: v for k, v in given.items() if v is not None})
     if args.threads:
         torch.set_num_threads(args.threads)
-    command = "python benchmarks/gpu_check.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = stage_one.command_line("python benchmarks/gpu_check.py", argv)
     if args.rehearse:
         out = Path(args.out or tempfile.mkdtemp(prefix="mft-gpu-check-"))
         out.mkdir(parents=True, exist_ok=True)

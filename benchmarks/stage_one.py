@@ -118,7 +118,7 @@ def setup(args) -> SimpleNamespace:
         torch.set_num_threads(args.threads)
     b = SimpleNamespace(args=args, device=pick_device(args.device), fixed={}, torch=torch)
     b.sync = (lambda: torch.cuda.synchronize(b.device)) if b.device.type == "cuda" else (lambda: None)
-    b.loadavg_start = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    b.loadavg_start = loadavg()
 
     def timed(key, fn):
         t0 = time.perf_counter()
@@ -242,10 +242,11 @@ class ReplayTeacher:
 
 
 def cache_size(cache_dir: Path, top_k: int) -> dict:
-    """Shard bytes per labelled token and per candidate, and each column's compressed bytes."""
-    manifest = json.loads((cache_dir / "manifest.json").read_text())
-    total = sum(s["bytes"] for split in manifest["splits"].values() for s in split["shards"])
-    labels = sum(split["num_labels"] for split in manifest["splits"].values())
+    """Shard bytes per labelled token and per candidate (as `mft cache-info` counts them), and each column's compressed bytes."""
+    from mft_pipeline.cache.info import cache_info
+
+    splits = cache_info(cache_dir)["splits"].values()
+    total, labels = sum(s["bytes"] for s in splits), sum(s["tokens"] for s in splits)
     columns = Counter()
     for f in sorted(cache_dir.glob("*.parquet")):
         meta = pq.ParquetFile(f).metadata
@@ -490,6 +491,7 @@ def profile_vllm(run, work: Path) -> dict:
 
 
 def machine_info(device, torch_module) -> dict:
+    """The machine and library versions a results file names; on CUDA also the GPU, CUDA and driver versions."""
     import pyarrow
     import transformers
 
@@ -503,8 +505,19 @@ def machine_info(device, torch_module) -> dict:
         "torch": torch_module.__version__, "transformers": transformers.__version__, "pyarrow": pyarrow.__version__, "device": str(device),
     }  # fmt: skip
     if device.type == "cuda":
-        info["gpu"] = torch_module.cuda.get_device_name(device)
+        info.update(gpu=torch_module.cuda.get_device_name(device), cuda=torch_module.version.cuda)
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True)
+        info["driver"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else "unknown"
     return info
+
+
+def loadavg() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def command_line(prog: str, argv) -> str:
+    """The command that wrote a results file, as typed (``argv`` None: this process's)."""
+    return (prog + " " + shlex.join(sys.argv[1:] if argv is None else argv)).rstrip()
 
 
 def fmt_mib(n: int | None) -> str:
@@ -600,10 +613,10 @@ def main(argv=None) -> dict:
     b = setup(args)
     measured = measure_vllm(b) if args.backend == "vllm" else measure_transformers(b)
     result = {
-        "command": "python -m benchmarks.stage_one" + (" " + shlex.join(sys.argv[1:] if argv is None else argv)).rstrip(),
+        "command": command_line("python -m benchmarks.stage_one", argv),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "args": {key: v for key, v in vars(args).items() if key != "out"},
-        "machine": machine_info(b.device, b.torch), "loadavg_start": b.loadavg_start, "loadavg_end": ", ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "machine": machine_info(b.device, b.torch), "loadavg_start": b.loadavg_start, "loadavg_end": loadavg(),
         "fixed_s": b.fixed, "workload": {"sequences": len(b.packed), "tokens": b.tokens, "labels": int(b.packed.num_labels), "corpus": b.corpus},
         **measured,
     }  # fmt: skip

@@ -45,7 +45,6 @@ import functools
 import inspect
 import json
 import os
-import shlex
 import statistics
 import subprocess
 import sys
@@ -54,7 +53,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks.stage_one import PeakMemory, fmt_mib, machine_info, table, timed_rounds
+from benchmarks.stage_one import PeakMemory, command_line, fmt_mib, loadavg, machine_info, table, timed_rounds
 
 REPO = Path(__file__).resolve().parents[1]
 TAU = 0.25
@@ -733,16 +732,16 @@ def main(argv=None) -> dict:
     import torch
 
     say = lambda *x: print(*x, file=sys.stderr, flush=True)  # noqa: E731
-    loadavg_start = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    loadavg_start = loadavg()
     t0 = time.perf_counter()
     ratios = run(args, say)
     result = {
-        "command": "python -m benchmarks.stage_two " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:])),
+        "command": command_line("python -m benchmarks.stage_two", argv),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine_info(torch.device(args.device), torch),
         "args": {k: v for k, v in vars(args).items() if k not in ("json", "out")},
         "loadavg_start": loadavg_start,
-        "loadavg_end": ", ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "loadavg_end": loadavg(),
         "wall_seconds": time.perf_counter() - t0,
         "ratios": ratios,
     }
