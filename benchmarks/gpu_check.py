@@ -196,10 +196,9 @@ def met(value, op: str, goal: float) -> str:
 
 def render(r: dict) -> str:
     p, parts, d = r["plan"], r["parts"], r["device"]
-    gpu = f"{d['gpu']} (driver {d['driver']}, CUDA {d['cuda']})" if "gpu" in d else f"no GPU ({d['device']})"
     speed = any(name.startswith("stage_") for name in parts) or "chunks" not in parts
     lines = [f"# {'GPU check' if speed else 'Fused loss by chunk size'}, {d['date'][:10]}", "", f"Command: `{r['command']}`", "",
-             f"Device: {gpu}; Python {d['python']}, torch {d['torch']}, transformers {d['transformers']}; {d['date']}. "
+             f"{stage_one.machine_line(d)} {d['date']}. "
              f"Wall time {r['wall_seconds']:.0f} s; load average {r['loadavg_start'][0]:.2f} at the start, {r['loadavg_end'][0]:.2f} at the end."]  # fmt: skip
     if speed:
         lines += render_speed(r)

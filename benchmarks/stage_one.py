@@ -528,15 +528,19 @@ def table(header: list[str], rows: list[list]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]
 
 
+def machine_line(m: dict) -> str:
+    """``machine_info`` as the results files print it."""
+    gpu = f", GPU {m['gpu']} (driver {m['driver']}, CUDA {m['cuda']})" if "gpu" in m else ""
+    return (f"Machine: {m['cpu']}, {m['cpu_count']} CPUs ({m['cpus_usable']} usable, torch threads {m['torch_threads']}){gpu}; {m['platform']}; "
+            f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, pyarrow {m['pyarrow']}; device {m['device']}.")
+
+
 def header(r: dict, title: str) -> list[str]:
     m, w, a = r["machine"], r["workload"], r["args"]
     shared = m["device"].startswith("cpu") and float(r["loadavg_start"].split(",")[0]) >= 0.5
     return [
         f"# {title}", "", f"Command: `{r['command']}`", "", f"Date: {r['date']}", "",
-        f"Machine: {m['cpu']}, {m['cpu_count']} CPUs ({m['cpus_usable']} usable, torch threads {m['torch_threads']})"
-        + (f", GPU {m['gpu']}" if "gpu" in m else "")
-        + f"; {m['platform']}; Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, pyarrow {m['pyarrow']}; "
-        f"device {m['device']}. Load average at start / end: {r['loadavg_start']} / {r['loadavg_end']}.", "",
+        machine_line(m) + f" Load average at start / end: {r['loadavg_start']} / {r['loadavg_end']}.", "",
         *([f"**Shared machine:** other work was running when this started (1-minute load {r['loadavg_start'].split(',')[0]} "
            f"on {m['cpus_usable']} CPUs), so absolute times are noisy; the paired ratios are the most robust figures.", ""] if shared else []),
         f"Workload: `{a['model']}`, {w['sequences']} packed rows x {a['seq_len']} tokens = {w['tokens']} input tokens "

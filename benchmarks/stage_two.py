@@ -53,7 +53,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks.stage_one import PeakMemory, command_line, fmt_mib, loadavg, machine_info, table, timed_rounds
+from benchmarks.stage_one import PeakMemory, command_line, fmt_mib, loadavg, machine_info, machine_line, table, timed_rounds
 
 REPO = Path(__file__).resolve().parents[1]
 TAU = 0.25
@@ -661,10 +661,7 @@ def render(r: dict) -> str:
     m, a, ratios = r["machine"], r["args"], r["ratios"]
     lines = [
         f"# Stage two benchmark ({m['device']})", "", f"Command: `{r['command']}`", "",
-        f"Date: {r['date']}. Machine: {m['cpu']}, {m['cpu_count']} CPUs, torch threads {m['torch_threads']}"
-        + (f", GPU {m['gpu']}" if "gpu" in m else "")
-        + f"; {m['platform']}; Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}. "
-        + f"Load average at start / end: {r['loadavg_start']} / {r['loadavg_end']}.", "",
+        f"Date: {r['date']}. {machine_line(m)} Load average at start / end: {r['loadavg_start']} / {r['loadavg_end']}.", "",
         f"Parts run: {', '.join(a['only'])}. Sizes: {a['batches']} batches of {a['batch_size']} × {a['seq_len']} random tokens per timed pass, "
         f"top-k {a['top_k']}, τ = {TAU}, seed {a['seed']}, {a['repeats']} paired repeats; "
         + ("bf16 autocast, float32 weights." if m["device"].startswith("cuda") else "float32."), "",
