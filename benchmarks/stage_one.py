@@ -66,10 +66,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.seq_len < 2 or min(args.batch_size, args.batches, args.top_k, args.repeats) < 1:
         p.error("--seq-len must be >= 2 and --batch-size, --batches, --top-k, --repeats >= 1")
     try:
-        args.extra_k = sorted({int(k) for k in args.extra_k.split(",") if k.strip()} - {args.top_k})
+        args.extra_k = sorted(set(comma_list(args.extra_k, int)) - {args.top_k})
     except ValueError:
         p.error("--extra-k takes integers separated by commas")
     return args
+
+
+def comma_list(text: str, kind=str) -> list:
+    """A comma-separated option's items, blanks left out."""
+    return [kind(x.strip()) for x in text.split(",") if x.strip()]
 
 
 def corpus_texts(args) -> tuple[object, dict]:

@@ -53,7 +53,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks.stage_one import PeakMemory, command_line, fmt_mib, loadavg, machine_info, machine_line, table, timed_rounds
+from benchmarks.stage_one import PeakMemory, comma_list, command_line, fmt_mib, loadavg, machine_info, machine_line, table, timed_rounds
 
 REPO = Path(__file__).resolve().parents[1]
 TAU = 0.25
@@ -113,11 +113,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("seq_len", "batch_size", "batches", "repeats", "top_k"):
         if getattr(args, name) < (2 if name == "seq_len" else 1):
             p.error(f"--{name.replace('_', '-')} is too small")
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    args.losses = [x.strip() for x in args.losses.split(",") if x.strip()]
+    args.models, args.losses, args.only = (comma_list(x) for x in (args.models, args.losses, args.only))
     if not {"fused", "ft-naive"} <= set(args.losses) or not set(args.losses) <= set(LOSSES):
         p.error(f"--losses must include fused and ft-naive, from {', '.join(LOSSES)}")
-    args.only = [x.strip() for x in args.only.split(",") if x.strip()]
     if not args.only or not set(args.only) <= set(PARTS):
         p.error(f"--only takes parts from {', '.join(PARTS)}")
     return args
@@ -326,10 +324,10 @@ def measure_model(spec, device, dtype, seq_len, batch_size, *, n_batches=2, repe
 
 def in_fresh_process(fn):
     """``fn`` run in a fresh Python process, so that its peak memory is its own; the arguments and the
-    answer travel as JSON (a device, dtype or path as its text)."""
+    answer travel as JSON (a device, dtype or path as its text). ``threads``: torch CPU threads there."""
 
     @functools.wraps(fn)
-    def fresh(*args, **kw):
+    def fresh(*args, threads=None, **kw):
         call = inspect.signature(fn).bind(*args, **kw)
         env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         # Large blocks from mmap, so memory freed by earlier phases leaves the resident set.
@@ -337,6 +335,8 @@ def in_fresh_process(fn):
         env.setdefault("TQDM_DISABLE", "1")
         kw_json = json.dumps(json.dumps(call.arguments, default=str))
         code = f"import json, benchmarks.stage_two as b; print(json.dumps(b.{fn.__name__}.__wrapped__(**json.loads({kw_json}))))"
+        if threads:
+            code = f"import torch; torch.set_num_threads({int(threads)}); {code}"
         done = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{fn.__name__} in a fresh process failed:\n{done.stderr[-4000:]}")
@@ -351,7 +351,7 @@ def as_dtype(torch, dtype):
 
 
 @in_fresh_process
-def peak_memory(spec, batch_file, method, device, dtype, *, seed=0, threads=None) -> dict:
+def peak_memory(spec, batch_file, method, device, dtype, *, seed=0) -> dict:
     """Peak memory of one training step of ``method`` after a warm-up step, in a fresh process.
 
     ``spec``: a ``SHAPES`` name or a model folder; ``batch_file``: a ``torch.save``d batch dict.
@@ -359,8 +359,6 @@ def peak_memory(spec, batch_file, method, device, dtype, *, seed=0, threads=None
     """
     import torch
 
-    if threads:
-        torch.set_num_threads(threads)
     device = torch.device(device)
     model = build_model(spec, device, seed)
     batch = {k: v.to(device) for k, v in torch.load(batch_file, weights_only=True).items()}
@@ -373,8 +371,8 @@ def peak_memory(spec, batch_file, method, device, dtype, *, seed=0, threads=None
 
 
 @in_fresh_process
-def loss_peak_memory(loss, vocab, hidden_size, device, dtype, seq_len, batch_size, *, top_k=20, seed=0, threads=None,
-                     chunk_size=None, repeats=0) -> dict:
+def loss_peak_memory(loss, vocab, hidden_size, device, dtype, seq_len, batch_size, *, top_k=20, seed=0, chunk_size=None,
+                     repeats=0) -> dict:
     """Peak memory growth of one loss + backward from (B, T, H) hidden states and a (V, H) head, in a fresh process.
 
     ``loss``: "fused" (``fused_sparse_mft_loss``, ``chunk_size`` positions per chunk; None: its
@@ -389,8 +387,6 @@ def loss_peak_memory(loss, vocab, hidden_size, device, dtype, seq_len, batch_siz
     from mft_pipeline.distill import fused_sparse_mft_loss, sparse_mft_loss
     from mft_pipeline.labels import IGNORE_INDEX
 
-    if threads:
-        torch.set_num_threads(threads)
     device = torch.device(device)
     cuda = device.type == "cuda"
     autocast = dict(device_type=device.type, dtype=as_dtype(torch, dtype), enabled=cuda)
@@ -562,7 +558,7 @@ def measure_loader(device, *, seq_len=LOADER["seq_len"], top_k=LOADER["top_k"], 
 
 
 @in_fresh_process
-def eval_peak_memory(spec, device, seq_len, batch_size, fused: bool, *, seed=0, threads=None) -> dict:
+def eval_peak_memory(spec, device, seq_len, batch_size, fused: bool, *, seed=0) -> dict:
     """Peak memory growth of ``model_nll`` on ``batch_size`` × ``seq_len`` random tokens, in a fresh process.
 
     ``fused``: through the output head in chunks (the default evaluation path) or through the
@@ -573,8 +569,6 @@ def eval_peak_memory(spec, device, seq_len, batch_size, fused: bool, *, seed=0, 
 
     from mft_pipeline.eval.metrics import model_nll
 
-    if threads:
-        torch.set_num_threads(threads)
     device = torch.device(device)
     model = build_model(spec, device, seed).eval()
     vocab = model.get_output_embeddings().weight.shape[0]
