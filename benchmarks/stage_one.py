@@ -492,6 +492,53 @@ def profile_vllm(run, work: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# For the GPU check: the plain forward against stage one's scoring, on random tokens through a
+# model already in memory (no corpus, no cache written).
+
+
+def random_token_batches(vocab: int, n_batches: int, batch_size: int, seq_len: int, seed: int = 0) -> list:
+    """``n_batches`` int64 arrays (batch_size, seq_len) of uniform random token ids: speed does not depend on the text."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, size=(batch_size, seq_len), dtype=np.int64) for _ in range(n_batches)]
+
+
+def forward_vs_score(model, batches: list, top_k: int, *, repeats: int = 5, say=None) -> dict:
+    """``model(ids).logits`` (the ceiling) against ``TransformersTeacher.score`` (results brought to
+    the host, as stage one must) in ``timed_rounds`` over ``batches``, int64 (B, T) full rows.
+
+    Returns {"tokens_per_s": {"forward", "score"} (medians), "seconds": {...: [per repeat]},
+    "score_vs_forward": median of per-repeat ratios, "peak_bytes": {"forward", "score"} (one
+    batch's peak over what was held before it), "tokens_per_pass"}."""
+    import torch
+
+    from mft_pipeline.teacher.transformers_backend import TransformersTeacher
+
+    device = next(model.parameters()).device
+    teacher = TransformersTeacher(model)
+
+    def passes(rows: list) -> dict:
+        b = SimpleNamespace(model=model, teacher=teacher, torch=torch, args=SimpleNamespace(top_k=top_k),
+                            sync=(lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None),
+                            device_ids=[torch.as_tensor(ids, device=device) for ids in rows],
+                            batches=[(ids, np.full(len(ids), ids.shape[1])) for ids in rows])  # fmt: skip
+        return dict(zip(("forward", "score"), forward_and_score(b)))
+
+    first, every = passes(batches[:1]), passes(batches)
+    for fn in first.values():  # warm-up
+        fn()
+    seconds, _ = timed_rounds(every, repeats, log=say or (lambda *a: None))
+    memory, peaks = PeakMemory(device), {}
+    for name, fn in first.items():  # the peak of one batch
+        before = memory.reset()
+        fn()
+        peaks[name] = memory.peak() - before
+    tokens = sum(ids.size for ids in batches)
+    t = summarize(seconds, tokens)
+    return {"tokens_per_s": {name: x["tokens_per_s"] for name, x in t.items()}, "seconds": seconds,
+            "score_vs_forward": t["score"]["vs_forward_paired"], "peak_bytes": peaks, "tokens_per_pass": tokens}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
 # Reports
 
 
@@ -643,50 +690,3 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
-
-
-# ---------------------------------------------------------------------------------------------
-# For the GPU check: the plain forward against stage one's scoring, on random tokens through a
-# model already in memory (no corpus, no cache written).
-
-
-def random_token_batches(vocab: int, n_batches: int, batch_size: int, seq_len: int, seed: int = 0) -> list:
-    """``n_batches`` int64 arrays (batch_size, seq_len) of uniform random token ids: speed does not depend on the text."""
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, vocab, size=(batch_size, seq_len), dtype=np.int64) for _ in range(n_batches)]
-
-
-def forward_vs_score(model, batches: list, top_k: int, *, repeats: int = 5, say=None) -> dict:
-    """``model(ids).logits`` (the ceiling) against ``TransformersTeacher.score`` (results brought to
-    the host, as stage one must) in ``timed_rounds`` over ``batches``, int64 (B, T) full rows.
-
-    Returns {"tokens_per_s": {"forward", "score"} (medians), "seconds": {...: [per repeat]},
-    "score_vs_forward": median of per-repeat ratios, "peak_bytes": {"forward", "score"} (one
-    batch's peak over what was held before it), "tokens_per_pass"}."""
-    import torch
-
-    from mft_pipeline.teacher.transformers_backend import TransformersTeacher
-
-    device = next(model.parameters()).device
-    teacher = TransformersTeacher(model)
-
-    def passes(rows: list) -> dict:
-        b = SimpleNamespace(model=model, teacher=teacher, torch=torch, args=SimpleNamespace(top_k=top_k),
-                            sync=(lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None),
-                            device_ids=[torch.as_tensor(ids, device=device) for ids in rows],
-                            batches=[(ids, np.full(len(ids), ids.shape[1])) for ids in rows])  # fmt: skip
-        return dict(zip(("forward", "score"), forward_and_score(b)))
-
-    first, every = passes(batches[:1]), passes(batches)
-    for fn in first.values():  # warm-up
-        fn()
-    seconds, _ = timed_rounds(every, repeats, log=say or (lambda *a: None))
-    memory, peaks = PeakMemory(device), {}
-    for name, fn in first.items():  # the peak of one batch
-        before = memory.reset()
-        fn()
-        peaks[name] = memory.peak() - before
-    tokens = sum(ids.size for ids in batches)
-    t = summarize(seconds, tokens)
-    return {"tokens_per_s": {name: x["tokens_per_s"] for name, x in t.items()}, "seconds": seconds,
-            "score_vs_forward": t["score"]["vs_forward_paired"], "peak_bytes": peaks, "tokens_per_pass": tokens}  # fmt: skip
