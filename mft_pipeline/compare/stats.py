@@ -1,6 +1,7 @@
 """Statistics of `mft compare`: intervals over seeds, paired differences, and frontier gaps.
 
-Pure functions of plain numbers, so the results file's claims can be checked by hand. The
+Pure functions of plain numbers, so the results file's claims can be checked by hand. A frontier is
+a list of (S, DG) points; ``upper_envelope`` turns a cloud of them into one. The
 Student t quantiles come from scipy.
 """
 
@@ -89,6 +90,19 @@ def s_at_dg(frontier: list[tuple[float, float]], dg: float) -> float:
     return best
 
 
+def upper_envelope(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (S, DG) points no other point beats (more S at no more DG), in increasing DG and so increasing S.
+
+    A family's best curve over all its knobs and evaluations; ``s_at_dg`` reads it piecewise-linearly
+    between them. Of points with equal DG only the one with the most S stays.
+    """
+    envelope: list[tuple[float, float]] = []
+    for s, d in sorted(points, key=lambda p: (p[1], -p[0])):
+        if not envelope or s > envelope[-1][0]:
+            envelope.append((s, d))
+    return envelope
+
+
 @dataclass(frozen=True)
 class FrontierGap:
     """S of two frontiers compared at equal DG over the DG range both cover.
@@ -122,7 +136,8 @@ def frontier_gap(a: list[tuple[float, float]], b: list[tuple[float, float]], poi
     high = min(max(d for _, d in a), max(d for _, d in b))
     if low > high:
         return FrontierGap([])
-    grid = [low] if low == high else [low + (high - low) * i / (points - 1) for i in range(points)]
+    # The last point is ``high`` itself: low + (high - low) can round past it, where a frontier has no S.
+    grid = [low] if low == high else [low + (high - low) * i / (points - 1) for i in range(points - 1)] + [high]
     rows = []
     for dg in grid:
         sa, sb = s_at_dg(a, dg), s_at_dg(b, dg)
