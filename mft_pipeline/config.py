@@ -493,12 +493,28 @@ class CompareConfig:
         "with --quick.",
         default=None,
     )
-    frontier_domain: str | None = doc("Domain of the frontier, fidelity and low-data parts. Default: the first domain.", default=None)
+    frontier_domain: str | None = doc("Domain of the frontier, fidelity and low-data parts, and of every --families family. Default: the first domain.", default=None)
     lr: float | None = doc("Learning rate of every method, instead of the profile's.", default=None)
     keep_checkpoints: bool = doc("Keep each run's best checkpoint (hundreds of MB each); by default only the metrics stay.", default=False)
+    families: str | None = doc(
+        "The fair frontier instead of the per-domain protocol: comma-separated method families, each over its own knob "
+        "grid with every evaluation along a run as a point (FT, MFT, LoRA, EWC, L2-init, WiSE-FT, DFT, TALR), or all. "
+        "Each family's upper envelope of DG against S is compared with MFT's at equal DG. docs/frontier.md has the grids.",
+        default=None,
+    )
+    frontier_domains: str | None = doc(
+        "With --families: comma-separated domains where FT and MFT are traced too, besides --frontier-domain (where every "
+        "family is). Default: the frontier domain alone.",
+        default=None,
+    )
+    lrs: str | None = doc(
+        "With --families: only the grid points at these learning rates (comma-separated, e.g. 1e-4), to split the frontier "
+        "into shorter resumable invocations. Default: every point.",
+        default=None,
+    )
 
     def __post_init__(self):
-        # The profile, method and part names are checked by mft_pipeline.compare.protocol.make_plan, which owns them.
+        # The profile, method, family and part names are checked by mft_pipeline.compare.protocol.make_plan, which owns them.
         if self.quick and self.profile not in (None, "quick"):
             raise ConfigError(f"--quick is the quick profile; it cannot be combined with --profile {self.profile}")
         parse_domains(self.domain)  # now, so a typo fails before any training

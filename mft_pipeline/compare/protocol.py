@@ -8,15 +8,20 @@ Student t intervals. Beyond the per-domain table the protocol has optional parts
 sparse-against-dense MFT frontier, a sampled-tail line on it, the sparse-cache fidelity check and
 the low-data curves.
 
-Methods and profiles are data: a new method is a ``Method`` entry, a new size a ``Profile``.
+The fair frontier (``--families``) is a mode of its own: each method family's knob grid (FAMILIES),
+every evaluation along every run a point (early stopping), so that each family is compared with MFT
+at its best settings rather than at one operating point.
+
+Methods, frontier families and profiles are data: a new method is a ``Method`` entry, a new knob
+setting a ``Point`` in FAMILIES, a new size a ``Profile``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
-from mft_pipeline.config import CompareConfig, split_list
+from mft_pipeline.config import CompareConfig, split_list, split_numbers
 from mft_pipeline.demo import corpora as demo_corpora
 from mft_pipeline.errors import ConfigError
 
@@ -99,6 +104,122 @@ def frontier_method(line: str, tau: float) -> Method:
 
 def fidelity_method(k: int) -> Method:
     return Method(f"MFT k={k}", "mft", tau=0.25)
+
+
+# ----------------------------------------------------------------------------- the fair frontier
+
+FRONTIER_LRS = (1e-5, 3e-5, 1e-4)
+LORA_RANKS = (4, 16, 64)
+WISE_ALPHAS = (0.25, 0.5, 0.75)
+# Decades from "no effect" to "no learning" for a penalty lambda/2 * sum F (theta - theta0)^2 with F = 1 (L2-init).
+# The data gradient is per token (mean loss), about 2e-4 per weight (a gradient norm of ~2 over 135M weights), and
+# AdamW moves a weight about lr per step, so a run at 1e-4 moves weights by ~1e-3. The penalty's gradient lambda * 1e-3
+# is then 5% of the data's at lambda = 1e-2 (no effect), equal near 0.2, and at lambda = 100 it holds a weight within
+# 2e-4 / 100 = 2e-6 of its start, a hundredth of one step's move (no learning). EWC multiplies each weight's term by
+# its Fisher F; its lambda is the same ladder divided by the Fisher's mean over all weights, so that with a uniform
+# Fisher EWC is L2-init at the same rung. The results show both ends, so a grid that misses one is seen.
+PENALTY_LAMBDAS = (1e-2, 1e-1, 1.0, 10.0, 100.0)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One knob setting of a frontier family: a training run whose every evaluation is a point, or (WiSE-FT, ``alpha``
+    set) the weight average of the family's FT run at ``lr`` with the start, evaluated once, without training."""
+
+    family: str
+    variant: str = "ft"
+    lr: float | None = None  # None: the profile's
+    tau: float | None = None
+    rank: int | None = None  # LoRA
+    lam: float | None = None  # L2-init's lambda; EWC's in units of 1 / (the Fisher's mean)
+    alpha: float | None = None  # WiSE-FT: weight of the tuned model
+
+    @property
+    def knobs(self) -> dict:
+        """The settings that place this point in its family, as the results name them."""
+        names = {"lr": self.lr, "tau": self.tau, "rank": self.rank, "lambda": self.lam, "alpha": self.alpha}
+        return {k: v for k, v in names.items() if v is not None}
+
+    @property
+    def label(self) -> str:
+        return " ".join(f"{k}={v:g}" for k, v in self.knobs.items()) or "profile settings"
+
+    @property
+    def folder(self) -> str:
+        return "-".join(f"{k}{v:g}" for k, v in self.knobs.items()) or "default"
+
+    def effective_lr(self, p: Profile) -> float:
+        return p.lr if self.lr is None else self.lr
+
+    def train_settings(self, ewc: tuple[str, float] | None = None) -> dict:
+        """The TrainConfig fields this point sets over the profile's; ``ewc`` is (Fisher file, its mean) for EWC."""
+        settings: dict = dict(variant=self.variant)
+        if self.lr is not None:
+            settings["lr"] = self.lr
+        if self.tau is not None:
+            settings["tau"] = self.tau
+        if self.rank is not None:
+            settings.update(peft="lora", peft_rank=self.rank)
+        if self.family == "L2-init":
+            settings["l2_init"] = self.lam
+        if self.family == "EWC":
+            path, mean = ewc
+            settings.update(ewc=path, ewc_lambda=self.lam / mean)
+        return settings
+
+
+FAMILIES: dict[str, tuple[Point, ...]] = {
+    "FT": tuple(Point("FT", lr=lr) for lr in FRONTIER_LRS),
+    # The learning rate moves MFT's curve as much as FT's, so MFT is seen at its best rate too.
+    "MFT": tuple(Point("MFT", "mft", lr=lr, tau=t) for lr in (1e-4, 3e-5) for t in FRONTIER_TAUS) + (Point("MFT", "mft", lr=1e-5, tau=0.25),),
+    "LoRA": tuple(Point("LoRA", rank=r) for r in LORA_RANKS),
+    "L2-init": tuple(Point("L2-init", lam=lam) for lam in PENALTY_LAMBDAS),
+    "EWC": tuple(Point("EWC", lam=lam) for lam in PENALTY_LAMBDAS),
+    "WiSE-FT": tuple(Point("WiSE-FT", lr=lr, alpha=a) for lr in FRONTIER_LRS for a in WISE_ALPHAS),
+    "DFT": (Point("DFT", "dft"),),
+    "TALR": (Point("TALR", "talr"),),
+}
+# Traced in every --frontier-domains domain; the other families in the frontier domain alone.
+EVERY_DOMAIN_FAMILIES = ("FT", "MFT")
+
+
+def frontier_eval_every(p: Profile) -> int:
+    """Evaluations along a frontier run: at least five after the start, each an early-stopping point."""
+    return max(1, p.steps // 5)
+
+
+def frontier_points(plan: Plan) -> list[tuple[str, Point]]:
+    """(domain, point) for every point the plan traces, WiSE-FT's included; in family order, then grid order."""
+    out = []
+    for domain in plan.domains:
+        for family in plan.families:
+            if domain != plan.frontier_domain and family not in EVERY_DOMAIN_FAMILIES:
+                continue
+            out += [(domain, pt) for pt in FAMILIES[family] if not plan.lrs or pt.effective_lr(plan.profile) in plan.lrs]
+    return out
+
+
+def frontier_trained(points: list[tuple[str, Point]]) -> list[tuple[str, Point]]:
+    """The runs the points need: every non-WiSE point, plus the FT run each WiSE-FT point averages."""
+    runs = [(d, pt) for d, pt in points if pt.alpha is None]
+    for d, pt in points:
+        if pt.alpha is not None and (d, Point("FT", lr=pt.lr)) not in runs:
+            runs.append((d, Point("FT", lr=pt.lr)))
+    return runs
+
+
+def planned_frontier(plan: Plan) -> dict[str, int]:
+    """How many runs, WiSE-FT evaluations, Fisher files and caches the fair frontier needs (the smoke test checks them)."""
+    points = frontier_points(plan)
+    trained = frontier_trained(points)
+    seeds = plan.profile.seeds
+    return dict(
+        reference=1 if plan.profile.reference_steps else 0,
+        caches=1 + len(plan.domains),
+        frontier=seeds * len(trained),
+        wise=seeds * sum(pt.alpha is not None for _, pt in points),
+        fisher=int(any(pt.family == "EWC" for _, pt in points)),
+    )
 
 
 @dataclass(frozen=True)
@@ -214,6 +335,8 @@ class Plan:
     methods: list[str]
     skip: set[str]
     frontier_domain: str
+    families: list[str] = field(default_factory=list)  # the fair frontier's; empty: the per-domain protocol
+    lrs: set[float] = field(default_factory=set)  # the fair frontier's grid points at these learning rates; empty: all
 
 
 def make_plan(config: CompareConfig) -> Plan:
@@ -237,7 +360,29 @@ def make_plan(config: CompareConfig) -> Plan:
     frontier_domain = config.frontier_domain or domains[0]
     if frontier_domain not in domains:
         raise ConfigError(f"--frontier-domain {frontier_domain}: not one of the domains {', '.join(domains)}")
-    return Plan(name, p, domains, methods, skip, frontier_domain)
+    if config.families is None:
+        if config.frontier_domains is not None or config.lrs is not None:
+            raise ConfigError("--frontier-domains and --lrs choose the fair frontier's runs; give --families too")
+        return Plan(name, p, domains, methods, skip, frontier_domain)
+    return fair_frontier_plan(config, p, domains, frontier_domain)
+
+
+def fair_frontier_plan(config: CompareConfig, p: Profile, domains: list[str], frontier_domain: str) -> Plan:
+    """The fair frontier's plan: its families, its domains (the frontier domain first) and learning rates."""
+    families = list(FAMILIES) if config.families.strip() == "all" else split_list(config.families, "--families")
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise ConfigError(f"--families: unknown {', '.join(unknown)}; choose from {', '.join(FAMILIES)} or all")
+    chosen = [frontier_domain] + (split_list(config.frontier_domains, "--frontier-domains") if config.frontier_domains else [])
+    unknown = [d for d in chosen if d not in domains]
+    if unknown:
+        raise ConfigError(f"--frontier-domains: {', '.join(unknown)} not among the domains {', '.join(domains)}")
+    lrs = set(split_numbers(config.lrs, "--lrs")) if config.lrs is not None else set()
+    grid = {pt.effective_lr(p) for f in families for pt in FAMILIES[f]}
+    if lrs - grid:
+        missing = ", ".join(f"{x:g}" for x in sorted(lrs - grid))
+        raise ConfigError(f"--lrs: {missing} not in the chosen families' grid ({', '.join(f'{x:g}' for x in sorted(grid))})")
+    return Plan(config.profile_name, p, list(dict.fromkeys(chosen)), [], set(PARTS), frontier_domain, families, lrs)
 
 
 def seeds_for(p: Profile, method: Method) -> range:
@@ -286,5 +431,10 @@ def estimate_minutes(p: Profile, counts: dict[str, int], tp: Throughput) -> dict
         "low_data": p.low_data_steps * p.batch_size * p.seq_len / tp.train
         + (1 + math.ceil(p.low_data_steps / p.low_data_eval_every)) * eval_tokens / tp.eval + tp.overhead_s,
         "caches": (p.train_sequences + p.val_sequences) * p.seq_len / tp.eval,
+        # The fair frontier: runs evaluated at every frontier_eval_every steps, WiSE-FT's evaluation of one average
+        # (loading two models), and one Fisher file of as many general tokens as a run trains on (forward and backward).
+        "frontier": p.train_tokens / tp.train + (1 + math.ceil(p.steps / frontier_eval_every(p))) * eval_tokens / tp.eval + tp.overhead_s,
+        "wise": eval_tokens / tp.eval + tp.overhead_s,
+        "fisher": p.train_tokens / tp.train,
     }
     return {kind: counts[kind] * per_run[kind] / 60 for kind in counts}
