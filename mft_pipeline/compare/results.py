@@ -13,8 +13,10 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
-from mft_pipeline.compare.protocol import FRONTIER_TAUS, LINES, METHODS, Profile, estimate_minutes
-from mft_pipeline.compare.stats import FrontierGap, Interval, frontier_gap, mean_interval, paired_difference, paired_verdict, t_critical
+from mft_pipeline.compare.protocol import FAMILIES, FRONTIER_TAUS, LINES, METHODS, Profile, estimate_minutes, frontier_eval_every
+from mft_pipeline.compare.stats import (
+    FrontierGap, Interval, frontier_gap, mean_interval, paired_difference, paired_verdict, t_critical, upper_envelope,
+)  # fmt: skip
 
 METRICS = ("S", "DG", "DG_over_S")
 
@@ -34,21 +36,34 @@ class Row:
     DG_over_S: float | None
     general_eval_tokens: int
     spec_eval_tokens: int
+    lr: float | None = None
+    lam: float | None = None  # the penalty's strength (L2-init, EWC), the "lambda" column
+    alpha: float | None = None  # WiSE-FT's weight of the tuned model
+    rank: int | None = None  # LoRA
+    step: int | None = None  # the evaluation's optimizer step (the best checkpoint's for the per-domain tables)
+    tasks: dict[str, float] = field(default_factory=dict)  # task name -> accuracy, a "<task>_acc" column each
 
 
 def write_csv(rows: list[Row], path: Path) -> None:
+    """One row each; the columns are Row's fields in order, then one ``<task>_acc`` per task any row has."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    names = [f.name for f in fields(Row)]
+    names = [f.name for f in fields(Row) if f.name != "tasks"]
+    tasks = sorted({t for r in rows for t in r.tasks})
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(names)
+        writer.writerow([CSV_NAMES.get(n, n) for n in names] + [f"{t}_acc" for t in tasks])
         for r in rows:
-            writer.writerow([cell(name, getattr(r, name)) for name in names])
+            writer.writerow([cell(name, getattr(r, name)) for name in names] + [cell("acc", r.tasks.get(t)) for t in tasks])
+
+
+CSV_NAMES = {"lam": "lambda"}
 
 
 def cell(name: str, value) -> str:
-    if name in METRICS:
+    if name in METRICS or name == "acc":
         return f"{value:.6f}" if defined(value) else ""
+    if isinstance(value, float) and name in ("lr", "lam", "alpha"):
+        return f"{value:g}"
     return "" if value is None else str(value)
 
 
@@ -205,24 +220,9 @@ def write_results(path: Path, r: Report) -> None:
 
 
 def header_lines(r: Report, path: Path) -> list[str]:
-    import torch
-    import transformers
-
     p = r.profile
     spec_tokens = {row.domain: row.spec_eval_tokens for row in r.rows}
-    reading = path.with_suffix(".reading.md")
-    lines = [
-        f"# mft compare: {r.name}",
-        "",
-        f"Command: `{r.command}`  ",
-        f"Ran {datetime.now(timezone.utc):%Y-%m-%d} on {platform.machine()} with {torch.get_num_threads()} threads"
-        f"{' and ' + torch.cuda.get_device_name() if p.device == 'cuda' else ''}; torch {torch.__version__}, "
-        f"transformers {transformers.__version__}; {r.seconds / 60:.1f} minutes in all (finished runs reused).  ",
-        f"Model: `{r.model}` ({describe_model(r.model_folder)}). General domain: {r.general}. Domains: {', '.join(r.domains)}.",
-        "",
-    ]
-    if reading.exists():
-        lines += [f"A reading of these numbers, written by hand: [{reading.name}]({reading.name}).", ""]
+    lines = provenance_lines(r, path)
     lines += [
         "Protocol, the same for every method: "
         + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in p.protocol.items())
@@ -252,6 +252,27 @@ def header_lines(r: Report, path: Path) -> list[str]:
             + "Every method starts from it, its caches are built from it, and S and DG are measured against it.",
             "",
         ]
+    return lines
+
+
+def provenance_lines(r: Report, path: Path) -> list[str]:
+    """The title, the command, the machine and the model, and a link to the hand-written reading when there is one."""
+    import torch
+    import transformers
+
+    reading = path.with_suffix(".reading.md")
+    lines = [
+        f"# mft compare: {r.name}",
+        "",
+        f"Command: `{r.command}`  ",
+        f"Ran {datetime.now(timezone.utc):%Y-%m-%d} on {platform.machine()} with {torch.get_num_threads()} threads"
+        f"{' and ' + torch.cuda.get_device_name() if r.profile.device == 'cuda' else ''}; torch {torch.__version__}, "
+        f"transformers {transformers.__version__}; {r.seconds / 60:.1f} minutes in all (finished runs reused).  ",
+        f"Model: `{r.model}` ({describe_model(r.model_folder)}). General domain: {r.general}. Domains: {', '.join(r.domains)}.",
+        "",
+    ]
+    if reading.exists():
+        lines += [f"A reading of these numbers, written by hand: [{reading.name}]({reading.name}).", ""]
     return lines
 
 
@@ -439,3 +460,178 @@ def low_data_lines(r: Report, path: Path) -> list[str]:
             cells += [f"{point.get('ppl_spec', float('nan')):.3f}", f"{point.get('ppl_gen', float('nan')):.3f}"]
         lines.append(f"| {row['step']} | " + " | ".join(cells) + " |")
     return lines + ["", f"![low data]({r.name}/low-data.png)", ""]
+
+
+# ----------------------------------------------------------------------------- the fair frontier
+
+KNOBS = ("lr", "tau", "rank", "lam", "alpha", "step")  # what tells one point of a family from another
+
+
+@dataclass(frozen=True)
+class FamilyPoint:
+    """One point of a family's curve: its knobs and step, and S and DG in % over its seeds."""
+
+    knobs: tuple  # the values of KNOBS
+    S: Interval
+    DG: Interval
+
+    @property
+    def label(self) -> str:
+        names = {"lam": "λ", "tau": "τ", "alpha": "α"}
+        return " ".join(f"{names.get(k, k)}={v:g}" for k, v in zip(KNOBS, self.knobs) if v is not None)
+
+
+def family_rows(rows: list[Row], domain: str, family: str) -> dict[tuple, dict[int, Row]]:
+    """knobs -> seed -> Row, for the rows of ``family`` in ``domain`` where S and DG are measured."""
+    out: dict[tuple, dict[int, Row]] = {}
+    for r in rows:
+        if r.domain == domain and r.method == family and defined(r.S) and defined(r.DG):
+            out.setdefault(tuple(getattr(r, k) for k in KNOBS), {})[r.seed] = r
+    return out
+
+
+def family_points(rows: list[Row], domain: str, family: str) -> list[FamilyPoint]:
+    return [FamilyPoint(k, interval_of(runs, "S", 100), interval_of(runs, "DG", 100)) for k, runs in family_rows(rows, domain, family).items()]
+
+
+def envelope_points(points: list[FamilyPoint]) -> list[FamilyPoint]:
+    """The points on the upper envelope of the mean (S, DG), in increasing DG."""
+    kept = set(upper_envelope([(p.S.mean, p.DG.mean) for p in points]))
+    return sorted((p for p in points if (p.S.mean, p.DG.mean) in kept), key=lambda p: p.DG.mean)
+
+
+@dataclass(frozen=True)
+class FamilyVerdict:
+    """MFT's envelope against a family's at equal DG: ``gap`` on the mean envelopes (S of MFT − S of the family, in
+    points of %), ``per_seed`` the interval of each seed's mean gap (that seed's own envelopes)."""
+
+    family: str
+    gap: FrontierGap
+    per_seed: Interval | None
+
+
+def family_verdict(rows: list[Row], domain: str, family: str, points: int = 9) -> FamilyVerdict:
+    def envelope(runs: dict[tuple, dict[int, Row]], seed: int | None = None) -> list[tuple[float, float]]:
+        if seed is None:
+            cloud = [(interval_of(by_seed, "S", 100).mean, interval_of(by_seed, "DG", 100).mean) for by_seed in runs.values()]
+        else:
+            cloud = [(100 * by_seed[seed].S, 100 * by_seed[seed].DG) for by_seed in runs.values() if seed in by_seed]
+        return upper_envelope(cloud)
+
+    theirs, mft = family_rows(rows, domain, family), family_rows(rows, domain, "MFT")
+    if not theirs or not mft:
+        return FamilyVerdict(family, FrontierGap([]), None)
+    gap = frontier_gap(envelope(theirs), envelope(mft), points)
+    seeds = sorted({s for runs in (theirs, mft) for by_seed in runs.values() for s in by_seed})
+    per_seed = []
+    for seed in seeds:
+        a, b = envelope(theirs, seed), envelope(mft, seed)
+        if a and b:
+            g = frontier_gap(a, b, points)
+            if g.rows:
+                per_seed.append(g.mean_gap)
+    return FamilyVerdict(family, gap, mean_interval(per_seed) if per_seed else None)
+
+
+def verdict_text(v: FamilyVerdict) -> str:
+    """One plain sentence: is MFT ahead of the family at equal DG, and where is it not?"""
+    if not v.gap.rows:
+        return "no common DG range: S cannot be compared at equal DG."
+    behind = [d for d, _, _, g in v.gap.rows if g <= 0]
+    noise = v.per_seed is None or v.per_seed.n < 2
+    if not behind:
+        if noise:
+            return "MFT has more S at every common DG on the mean envelopes; too few seeds for an interval."
+        if v.per_seed.low > 0:
+            return "**MFT is ahead** at every common DG, beyond the per-seed interval."
+        return "MFT has more S at every common DG on the mean envelopes, but the per-seed interval contains 0: within seed noise."
+    where = f"{min(behind):.2f}" if len(behind) == 1 else f"{min(behind):.2f}–{max(behind):.2f}"
+    return f"**MFT is not ahead** at DG {where} %: {v.family} has as much S there or more."
+
+
+def plot_fair_frontier(rows: list[Row], domain: str, path: Path) -> None:
+    """Every family's points (faint) and its upper envelope (mean and 95% interval over seeds), DG against S."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    colors = dict(zip(FAMILIES, plt.get_cmap("tab10").colors))
+    for family in FAMILIES:
+        points = family_points(rows, domain, family)
+        if not points:
+            continue
+        color = colors[family]
+        ax.scatter([p.S.mean for p in points], [p.DG.mean for p in points], s=10, alpha=0.35, color=color)
+        env = envelope_points(points)
+        ax.errorbar(
+            [p.S.mean for p in env], [p.DG.mean for p in env], xerr=[0 if p.S.n < 2 else p.S.half_width for p in env],
+            yerr=[0 if p.DG.n < 2 else p.DG.half_width for p in env], marker="o", markersize=4, capsize=2,
+            linewidth=2.2 if family == "MFT" else 1.2, label=family, color=color,
+        )  # fmt: skip
+    n = max((len(runs) for f in FAMILIES for runs in family_rows(rows, domain, f).values()), default=0)
+    ax.set(
+        xlabel="S, specialization (%)", ylabel="DG, degeneralization (%)",
+        title=f"Fair frontier, {domain}: envelopes (lines) of every evaluation (dots); seeds: {n}",
+    )  # fmt: skip
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_frontier_results(path: Path, r: Report) -> None:
+    """NAME.md of the fair frontier: the protocol and grids, its sizing, and per domain the plot, the verdicts and
+    each family's envelope points."""
+    p = r.profile
+    families = [f for f in FAMILIES if any(row.method == f for row in r.rows)]
+    lines = provenance_lines(r, path) + [
+        "Protocol, the same for every family unless its knobs say otherwise: "
+        + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in p.protocol.items() if k != "eval_every")
+        + f". Every run evaluates every {frontier_eval_every(p)} steps and **every evaluation is a point** (stopping there). "
+        "WiSE-FT averages an FT run's best checkpoint (lowest specialized validation perplexity) with the start at α, "
+        "without training. EWC's Fisher is computed on general-domain training text, so **EWC uses general-domain data**; "
+        "the other families do not. EWC's λ column is the λ given to training (the grid divided by the Fisher's mean).",
+        "",
+        "Grids (the command's --lrs keeps those at its learning rates): " + "; ".join(f"{f}: " + ", ".join(pt.label for pt in FAMILIES[f]) for f in families) + ".",
+        "",
+        "Each point is the mean over seeds of S and DG in %, with its 95% Student t interval. A family's best curve is "
+        "the upper envelope of its points (the points no other point of the family beats: more S at no more DG), read "
+        "piecewise-linearly. MFT − family is S of MFT's envelope minus S of the family's at 9 evenly spaced DG values "
+        "of the range both envelopes reach; the per-seed interval is over each seed's mean gap, each seed's envelopes "
+        "built from its own runs.",
+        "",
+        *frontier_sizing_lines(r),
+    ]
+    for domain in r.domains:
+        lines += [f"## {domain}", "", f"![fair frontier, {domain}]({r.name}/frontier-{domain}.png)", ""]
+        lines += ["| family | common DG % | MFT − family, S at equal DG (points) | mean | per seed | verdict |", "|---|---|---|---|---|---|"]
+        for family in (f for f in families if f != "MFT" and family_rows(r.rows, domain, f)):
+            v = family_verdict(r.rows, domain, family)
+            if not v.gap.rows:
+                lines.append(f"| {family} | — | — | — | — | {verdict_text(v)} |")
+                continue
+            lows, highs = v.gap.rows[0][0], v.gap.rows[-1][0]
+            gaps = ", ".join(f"{g:+.2f}" for g in v.gap.gaps)
+            lines.append(f"| {family} | {lows:.2f} – {highs:.2f} | {gaps} | {v.gap.mean_gap:+.2f} | {fmt(v.per_seed)} | {verdict_text(v)} |")
+        lines += ["", "Envelope points (the knobs and step of each):", "", "| family | point | seeds | S % | DG % |", "|---|---|---|---|---|"]
+        for family in families:
+            for pt in envelope_points(family_points(r.rows, domain, family)):
+                lines.append(f"| {family} | {pt.label} | {pt.S.n} | {fmt(pt.S)} | {fmt(pt.DG)} |")
+        lines.append("")
+    lines += [f"Every point of every seed, one row each: [runs.csv]({r.name}/runs.csv).", ""]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def frontier_sizing_lines(r: Report) -> list[str]:
+    p, tp, counts = r.profile, r.profile.throughput, r.counts
+    if tp is None:
+        return [f"Planned work: {', '.join(f'{k} {n}' for k, n in counts.items())}. This profile has no measured throughput to size it by.", ""]
+    minutes = estimate_minutes(p, counts, tp)
+    return [
+        "| work | count | estimated minutes |",
+        "|---|---|---|",
+        *(f"| {kind} | {counts[kind]} | {minutes[kind]:.0f} |" for kind in counts),
+        f"| total | | {sum(minutes.values()):.0f} (this run: {r.seconds / 60:.0f}, finished runs reused) |",
+        "",
+        f"Sized from {tp.measured}: training {tp.train:.0f} tokens/s, evaluation {tp.eval:.0f} tokens/s, {tp.overhead_s:.0f} s "
+        "per run of loading and checkpoints.",
+        "",
+    ]

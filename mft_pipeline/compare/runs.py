@@ -6,6 +6,8 @@
 - ``Comparison.prepare``: the model, the corpora, the general evaluation set and the reference checkpoint;
 - ``Comparison.tables``: every chosen method, domain and seed (the per-domain tables and the paired verdict);
 - ``Comparison.frontier``, ``.fidelity``, ``.low_data``: the optional parts (PARTS);
+- ``Comparison.fair_frontier``: with --families, instead of the tables and parts, every family's grid
+  (each evaluation along each run a row), WiSE-FT's averages of the FT runs and one plot per domain;
 - ``write_csv`` and ``write_results`` (results.py).
 
 Every run goes through ``train`` (train/loop.py); a finished run is read back instead, so a killed
@@ -29,19 +31,27 @@ from mft_pipeline.cache.format import MANIFEST
 from mft_pipeline.cache.info import cache_info
 from mft_pipeline.cache.reader import Cache
 from mft_pipeline.compare.protocol import (
-    FRONTIER_TAUS, GENERAL, GENERAL_LABEL, LINES, METHODS, SAMPLED_K, SAMPLED_N, TOP_K, Method, Plan, Profile,
-    estimate_minutes, fidelity_method, frontier_method, make_plan, planned_runs, seeds_for,
+    FRONTIER_TAUS, GENERAL, GENERAL_LABEL, LINES, METHODS, SAMPLED_K, SAMPLED_N, TOP_K, Method, Plan, Point, Profile,
+    estimate_minutes, fidelity_method, frontier_eval_every, frontier_method, frontier_points, frontier_trained, make_plan,
+    planned_frontier, planned_runs, seeds_for,
 )  # fmt: skip
-from mft_pipeline.compare.results import Report, Row, plot_frontier, plot_low_data, write_csv, write_results
-from mft_pipeline.config import DEFAULT_MODEL, TRAIN_DEFAULTS, CacheConfig, CompareConfig, TrainConfig, run_settings
+from mft_pipeline.compare.results import (
+    Report, Row, plot_fair_frontier, plot_frontier, plot_low_data, write_csv, write_frontier_results, write_results,
+)  # fmt: skip
+from mft_pipeline.config import DEFAULT_MODEL, TRAIN_DEFAULTS, CacheConfig, CompareConfig, EvalConfig, FisherConfig, TrainConfig, run_settings
 from mft_pipeline.data.corpus import Corpus, CorpusError, load_corpus
 from mft_pipeline.data.packing import pack_documents
 from mft_pipeline.demo.corpora import prepare_corpus
 from mft_pipeline.demo.local_model import local_model
 from mft_pipeline.errors import ConfigError
+from mft_pipeline.eval.metrics import compare, model_perplexity
+from mft_pipeline.eval.score import eval_sets
+from mft_pipeline.files import atomic_write_text
 from mft_pipeline.models import load_tokenizer
 from mft_pipeline.run_folder import RunFolder
 from mft_pipeline.stage_one import build_cache
+from mft_pipeline.train.average import average_into
+from mft_pipeline.train.fisher import write_fisher
 from mft_pipeline.train.loop import train
 
 
@@ -57,7 +67,7 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] = _stderr) -> 
     p = plan.profile
     if p.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"the {plan.profile_name} profile needs a CUDA GPU")
-    if {"frontier", "low-data"} - plan.skip and importlib.util.find_spec("matplotlib") is None:
+    if ({"frontier", "low-data"} - plan.skip or plan.families) and importlib.util.find_spec("matplotlib") is None:
         raise ConfigError("the frontier and low-data plots need matplotlib: pip install 'mft-pipeline[plot]', or --skip them")
     # Every user corpus is read and split now, so a bad path or an empty corpus stops the comparison
     # before a model is loaded or anything is trained.
@@ -65,10 +75,10 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] = _stderr) -> 
     if config.general:
         corpora["--general"] = open_corpus("--general", Path(config.general), p.val_fraction)
 
-    counts = planned_runs(p, plan.methods, len(plan.domains), plan.skip)
+    counts = planned_frontier(plan) if plan.families else planned_runs(p, plan.methods, len(plan.domains), plan.skip)
     log(plan_line(plan.profile_name, p, counts))
     started = time.time()
-    name = result_name(config)
+    name = result_name(config, plan)
     c = Comparison(config, plan, name)
     report = Report(
         name=name, command=command_line(config), model=config.model, model_folder="", profile=p, domains=plan.domains,
@@ -76,25 +86,31 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] = _stderr) -> 
         frontier_domain=plan.frontier_domain,
     )  # fmt: skip
     c.prepare(corpora, report, log)
-    c.tables(report)
-    if "frontier" not in plan.skip:
-        c.frontier(report)
-    if "fidelity" not in plan.skip:
-        c.fidelity(report)
-    if "low-data" not in plan.skip:
-        c.low_data(report)
+    if plan.families:
+        report.rows = c.fair_frontier(report, log)
+    else:
+        c.tables(report)
+        if "frontier" not in plan.skip:
+            c.frontier(report)
+        if "fidelity" not in plan.skip:
+            c.fidelity(report)
+        if "low-data" not in plan.skip:
+            c.low_data(report)
+        report.rows = list(c.runner.rows.values())
 
-    report.rows = list(c.runner.rows.values())
     report.seconds = time.time() - started
     write_csv(report.rows, c.figures / "runs.csv")
     path = Path(config.out) / f"{name}.md"
-    write_results(path, report)
+    (write_frontier_results if plan.families else write_results)(path, report)
     log(f"wrote {path}")
     return path
 
 
 def plan_line(profile: str, p: Profile, counts: dict[str, int]) -> str:
-    plan = f"plan ({profile} profile): {counts['cached'] + counts['online']} runs ({counts['online']} of them online dense) and {counts['caches']} caches"
+    if "frontier" in counts:
+        plan = f"plan ({profile} profile, fair frontier): {counts['frontier']} runs, {counts['wise']} WiSE-FT evaluations and {counts['caches']} caches"
+    else:
+        plan = f"plan ({profile} profile): {counts['cached'] + counts['online']} runs ({counts['online']} of them online dense) and {counts['caches']} caches"
     if p.throughput:
         minutes = sum(estimate_minutes(p, counts, p.throughput).values())
         plan += (
@@ -130,14 +146,19 @@ def path_key(name: str, path: Path) -> str:
     return f"{name}-{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]}"
 
 
-def result_name(config: CompareConfig) -> str:
-    """quality-PROFILE[-MODEL][-lrLR][-general-NAME][-DOMAINS]: one name per distinct comparison."""
-    name = f"quality-{config.profile_name}" + ("" if config.model == DEFAULT_MODEL else f"-{model_slug(config.model)}")
+def result_name(config: CompareConfig, plan: Plan | None = None) -> str:
+    """quality-PROFILE[-MODEL][-lrLR][-general-NAME][-DOMAINS]: one name per distinct comparison.
+
+    The fair frontier's is frontier-PROFILE...-DOMAINS with the domains it traces, whichever families and learning
+    rates an invocation chose, so the invocations that split it rewrite one results file.
+    """
+    kind = "frontier" if plan and plan.families else "quality"
+    name = f"{kind}-{config.profile_name}" + ("" if config.model == DEFAULT_MODEL else f"-{model_slug(config.model)}")
     if config.lr is not None:
         name += f"-lr{config.lr:g}"
     if config.general:
         name += f"-general-{Path(config.general).stem.split('.')[0]}"
-    return name + "".join(f"-{d}" for d in config.domains)
+    return name + "".join(f"-{d}" for d in (plan.domains if kind == "frontier" else config.domains))
 
 
 # ----------------------------------------------------------------------------- corpora, checked before training
@@ -206,6 +227,40 @@ def train_once(out: Path, settings: dict, keep_best: bool) -> dict:
     return summary
 
 
+def write_documents(path: Path, docs: list[str]) -> Path:
+    """A JSONL corpus of ``docs``, written once (atomically) and reused."""
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+        tmp.rename(path)
+    return path
+
+
+def wise_ft_scores(start: str, tuned: Path, alphas: list[float], before: dict, sets: dict, batch_size: int, device: str) -> dict[float, dict]:
+    """Perplexities, S, DG and DG/S of the average ``(1 - alpha) start + alpha tuned`` at each alpha (WiSE-FT).
+
+    ``before`` holds the start's perplexities as the tuned run measured them on the same ``sets`` (metric name ->
+    packed sequences), so each average is read against the same numbers as the run's own evaluations.
+    """
+    import copy
+
+    import torch
+
+    from mft_pipeline.models import load_model, pick_device
+
+    dev = pick_device(device)
+    start_model = load_model(start, dev, dtype=torch.float32).eval()
+    tuned_model = load_model(str(tuned), dev, dtype=torch.float32).eval()
+    out = {}
+    for alpha in alphas:
+        model = copy.deepcopy(start_model)
+        average_into(model, tuned_model, alpha)
+        after = {name: model_perplexity(model, seqs.input_ids, seqs.num_tokens, batch_size, seqs.target) for name, seqs in sets.items()}
+        out[alpha] = {**after, **compare(before, after)}
+        del model
+    return out
+
+
 def eval_labels(num_tokens) -> int:
     """Predicted tokens of packed rows: each row of n tokens scores n - 1."""
     return int(sum(int(n) - 1 for n in num_tokens if n > 0))
@@ -229,7 +284,7 @@ class Runner:
             best = summary.get("best") or {}
             self.rows[domain, method.name, seed] = Row(
                 seed, domain, method.name, method.tau, k, tail_samples, best.get("S"), best.get("DG"), best.get("DG_over_S"),
-                *self.tokens[domain],
+                *self.tokens[domain], lr=settings["lr"], rank=settings.get("peft_rank"), step=best.get("step"),
             )  # fmt: skip
         return self.rows[domain, method.name, seed]
 
@@ -289,11 +344,8 @@ class Comparison:
         # General domain: its hash-split validation documents are the evaluation set; its training
         # documents are the replay source, so replay never sees the evaluation text.
         self.work.mkdir(parents=True, exist_ok=True)
-        general_eval = self.work / "general-eval.jsonl"
-        if not general_eval.exists():
-            tmp = general_eval.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in general.validation))
-            tmp.rename(general_eval)
+        general_eval = self.general_eval = write_documents(self.work / "general-eval.jsonl", general.validation)
+        self.general_corpus = general
         general_tokens = pack_documents(general.validation, tokenizer, p.seq_len, p.general_sequences, desc="tokenize general").num_labels
         common = dict(
             batch_size=p.batch_size, lr=p.lr, warmup_steps=p.warmup_steps, general_eval=str(general_eval),
@@ -389,3 +441,94 @@ class Comparison:
             train_once(folder, {**settings, "steps": p.low_data_steps, "eval_every": p.low_data_eval_every}, self.config.keep_checkpoints)
             report.low[method.name] = [r for r in RunFolder(folder).metrics() if r["kind"] in ("before", "eval")]
         plot_low_data(report.low, self.figures / "low-data.png")
+
+    # ------------------------------------------------------------------------- the fair frontier
+
+    def fair_frontier(self, report: Report, log: Callable[[str], None]) -> list[Row]:
+        """Every point of the plan's families over the profile's seeds, one row per evaluation along each run (early
+        stopping) and one per WiSE-FT average; then one plot per domain. Finished runs and averages are read back."""
+        points = frontier_points(self.plan)
+        ewc = self.fisher(log) if any(pt.family == "EWC" for _, pt in points) else None
+        wise: dict[tuple[str, float], list[Point]] = {}
+        for domain, pt in points:
+            if pt.alpha is not None:
+                wise.setdefault((domain, pt.lr), []).append(pt)
+        rows = []
+        for domain, pt in frontier_trained(points):
+            averages = wise.get((domain, pt.lr), []) if pt.family == "FT" else []
+            for seed in range(self.p.seeds):
+                rows += self.trace(domain, pt, seed, ewc, averages, log)
+        for domain in self.plan.domains:
+            plot_fair_frontier(rows, domain, self.figures / f"frontier-{domain}.png")
+        return rows
+
+    def trace(self, domain: str, point: Point, seed: int, ewc: tuple[str, float] | None, averages: list[Point], log) -> list[Row]:
+        """One run's rows, every evaluation after the start, and the rows of the WiSE-FT ``averages`` of its best checkpoint.
+
+        The best checkpoint is kept until every average is evaluated; a finished run whose checkpoint is gone while
+        an average is missing (it ran before WiSE-FT was asked for) is trained again, as a rerun gives the same weights.
+        """
+        family_folder = self.work / "frontier" / self.keys[domain]
+        folder = family_folder / point.family / point.folder / f"seed{seed}"
+        results = {w: family_folder / w.family / w.folder / f"seed{seed}.json" for w in averages}
+        missing = [w for w, path in results.items() if not path.exists()]
+        run = RunFolder(folder)
+        if missing and run.is_finished() and run.summary()["best"] is not None and not run.best.exists():
+            log(f"{folder}: training again for its best checkpoint, which WiSE-FT averages")
+            shutil.rmtree(folder)
+        settings = {
+            **self.runner.common, "eval_every": frontier_eval_every(self.p), **point.train_settings(ewc),
+            "cache": self.caches[domain], "seed": seed,
+        }  # fmt: skip
+        train_once(folder, settings, keep_best=bool(missing) or self.config.keep_checkpoints)
+        tokens = self.runner.tokens[domain]
+        lam = settings.get("l2_init", settings.get("ewc_lambda"))
+        rows = [self.frontier_row(domain, point, seed, r, tokens, lr=settings.get("lr", self.p.lr), lam=lam) for r in run.metrics("eval")]
+        if missing and run.best.exists():
+            sets = self.evaluation_sets(domain)
+            before = run.metrics("before")[0]
+            scores = wise_ft_scores(self.model, run.best, [w.alpha for w in missing], before, sets, 8, self.p.device)
+            best_step = run.summary()["best"]["step"]
+            for w in missing:
+                results[w].parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(results[w], json.dumps({**scores[w.alpha], "step": best_step}, indent=2) + "\n")
+        if missing and not self.config.keep_checkpoints:
+            shutil.rmtree(run.best, ignore_errors=True)
+        for w, path in results.items():
+            if path.exists():
+                rows.append(self.frontier_row(domain, w, seed, json.loads(path.read_text()), tokens, lr=w.lr))
+        return rows
+
+    @staticmethod
+    def frontier_row(domain: str, point: Point, seed: int, row: dict, tokens: tuple[int, int], lr: float, lam: float | None = None) -> Row:
+        """A runs.csv row of one evaluation (a metrics.jsonl "eval" row, or a WiSE-FT result)."""
+        k = TOP_K if point.variant in ("ft", "mft") else None  # DFT and TALR read only the labels
+        return Row(
+            seed, domain, point.family, point.tau, k, 0, row.get("S"), row.get("DG"), row.get("DG_over_S"), *tokens,
+            lr=lr, lam=lam, alpha=point.alpha, rank=point.rank, step=row["step"],
+        )  # fmt: skip
+
+    def evaluation_sets(self, domain: str) -> dict:
+        """The domain's evaluation sets packed as its runs pack them: the cache's validation split and the general texts."""
+        config = EvalConfig(
+            model=self.model, spec_eval=self.caches[domain], general_eval=str(self.general_eval),
+            max_sequences=self.p.general_sequences, device=self.p.device,
+        )  # fmt: skip
+        return eval_sets(config, load_tokenizer(self.model))
+
+    def fisher(self, log) -> tuple[str, float]:
+        """The start's diagonal Fisher on the general domain's training documents (never its evaluation texts), computed
+        once per start and reused, on as many tokens as a run trains on; returns (its file, its mean over all weights)."""
+        from safetensors import safe_open
+
+        path = self.work / "fisher-general.safetensors"
+        if not path.exists():
+            corpus = write_documents(self.work / "general-train.jsonl", self.general_corpus.train)
+            log(f"computing the Fisher of {self.model} on the general training documents for EWC")
+            write_fisher(FisherConfig(model=self.model, corpus=str(corpus), out=str(path), seq_len=self.p.seq_len, max_tokens=self.p.train_tokens, device=self.p.device))
+        total = count = 0.0
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                t = f.get_tensor(name).double()
+                total, count = total + float(t.sum()), count + t.numel()
+        return str(path), total / count

@@ -216,8 +216,8 @@ def test_undefined_dg_over_s_drops_out_of_means_and_csv(tmp_path):
     assert interval_of(rows, "S").n == 3
     write_csv(list(rows.values()), tmp_path / "runs.csv")
     lines = (tmp_path / "runs.csv").read_text().splitlines()
-    assert lines[0] == "seed,domain,method,tau,k,tail_samples,S,DG,DG_over_S,general_eval_tokens,spec_eval_tokens"
-    assert lines[-1] == "2,d,FT,,20,0,-0.100000,0.100000,,100,50"
+    assert lines[0] == "seed,domain,method,tau,k,tail_samples,S,DG,DG_over_S,general_eval_tokens,spec_eval_tokens,lr,lambda,alpha,rank,step"
+    assert lines[-1] == "2,d,FT,,20,0,-0.100000,0.100000,,100,50,,,,,"
     assert not math.isnan(float(lines[1].split(",")[8]))
 
 
