@@ -364,6 +364,8 @@ def make_plan(config: CompareConfig) -> Plan:
         if config.frontier_domains is not None or config.lrs is not None:
             raise ConfigError("--frontier-domains and --lrs choose the fair frontier's runs; give --families too")
         return Plan(name, p, domains, methods, skip, frontier_domain)
+    if config.methods is not None or config.skip is not None:
+        raise ConfigError("--methods and --skip choose the per-domain protocol's runs; --families runs the fair frontier instead")
     return fair_frontier_plan(config, p, domains, frontier_domain)
 
 

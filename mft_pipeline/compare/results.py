@@ -602,8 +602,13 @@ def write_frontier_results(path: Path, r: Report) -> None:
     ]
     for domain in r.domains:
         lines += [f"## {domain}", "", f"![fair frontier, {domain}]({r.name}/frontier-{domain}.png)", ""]
-        lines += ["| family | common DG % | MFT − family, S at equal DG (points) | mean | per seed | verdict |", "|---|---|---|---|---|---|"]
-        for family in (f for f in families if f != "MFT" and family_rows(r.rows, domain, f)):
+        others = [f for f in families if f != "MFT" and family_rows(r.rows, domain, f)]
+        if not family_rows(r.rows, domain, "MFT"):
+            others = []
+            lines += ["No MFT points in this domain (MFT is not among --families), so no verdicts.", ""]
+        if others:
+            lines += ["| family | common DG % | MFT − family, S at equal DG (points) | mean | per seed | verdict |", "|---|---|---|---|---|---|"]
+        for family in others:
             v = family_verdict(r.rows, domain, family)
             if not v.gap.rows:
                 lines.append(f"| {family} | — | — | — | — | {verdict_text(v)} |")
@@ -611,7 +616,7 @@ def write_frontier_results(path: Path, r: Report) -> None:
             lows, highs = v.gap.rows[0][0], v.gap.rows[-1][0]
             gaps = ", ".join(f"{g:+.2f}" for g in v.gap.gaps)
             lines.append(f"| {family} | {lows:.2f} – {highs:.2f} | {gaps} | {v.gap.mean_gap:+.2f} | {fmt(v.per_seed)} | {verdict_text(v)} |")
-        lines += ["", "Envelope points (the knobs and step of each):", "", "| family | point | seeds | S % | DG % |", "|---|---|---|---|---|"]
+        lines += ([""] if others else []) + ["Envelope points (the knobs and step of each):", "", "| family | point | seeds | S % | DG % |", "|---|---|---|---|---|"]
         for family in families:
             for pt in envelope_points(family_points(r.rows, domain, family)):
                 lines.append(f"| {family} | {pt.label} | {pt.S.n} | {fmt(pt.S)} | {fmt(pt.DG)} |")

@@ -483,7 +483,7 @@ class Comparison:
         train_once(folder, settings, keep_best=bool(missing) or self.config.keep_checkpoints)
         tokens = self.runner.tokens[domain]
         lam = settings.get("l2_init", settings.get("ewc_lambda"))
-        rows = [self.frontier_row(domain, point, seed, r, tokens, lr=settings.get("lr", self.p.lr), lam=lam) for r in run.metrics("eval")]
+        rows = [self.frontier_row(domain, point, seed, r, tokens, lr=settings["lr"], lam=lam) for r in run.metrics("eval")]
         if missing and run.best.exists():
             sets = self.evaluation_sets(domain)
             before = run.metrics("before")[0]

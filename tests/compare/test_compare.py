@@ -146,6 +146,7 @@ def test_smoke_profile_end_to_end_on_user_corpora(tmp_path, tiny_model_dir):
     assert {r["seed"] for r in rows} == {"0", "1"}
     ft = {r["seed"]: r for r in rows if r["method"] == "FT" and r["domain"] == "legal"}
     assert ft["0"]["S"] != ft["1"]["S"], "seeds must change the run (data order)"
+    assert ft["0"]["lr"] == "0.001" and ft["0"]["step"] in ("1", "2") and ft["0"]["lambda"] == ""
     assert {r["k"] for r in rows if r["method"].endswith("online")} == {"dense"}
     assert all(int(r["general_eval_tokens"]) > 0 and int(r["spec_eval_tokens"]) > 0 for r in rows)
     sampled = [r for r in rows if r["tail_samples"] != "0"]

@@ -115,6 +115,7 @@ def test_plan_and_cpu_sizing():
         (CompareConfig(families="FT,XFT"), "--families: unknown XFT"),
         (CompareConfig(families="FT", lrs="2e-4"), "--lrs: 0.0002 not in the chosen families' grid"),
         (CompareConfig(lrs="1e-4"), "give --families too"),
+        (CompareConfig(families="FT", methods="FT"), "--families runs the fair frontier instead"),
         (CompareConfig(families="FT", frontier_domains="poetry"), "--frontier-domains: poetry not among"),
     ):
         with pytest.raises(ConfigError, match=message):
