@@ -87,7 +87,7 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] = _stderr) -> 
     )  # fmt: skip
     c.prepare(corpora, report, log)
     if plan.families:
-        report.rows = c.fair_frontier(report, log)
+        report.rows = c.fair_frontier(log)
     else:
         c.tables(report)
         if "frontier" not in plan.skip:
@@ -444,7 +444,7 @@ class Comparison:
 
     # ------------------------------------------------------------------------- the fair frontier
 
-    def fair_frontier(self, report: Report, log: Callable[[str], None]) -> list[Row]:
+    def fair_frontier(self, log: Callable[[str], None]) -> list[Row]:
         """Every point of the plan's families over the profile's seeds, one row per evaluation along each run (early
         stopping) and one per WiSE-FT average; then one plot per domain. Finished runs and averages are read back."""
         points = frontier_points(self.plan)
@@ -466,11 +466,11 @@ class Comparison:
         """One run's rows, every evaluation after the start, and the rows of the WiSE-FT ``averages`` of its best checkpoint.
 
         The best checkpoint is kept until every average is evaluated; a finished run whose checkpoint is gone while
-        an average is missing (it ran before WiSE-FT was asked for) is trained again, as a rerun gives the same weights.
+        an average is missing (it ran before WiSE-FT was asked for) is trained again with the same settings and seed.
         """
-        family_folder = self.work / "frontier" / self.keys[domain]
-        folder = family_folder / point.family / point.folder / f"seed{seed}"
-        results = {w: family_folder / w.family / w.folder / f"seed{seed}.json" for w in averages}
+        domain_folder = self.work / "frontier" / self.keys[domain]
+        folder = domain_folder / point.family / point.folder / f"seed{seed}"
+        results = {w: domain_folder / w.family / w.folder / f"seed{seed}.json" for w in averages}
         missing = [w for w, path in results.items() if not path.exists()]
         run = RunFolder(folder)
         if missing and run.is_finished() and run.summary()["best"] is not None and not run.best.exists():
