@@ -5,9 +5,11 @@
     python -m benchmarks.quality --profile cpu  # then the sampled-tail frontier line, fidelity, low data; ~1.5 hours
     python -m benchmarks.quality --profile gpu --methods FT,MFT --skip frontier,fidelity,low-data  # one CUDA GPU (docs/gpu-check.md)
     python -m benchmarks.quality --model path/to/model.gguf --methods FT,MFT --skip fidelity
+    python -m benchmarks.quality --families FT,MFT,WiSE-FT --lrs 1e-4  # the fair frontier, one learning rate; ~1.6 hours
 
-Every other option is `mft compare`'s (`mft compare --help`). The results file is
-docs/results/quality-<profile>[-<model>][-lr<lr>].md, with runs.csv and the plots in the folder of
+Every other option is `mft compare`'s (`mft compare --help`; the fair frontier's commands are in
+docs/frontier.md). The results file is docs/results/quality-<profile>[-<model>][-lr<lr>].md
+(frontier-<profile>-<domains>.md for the fair frontier), with runs.csv and the plots in the folder of
 the same name; a reading written by hand goes beside it, in quality-<profile>.reading.md. Corpora,
 caches and runs go to .mft-bench/, and finished runs are reused, so a killed benchmark continues
 where it stopped.
