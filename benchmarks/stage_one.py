@@ -9,7 +9,7 @@ shared machine hits every variant alike), input tokens/s of: the plain forward
 whole ``build_cache`` (model and tokenizer handed in, their load reported apart); and
 ``build_cache`` with scores replayed from memory (all but the teacher). Then the cache's bytes
 per token and per candidate at k and ``--extra-k`` (sliced from one k=max pass: top-k is
-sorted), per column, and rewritten with other Parquet options. ``--backend vllm`` (in the venv
+sorted) and per column. ``--backend vllm`` (in the venv
 with vLLM) times instead the forward, ``TransformersTeacher.score`` and ``VLLMTeacher.score``
 per batch and for all rows in one call (as stage one hands it a shard); ``--profile`` samples
 one more all-rows call with py-spy in every process. Peak memory: CUDA allocator peak, or the
@@ -40,7 +40,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parents[1]
@@ -266,50 +265,6 @@ def cache_size(cache_dir: Path, top_k: int) -> dict:
     }  # fmt: skip
 
 
-def as_float16_values(table):
-    """Schema 1's log-prob column: the float16 values themselves instead of their bit-pattern deltas."""
-    from mft_pipeline.cache.shard import delta_decode_float16, from_fixed_lists, to_fixed_lists
-
-    column = table.column("topk_logprob_deltas")
-    k = column.type.value_type.list_size
-    values = delta_decode_float16(from_fixed_lists(column, (column.type.list_size, k)))
-    type_ = pa.list_(pa.list_(pa.float16(), k), column.type.list_size)
-    return table.set_column(table.schema.get_field_index("topk_logprob_deltas"), "topk_logprobs", to_fixed_lists(values, type_))
-
-
-def parquet_what_if(cache_dir: Path, labels: int, top_k: int) -> list[dict]:
-    """The same shards rewritten with other Parquet options (not the format: a what-if for its size)."""
-    from mft_pipeline.cache.shard import BYTE_STREAM_SPLIT
-
-    bss = list(BYTE_STREAM_SPLIT)
-    plain = {"use_dictionary": False, "use_byte_stream_split": bss}
-    options = {
-        "pyarrow defaults (dictionary on), zstd 9": ({}, None),
-        "no dictionary, zstd 9": ({"use_dictionary": False}, None),
-        "no dictionary, byte-stream split, zstd 9, float16 log-prob values (schema 1)": (
-            {**plain, "use_byte_stream_split": [c.replace("topk_logprob_deltas", "topk_logprobs") for c in bss]}, as_float16_values),
-        "no dictionary, byte-stream split, zstd 9, log-prob bit-pattern deltas (the format)": (plain, None),
-        "same, zstd 3": ({**plain, "compression_level": 3}, None),
-        "same, zstd 19": ({**plain, "compression_level": 19}, None),
-    }  # fmt: skip
-    tables = [pq.read_table(f) for f in sorted(cache_dir.glob("*.parquet"))]
-    out = []
-    for name, (opts, transform) in options.items():
-        size, seconds = 0, 0.0
-        for table in tables:
-            table = transform(table) if transform else table
-            best = float("inf")
-            for _ in range(3):  # fastest of three: the write is short and the machine may be shared
-                sink = io.BytesIO()
-                t0 = time.perf_counter()
-                pq.write_table(table, sink, **{"compression": "zstd", "compression_level": 9, **opts})
-                best = min(best, time.perf_counter() - t0)
-            seconds += best
-            size += len(sink.getvalue())
-        out.append({"options": name, "bytes": size, "bytes_per_candidate": size / (labels * top_k), "write_s": seconds})
-    return out
-
-
 def measure_transformers(b: SimpleNamespace) -> dict:
     """Forward, score and ``build_cache`` in rotating rounds; then the cache's sizes and the replayed builds."""
     args = b.args
@@ -324,7 +279,6 @@ def measure_transformers(b: SimpleNamespace) -> dict:
     seconds, peaks = timed_rounds({"forward": forward, "score": score, "build": lambda: shutil.rmtree(build())}, args.repeats, memory)
     kept = build()
     sizes = [checked_size(b, kept)]
-    what_if = parquet_what_if(kept, sizes[0]["labels"], args.top_k)
     replay = ReplayTeacher(b.teacher, score(top_k=max([args.top_k, *args.extra_k]), keep={}))  # one untimed pass at max k
     replayed, replay_peak = timed_rounds({"build_replay": lambda: shutil.rmtree(build(replay))}, args.repeats, memory)
     sizes += [{**cache_size(build(replay, top_k=k), k), "replayed": True} for k in args.extra_k]
@@ -337,7 +291,7 @@ def measure_transformers(b: SimpleNamespace) -> dict:
         },
         "memory_kind": memory.kind, "memory_before": memory_before,
         "timings": summarize({**seconds, **replayed}, b.tokens, {**peaks, **replay_peak}),
-        "sizes": sorted(sizes, key=lambda s: s["top_k"]), "parquet_what_if": what_if,
+        "sizes": sorted(sizes, key=lambda s: s["top_k"]),
     }  # fmt: skip
 
 
@@ -634,11 +588,6 @@ def render(r: dict) -> str:
           f"{(s['column_bytes'].get('seq_id', 0) + s['column_bytes'].get('num_tokens', 0) + s['other_bytes']) / s['labels']:.2f}"]
          for s in r["sizes"]],
     )  # fmt: skip
-    labels = next(s["labels"] for s in r["sizes"] if s["top_k"] == k)
-    lines += ["", f"What-if, not the format: the k={k} shards rewritten in memory with other Parquet options "
-              "(pyarrow `write_table`; write time per million labelled tokens, fastest of three):", ""]
-    lines += table(["Parquet options", "bytes", "bytes/candidate", "write s / M tokens"],
-                   [[x["options"], f"{x['bytes']:,}", f"{x['bytes_per_candidate']:.3f}", f"{x['write_s'] / labels * 1e6:.2f}"] for x in r["parquet_what_if"]])
     return "\n".join(lines + [""])
 
 
