@@ -1,7 +1,7 @@
 """Stage-one benchmark: the teacher's plain forward vs. stage one, side by side in one run.
 
     python -m benchmarks.stage_one [--model smollm2-135m] [--seq-len 256] [--batch-size 4] [--batches 4]
-        [--top-k 20] [--repeats 3] [--extra-k 5,50] [--backend transformers|vllm] [--profile] [--out FILE.md]
+        [--top-k 20] [--repeats 3] [--extra-k 5,50] [--backend transformers|vllm] [--out FILE.md]
 
 On the same packed rows of real text, in rounds whose order rotates (so a neighbour's load on a
 shared machine hits every variant alike), input tokens/s of: the plain forward
@@ -9,11 +9,10 @@ shared machine hits every variant alike), input tokens/s of: the plain forward
 whole ``build_cache`` (model and tokenizer handed in, their load reported apart); and
 ``build_cache`` with scores replayed from memory (all but the teacher). Then the cache's bytes
 per token and per candidate at k and ``--extra-k`` (sliced from one k=max pass: top-k is
-sorted) and per column. ``--backend vllm`` (in the venv
-with vLLM) times instead the forward, ``TransformersTeacher.score`` and ``VLLMTeacher.score``
-per batch and for all rows in one call (as stage one hands it a shard); ``--profile`` samples
-one more all-rows call with py-spy in every process. Peak memory: CUDA allocator peak, or the
-process's peak RSS on CPU. A benchmark, not a test: minutes on CPU.
+sorted) and per column. ``--backend vllm`` (in the venv with vLLM) times instead the forward,
+``TransformersTeacher.score`` and ``VLLMTeacher.score`` per batch and for all rows in one call
+(as stage one hands it a shard). Peak memory: CUDA allocator peak, or the process's peak RSS on
+CPU. A benchmark, not a test: minutes on CPU.
 """
 
 from __future__ import annotations
@@ -24,11 +23,9 @@ import io
 import json
 import os
 import platform
-import re
 import resource
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -59,7 +56,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--corpus", default=None, help="a .jsonl file with a 'text' field (default: the CPython standard library's .py files)")
     p.add_argument("--backend", default="transformers", choices=("transformers", "vllm"))
-    p.add_argument("--profile", action="store_true", help="vllm: sample one all-rows call with py-spy (it must be installed)")
     p.add_argument("--out", default=None, help="markdown results file (default docs/results/stage-one-[vllm-]<device>.md); a .json beside it")
     args = p.parse_args(argv)
     if args.seq_len < 2 or min(args.batch_size, args.batches, args.top_k, args.repeats) < 1:
@@ -384,7 +380,6 @@ def measure_vllm(b: SimpleNamespace) -> dict:
                 run()
             seconds, _ = timed_rounds(passes, args.repeats)
             hf, vl = b.teacher.score(ids, num, k), engine.score(ids, num, k)
-        profile = profile_vllm(lambda: engine.score(ids, num, k), b.work) if args.profile else None
     finally:
         engine.close()  # now, not at interpreter exit, where the engine's teardown can abort the process
     return {
@@ -395,54 +390,7 @@ def measure_vllm(b: SimpleNamespace) -> dict:
         "timings": summarize(seconds, b.tokens),
         "agreement": {"max_label_logprob_diff": float(np.abs(hf.label_logprobs - vl.label_logprobs).max()),
                       "argmax_agreement": float(np.mean(hf.topk_ids[..., 0] == vl.topk_ids[..., 0]))},
-        "profile": profile,
     }  # fmt: skip
-
-
-# Where a sampled stack's time goes: its innermost frame that holds one of a rule's texts names it
-# (rules in order, per frame). Frames look like "function (path/file.py:line)".
-PROFILE_RULES = [
-    ("engine: prompt log-probs (log-softmax, top-k, ranks over the vocabulary)", ("compute_logprobs", "gather_logprobs", "batched_count_greater_than", "_get_prompt_logprobs_dict")),
-    ("engine: output head (logits of every prompt token)", ("compute_logits", "logits_processor.py")),
-    ("engine: model forward (attention, MLP)", ("vllm/model_executor/", "vllm/attention/", "vllm/v1/attention/")),
-    ("engine: scheduling, input preparation, sampling, other engine work", ("vllm/v1/core/", "vllm/v1/worker/", "vllm/v1/sample/", "vllm/v1/engine/core.py", "vllm/v1/executor/")),
-    ("frontend: vLLM's output processing (Python objects per candidate)", ("vllm/v1/engine/", "vllm/outputs.py", "vllm/logprobs.py")),
-    ("frontend: conversion to arrays (vllm_backend)", ("vllm_backend.py",)),
-]  # fmt: skip
-
-
-def profile_group(stack: list[str]) -> str:
-    for frame in reversed(stack):
-        for name, keys in PROFILE_RULES:
-            if any(key in frame for key in keys):
-                return name
-    return "other (threads, imports, unmatched)"
-
-
-def profile_vllm(run, work: Path) -> dict:
-    """One ``run()`` sampled by py-spy in this process and the engine's (--subprocesses), busy
-    samples only, grouped by PROFILE_RULES per process role; plus the hottest frames."""
-    raw = work / "py-spy.txt"
-    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    cmd = [spy, "record", "--pid", str(os.getpid()), "--subprocesses", "--rate", "100", "--format", "raw", "-o", str(raw)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    time.sleep(2)  # attached
-    t0 = time.perf_counter()
-    run()
-    seconds = time.perf_counter() - t0
-    proc.send_signal(signal.SIGINT)
-    if proc.wait(timeout=60) != 0 or not raw.is_file():
-        raise SystemExit(f"py-spy failed: {proc.stderr.read()[-1000:]}")
-    groups, frames, total = Counter(), Counter(), 0
-    for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not count.isdigit():  # the rest of a process's command line that held a newline
-            continue
-        stack, count = stack.split(";"), int(count)
-        total += count
-        groups[profile_group(stack)] += count
-        frames[re.sub(r"\(\S*(site-packages|lib/python3\.\d+)/", "(", stack[-1].replace(f"{REPO}/", ""))] += count  # no local paths
-    return {"seconds": seconds, "samples": total, "rate_hz": 100, "groups": dict(groups.most_common()), "top_frames": frames.most_common(12)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -603,12 +551,6 @@ def render_vllm(r: dict) -> str:
         f"argmax equal at {100 * a['argmax_agreement']:.2f}% of positions.", "",
         f"Engine settings: {', '.join(f'`{key}={x}`' for key, x in r['engine'].items())}; up to {r['tokens_in_flight']} prompt tokens queued.", "",
     ]  # fmt: skip
-    p = r.get("profile")
-    if p:
-        lines += [f"Where the time of one all-rows call goes ({p['seconds']:.1f} s), sampled by py-spy at {p['rate_hz']} Hz in "
-                  f"this process and the engine's (busy samples only, {p['samples']} in all; two cores, so up to 2 samples per 10 ms):", ""]
-        lines += table(["where", "samples", "share"], [[g, c, f"{100 * c / p['samples']:.1f}%"] for g, c in p["groups"].items()])
-        lines += ["", "Hottest innermost frames: " + "; ".join(f"`{f}` {c}" for f, c in p["top_frames"]) + ".", ""]
     return "\n".join(lines)
 
 
