@@ -30,7 +30,8 @@ if str(REPO) not in sys.path:  # run as a script: benchmarks/ and mft_pipeline/ 
     sys.path.insert(0, str(REPO))
 
 from benchmarks import stage_one, stage_two  # noqa: E402
-from benchmarks.stage_one import fmt_mib  # noqa: E402
+from benchmarks.measure import say  # noqa: E402
+from benchmarks.results import comma_list, command_line, fmt_mib, machine_info, machine_line, table  # noqa: E402
 from mft_pipeline.distill.fused_loss import default_chunk_size  # noqa: E402
 
 # docs/performance-targets.md; each is the worst case over the models measured.
@@ -59,14 +60,8 @@ class Plan:
     eval_model: tuple[str, int, int] = ("llama-1.2b", 2048, 8)  # spec, T, B: mft train evaluates 8 rows at once
 
 
-def say(*parts) -> None:
-    print(f"[{datetime.now(timezone.utc):%H:%M:%S}]", *parts, file=sys.stderr, flush=True)
-
-
 def device_info(device: str) -> dict:
-    import torch
-
-    return {**stage_one.machine_info(torch.device(device), torch), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    return {**machine_info(device), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
 def stage_one_part(spec: str, batch: int, plan: Plan) -> dict:
@@ -79,7 +74,7 @@ def stage_one_part(spec: str, batch: int, plan: Plan) -> dict:
     if plan.device.startswith("cuda"):
         model = model.to(torch.bfloat16)
     batches = stage_one.random_token_batches(model_vocab_size(model), plan.batches, batch, plan.seq_len)
-    r = stage_one.forward_vs_score(model, batches, plan.top_k, repeats=plan.repeats, say=say)
+    r = stage_one.forward_vs_score(model, batches, plan.top_k, repeats=plan.repeats)
     return {**r, "params": sum(p.numel() for p in model.parameters()), "batch": [batch, plan.seq_len]}
 
 
@@ -88,18 +83,7 @@ def stage_two_part(spec: str, batch: int, plan: Plan) -> dict:
 
     return stage_two.measure_model(spec, torch.device(plan.device), torch.bfloat16, plan.seq_len, batch, n_batches=plan.batches,
                                    repeats=plan.repeats, top_k=plan.top_k, loss_tokens=plan.loss_tokens,
-                                   losses=("fused", "ft-naive"), threads=plan.threads, say=say)  # fmt: skip
-
-
-def loader_part(plan: Plan) -> dict:
-    """The cache loader alone, in the training loop's order, onto the device (a synthetic cache at T = 2048, k = 20, V = 128k)."""
-    return stage_two.measure_loader(plan.device, **dict(plan.loader), say=say)
-
-
-def eval_part(plan: Plan) -> dict:
-    """Evaluation's peak memory through the head in chunks against the full B x T x V logits, and their NLLs' gap."""
-    spec, seq_len, batch = plan.eval_model
-    return stage_two.measure_eval(spec, plan.device, seq_len, batch, threads=plan.threads, say=say)
+                                   losses=("fused", "ft-naive"))  # fmt: skip
 
 
 def fused_loss_bytes(positions: int, vocab: int, hidden: int, chunk: int, matmul_bytes: int = 4) -> int:
@@ -129,7 +113,7 @@ def chunks_part(plan: Plan, progress=lambda partial: None) -> dict:
     B, T, V, H = plan.sweep_shape
     device, dtype = torch.device(plan.device), torch.bfloat16
     point = lambda loss, chunk=None: stage_two.loss_peak_memory(loss, V, H, device, dtype, T, B, top_k=plan.top_k,  # noqa: E731
-                                                                 chunk_size=chunk, repeats=plan.sweep_repeats, threads=plan.threads)
+                                                                 chunk_size=chunk, repeats=plan.sweep_repeats)
     naive = point("ft-naive")
     say(f"ft-naive: {fmt_mib(naive['growth'])}, {naive['seconds']:.3f} s")
     matmul_bytes = 2 if device.type == "cuda" else 4
@@ -151,13 +135,23 @@ def ratios(parts: dict) -> dict:
     return {"stage_one_score_vs_forward": min(ones) if ones else None, **stage_two.worst_case(twos)}
 
 
+def parts_of(plan: Plan, chunks_so_far) -> list:
+    """(name, measurement) in the order they run: all of stage one before stage two, so that a run
+    stopped early still has every model's first target."""
+    parts = [(f"stage_one/{Path(spec).name}", partial(stage_one_part, spec, one, plan)) for spec, one, _ in plan.models]
+    parts += [(f"stage_two/{Path(spec).name}", partial(stage_two_part, spec, two, plan)) for spec, _, two in plan.models]
+    spec, seq_len, batch = plan.eval_model
+    return parts + [("loader", partial(stage_two.measure_loader, plan.device, **dict(plan.loader))),
+                    ("eval", partial(stage_two.measure_eval, spec, plan.device, seq_len, batch)),
+                    ("chunks", partial(chunks_part, plan, chunks_so_far))]  # fmt: skip
+
+
 def run(plan: Plan, path: Path, command: str, only: tuple[str, ...] = ()) -> dict:
     """Each part in turn into ``path`` (.json and .md rewritten after each); a failed part is recorded and the next runs."""
     import torch
 
-    # All of stage one before stage two: a run stopped early still has every model's first target.
-    parts = [(f"stage_one/{Path(spec).name}", partial(stage_one_part, spec, one, plan)) for spec, one, _ in plan.models]
-    parts += [(f"stage_two/{Path(spec).name}", partial(stage_two_part, spec, two, plan)) for spec, _, two in plan.models]
+    if plan.threads:
+        torch.set_num_threads(plan.threads)  # the fresh processes take this process's
     result = {"command": command, "device": device_info(plan.device), "plan": asdict(plan), "parts": {}, "errors": {},
               "loadavg_start": os.getloadavg()}
     started = time.perf_counter()
@@ -172,8 +166,7 @@ def run(plan: Plan, path: Path, command: str, only: tuple[str, ...] = ()) -> dic
         result["parts"]["chunks"] = partial_result
         save()
 
-    parts += [("loader", partial(loader_part, plan)), ("eval", partial(eval_part, plan)), ("chunks", partial(chunks_part, plan, chunks_so_far))]
-    for name, fn in parts:
+    for name, fn in parts_of(plan, chunks_so_far):
         if only and name.split("/")[0] not in only:
             continue
         say(f"{name} ...")
@@ -195,10 +188,10 @@ def met(value, op: str, goal: float) -> str:
 
 
 def render(r: dict) -> str:
-    p, parts, d = r["plan"], r["parts"], r["device"]
+    parts, d = r["parts"], r["device"]
     speed = any(name.startswith("stage_") for name in parts) or "chunks" not in parts
     lines = [f"# {'GPU check' if speed else 'Fused loss by chunk size'}, {d['date'][:10]}", "", f"Command: `{r['command']}`", "",
-             f"{stage_one.machine_line(d)} {d['date']}. "
+             f"{machine_line(d)} {d['date']}. "
              f"Wall time {r['wall_seconds']:.0f} s; load average {r['loadavg_start'][0]:.2f} at the start, {r['loadavg_end'][0]:.2f} at the end."]  # fmt: skip
     if speed:
         lines += render_speed(r)
@@ -227,16 +220,16 @@ def render_speed(r: dict) -> list[str]:
     return [
         "", f"Random tokens and random-weight models; {p['seq_len']}-token sequences, top-k {p['top_k']}, {p['repeats']} paired "
         f"repeats, medians; {'bf16' if p['device'].startswith('cuda') else 'float32 (no GPU)'}. Targets: docs/performance-targets.md.", "",
-        *stage_one.table(["target", "measured (worst model)", "goal", "met"],
+        *table(["target", "measured (worst model)", "goal", "met"],
                          [[what, "—" if r["ratios"][key] is None else f"{r['ratios'][key]:.3f}", f"{op} {goal}", met(r["ratios"][key], op, goal)]
                           for key, op, goal, what in TARGETS]),
         "", "Stage one (score = forward + top-k + label log-probs, brought to the host):", "",
-        *stage_one.table(["model", "params", "batch", "forward tokens/s", "score tokens/s", "score / forward", "forward peak", "score peak"],
+        *table(["model", "params", "batch", "forward tokens/s", "score tokens/s", "score / forward", "forward peak", "score peak"],
                          [[name, f"{s['params'] / 1e6:,.0f}M", f"{s['batch'][0]} × {s['batch'][1]}", f"{s['tokens_per_s']['forward']:,.0f}",
                            f"{s['tokens_per_s']['score']:,.0f}", f"{s['score_vs_forward']:.3f}", fmt_mib(s["peak_bytes"]["forward"]),
                            fmt_mib(s["peak_bytes"]["score"])] for name, s in ones.items()]),
         "", "Stage two (one step: forward, backward, AdamW; float32 weights, autocast on a GPU; peaks in fresh processes):", "",
-        *stage_one.table(["model", "method", "tokens/s", "paired ratio vs FT", "step peak", "vs FT"],
+        *table(["model", "method", "tokens/s", "paired ratio vs FT", "step peak", "vs FT"],
                          [[name, meth, f"{t['speed']['tokens_per_s'][meth]:,.0f}",
                            f"{1.0 if meth == 'ft' else t['speed']['paired_ratio_vs_ft'][meth]:.3f}", fmt_mib(t["peak"][meth]["peak"]),
                            f"{t['peak'][meth]['peak'] / t['peak']['ft']['peak']:.3f}"] for name, t in twos.items() for meth in stage_two.METHODS]),
@@ -252,7 +245,7 @@ def render_chunks(c: dict) -> str:
     return "\n".join([f"Fused loss + backward by chunk size, {s['B']} × {s['T']} positions, V = {s['V']:,}, H = {s['H']}: peak growth over "
                       f"its inputs, `fused_loss_bytes`'s prediction, and seconds ({timed}). FT-naive: {fmt_mib(naive['growth'])}, "
                       f"{naive['seconds']:.3f} s.", "",
-                      *stage_one.table(["chunk", "peak growth", "predicted", "vs FT-naive", "seconds", "vs FT-naive's time"], rows)])  # fmt: skip
+                      *table(["chunk", "peak growth", "predicted", "vs FT-naive", "seconds", "vs FT-naive's time"], rows)])  # fmt: skip
 
 
 def rehearsal_plan(folder: Path) -> Plan:
@@ -272,7 +265,7 @@ def rehearsal_plan(folder: Path) -> Plan:
                 loader=(("seq_len", 32), ("top_k", 4), ("vocab", 640), ("shards", 2), ("rows_per_shard", 8), ("epochs", 1)))  # fmt: skip
 
 
-def main(argv=None) -> int:
+def parse_args(argv) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     p = argparse.ArgumentParser(prog="python benchmarks/gpu_check.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("what", nargs="?", choices=("speed", "chunks"))
@@ -283,36 +276,38 @@ def main(argv=None) -> int:
     p.add_argument("--chunks", help="comma-separated chunk sizes for the sweep")
     p.add_argument("--sweep-repeats", type=int, help="timed calls per chunk size after the measured one (default 3; 0: time the measured one)")
     p.add_argument("--threads", type=int, help="torch CPU threads, also in the fresh processes")
-    args = p.parse_args(argv)
+    return p, p.parse_args(argv)
+
+
+def rehearse(out: Path, command: str) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="mft-gpu-rehearsal-") as tmp:
+        r = run(rehearsal_plan(Path(tmp)), out / "gpu-rehearsal", command)
+    say(f"rehearsal done in {r['wall_seconds']:.0f} s: {out / 'gpu-rehearsal.md'}")
+    return 0
+
+
+def main(argv=None) -> int:
+    p, args = parse_args(argv)
     import torch
 
-    given = {"threads": args.threads, "sweep_repeats": args.sweep_repeats,
-             "models": args.models and tuple((n, int(a), int(b)) for n, a, b in (m.split(":") for m in args.models.split(","))),
-             "chunks": args.chunks and tuple(int(c) for c in args.chunks.split(","))}  # fmt: skip
-    plan = replace(Plan(), **{k: v for k, v in given.items() if v is not None})
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    command = stage_one.command_line("python benchmarks/gpu_check.py", argv)
+    command = command_line("python benchmarks/gpu_check.py", argv)
     if args.rehearse:
-        out = Path(args.out or tempfile.mkdtemp(prefix="mft-gpu-check-"))
-        out.mkdir(parents=True, exist_ok=True)
-        torch.set_num_threads(1)  # a shared machine: two OpenMP threads wait on each other at every small op
-        with tempfile.TemporaryDirectory(prefix="mft-gpu-rehearsal-") as tmp:
-            r = run(rehearsal_plan(Path(tmp)), out / "gpu-rehearsal", command)
-        say(f"rehearsal done in {r['wall_seconds']:.0f} s: {out / 'gpu-rehearsal.md'}")
-        return 0
+        return rehearse(Path(args.out or tempfile.mkdtemp(prefix="mft-gpu-check-")), command)
     if args.what is None:
         p.error("say speed or chunks, or --rehearse")
     device = args.device or ("cuda" if args.what == "speed" or torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         print("error: no CUDA device here; --rehearse runs every part on CPU", file=sys.stderr)
         return 2
+    given = {"threads": args.threads, "sweep_repeats": args.sweep_repeats, "device": device,
+             "models": args.models and tuple((n, int(a), int(b)) for n, a, b in (m.split(":") for m in comma_list(args.models))),
+             "chunks": args.chunks and tuple(comma_list(args.chunks, int))}  # fmt: skip
+    plan = replace(Plan(), **{k: v for k, v in given.items() if v is not None})
     out = Path(args.out or REPO / "docs" / "results")
     out.mkdir(parents=True, exist_ok=True)
-    plan = replace(plan, device=device)
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     if args.what == "speed":
-        run(plan, out / f"gpu-{date}", command)
+        run(plan, out / f"gpu-{datetime.now(timezone.utc):%Y-%m-%d}", command)
     else:
         run(plan, out / f"fused-chunk-{torch.device(device).type}", command, only=("chunks",))
     return 0

@@ -23,12 +23,8 @@ import io
 import json
 import os
 import platform
-import resource
-import shlex
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -39,11 +35,9 @@ from types import SimpleNamespace
 import numpy as np
 import pyarrow.parquet as pq
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.measure import REPO, PeakMemory, say, synchronizer, timed_rounds
+from benchmarks.results import comma_list, command_line, fmt_mib, loadavg, machine_info, machine_line, table
 
-
-def say(*a) -> None:
-    print(*a, file=sys.stderr, flush=True)
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.stage_one", description=__doc__.split("\n\n")[0])
@@ -65,11 +59,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     except ValueError:
         p.error("--extra-k takes integers separated by commas")
     return args
-
-
-def comma_list(text: str, kind=str) -> list:
-    """A comma-separated option's items, blanks left out."""
-    return [kind(x.strip()) for x in text.split(",") if x.strip()]
 
 
 def corpus_texts(args) -> tuple[object, dict]:
@@ -117,7 +106,7 @@ def setup(args) -> SimpleNamespace:
     if args.threads:
         torch.set_num_threads(args.threads)
     b = SimpleNamespace(args=args, device=pick_device(args.device), fixed={}, torch=torch)
-    b.sync = (lambda: torch.cuda.synchronize(b.device)) if b.device.type == "cuda" else (lambda: None)
+    b.sync = synchronizer(b.device)
     b.loadavg_start = loadavg()
 
     def timed(key, fn):
@@ -139,70 +128,6 @@ def setup(args) -> SimpleNamespace:
     b.device_ids = [torch.as_tensor(ids, device=b.device) for ids, _ in b.batches]
     b.work = Path(tempfile.mkdtemp(prefix="mft-bench-stage-one-"))
     return b
-
-
-# ---------------------------------------------------------------------------------------------
-# Measuring
-
-
-class PeakMemory:
-    """Peak memory since ``reset``: CUDA allocator peak, or the CPU process's peak RSS."""
-
-    def __init__(self, device):
-        self.torch, self.cuda = __import__("torch"), device.type == "cuda"
-        resets = self.cuda or clear_peak_rss()
-        self.kind = "torch.cuda.max_memory_allocated" if self.cuda else "peak RSS (VmHWM, reset per phase)" if resets else "peak RSS so far (ru_maxrss)"
-
-    def reset(self) -> int:
-        """Reset the peak; return the memory held now: allocated on CUDA, resident (VmRSS) on CPU."""
-        if self.cuda:
-            self.torch.cuda.synchronize()
-            self.torch.cuda.reset_peak_memory_stats()
-            return int(self.torch.cuda.memory_allocated())
-        clear_peak_rss()
-        return proc_status_bytes("VmRSS") or 0
-
-    def peak(self) -> int:
-        if self.cuda:
-            self.torch.cuda.synchronize()
-            return int(self.torch.cuda.max_memory_allocated())
-        found = proc_status_bytes("VmHWM")
-        return found if found is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def clear_peak_rss() -> bool:
-    """Reset the process's VmHWM to its VmRSS; False where the kernel does not allow it."""
-    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-        return True
-    return False
-
-
-def proc_status_bytes(field: str) -> int | None:
-    """A kB field of /proc/self/status in bytes; None where the file or field is missing."""
-    with contextlib.suppress(OSError), open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return None
-
-
-def timed_rounds(passes: dict, repeats: int, memory: PeakMemory | None = None, log=say) -> tuple[dict, dict]:
-    """Every pass once per round, the order rotating by one each round: the seconds of each pass
-    per round and, with ``memory``, each pass's peak memory."""
-    names = list(passes)
-    seconds, peaks = {n: [] for n in names}, dict.fromkeys(names, 0)
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            if memory:
-                memory.reset()
-            t0 = time.perf_counter()
-            passes[name]()
-            seconds[name].append(time.perf_counter() - t0)
-            if memory:
-                peaks[name] = max(peaks[name], memory.peak())
-        log(f"  round {r + 1}/{repeats}: " + ", ".join(f"{n} {seconds[n][-1]:.2f} s" for n in names))
-    return seconds, peaks
 
 
 def summarize(seconds: dict, tokens: int, peaks: dict | None = None) -> dict:
@@ -404,7 +329,7 @@ def random_token_batches(vocab: int, n_batches: int, batch_size: int, seq_len: i
     return [rng.integers(0, vocab, size=(batch_size, seq_len), dtype=np.int64) for _ in range(n_batches)]
 
 
-def forward_vs_score(model, batches: list, top_k: int, *, repeats: int = 5, say=None) -> dict:
+def forward_vs_score(model, batches: list, top_k: int, *, repeats: int = 5) -> dict:
     """``model(ids).logits`` (the ceiling) against ``TransformersTeacher.score`` (results brought to
     the host, as stage one must) in ``timed_rounds`` over ``batches``, int64 (B, T) full rows.
 
@@ -420,7 +345,7 @@ def forward_vs_score(model, batches: list, top_k: int, *, repeats: int = 5, say=
 
     def passes(rows: list) -> dict:
         b = SimpleNamespace(model=model, teacher=teacher, torch=torch, args=SimpleNamespace(top_k=top_k),
-                            sync=(lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None),
+                            sync=synchronizer(device),
                             device_ids=[torch.as_tensor(ids, device=device) for ids in rows],
                             batches=[(ids, np.full(len(ids), ids.shape[1])) for ids in rows])  # fmt: skip
         return dict(zip(("forward", "score"), forward_and_score(b)))
@@ -428,7 +353,7 @@ def forward_vs_score(model, batches: list, top_k: int, *, repeats: int = 5, say=
     first, every = passes(batches[:1]), passes(batches)
     for fn in first.values():  # warm-up
         fn()
-    seconds, _ = timed_rounds(every, repeats, log=say or (lambda *a: None))
+    seconds, _ = timed_rounds(every, repeats)
     memory, peaks = PeakMemory(device), {}
     for name, fn in first.items():  # the peak of one batch
         before = memory.reset()
@@ -442,51 +367,6 @@ def forward_vs_score(model, batches: list, top_k: int, *, repeats: int = 5, say=
 
 # ---------------------------------------------------------------------------------------------
 # Reports
-
-
-def machine_info(device, torch_module) -> dict:
-    """The machine and library versions a results file names; on CUDA also the GPU, CUDA and driver versions."""
-    import pyarrow
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), cpu)
-    info = {
-        "cpu": cpu, "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch_module.get_num_threads(), "platform": platform.platform(), "python": platform.python_version(),
-        "torch": torch_module.__version__, "transformers": transformers.__version__, "pyarrow": pyarrow.__version__, "device": str(device),
-    }  # fmt: skip
-    if device.type == "cuda":
-        info.update(gpu=torch_module.cuda.get_device_name(device), cuda=torch_module.version.cuda)
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True)
-        info["driver"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else "unknown"
-    return info
-
-
-def loadavg() -> str:
-    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def command_line(prog: str, argv) -> str:
-    """The command that wrote a results file, as typed (``argv`` None: this process's)."""
-    return (prog + " " + shlex.join(sys.argv[1:] if argv is None else argv)).rstrip()
-
-
-def fmt_mib(n: int | None) -> str:
-    return "" if n is None else f"{n / 2**20:,.0f} MiB"
-
-
-def table(header: list[str], rows: list[list]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]
-
-
-def machine_line(m: dict) -> str:
-    """``machine_info`` as the results files print it."""
-    gpu = f", GPU {m['gpu']} (driver {m['driver']}, CUDA {m['cuda']})" if "gpu" in m else ""
-    return (f"Machine: {m['cpu']}, {m['cpu_count']} CPUs ({m['cpus_usable']} usable, torch threads {m['torch_threads']}){gpu}; {m['platform']}; "
-            f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, pyarrow {m['pyarrow']}; device {m['device']}.")
 
 
 def header(r: dict, title: str) -> list[str]:
@@ -563,7 +443,7 @@ def main(argv=None) -> dict:
         "command": command_line("python -m benchmarks.stage_one", argv),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "args": {key: v for key, v in vars(args).items() if key != "out"},
-        "machine": machine_info(b.device, b.torch), "loadavg_start": b.loadavg_start, "loadavg_end": loadavg(),
+        "machine": machine_info(b.device), "loadavg_start": b.loadavg_start, "loadavg_end": loadavg(),
         "fixed_s": b.fixed, "workload": {"sequences": len(b.packed), "tokens": b.tokens, "labels": int(b.packed.num_labels), "corpus": b.corpus},
         **measured,
     }  # fmt: skip

@@ -42,20 +42,18 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import inspect
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks.stage_one import PeakMemory, comma_list, command_line, fmt_mib, loadavg, machine_info, machine_line, table, timed_rounds
+from benchmarks.measure import PeakMemory, in_fresh_process, say, synchronizer, timed_rounds
+from benchmarks.results import comma_list, command_line, fmt_mib, loadavg, machine_info, machine_line, table
 
-REPO = Path(__file__).resolve().parents[1]
 TAU = 0.25
 METHODS = ("offline", "ft", "online")
 LOSSES = ("fused", "sparse-logits", "ft-naive")
@@ -225,7 +223,7 @@ def make_step(method: str, model, device, dtype, optimizer=None):
     return step
 
 
-def time_methods(model, batches, device, dtype, *, repeats=5, methods=METHODS, say=None) -> dict:
+def time_methods(model, batches, device, dtype, *, repeats=5, methods=METHODS) -> dict:
     """Paired timing of the methods' training steps on one model and the same batches.
 
     The methods share the model and take turns (the order rotates each repeat); the weights
@@ -240,7 +238,7 @@ def time_methods(model, batches, device, dtype, *, repeats=5, methods=METHODS, s
     from mft_pipeline.train.student_loss import head_or_reason
 
     device = torch.device(device)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     head = head_or_reason(model)
     # One AdamW for all: three copies of its state would only crowd the memory.
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -255,7 +253,7 @@ def time_methods(model, batches, device, dtype, *, repeats=5, methods=METHODS, s
         sync()
 
     passes = {m: functools.partial(run_pass, m) for m in methods}
-    seconds, _ = timed_rounds(passes, repeats, log=say or (lambda *a: None))
+    seconds, _ = timed_rounds(passes, repeats)
     tokens = sum(batch["input_ids"].numel() for batch in batches)
     result = {
         "tokens_per_s": {m: tokens / statistics.median(s) for m, s in seconds.items()},
@@ -271,8 +269,8 @@ def time_methods(model, batches, device, dtype, *, repeats=5, methods=METHODS, s
     return result
 
 
-def measure_model(spec, device, dtype, seq_len, batch_size, *, n_batches=2, repeats=5, top_k=20, seed=0, threads=None,
-                  loss_tokens=None, losses=LOSSES, say=None) -> dict:
+def measure_model(spec, device, dtype, seq_len, batch_size, *, n_batches=2, repeats=5, top_k=20, seed=0, loss_tokens=None,
+                  losses=LOSSES) -> dict:
     """Everything the benchmark reports for one model: paired speed, each method's step peak, the loss alone.
 
     ``spec``: a name in ``SHAPES`` (random weights) or any ``load_model`` spec. ``dtype``: the
@@ -284,14 +282,13 @@ def measure_model(spec, device, dtype, seq_len, batch_size, *, n_batches=2, repe
 
     from mft_pipeline.models import model_vocab_size
 
-    say = say or (lambda *x: None)
     device = torch.device(device)
     t0 = time.perf_counter()
     model = build_model(spec, device, seed)
     vocab, hidden_size = model_vocab_size(model), model.get_output_embeddings().weight.shape[1]
     batches = make_batches(model, n_batches, batch_size, seq_len, top_k, seed)
     say(f"{spec}: timing {', '.join(METHODS)} ({repeats} paired repeats of {n_batches} x {batch_size} x {seq_len} tokens)")
-    speed = time_methods(model, batches, device, dtype, repeats=repeats, say=say)
+    speed = time_methods(model, batches, device, dtype, repeats=repeats)
     with tempfile.TemporaryDirectory(prefix="mft-bench-stage-two-") as tmp:
         model_spec = spec
         if spec not in SHAPES:
@@ -303,11 +300,11 @@ def measure_model(spec, device, dtype, seq_len, batch_size, *, n_batches=2, repe
         if device.type == "cuda":
             torch.cuda.empty_cache()
         say(f"{spec}: peak memory of a step, one fresh process per method")
-        peaks = {m: peak_memory(model_spec, batch_file, m, device, dtype, seed=seed, threads=threads) for m in METHODS}
+        peaks = {m: peak_memory(model_spec, batch_file, m, device, dtype, seed=seed) for m in METHODS}
     loss_shape = (loss_tokens, 1) if loss_tokens else (seq_len, batch_size)
     say(f"{spec}: loss + backward alone at V={vocab}, H={hidden_size}, {loss_shape[1]} x {loss_shape[0]} positions, one fresh process per loss")
     losses = {
-        name: loss_peak_memory(name, vocab, hidden_size, device, dtype, *loss_shape, top_k=top_k, seed=seed, threads=threads)
+        name: loss_peak_memory(name, vocab, hidden_size, device, dtype, *loss_shape, top_k=top_k, seed=seed)
         for name in losses
     }
     return {
@@ -320,29 +317,6 @@ def measure_model(spec, device, dtype, seq_len, batch_size, *, n_batches=2, repe
         "loss_positions": loss_shape[0] * loss_shape[1],
         "seconds": time.perf_counter() - t0,
     }
-
-
-def in_fresh_process(fn):
-    """``fn`` run in a fresh Python process, so that its peak memory is its own; the arguments and the
-    answer travel as JSON (a device, dtype or path as its text). ``threads``: torch CPU threads there."""
-
-    @functools.wraps(fn)
-    def fresh(*args, threads=None, **kw):
-        call = inspect.signature(fn).bind(*args, **kw)
-        env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        # Large blocks from mmap, so memory freed by earlier phases leaves the resident set.
-        env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
-        env.setdefault("TQDM_DISABLE", "1")
-        kw_json = json.dumps(json.dumps(call.arguments, default=str))
-        code = f"import json, benchmarks.stage_two as b; print(json.dumps(b.{fn.__name__}.__wrapped__(**json.loads({kw_json}))))"
-        if threads:
-            code = f"import torch; torch.set_num_threads({int(threads)}); {code}"
-        done = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{fn.__name__} in a fresh process failed:\n{done.stderr[-4000:]}")
-        return json.loads(done.stdout.strip().splitlines()[-1])
-
-    return fresh
 
 
 def as_dtype(torch, dtype):
@@ -498,7 +472,7 @@ def loader_rate(cache_dir, device, *, batch_size=LOADER["batch_size"], epochs=LO
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
     device = torch.device(device)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     split = Cache(cache_dir).split("train")
     n, T = len(split), split.input_ids.shape[1]
     split.batch(np.arange(batch_size), device)  # warm-up: pyarrow's, numpy's and torch's first calls
@@ -541,9 +515,8 @@ def loader_rate(cache_dir, device, *, batch_size=LOADER["batch_size"], epochs=LO
 
 
 def measure_loader(device, *, seq_len=LOADER["seq_len"], top_k=LOADER["top_k"], vocab=LOADER["vocab"], shards=LOADER["shards"],
-                   rows_per_shard=LOADER["rows_per_shard"], seed=0, say=None, **rate_kw) -> dict:
+                   rows_per_shard=LOADER["rows_per_shard"], seed=0, **rate_kw) -> dict:
     """Write the synthetic cache (``write_synthetic_cache``) in a temporary folder and measure ``loader_rate`` on it."""
-    say = say or (lambda *x: None)
     with tempfile.TemporaryDirectory(prefix="mft-bench-loader-") as tmp:
         t0 = time.perf_counter()
         cache = write_synthetic_cache(Path(tmp) / "cache", seq_len, top_k, vocab, shards, rows_per_shard, seed)
@@ -582,10 +555,9 @@ def eval_peak_memory(spec, device, seq_len, batch_size, fused: bool, *, seed=0) 
     return {"growth": top - before, "before": before, "peak": top, "nll": nll, "count": count, "vocab": vocab}
 
 
-def measure_eval(spec, device, seq_len, batch_size, *, seed=0, threads=None, say=None) -> dict:
+def measure_eval(spec, device, seq_len, batch_size, *, seed=0) -> dict:
     """``eval_peak_memory`` of the chunked and the full-logits path, their ratio, and their NLLs' relative gap."""
-    say = say or (lambda *x: None)
-    paths = {name: eval_peak_memory(spec, device, seq_len, batch_size, fused, seed=seed, threads=threads)
+    paths = {name: eval_peak_memory(spec, device, seq_len, batch_size, fused, seed=seed)
              for name, fused in (("chunked", True), ("naive", False))}  # fmt: skip
     chunked, naive = paths["chunked"], paths["naive"]
     result = {**paths, "ratio": chunked["growth"] / naive["growth"], "nll_rel_gap": abs(chunked["nll"] - naive["nll"]) / abs(naive["nll"]),
@@ -598,7 +570,7 @@ def measure_eval(spec, device, seq_len, batch_size, *, seed=0, threads=None, say
 # The run
 
 
-def run(args, say) -> dict:
+def run(args) -> dict:
     import torch
 
     if args.threads:
@@ -611,17 +583,17 @@ def run(args, say) -> dict:
         for spec in args.models:
             r = per_model[spec] = measure_model(
                 spec, device, dtype, args.seq_len, args.batch_size, n_batches=args.batches, repeats=args.repeats,
-                top_k=args.top_k, seed=args.seed, threads=args.threads, loss_tokens=args.loss_tokens, losses=args.losses, say=say,
+                top_k=args.top_k, seed=args.seed, loss_tokens=args.loss_tokens, losses=args.losses,
             )
             say(f"{spec}: offline/FT speed {r['offline_vs_ft_speed']:.3f}, peak {r['offline_vs_ft_peak_memory']:.3f}, "
                 f"loss peak vs FT-naive {r['loss_peak_memory_vs_ft_naive']:.3f} ({r['seconds']:.0f} s)")
         out.update(worst_case(list(per_model.values())), per_model=per_model)
     if "loader" in args.only:
-        loader = out["loader"] = measure_loader(device, seed=args.seed, say=say)
+        loader = out["loader"] = measure_loader(device, seed=args.seed)
         out.update(loader_tokens_per_s=loader["loader_tokens_per_s"], loader_speedup_vs_random_rows=loader["speedup"],
                    loader_tokens_per_s_random_rows=loader["loader_tokens_per_s_random_rows"])  # fmt: skip
     if "eval" in args.only:
-        ev = out["eval"] = measure_eval(args.eval_model, device, args.eval_seq_len, args.eval_batch_size, seed=args.seed, threads=args.threads, say=say)
+        ev = out["eval"] = measure_eval(args.eval_model, device, args.eval_seq_len, args.eval_batch_size, seed=args.seed)
         out["eval_peak_memory_vs_naive_128k"] = ev["ratio"] if ev["chunked"]["vocab"] >= 128000 else None
     return out
 
@@ -720,16 +692,13 @@ def render_eval(ev: dict) -> list[str]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    import torch
-
-    say = lambda *x: print(*x, file=sys.stderr, flush=True)  # noqa: E731
     loadavg_start = loadavg()
     t0 = time.perf_counter()
-    ratios = run(args, say)
+    ratios = run(args)
     result = {
         "command": command_line("python -m benchmarks.stage_two", argv),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine_info(torch.device(args.device), torch),
+        "machine": machine_info(args.device),
         "args": {k: v for k, v in vars(args).items() if k not in ("json", "out")},
         "loadavg_start": loadavg_start,
         "loadavg_end": loadavg(),

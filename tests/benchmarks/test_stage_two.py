@@ -16,7 +16,7 @@ def test_loader_rate_reads_each_group_once_per_epoch_in_training_order():
 
 
 def test_eval_peak_memory_compares_both_paths_on_the_same_tokens(tiny_model_dir):
-    r = measure_eval(str(tiny_model_dir), "cpu", seq_len=32, batch_size=2, threads=1)
+    r = measure_eval(str(tiny_model_dir), "cpu", seq_len=32, batch_size=2)
     assert r["chunked"]["count"] == r["naive"]["count"] == 2 * 31
     assert r["nll_rel_gap"] < 1e-5
     assert r["chunked"]["growth"] >= 0 and r["naive"]["growth"] > 0

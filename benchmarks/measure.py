@@ -1,0 +1,119 @@
+"""How the benchmarks measure: progress lines, peak memory, passes timed in rotating rounds, and
+measurements in a fresh process of their own."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def say(*parts) -> None:
+    """A progress line on stderr (the results go to stdout and files)."""
+    print(f"[{datetime.now(timezone.utc):%H:%M:%S}]", *parts, file=sys.stderr, flush=True)
+
+
+def synchronizer(device):
+    """``sync()``: waits for the work queued on ``device`` (a no-op on CPU), so a timer stops when the work does."""
+    import torch
+
+    device = torch.device(device)
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
+class PeakMemory:
+    """Peak memory since ``reset``: CUDA allocator peak, or the CPU process's peak RSS."""
+
+    def __init__(self, device):
+        import torch
+
+        self.torch, self.cuda = torch, torch.device(device).type == "cuda"
+        resets = self.cuda or clear_peak_rss()
+        self.kind = "torch.cuda.max_memory_allocated" if self.cuda else "peak RSS (VmHWM, reset per phase)" if resets else "peak RSS so far (ru_maxrss)"
+
+    def reset(self) -> int:
+        """Reset the peak; return the memory held now: allocated on CUDA, resident (VmRSS) on CPU."""
+        if self.cuda:
+            self.torch.cuda.synchronize()
+            self.torch.cuda.reset_peak_memory_stats()
+            return int(self.torch.cuda.memory_allocated())
+        clear_peak_rss()
+        return proc_status_bytes("VmRSS") or 0
+
+    def peak(self) -> int:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+            return int(self.torch.cuda.max_memory_allocated())
+        found = proc_status_bytes("VmHWM")
+        return found if found is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def clear_peak_rss() -> bool:
+    """Reset the process's VmHWM to its VmRSS; False where the kernel does not allow it."""
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+        return True
+    return False
+
+
+def proc_status_bytes(field: str) -> int | None:
+    """A kB field of /proc/self/status in bytes; None where the file or field is missing."""
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def timed_rounds(passes: dict, repeats: int, memory: PeakMemory | None = None) -> tuple[dict, dict]:
+    """Every pass once per round, the order rotating by one each round (so a neighbour's load on a
+    shared machine hits every pass alike): the seconds of each pass per round and, with
+    ``memory``, each pass's peak memory."""
+    names = list(passes)
+    seconds, peaks = {n: [] for n in names}, dict.fromkeys(names, 0)
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            if memory:
+                memory.reset()
+            t0 = time.perf_counter()
+            passes[name]()
+            seconds[name].append(time.perf_counter() - t0)
+            if memory:
+                peaks[name] = max(peaks[name], memory.peak())
+        say(f"  round {r + 1}/{repeats}: " + ", ".join(f"{n} {seconds[n][-1]:.2f} s" for n in names))
+    return seconds, peaks
+
+
+def in_fresh_process(fn):
+    """``fn`` run in a fresh Python process, so that its peak memory is its own; the arguments and the
+    answer travel as JSON (a device, dtype or path as its text). The process gets this one's torch
+    CPU threads."""
+
+    @functools.wraps(fn)
+    def fresh(*args, **kw):
+        import torch
+
+        call = inspect.signature(fn).bind(*args, **kw)
+        env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        # Large blocks from mmap, so memory freed by earlier phases leaves the resident set.
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+        env.setdefault("TQDM_DISABLE", "1")
+        kw_json = json.dumps(json.dumps(call.arguments, default=str))
+        code = (f"import json, torch, {fn.__module__} as m; torch.set_num_threads({torch.get_num_threads()}); "
+                f"print(json.dumps(m.{fn.__name__}.__wrapped__(**json.loads({kw_json}))))")  # fmt: skip
+        done = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{fn.__name__} in a fresh process failed:\n{done.stderr[-4000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    return fresh
