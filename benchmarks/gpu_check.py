@@ -30,7 +30,7 @@ if str(REPO) not in sys.path:  # run as a script: benchmarks/ and mft_pipeline/ 
     sys.path.insert(0, str(REPO))
 
 from benchmarks import stage_one, stage_two  # noqa: E402
-from benchmarks.measure import say  # noqa: E402
+from benchmarks.measure import random_token_batches, say  # noqa: E402
 from benchmarks.results import comma_list, command_line, fmt_mib, machine_info, machine_line, table  # noqa: E402
 from mft_pipeline.distill.fused_loss import default_chunk_size  # noqa: E402
 
@@ -73,17 +73,9 @@ def stage_one_part(spec: str, batch: int, plan: Plan) -> dict:
     model = stage_two.build_model(spec, plan.device).eval()
     if plan.device.startswith("cuda"):
         model = model.to(torch.bfloat16)
-    batches = stage_one.random_token_batches(model_vocab_size(model), plan.batches, batch, plan.seq_len)
+    batches = random_token_batches(model_vocab_size(model), plan.batches, batch, plan.seq_len)
     r = stage_one.forward_vs_score(model, batches, plan.top_k, repeats=plan.repeats)
     return {**r, "params": sum(p.numel() for p in model.parameters()), "batch": [batch, plan.seq_len]}
-
-
-def stage_two_part(spec: str, batch: int, plan: Plan) -> dict:
-    import torch
-
-    return stage_two.measure_model(spec, torch.device(plan.device), torch.bfloat16, plan.seq_len, batch, n_batches=plan.batches,
-                                   repeats=plan.repeats, top_k=plan.top_k, loss_tokens=plan.loss_tokens,
-                                   losses=("fused", "ft-naive"))  # fmt: skip
 
 
 def fused_loss_bytes(positions: int, vocab: int, hidden: int, chunk: int, matmul_bytes: int = 4) -> int:
@@ -111,8 +103,8 @@ def chunks_part(plan: Plan, progress=lambda partial: None) -> dict:
     import torch
 
     B, T, V, H = plan.sweep_shape
-    device, dtype = torch.device(plan.device), torch.bfloat16
-    point = lambda loss, chunk=None: stage_two.loss_peak_memory(loss, V, H, device, dtype, T, B, top_k=plan.top_k,  # noqa: E731
+    device = torch.device(plan.device)
+    point = lambda loss, chunk=None: stage_two.loss_peak_memory(loss, V, H, device, T, B, top_k=plan.top_k,  # noqa: E731
                                                                  chunk_size=chunk, repeats=plan.sweep_repeats)
     naive = point("ft-naive")
     say(f"ft-naive: {fmt_mib(naive['growth'])}, {naive['seconds']:.3f} s")
@@ -139,7 +131,9 @@ def parts_of(plan: Plan, chunks_so_far) -> list:
     """(name, measurement) in the order they run: all of stage one before stage two, so that a run
     stopped early still has every model's first target."""
     parts = [(f"stage_one/{Path(spec).name}", partial(stage_one_part, spec, one, plan)) for spec, one, _ in plan.models]
-    parts += [(f"stage_two/{Path(spec).name}", partial(stage_two_part, spec, two, plan)) for spec, _, two in plan.models]
+    parts += [(f"stage_two/{Path(spec).name}", partial(stage_two.measure_model, spec, plan.device, plan.seq_len, two, n_batches=plan.batches,
+                                                         repeats=plan.repeats, top_k=plan.top_k, loss_tokens=plan.loss_tokens))
+              for spec, _, two in plan.models]  # fmt: skip
     spec, seq_len, batch = plan.eval_model
     return parts + [("loader", partial(stage_two.measure_loader, plan.device, **dict(plan.loader))),
                     ("eval", partial(stage_two.measure_eval, spec, plan.device, seq_len, batch)),

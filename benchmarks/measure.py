@@ -117,3 +117,11 @@ def in_fresh_process(fn):
         return json.loads(done.stdout.strip().splitlines()[-1])
 
     return fresh
+
+
+def random_token_batches(vocab: int, n_batches: int, batch_size: int, seq_len: int, seed: int = 0) -> list:
+    """``n_batches`` int64 arrays (batch_size, seq_len) of uniform random token ids: speed does not depend on the text."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, size=(batch_size, seq_len), dtype=np.int64) for _ in range(n_batches)]

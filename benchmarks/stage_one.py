@@ -323,12 +323,6 @@ def measure_vllm(b: SimpleNamespace) -> dict:
 # model already in memory (no corpus, no cache written).
 
 
-def random_token_batches(vocab: int, n_batches: int, batch_size: int, seq_len: int, seed: int = 0) -> list:
-    """``n_batches`` int64 arrays (batch_size, seq_len) of uniform random token ids: speed does not depend on the text."""
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, vocab, size=(batch_size, seq_len), dtype=np.int64) for _ in range(n_batches)]
-
-
 def forward_vs_score(model, batches: list, top_k: int, *, repeats: int = 5) -> dict:
     """``model(ids).logits`` (the ceiling) against ``TransformersTeacher.score`` (results brought to
     the host, as stage one must) in ``timed_rounds`` over ``batches``, int64 (B, T) full rows.

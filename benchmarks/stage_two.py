@@ -6,11 +6,15 @@
 
 On the same batches, one training step (forward, backward, AdamW step) each of:
 
-- ``offline``: sparse MFT from cached top-k targets through ``student_loss`` (the fused
-  hidden-state loss wherever the head allows it), the method under test;
+- ``offline``: sparse MFT from cached top-k targets through the training loop's
+  ``micro_batch_loss`` (the fused hidden-state loss wherever the head allows it), the method
+  under test;
 - ``ft``: plain finetuning through the standard Hugging Face loss,
   ``model(input_ids, labels=input_ids).loss`` (full logits, float32 cross-entropy);
-- ``online``: dense MFT with a live frozen teacher (second forward + ``dense_mft_loss``).
+- ``online``: dense MFT with a live frozen teacher (``micro_batch_loss`` with a teacher: a
+  second forward + ``dense_mft_loss``).
+
+On CUDA all three run under the training loop's bf16 autocast, with float32 weights.
 
 Speed: one process, one student and one AdamW, the methods alternate (the order rotates each
 repeat) over the same batches, after one warm-up step each; tokens/s is B × T input tokens per
@@ -20,20 +24,14 @@ step, so AdamW's state exists, then measures one step: torch.cuda.max_memory_all
 CUDA, the peak resident set on CPU (VmHWM reset through /proc/self/clear_refs, with glibc
 told to return large blocks to the OS so the figure counts live memory). The loss alone:
 a fresh process per loss takes random hidden states and the head weight of the model's
-shape and measures the peak growth of loss + backward, for the fused loss, for
-``sparse_mft_loss`` on full logits, and for FT's naive cross-entropy on full float32 logits.
-
-The reader alone (``loader_rate``): a synthetic cache at T = 2048, k = 20 and V = 128k read on one
-CPU core in training's order and in a full random order. Evaluation (``eval_peak_memory``): the
-peak growth of ``model_nll`` at V = 128k through the output head in chunks against full logits.
+shape and measures the peak growth of loss + backward, for the fused loss and for FT's naive
+cross-entropy on full float32 logits. The reader alone (``loader_rate``) and evaluation's
+peak memory (``eval_peak_memory``) are measured apart.
 
 Targets are cached synthetically: the model itself, as its own teacher, scores the batches
 the stage-one way (``TransformersTeacher.score``), once, before anything is timed. The
-token ids are random: speed and memory do not depend on the text.
-
-The core functions take (model spec, device, dtype, seq_len, batch) so that a GPU check
-can call ``time_methods``, ``peak_memory``, ``loss_peak_memory``, ``loader_rate`` and
-``eval_peak_memory`` directly at other sizes.
+token ids are random: speed and memory do not depend on the text. The measurements take the
+device and sizes as arguments, so that the GPU check calls them at its own.
 This is a benchmark, not a test.
 """
 
@@ -45,18 +43,16 @@ import functools
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks.measure import PeakMemory, in_fresh_process, say, synchronizer, timed_rounds
+from benchmarks.measure import PeakMemory, in_fresh_process, random_token_batches, say, synchronizer, timed_rounds
 from benchmarks.results import comma_list, command_line, fmt_mib, loadavg, machine_info, machine_line, table
 
 TAU = 0.25
 METHODS = ("offline", "ft", "online")
-LOSSES = ("fused", "sparse-logits", "ft-naive")
 
 # Random-weight Llama shapes. "llama-128k-cpu" is small enough for a CPU and has Llama 3's vocabulary;
 # the other two are about 360M (SmolLM2-360M's shape) and 1.2B (Llama-3.2-1B's) for a GPU.
@@ -75,10 +71,9 @@ SHAPES = {
     ),
 }
 
-# --quick: small steps, and the loss alone only for the fused loss and the FT-naive reference the target needs.
-# One torch thread: on a shared machine, small ops with two OpenMP threads wait on each other's
-# descheduled thread at every barrier (a 64-token SmolLM2 step took 50-100 s at load 10).
-QUICK = dict(seq_len=64, batch_size=1, batches=1, repeats=3, losses="fused,ft-naive", threads=1)
+# --quick: small steps. One torch thread: on a shared machine, small ops with two OpenMP threads wait
+# on each other's descheduled thread at every barrier (a 64-token SmolLM2 step took 50-100 s at load 10).
+QUICK = dict(seq_len=64, batch_size=1, batches=1, repeats=3, threads=1)
 PARTS = ("models", "loader", "eval")
 # The reader alone: Llama 3's vocabulary, 4 shards of 64 rows (8 row groups, 537 MB decoded).
 LOADER = dict(seq_len=2048, top_k=20, vocab=128256, shards=4, rows_per_shard=64, batch_size=4, epochs=2, random_rows=48)
@@ -88,12 +83,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.stage_two", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="smollm2-135m,llama-128k-cpu", help=f"comma-separated model specs or shapes ({', '.join(SHAPES)})")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="bfloat16", help="autocast dtype on CUDA (weights stay float32, as in the training loop)")
     for name, default, what in (("seq-len", 256, None), ("batch-size", 2, None), ("batches", 2, "batches per timed pass"),
                                 ("repeats", 5, "timed passes per method (median reported)"), ("top-k", 20, None), ("seed", 0, None)):
         p.add_argument(f"--{name}", type=int, default=default, help=what)
     p.add_argument("--loss-tokens", type=int, default=2048, help="positions (1 x N) for the loss-alone memory measurement")
-    p.add_argument("--losses", default=",".join(LOSSES), help=f"losses measured alone, from {', '.join(LOSSES)} (fused and ft-naive are needed)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--quick", action="store_true", help=f"small sizes ({QUICK}), under 3 minutes on 2 CPU cores")
     p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts to run, from {', '.join(PARTS)}")
@@ -104,16 +97,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "figures of the other parts in an existing file are kept, and its run under earlier_runs")
     p.add_argument("--out", default=None, help="markdown results file (default: none)")
     args = p.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            if f"--{key.replace('_', '-')}" not in (argv if argv is not None else sys.argv[1:]):
-                setattr(args, key, value)
+    if args.quick:  # the quick sizes as defaults, so that options given still win
+        p.set_defaults(**QUICK)
+        args = p.parse_args(argv)
     for name in ("seq_len", "batch_size", "batches", "repeats", "top_k"):
         if getattr(args, name) < (2 if name == "seq_len" else 1):
             p.error(f"--{name.replace('_', '-')} is too small")
-    args.models, args.losses, args.only = (comma_list(x) for x in (args.models, args.losses, args.only))
-    if not {"fused", "ft-naive"} <= set(args.losses) or not set(args.losses) <= set(LOSSES):
-        p.error(f"--losses must include fused and ft-naive, from {', '.join(LOSSES)}")
+    args.models, args.only = comma_list(args.models), comma_list(args.only)
     if not args.only or not set(args.only) <= set(PARTS):
         p.error(f"--only takes parts from {', '.join(PARTS)}")
     return args
@@ -157,28 +147,27 @@ def make_batches(model, n_batches: int, batch_size: int, seq_len: int, top_k: in
     from mft_pipeline.teacher.transformers_backend import TransformersTeacher
 
     device = next(model.parameters()).device
-    rng = np.random.default_rng(seed)
     teacher = TransformersTeacher(model)
-    vocab = model_vocab_size(model)
+    pad = lambda a, value=0: np.concatenate([a, np.full_like(a[:, :1], value)], axis=1)  # noqa: E731
     batches = []
-    for _ in range(n_batches):
-        ids = rng.integers(0, vocab, size=(batch_size, seq_len), dtype=np.int64)
+    for ids in random_token_batches(model_vocab_size(model), n_batches, batch_size, seq_len, seed):
         scores = teacher.score(ids, np.full(batch_size, seq_len), top_k)
-        pad = lambda a, value=0: np.concatenate([a, np.full_like(a[:, :1], value)], axis=1)  # noqa: E731
-        topk_lp = scores.topk_logprobs.copy()
-        part = {
-            "input_ids": ids,
-            "labels": pad(ids[:, 1:], IGNORE_INDEX),
-            "topk_ids": pad(scores.topk_ids),
-            "topk_logprobs": pad(topk_lp),
-            "label_logprobs": pad(scores.label_logprobs),
-        }
+        part = {"input_ids": ids, "labels": pad(ids[:, 1:], IGNORE_INDEX), "topk_ids": pad(scores.topk_ids),
+                "topk_logprobs": pad(scores.topk_logprobs), "label_logprobs": pad(scores.label_logprobs)}  # fmt: skip
         batches.append({k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in part.items()})
     model.train()
     return batches
 
 
-def make_step(method: str, model, device, dtype, optimizer=None):
+def training_autocast(device):
+    """The training loop's autocast: bf16 on CUDA, off elsewhere."""
+    import torch
+
+    device = torch.device(device)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def make_step(method: str, model, optimizer=None):
     """One training step function ``step(batch)`` for a method: forward, backward, AdamW step.
 
     ``optimizer``: an AdamW over the model's trainable parameters to share with other
@@ -186,36 +175,26 @@ def make_step(method: str, model, device, dtype, optimizer=None):
     """
     import torch
 
-    from mft_pipeline.distill.online import dense_mft_loss
-    from mft_pipeline.train.student_loss import student_loss
+    from mft_pipeline.config import TrainConfig
+    from mft_pipeline.train.loop import micro_batch_loss
 
-    device = torch.device(device)
-    autocast = dict(device_type=device.type, dtype=dtype, enabled=device.type == "cuda")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}")
+    device = next(model.parameters()).device
+    config = TrainConfig(cache="", out="", tau=TAU)  # micro_batch_loss reads its tau, variant and tail
     if optimizer is None:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     teacher = None
-    if method == "online":
-        # As the training loop's online mode: a frozen copy, bf16 on GPU where it runs under autocast anyway.
+    if method == "online":  # as the training loop's online mode: a frozen copy, bf16 on GPU where it runs under autocast anyway
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
-        if device.type == "cuda":
-            teacher = teacher.to(dtype)
+        teacher = teacher.to(torch.bfloat16) if device.type == "cuda" else teacher
 
     def step(batch: dict) -> None:
-        if method == "offline":
-            with torch.autocast(**autocast):
-                loss, n_tokens = student_loss(model, [batch], tau=TAU)
-        elif method == "ft":
-            with torch.autocast(**autocast):
-                out = model(input_ids=batch["input_ids"], labels=batch["input_ids"])
-            loss, n_tokens = out.loss, 1
-        elif method == "online":
-            with torch.autocast(**autocast):
-                logits = model(input_ids=batch["input_ids"]).logits
-            with torch.no_grad(), torch.autocast(**autocast):
-                teacher_logits = teacher(input_ids=batch["input_ids"]).logits
-            loss, n_tokens = dense_mft_loss(logits, teacher_logits, batch["labels"], tau=TAU)
+        if method == "ft":
+            with training_autocast(device):
+                loss, n_tokens = model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss, 1
         else:
-            raise ValueError(f"unknown method {method!r}")
+            loss, n_tokens = micro_batch_loss(model, [batch], config, teacher)
         (loss / n_tokens).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -223,7 +202,7 @@ def make_step(method: str, model, device, dtype, optimizer=None):
     return step
 
 
-def time_methods(model, batches, device, dtype, *, repeats=5, methods=METHODS) -> dict:
+def time_methods(model, batches, *, repeats=5) -> dict:
     """Paired timing of the methods' training steps on one model and the same batches.
 
     The methods share the model and take turns (the order rotates each repeat); the weights
@@ -237,13 +216,12 @@ def time_methods(model, batches, device, dtype, *, repeats=5, methods=METHODS) -
 
     from mft_pipeline.train.student_loss import head_or_reason
 
-    device = torch.device(device)
-    sync = synchronizer(device)
+    sync = synchronizer(next(model.parameters()).device)
     head = head_or_reason(model)
     # One AdamW for all: three copies of its state would only crowd the memory.
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    steps = {m: make_step(m, model, device, dtype, optimizer) for m in methods}
-    for m in methods:  # warm-up: kernels, allocator, AdamW state
+    steps = {m: make_step(m, model, optimizer) for m in METHODS}
+    for m in METHODS:  # warm-up: kernels, allocator, AdamW state
         steps[m](batches[0])
     sync()
 
@@ -252,31 +230,24 @@ def time_methods(model, batches, device, dtype, *, repeats=5, methods=METHODS) -
             steps[m](batch)
         sync()
 
-    passes = {m: functools.partial(run_pass, m) for m in methods}
-    seconds, _ = timed_rounds(passes, repeats)
+    seconds, _ = timed_rounds({m: functools.partial(run_pass, m) for m in METHODS}, repeats)
     tokens = sum(batch["input_ids"].numel() for batch in batches)
-    result = {
+    return {
         "tokens_per_s": {m: tokens / statistics.median(s) for m, s in seconds.items()},
         "seconds": seconds,
         "fused": not isinstance(head, str),
         "fallback_reason": head if isinstance(head, str) else None,
         "tokens_per_pass": tokens,
+        "paired_ratio_vs_ft": {m: statistics.median(f / s for f, s in zip(seconds["ft"], seconds[m])) for m in METHODS if m != "ft"},
     }
-    if "ft" in methods:
-        result["paired_ratio_vs_ft"] = {
-            m: statistics.median(f / s for f, s in zip(seconds["ft"], seconds[m])) for m in methods if m != "ft"
-        }
-    return result
 
 
-def measure_model(spec, device, dtype, seq_len, batch_size, *, n_batches=2, repeats=5, top_k=20, seed=0, loss_tokens=None,
-                  losses=LOSSES) -> dict:
+def measure_model(spec, device, seq_len, batch_size, *, n_batches=2, repeats=5, top_k=20, seed=0, loss_tokens=None) -> dict:
     """Everything the benchmark reports for one model: paired speed, each method's step peak, the loss alone.
 
-    ``spec``: a name in ``SHAPES`` (random weights) or any ``load_model`` spec. ``dtype``: the
-    autocast dtype on CUDA (weights stay float32). The peak memories are measured in fresh
-    processes; a loaded (not random) model is handed to them as a saved folder. The loss
-    alone is measured on ``loss_tokens`` positions (1 × loss_tokens; default batch × seq_len).
+    ``spec``: a name in ``SHAPES`` (random weights) or any ``load_model`` spec. The peak
+    memories are measured in fresh processes. The loss alone is measured on ``loss_tokens``
+    positions (1 × loss_tokens; default batch × seq_len).
     """
     import torch
 
@@ -288,25 +259,17 @@ def measure_model(spec, device, dtype, seq_len, batch_size, *, n_batches=2, repe
     vocab, hidden_size = model_vocab_size(model), model.get_output_embeddings().weight.shape[1]
     batches = make_batches(model, n_batches, batch_size, seq_len, top_k, seed)
     say(f"{spec}: timing {', '.join(METHODS)} ({repeats} paired repeats of {n_batches} x {batch_size} x {seq_len} tokens)")
-    speed = time_methods(model, batches, device, dtype, repeats=repeats)
+    speed = time_methods(model, batches, repeats=repeats)
     with tempfile.TemporaryDirectory(prefix="mft-bench-stage-two-") as tmp:
-        model_spec = spec
-        if spec not in SHAPES:
-            model_spec = str(Path(tmp) / "model")
-            model.save_pretrained(model_spec)
-        batch_file = str(Path(tmp) / "batch.pt")
-        torch.save({k: v.cpu() for k, v in batches[0].items()}, batch_file)
+        model_spec, batch_file = hand_over(spec, model, batches[0], Path(tmp))
         del model, batches  # the fresh processes' model needs the room on a GPU
         if device.type == "cuda":
             torch.cuda.empty_cache()
         say(f"{spec}: peak memory of a step, one fresh process per method")
-        peaks = {m: peak_memory(model_spec, batch_file, m, device, dtype, seed=seed) for m in METHODS}
+        peaks = {m: peak_memory(model_spec, batch_file, m, device, seed=seed) for m in METHODS}
     loss_shape = (loss_tokens, 1) if loss_tokens else (seq_len, batch_size)
     say(f"{spec}: loss + backward alone at V={vocab}, H={hidden_size}, {loss_shape[1]} x {loss_shape[0]} positions, one fresh process per loss")
-    losses = {
-        name: loss_peak_memory(name, vocab, hidden_size, device, dtype, *loss_shape, top_k=top_k, seed=seed)
-        for name in losses
-    }
+    losses = {name: loss_peak_memory(name, vocab, hidden_size, device, *loss_shape, top_k=top_k, seed=seed) for name in ("fused", "ft-naive")}
     return {
         "vocab": vocab, "hidden_size": hidden_size, "speed": speed, "peak": peaks, "loss": losses,
         "offline_vs_ft_speed": speed["paired_ratio_vs_ft"]["offline"],
@@ -316,16 +279,24 @@ def measure_model(spec, device, dtype, seq_len, batch_size, *, n_batches=2, repe
         "loss_peak_memory_vs_ft_naive": losses["fused"]["growth"] / losses["ft-naive"]["growth"],
         "loss_positions": loss_shape[0] * loss_shape[1],
         "seconds": time.perf_counter() - t0,
-    }
+    }  # fmt: skip
 
 
-def as_dtype(torch, dtype):
-    """A torch dtype from itself or its text ("bfloat16", "torch.bfloat16")."""
-    return getattr(torch, str(dtype).removeprefix("torch."))
+def hand_over(spec: str, model, batch: dict, folder: Path) -> tuple[str, str]:
+    """The model and a batch as a fresh process loads them: a ``SHAPES`` name stays a name, a
+    loaded model is saved as a folder; the batch is ``torch.save``d."""
+    import torch
+
+    model_spec, batch_file = spec, str(folder / "batch.pt")
+    if spec not in SHAPES:
+        model_spec = str(folder / "model")
+        model.save_pretrained(model_spec)
+    torch.save({k: v.cpu() for k, v in batch.items()}, batch_file)
+    return model_spec, batch_file
 
 
 @in_fresh_process
-def peak_memory(spec, batch_file, method, device, dtype, *, seed=0) -> dict:
+def peak_memory(spec, batch_file, method, device, *, seed=0) -> dict:
     """Peak memory of one training step of ``method`` after a warm-up step, in a fresh process.
 
     ``spec``: a ``SHAPES`` name or a model folder; ``batch_file``: a ``torch.save``d batch dict.
@@ -336,7 +307,7 @@ def peak_memory(spec, batch_file, method, device, dtype, *, seed=0) -> dict:
     device = torch.device(device)
     model = build_model(spec, device, seed)
     batch = {k: v.to(device) for k, v in torch.load(batch_file, weights_only=True).items()}
-    step = make_step(method, model, device, as_dtype(torch, dtype))
+    step = make_step(method, model)
     step(batch)  # warm-up: AdamW's state now exists, as in every step after the first
     peak = PeakMemory(device)
     before = peak.reset()
@@ -345,67 +316,74 @@ def peak_memory(spec, batch_file, method, device, dtype, *, seed=0) -> dict:
 
 
 @in_fresh_process
-def loss_peak_memory(loss, vocab, hidden_size, device, dtype, seq_len, batch_size, *, top_k=20, seed=0, chunk_size=None,
-                     repeats=0) -> dict:
+def loss_peak_memory(loss, vocab, hidden_size, device, seq_len, batch_size, *, top_k=20, seed=0, chunk_size=None, repeats=0) -> dict:
     """Peak memory growth of one loss + backward from (B, T, H) hidden states and a (V, H) head, in a fresh process.
 
     ``loss``: "fused" (``fused_sparse_mft_loss``, ``chunk_size`` positions per chunk; None: its
-    default), "sparse-logits" (full logits, then ``sparse_mft_loss``) or "ft-naive" (full logits,
-    float32 cross-entropy, as Hugging Face's loss). Returns {"growth", "before", "peak"} in bytes
-    and "seconds": the measured call's, or with ``repeats`` the median of that many more calls
-    (the first call on a device pays its start-up).
+    default) or "ft-naive" (full logits, float32 cross-entropy, as Hugging Face's loss).
+    Returns {"growth", "before", "peak"} in bytes and "seconds": the measured call's, or with
+    ``repeats`` the median of that many more calls (the first call on a device pays its start-up).
     """
     import torch
-    import torch.nn.functional as F
 
-    from mft_pipeline.distill import fused_sparse_mft_loss, sparse_mft_loss
-    from mft_pipeline.labels import IGNORE_INDEX
-
-    device = torch.device(device)
-    cuda = device.type == "cuda"
-    autocast = dict(device_type=device.type, dtype=as_dtype(torch, dtype), enabled=cuda)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    B, T, H, V = batch_size, seq_len, hidden_size, vocab
-    # As the model hands them over: hidden states in the autocast dtype on GPU, float32 master weights.
-    hidden = torch.randn(B, T, H, device=device, generator=gen, dtype=autocast["dtype"] if cuda else torch.float32)
-    hidden.requires_grad_(True)
-    weight = (torch.randn(V, H, device=device, generator=gen) * H**-0.5).requires_grad_(True)
-    labels = torch.randint(0, V, (B, T), device=device, generator=gen)
-    labels[:, -1] = IGNORE_INDEX
-    topk_ids = torch.randint(0, V, (B, T, top_k), device=device, generator=gen)
-    topk_logprobs = -(torch.rand(B, T, top_k, device=device, generator=gen).sort(-1).values * 6 + 1)
-    label_logprobs = -(torch.rand(B, T, device=device, generator=gen) * 10 + 1)
-
-    def loss_and_backward() -> float:
-        t0 = time.perf_counter()
-        with torch.autocast(**autocast):
-            if loss == "fused":
-                value, n = fused_sparse_mft_loss(hidden, weight, labels, topk_ids, topk_logprobs, label_logprobs, TAU, chunk_size=chunk_size)
-            else:
-                logits = hidden @ weight.T
-                if loss == "ft-naive":
-                    value = F.cross_entropy(logits.float().view(-1, V), labels.view(-1), reduction="sum")
-                elif loss == "sparse-logits":
-                    value, n = sparse_mft_loss(logits, labels, topk_ids, topk_logprobs, label_logprobs, TAU)
-                else:
-                    raise ValueError(f"unknown loss {loss!r}")
-                del logits
-        value.backward()
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
+    inputs = random_head_inputs(torch.device(device), batch_size, seq_len, vocab, hidden_size, top_k, seed)
     peak = PeakMemory(device)
     before = peak.reset()
-    seconds = loss_and_backward()
+    seconds = loss_and_backward(loss, inputs, chunk_size)
     result = {"peak": peak.peak(), "before": before, "growth": peak.peak() - before}
     if repeats:
         times = []
         for _ in range(repeats):
-            hidden.grad = weight.grad = None
-            times.append(loss_and_backward())
+            inputs["hidden"].grad = inputs["weight"].grad = None
+            times.append(loss_and_backward(loss, inputs, chunk_size))
         seconds = statistics.median(times)
     return {**result, "seconds": seconds}
+
+
+def random_head_inputs(device, batch_size: int, seq_len: int, vocab: int, hidden_size: int, top_k: int, seed: int) -> dict:
+    """A loss call's inputs as the model hands them over: (B, T, H) hidden states (bf16 on a GPU,
+    as autocast leaves them), a float32 (V, H) head weight, both requiring grad; labels (B, T)
+    with the last position ignored; sorted top-k targets (B, T, k) and label log-probs (B, T)."""
+    import torch
+
+    from mft_pipeline.labels import IGNORE_INDEX
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    B, T, H, V = batch_size, seq_len, hidden_size, vocab
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    hidden = torch.randn(B, T, H, device=device, generator=gen, dtype=dtype).requires_grad_(True)
+    weight = (torch.randn(V, H, device=device, generator=gen) * H**-0.5).requires_grad_(True)
+    labels = torch.randint(0, V, (B, T), device=device, generator=gen)
+    labels[:, -1] = IGNORE_INDEX
+    return {
+        "hidden": hidden, "weight": weight, "labels": labels,
+        "topk_ids": torch.randint(0, V, (B, T, top_k), device=device, generator=gen),
+        "topk_logprobs": -(torch.rand(B, T, top_k, device=device, generator=gen).sort(-1).values * 6 + 1),
+        "label_logprobs": -(torch.rand(B, T, device=device, generator=gen) * 10 + 1),
+    }  # fmt: skip
+
+
+def loss_and_backward(loss: str, x: dict, chunk_size: int | None) -> float:
+    """Seconds of one ``loss`` ("fused" or "ft-naive") + backward on ``random_head_inputs``, the device's queue drained."""
+    import torch.nn.functional as F
+
+    from mft_pipeline.distill import fused_sparse_mft_loss
+
+    sync = synchronizer(x["hidden"].device)
+    t0 = time.perf_counter()
+    with training_autocast(x["hidden"].device):
+        if loss == "fused":
+            value, _ = fused_sparse_mft_loss(x["hidden"], x["weight"], x["labels"], x["topk_ids"], x["topk_logprobs"],
+                                             x["label_logprobs"], TAU, chunk_size=chunk_size)  # fmt: skip
+        elif loss == "ft-naive":
+            logits = x["hidden"] @ x["weight"].T
+            value = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), x["labels"].view(-1), reduction="sum")
+            del logits
+        else:
+            raise ValueError(f"unknown loss {loss!r}")
+    value.backward()
+    sync()
+    return time.perf_counter() - t0
 
 
 def write_synthetic_cache(out, seq_len: int, top_k: int, vocab: int, shards: int, rows_per_shard: int, seed: int = 0) -> Path:
@@ -459,59 +437,79 @@ def loader_rate(cache_dir, device, *, batch_size=LOADER["batch_size"], epochs=LO
     of the CPU-time rates, and the row groups each order decoded.
     """
     import numpy as np
-    import pyarrow as pa
     import torch
 
-    from mft_pipeline.cache.reader import Cache, Prefetch
+    from mft_pipeline.cache.reader import Cache
     from mft_pipeline.config import TRAIN_DEFAULTS
 
-    shuffle_groups = shuffle_groups or TRAIN_DEFAULTS["shuffle_groups"]
-    # One core: the process (the prefetch thread included) may run on one CPU only, with one thread per pool.
-    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    torch.set_num_threads(1)
-    pa.set_cpu_count(1)
-    pa.set_io_thread_count(1)
-    device = torch.device(device)
-    sync = synchronizer(device)
-    split = Cache(cache_dir).split("train")
+    pin_to_one_core()
+    device, shuffle_groups = torch.device(device), shuffle_groups or TRAIN_DEFAULTS["shuffle_groups"]
+    split, before = Cache(cache_dir).split("train"), Cache(cache_dir, cache_bytes=1).split("train")
     n, T = len(split), split.input_ids.shape[1]
     split.batch(np.arange(batch_size), device)  # warm-up: pyarrow's, numpy's and torch's first calls
     order = np.concatenate([split.epoch_order(seed, e, shuffle_groups) for e in range(epochs)])
-    parts = [(order[b : b + batch_size], np.arange(b, min(b + batch_size, len(order))) // n) for b in range(0, len(order), batch_size)]
-    before = Cache(cache_dir, cache_bytes=1).split("train")
     rows = np.random.default_rng(seed).permutation(n)[:random_rows]
     before.batch(rows[:1], device)
-
-    def training_order() -> None:
-        with Prefetch(split.read_in_order(parts)) as stream:
-            for batch in stream:
-                {k: v.to(device) for k, v in batch.items()}
-
-    def random_order() -> None:  # as training read before: each micro-batch decodes the groups its rows fall in
-        for b in range(0, len(rows), batch_size):
-            before.batch(rows[b : b + batch_size], device)
-
-    def timed(read) -> tuple[float, float]:
-        """Wall and CPU seconds of ``read()``, the device's queue drained at both ends."""
-        split.decoded_groups = before.decoded_groups = 0
-        sync()
-        t0, c0 = time.perf_counter(), time.process_time()
-        read()
-        sync()
-        return time.perf_counter() - t0, time.process_time() - c0
-
-    block_seconds, block_cpu = timed(training_order)
-    block_decoded = split.decoded_groups
-    random_seconds, random_cpu = timed(random_order)
+    block_seconds, block_cpu, block_decoded = timed_read(split, device, training_order(split, order, batch_size, device))
+    random_seconds, random_cpu, random_decoded = timed_read(before, device, random_order(before, rows, batch_size, device))
     block, random_rate = len(order) * T / block_cpu, len(rows) * T / random_cpu
     return {
         "loader_tokens_per_s": block, "loader_tokens_per_s_random_rows": random_rate, "speedup": block / random_rate,
         "loader_tokens_per_wall_s": len(order) * T / block_seconds, "loader_tokens_per_wall_s_random_rows": len(rows) * T / random_seconds,
         "block_rows": len(order), "block_seconds": block_seconds, "block_cpu_seconds": block_cpu, "block_groups_decoded": block_decoded,
-        "random_rows": len(rows), "random_seconds": random_seconds, "random_cpu_seconds": random_cpu,
-        "random_groups_decoded": before.decoded_groups,
+        "random_rows": len(rows), "random_seconds": random_seconds, "random_cpu_seconds": random_cpu, "random_groups_decoded": random_decoded,
         "row_groups": len(split._groups), "rows": n, "seq_len": T, "shuffle_groups": shuffle_groups, "batch_size": batch_size,
     }  # fmt: skip
+
+
+def pin_to_one_core() -> None:
+    """This process (the prefetch thread included) on one CPU only, with one thread per pool."""
+    import pyarrow as pa
+    import torch
+
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    torch.set_num_threads(1)
+    pa.set_cpu_count(1)
+    pa.set_io_thread_count(1)
+
+
+def training_order(split, order, batch_size: int, device):
+    """``read()``: the rows of ``order`` (epochs of ``split``'s rows, one after the other) as
+    training reads them, ``read_in_order`` in a ``Prefetch`` thread, each micro-batch moved to ``device``."""
+    import numpy as np
+
+    from mft_pipeline.cache.reader import Prefetch
+
+    n = len(split)
+    parts = [(order[b : b + batch_size], np.arange(b, min(b + batch_size, len(order))) // n) for b in range(0, len(order), batch_size)]
+
+    def read() -> None:
+        with Prefetch(split.read_in_order(parts)) as stream:
+            for batch in stream:
+                {k: v.to(device) for k, v in batch.items()}
+
+    return read
+
+
+def random_order(split, rows, batch_size: int, device):
+    """``read()``: ``rows`` as training read them before: each micro-batch decodes the groups its rows fall in."""
+
+    def read() -> None:
+        for b in range(0, len(rows), batch_size):
+            split.batch(rows[b : b + batch_size], device)
+
+    return read
+
+
+def timed_read(split, device, read) -> tuple[float, float, int]:
+    """Wall and CPU seconds of ``read()``, the device's queue drained at both ends, and the row groups ``split`` decoded."""
+    sync = synchronizer(device)
+    split.decoded_groups = 0
+    sync()
+    t0, c0 = time.perf_counter(), time.process_time()
+    read()
+    sync()
+    return time.perf_counter() - t0, time.process_time() - c0, split.decoded_groups
 
 
 def measure_loader(device, *, seq_len=LOADER["seq_len"], top_k=LOADER["top_k"], vocab=LOADER["vocab"], shards=LOADER["shards"],
@@ -576,14 +574,13 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
     out = {k: None for k, *_ in TARGETS}
     if "models" in args.only:
         per_model = {}
         for spec in args.models:
             r = per_model[spec] = measure_model(
-                spec, device, dtype, args.seq_len, args.batch_size, n_batches=args.batches, repeats=args.repeats,
-                top_k=args.top_k, seed=args.seed, loss_tokens=args.loss_tokens, losses=args.losses,
+                spec, device, args.seq_len, args.batch_size, n_batches=args.batches, repeats=args.repeats,
+                top_k=args.top_k, seed=args.seed, loss_tokens=args.loss_tokens,
             )
             say(f"{spec}: offline/FT speed {r['offline_vs_ft_speed']:.3f}, peak {r['offline_vs_ft_peak_memory']:.3f}, "
                 f"loss peak vs FT-naive {r['loss_peak_memory_vs_ft_naive']:.3f} ({r['seconds']:.0f} s)")
