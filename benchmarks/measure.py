@@ -75,6 +75,16 @@ def proc_status_bytes(field: str) -> int | None:
     return None
 
 
+def peak_growth(device, fn) -> tuple[dict, object]:
+    """The peak memory of one call ``fn()`` ({"peak", "before", "growth"} in bytes; ``before``: held
+    when it started) and what it returned."""
+    memory = PeakMemory(device)
+    before = memory.reset()
+    value = fn()
+    peak = memory.peak()
+    return {"peak": peak, "before": before, "growth": peak - before}, value
+
+
 def timed_rounds(passes: dict, repeats: int, memory: PeakMemory | None = None) -> tuple[dict, dict]:
     """Every pass once per round, the order rotating by one each round (so a neighbour's load on a
     shared machine hits every pass alike): the seconds of each pass per round and, with

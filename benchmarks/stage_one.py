@@ -35,7 +35,7 @@ from types import SimpleNamespace
 import numpy as np
 import pyarrow.parquet as pq
 
-from benchmarks.measure import REPO, PeakMemory, say, synchronizer, timed_rounds
+from benchmarks.measure import REPO, PeakMemory, peak_growth, say, synchronizer, timed_rounds
 from benchmarks.results import comma_list, command_line, fmt_mib, loadavg, machine_info, machine_line, table
 
 
@@ -125,7 +125,6 @@ def setup(args) -> SimpleNamespace:
     b.teacher = timed("teacher_init", lambda: TransformersTeacher(b.model))
     B = args.batch_size
     b.batches = [(b.packed.input_ids[i : i + B], b.packed.num_tokens[i : i + B]) for i in range(0, len(b.packed), B)]
-    b.device_ids = [torch.as_tensor(ids, device=b.device) for ids, _ in b.batches]
     b.work = Path(tempfile.mkdtemp(prefix="mft-bench-stage-one-"))
     return b
 
@@ -190,7 +189,7 @@ def measure_transformers(b: SimpleNamespace) -> dict:
     """Forward, score and ``build_cache`` in rotating rounds; then the cache's sizes and the replayed builds."""
     args = b.args
     build = cache_builder(b)
-    forward, score = forward_and_score(b)
+    forward, score = forward_and_score(b.model, b.teacher, b.batches, args.top_k)
     say("warm-up ...")  # kernels, allocator, lazy imports (datasets, pyarrow.parquet), datasets' JSON cache
     forward()
     score()
@@ -243,22 +242,26 @@ def cache_builder(b: SimpleNamespace):
     return build
 
 
-def forward_and_score(b: SimpleNamespace):
-    """The two passes over every batch: the plain forward, and ``TransformersTeacher.score``
-    (``score(top_k, keep)`` also stores each batch's scores in ``keep`` and returns it)."""
+def forward_and_score(model, teacher, batches: list, top_k: int):
+    """The two passes over ``batches`` ((input_ids, num_tokens) host arrays): the plain forward, and
+    ``teacher.score`` (``score(top_k, keep)`` also stores each batch's scores in ``keep`` and returns it)."""
+    import torch
+
+    device = next(model.parameters()).device
+    sync, device_ids = synchronizer(device), [torch.as_tensor(ids, device=device) for ids, _ in batches]
 
     def forward():
-        with b.torch.inference_mode():
-            for ids in b.device_ids:
-                b.model(ids).logits
-        b.sync()
+        with torch.inference_mode():
+            for ids in device_ids:
+                model(ids).logits
+        sync()
 
-    def score(top_k=b.args.top_k, keep=None):
-        for ids, num in b.batches:
-            s = b.teacher.score(ids, num, top_k)
+    def score(top_k=top_k, keep=None):
+        for ids, num in batches:
+            s = teacher.score(ids, num, top_k)
             if keep is not None:
                 keep[ReplayTeacher.key(ids, num)] = s
-        b.sync()
+        sync()
         return keep
 
     return forward, score
@@ -292,10 +295,11 @@ def measure_vllm(b: SimpleNamespace) -> dict:
     engine = VLLMTeacher(str(folder), max_top_k=k, max_model_len=args.seq_len)
     b.fixed["vllm_engine_start"] = time.perf_counter() - t0
     ids, num = b.packed.input_ids, b.packed.num_tokens
+    forward, score = forward_and_score(b.model, b.teacher, b.batches, k)
     try:
         passes = {
-            "forward": lambda: [b.model(x).logits for x in b.device_ids],
-            "transformers_score": lambda: [b.teacher.score(x, n, k) for x, n in b.batches],
+            "forward": forward,
+            "transformers_score": score,
             "vllm_batches": lambda: [engine.score(x, n, k) for x, n in b.batches],
             "vllm_all_rows": lambda: engine.score(ids, num, k),
         }
@@ -330,29 +334,15 @@ def forward_vs_score(model, batches: list, top_k: int, *, repeats: int = 5) -> d
     Returns {"tokens_per_s": {"forward", "score"} (medians), "seconds": {...: [per repeat]},
     "score_vs_forward": median of per-repeat ratios, "peak_bytes": {"forward", "score"} (one
     batch's peak over what was held before it), "tokens_per_pass"}."""
-    import torch
-
     from mft_pipeline.teacher.transformers_backend import TransformersTeacher
 
-    device = next(model.parameters()).device
-    teacher = TransformersTeacher(model)
-
-    def passes(rows: list) -> dict:
-        b = SimpleNamespace(model=model, teacher=teacher, torch=torch, args=SimpleNamespace(top_k=top_k),
-                            sync=synchronizer(device),
-                            device_ids=[torch.as_tensor(ids, device=device) for ids in rows],
-                            batches=[(ids, np.full(len(ids), ids.shape[1])) for ids in rows])  # fmt: skip
-        return dict(zip(("forward", "score"), forward_and_score(b)))
-
-    first, every = passes(batches[:1]), passes(batches)
+    teacher, rows = TransformersTeacher(model), [(ids, np.full(len(ids), ids.shape[1])) for ids in batches]
+    first, every = (dict(zip(("forward", "score"), forward_and_score(model, teacher, r, top_k))) for r in (rows[:1], rows))
     for fn in first.values():  # warm-up
         fn()
     seconds, _ = timed_rounds(every, repeats)
-    memory, peaks = PeakMemory(device), {}
-    for name, fn in first.items():  # the peak of one batch
-        before = memory.reset()
-        fn()
-        peaks[name] = memory.peak() - before
+    device = next(model.parameters()).device
+    peaks = {name: peak_growth(device, fn)[0]["growth"] for name, fn in first.items()}  # the peak of one batch
     tokens = sum(ids.size for ids in batches)
     t = summarize(seconds, tokens)
     return {"tokens_per_s": {name: x["tokens_per_s"] for name, x in t.items()}, "seconds": seconds,

@@ -48,7 +48,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks.measure import PeakMemory, in_fresh_process, random_token_batches, say, synchronizer, timed_rounds
+from benchmarks.measure import in_fresh_process, peak_growth, random_token_batches, say, synchronizer, timed_rounds
 from benchmarks.results import comma_list, command_line, fmt_mib, loadavg, machine_info, machine_line, table
 
 TAU = 0.25
@@ -309,10 +309,8 @@ def peak_memory(spec, batch_file, method, device, *, seed=0) -> dict:
     batch = {k: v.to(device) for k, v in torch.load(batch_file, weights_only=True).items()}
     step = make_step(method, model)
     step(batch)  # warm-up: AdamW's state now exists, as in every step after the first
-    peak = PeakMemory(device)
-    before = peak.reset()
-    step(batch)
-    return {"peak": peak.peak(), "before": before}
+    memory, _ = peak_growth(device, lambda: step(batch))
+    return {"peak": memory["peak"], "before": memory["before"]}
 
 
 @in_fresh_process
@@ -327,10 +325,7 @@ def loss_peak_memory(loss, vocab, hidden_size, device, seq_len, batch_size, *, t
     import torch
 
     inputs = random_head_inputs(torch.device(device), batch_size, seq_len, vocab, hidden_size, top_k, seed)
-    peak = PeakMemory(device)
-    before = peak.reset()
-    seconds = loss_and_backward(loss, inputs, chunk_size)
-    result = {"peak": peak.peak(), "before": before, "growth": peak.peak() - before}
+    result, seconds = peak_growth(device, lambda: loss_and_backward(loss, inputs, chunk_size))
     if repeats:
         times = []
         for _ in range(repeats):
@@ -546,11 +541,8 @@ def eval_peak_memory(spec, device, seq_len, batch_size, fused: bool, *, seed=0) 
     ids = np.random.default_rng(seed).integers(0, vocab, size=(batch_size, seq_len))
     num = np.full(batch_size, seq_len)
     model_nll(model, ids[:1, :8], num[:1] * 0 + 8, fused=fused)  # warm-up: first calls, the head's probe
-    peak = PeakMemory(device)
-    before = peak.reset()
-    nll, count = model_nll(model, ids, num, batch_size, fused=fused)
-    top = peak.peak()
-    return {"growth": top - before, "before": before, "peak": top, "nll": nll, "count": count, "vocab": vocab}
+    memory, (nll, count) = peak_growth(device, lambda: model_nll(model, ids, num, batch_size, fused=fused))
+    return {**memory, "nll": nll, "count": count, "vocab": vocab}
 
 
 def measure_eval(spec, device, seq_len, batch_size, *, seed=0) -> dict:
