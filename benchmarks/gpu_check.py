@@ -215,18 +215,18 @@ def render_speed(r: dict) -> list[str]:
         "", f"Random tokens and random-weight models; {p['seq_len']}-token sequences, top-k {p['top_k']}, {p['repeats']} paired "
         f"repeats, medians; {'bf16' if p['device'].startswith('cuda') else 'float32 (no GPU)'}. Targets: docs/performance-targets.md.", "",
         *table(["target", "measured (worst model)", "goal", "met"],
-                         [[what, "—" if r["ratios"][key] is None else f"{r['ratios'][key]:.3f}", f"{op} {goal}", met(r["ratios"][key], op, goal)]
-                          for key, op, goal, what in TARGETS]),
+               [[what, "—" if r["ratios"][key] is None else f"{r['ratios'][key]:.3f}", f"{op} {goal}", met(r["ratios"][key], op, goal)]
+                for key, op, goal, what in TARGETS]),
         "", "Stage one (score = forward + top-k + label log-probs, brought to the host):", "",
         *table(["model", "params", "batch", "forward tokens/s", "score tokens/s", "score / forward", "forward peak", "score peak"],
-                         [[name, f"{s['params'] / 1e6:,.0f}M", f"{s['batch'][0]} × {s['batch'][1]}", f"{s['tokens_per_s']['forward']:,.0f}",
-                           f"{s['tokens_per_s']['score']:,.0f}", f"{s['score_vs_forward']:.3f}", fmt_mib(s["peak_bytes"]["forward"]),
-                           fmt_mib(s["peak_bytes"]["score"])] for name, s in ones.items()]),
+               [[name, f"{s['params'] / 1e6:,.0f}M", f"{s['batch'][0]} × {s['batch'][1]}", f"{s['tokens_per_s']['forward']:,.0f}",
+                 f"{s['tokens_per_s']['score']:,.0f}", f"{s['score_vs_forward']:.3f}", fmt_mib(s["peak_bytes"]["forward"]),
+                 fmt_mib(s["peak_bytes"]["score"])] for name, s in ones.items()]),
         "", "Stage two (one step: forward, backward, AdamW; float32 weights, autocast on a GPU; peaks in fresh processes):", "",
         *table(["model", "method", "tokens/s", "paired ratio vs FT", "step peak", "vs FT"],
-                         [[name, meth, f"{t['speed']['tokens_per_s'][meth]:,.0f}",
-                           f"{1.0 if meth == 'ft' else t['speed']['paired_ratio_vs_ft'][meth]:.3f}", fmt_mib(t["peak"][meth]["peak"]),
-                           f"{t['peak'][meth]['peak'] / t['peak']['ft']['peak']:.3f}"] for name, t in twos.items() for meth in stage_two.METHODS]),
+               [[name, meth, f"{t['speed']['tokens_per_s'][meth]:,.0f}",
+                 f"{1.0 if meth == 'ft' else t['speed']['paired_ratio_vs_ft'][meth]:.3f}", fmt_mib(t["peak"][meth]["peak"]),
+                 f"{t['peak'][meth]['peak'] / t['peak']['ft']['peak']:.3f}"] for name, t in twos.items() for meth in stage_two.METHODS]),
     ]  # fmt: skip
 
 

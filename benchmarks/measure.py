@@ -119,7 +119,9 @@ def in_fresh_process(fn):
         env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
         env.setdefault("TQDM_DISABLE", "1")
         kw_json = json.dumps(json.dumps(call.arguments, default=str))
-        code = (f"import json, torch, {fn.__module__} as m; torch.set_num_threads({torch.get_num_threads()}); "
+        # Under `python -m benchmarks.x` the module is __main__ here; the fresh process imports it by its name.
+        module = sys.modules["__main__"].__spec__.name if fn.__module__ == "__main__" else fn.__module__
+        code = (f"import json, torch, {module} as m; torch.set_num_threads({torch.get_num_threads()}); "
                 f"print(json.dumps(m.{fn.__name__}.__wrapped__(**json.loads({kw_json}))))")  # fmt: skip
         done = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True)
         if done.returncode != 0:

@@ -192,7 +192,9 @@ def make_step(method: str, model, optimizer=None):
     def step(batch: dict) -> None:
         if method == "ft":
             with training_autocast(device):
-                loss, n_tokens = model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss, 1
+                out = model(input_ids=batch["input_ids"], labels=batch["input_ids"])
+            # ``out`` and its (B, T, V) logits live until the step ends: FT's figures in docs/results were measured so.
+            loss, n_tokens = out.loss, 1
         else:
             loss, n_tokens = micro_batch_loss(model, [batch], config, teacher)
         (loss / n_tokens).backward()
