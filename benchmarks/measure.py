@@ -1,5 +1,5 @@
-"""How the benchmarks measure: progress lines, peak memory, passes timed in rotating rounds, and
-measurements in a fresh process of their own."""
+"""How the benchmarks measure: progress lines, peak memory, passes timed in rotating rounds,
+measurements in a fresh process of their own, and parts run one after the other."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import resource
 import subprocess
 import sys
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -137,3 +138,22 @@ def random_token_batches(vocab: int, n_batches: int, batch_size: int, seq_len: i
 
     rng = np.random.default_rng(seed)
     return [rng.integers(0, vocab, size=(batch_size, seq_len), dtype=np.int64) for _ in range(n_batches)]
+
+
+def run_parts(parts, result: dict, save=lambda: None) -> dict:
+    """Each (name, measure) of ``parts`` in turn into ``result["parts"][name]``, then ``save()``: a run
+    stopped early keeps what finished. A part that fails leaves its traceback in ``result["errors"]``
+    and the next one runs."""
+    import torch
+
+    for name, measure in parts:
+        say(f"{name} ...")
+        try:
+            result["parts"][name] = measure()
+        except Exception as e:  # noqa: BLE001 - one failed part must not cost the others' results
+            result["errors"][name] = traceback.format_exc()[-3000:]
+            say(f"{name} FAILED: {e!r}")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # what this process keeps cached, the next part's fresh processes cannot use
+        save()
+    return result

@@ -33,6 +33,25 @@ def machine_info(device) -> dict:
     return info
 
 
+def started(command: str, device) -> dict:
+    """What a results file says of its run before it measures: the command, the date, the machine and its load."""
+    from datetime import datetime, timezone
+
+    date = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}"
+    return {"command": command, "date": date, "machine": machine_info(device), "loadavg_start": loadavg()}
+
+
+def header(title: str, r: dict) -> list[str]:
+    """A results file's first lines: its title, the command, the date, the machine and the load at start and end."""
+    return [f"# {title}", "", f"Command: `{r['command']}`", "", f"Date: {r['date']}. {machine_line(r['machine'])} Load average at "
+            f"start / end: {r['loadavg_start']} / {r['loadavg_end']}.", ""]  # fmt: skip
+
+
+def failures(errors: dict) -> list[str]:
+    """The traceback of each part that failed."""
+    return [line for where, tb in errors.items() for line in ("", f"**{where} failed:**", "", "```", tb.strip()[-1500:], "```")]
+
+
 def machine_line(m: dict) -> str:
     """``machine_info`` as the results files print it."""
     gpu = f", GPU {m['gpu']} (driver {m['driver']}, CUDA {m['cuda']})" if "gpu" in m else ""

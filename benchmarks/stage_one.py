@@ -28,7 +28,6 @@ import statistics
 import tempfile
 import time
 from collections import Counter
-from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -36,7 +35,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from benchmarks.measure import REPO, PeakMemory, peak_growth, say, synchronizer, timed_rounds
-from benchmarks.results import comma_list, command_line, fmt_mib, loadavg, machine_info, machine_line, table
+from benchmarks.results import comma_list, command_line, fmt_mib, header, loadavg, started, table
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,7 +47,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.add_argument(f"--{name}", type=int, default=default, help=what)
     p.add_argument("--extra-k", default="5,50", help="other k to measure cache size at, comma-separated ('' for none)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
-    p.add_argument("--corpus", default=None, help="a .jsonl file with a 'text' field (default: the CPython standard library's .py files)")
     p.add_argument("--backend", default="transformers", choices=("transformers", "vllm"))
     p.add_argument("--out", default=None, help="markdown results file (default docs/results/stage-one-[vllm-]<device>.md); a .json beside it")
     args = p.parse_args(argv)
@@ -61,11 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def corpus_texts(args) -> tuple[object, dict]:
+def corpus_texts() -> tuple[object, dict]:
     """The texts to pack, in order, and where they come from."""
-    if args.corpus:
-        lines = (json.loads(line).get("text") for line in open(args.corpus, encoding="utf-8"))
-        return (t for t in lines if t and t.strip()), {"source": f"{args.corpus} ('text' field), in file order"}
     from mft_pipeline.demo.stdlib_code import code_documents, stdlib_root
 
     return (d["text"] for d in code_documents(stdlib_root())), {
@@ -81,7 +76,7 @@ def load_workload(args, tokenizer):
     n = args.batches * args.batch_size
     min_chars = n * (args.seq_len - 1) * 5
     while True:
-        texts, about = corpus_texts(args)
+        texts, about = corpus_texts()
         docs, chars = [], 0
         for text in texts:
             docs.append(text)
@@ -107,7 +102,6 @@ def setup(args) -> SimpleNamespace:
         torch.set_num_threads(args.threads)
     b = SimpleNamespace(args=args, device=pick_device(args.device), fixed={}, torch=torch)
     b.sync = synchronizer(b.device)
-    b.loadavg_start = loadavg()
 
     def timed(key, fn):
         t0 = time.perf_counter()
@@ -331,9 +325,8 @@ def forward_vs_score(model, batches: list, top_k: int, *, repeats: int = 5) -> d
     """``model(ids).logits`` (the ceiling) against ``TransformersTeacher.score`` (results brought to
     the host, as stage one must) in ``timed_rounds`` over ``batches``, int64 (B, T) full rows.
 
-    Returns {"tokens_per_s": {"forward", "score"} (medians), "seconds": {...: [per repeat]},
-    "score_vs_forward": median of per-repeat ratios, "peak_bytes": {"forward", "score"} (one
-    batch's peak over what was held before it), "tokens_per_pass"}."""
+    Returns {"timings": ``summarize``'s, each pass's peak memory the growth over one batch,
+    "score_vs_forward": median of per-repeat ratios, "tokens_per_pass", "top_k"}."""
     from mft_pipeline.teacher.transformers_backend import TransformersTeacher
 
     teacher, rows = TransformersTeacher(model), [(ids, np.full(len(ids), ids.shape[1])) for ids in batches]
@@ -342,23 +335,28 @@ def forward_vs_score(model, batches: list, top_k: int, *, repeats: int = 5) -> d
         fn()
     seconds, _ = timed_rounds(every, repeats)
     device = next(model.parameters()).device
-    peaks = {name: peak_growth(device, fn)[0]["growth"] for name, fn in first.items()}  # the peak of one batch
+    peaks = {name: peak_growth(device, fn)[0]["growth"] for name, fn in first.items()}
     tokens = sum(ids.size for ids in batches)
-    t = summarize(seconds, tokens)
-    return {"tokens_per_s": {name: x["tokens_per_s"] for name, x in t.items()}, "seconds": seconds,
-            "score_vs_forward": t["score"]["vs_forward_paired"], "peak_bytes": peaks, "tokens_per_pass": tokens}  # fmt: skip
+    t = summarize(seconds, tokens, peaks)
+    return {"timings": t, "score_vs_forward": t["score"]["vs_forward_paired"], "tokens_per_pass": tokens, "top_k": top_k}
+
+
+def render_forward_vs_score(name: str, r: dict) -> list[str]:
+    """``forward_vs_score`` on a model of ``r["params"]`` parameters and batches of ``r["batch"]`` (rows, tokens)."""
+    return ["", f"## Stage one: {name} ({r['params'] / 1e6:,.0f}M parameters, {r['batch'][0]} × {r['batch'][1]} random tokens per batch; "
+            "peak memory: one batch's growth)", "",
+            *timing_rows(r["timings"], [("plain forward, `model(input_ids).logits`", "forward", ""),
+                                        (f"`TransformersTeacher.score` k={r['top_k']}, brought to the host", "score", ">= 0.9x")])]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
 # Reports
 
 
-def header(r: dict, title: str) -> list[str]:
+def workload_header(r: dict, title: str) -> list[str]:
     m, w, a = r["machine"], r["workload"], r["args"]
     shared = m["device"].startswith("cpu") and float(r["loadavg_start"].split(",")[0]) >= 0.5
-    return [
-        f"# {title}", "", f"Command: `{r['command']}`", "", f"Date: {r['date']}", "",
-        machine_line(m) + f" Load average at start / end: {r['loadavg_start']} / {r['loadavg_end']}.", "",
+    return header(title, r) + [
         *([f"**Shared machine:** other work was running when this started (1-minute load {r['loadavg_start'].split(',')[0]} "
            f"on {m['cpus_usable']} CPUs), so absolute times are noisy; the paired ratios are the most robust figures.", ""] if shared else []),
         f"Workload: `{a['model']}`, {w['sequences']} packed rows x {a['seq_len']} tokens = {w['tokens']} input tokens "
@@ -380,7 +378,7 @@ def timing_rows(t: dict, rows: list[tuple[str, str, str]]) -> list[str]:
 
 def render(r: dict) -> str:
     k, t, mdl = r["args"]["top_k"], r["timings"], r["model"]
-    lines = header(r, f"Stage one benchmark ({r['machine']['device']})") + [
+    lines = workload_header(r, f"Stage one benchmark ({r['machine']['device']})") + [
         f"Teacher: {mdl['parameters'] / 1e6:.1f}M parameters, vocab {mdl['vocab_size']}, {mdl['dtype']}, attention {mdl['attention']}.", "",
         *timing_rows(t, [("teacher forward, `model(input_ids).logits`", "forward", ""),
                          (f"stage one, `TransformersTeacher.score` k={k}", "score", ">= 0.9x"),
@@ -405,7 +403,7 @@ def render(r: dict) -> str:
 
 def render_vllm(r: dict) -> str:
     k, a, v = r["args"]["top_k"], r["agreement"], r["versions"]["vllm"]
-    lines = header(r, f"Stage one: vLLM ({r['platform']}) vs transformers vs a plain forward") + timing_rows(r["timings"], [
+    lines = workload_header(r, f"Stage one: vLLM ({r['platform']}) vs transformers vs a plain forward") + timing_rows(r["timings"], [
         ("plain forward (`model(input_ids).logits`, transformers)", "forward", ""),
         (f"`TransformersTeacher.score`, k={k}, a call per batch", "transformers_score", ""),
         (f"`VLLMTeacher.score`, k={k}, a call per batch (vLLM {v})", "vllm_batches", ""),
@@ -419,16 +417,16 @@ def render_vllm(r: dict) -> str:
 
 
 def main(argv=None) -> dict:
+    from mft_pipeline.models import pick_device
+
     args = parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")  # build_cache's bars would interleave with the report
+    head = started(command_line("python -m benchmarks.stage_one", argv), pick_device(args.device))
     b = setup(args)
     measured = measure_vllm(b) if args.backend == "vllm" else measure_transformers(b)
     result = {
-        "command": command_line("python -m benchmarks.stage_one", argv),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "args": {key: v for key, v in vars(args).items() if key != "out"},
-        "machine": machine_info(b.device), "loadavg_start": b.loadavg_start, "loadavg_end": loadavg(),
-        "fixed_s": b.fixed, "workload": {"sequences": len(b.packed), "tokens": b.tokens, "labels": int(b.packed.num_labels), "corpus": b.corpus},
+        **head, "args": {key: v for key, v in vars(args).items() if key != "out"}, "loadavg_end": loadavg(), "fixed_s": b.fixed,
+        "workload": {"sequences": len(b.packed), "tokens": b.tokens, "labels": int(b.packed.num_labels), "corpus": b.corpus},
         **measured,
     }  # fmt: skip
     name = f"stage-one-vllm-{measured['platform']}" if args.backend == "vllm" else f"stage-one-{b.device.type}"

@@ -4,35 +4,18 @@
         [--models smollm2-135m,llama-128k-cpu] [--seq-len 256] [--batch-size 2] [--batches 2] [--repeats 5]
         [--top-k 20] [--seed 0] [--threads N] [--json PATH] [--out docs/results/stage-two-<device>.md]
 
-On the same batches, one training step (forward, backward, AdamW step) each of:
-
-- ``offline``: sparse MFT from cached top-k targets through the training loop's
-  ``micro_batch_loss`` (the fused hidden-state loss wherever the head allows it), the method
-  under test;
-- ``ft``: plain finetuning through the standard Hugging Face loss,
-  ``model(input_ids, labels=input_ids).loss`` (full logits, float32 cross-entropy);
-- ``online``: dense MFT with a live frozen teacher (``micro_batch_loss`` with a teacher: a
-  second forward + ``dense_mft_loss``).
-
-On CUDA all three run under the training loop's bf16 autocast, with float32 weights.
-
-Speed: one process, one student and one AdamW, the methods alternate (the order rotates each
-repeat) over the same batches, after one warm-up step each; tokens/s is B × T input tokens per
-second, the median over repeats, and each paired ratio is the median of the per-repeat
-ratios. Peak memory: a fresh process per method (same model, same batches) takes one warm-up
-step, so AdamW's state exists, then measures one step: torch.cuda.max_memory_allocated on
-CUDA, the peak resident set on CPU (VmHWM reset through /proc/self/clear_refs, with glibc
-told to return large blocks to the OS so the figure counts live memory). The loss alone:
-a fresh process per loss takes random hidden states and the head weight of the model's
-shape and measures the peak growth of loss + backward, for the fused loss and for FT's naive
-cross-entropy on full float32 logits. The reader alone (``loader_rate``) and evaluation's
-peak memory (``eval_peak_memory``) are measured apart.
-
-Targets are cached synthetically: the model itself, as its own teacher, scores the batches
-the stage-one way (``TransformersTeacher.score``), once, before anything is timed. The
-token ids are random: speed and memory do not depend on the text. The measurements take the
-device and sizes as arguments, so that the GPU check calls them at its own.
-This is a benchmark, not a test.
+One training step (forward, backward, AdamW step) of each method on the same batches, under the
+training loop's bf16 autocast on CUDA: ``offline``, sparse MFT from cached top-k targets through the
+loop's ``micro_batch_loss`` (the method under test); ``ft``, Hugging Face's
+``model(input_ids, labels=input_ids).loss`` (full logits, float32 cross-entropy); ``online``, dense
+MFT with a live frozen teacher. Speed: paired, in one process (``time_methods``). Peak memory: a
+fresh process per method (``peak_memory``), and per loss alone (``measure_loss``: the fused loss
+against FT's naive cross-entropy from the same hidden states). The reader alone (``loader_rate``)
+and evaluation's peak memory (``eval_peak_memory``) are measured apart. Targets are cached
+synthetically: the model, as its own teacher, scores random token batches the stage-one way
+(``TransformersTeacher.score``) before anything is timed; speed and memory do not depend on the
+text. The measurements take the device and sizes as arguments, so that the GPU check calls them
+at its own. A benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -45,18 +28,19 @@ import os
 import statistics
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks.measure import in_fresh_process, peak_growth, random_token_batches, say, synchronizer, timed_rounds
-from benchmarks.results import comma_list, command_line, fmt_mib, loadavg, machine_info, machine_line, table
+from benchmarks.measure import in_fresh_process, peak_growth, random_token_batches, run_parts, say, synchronizer, timed_rounds
+from benchmarks.results import comma_list, command_line, failures, fmt_mib, header, loadavg, started, table
 
 TAU = 0.25
 METHODS = ("offline", "ft", "online")
 
 # Random-weight Llama shapes. "llama-128k-cpu" is small enough for a CPU and has Llama 3's vocabulary;
-# the other two are about 360M (SmolLM2-360M's shape) and 1.2B (Llama-3.2-1B's) for a GPU.
+# "llama-360m" and "llama-1.2b" are about 360M (SmolLM2-360M's shape) and 1.2B (Llama-3.2-1B's) for a GPU;
+# "llama-tiny" is the GPU check's CPU rehearsal's.
 SHAPES = {
+    "llama-tiny": dict(vocab_size=640, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
     "llama-128k-cpu": dict(
         vocab_size=128256, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
@@ -205,15 +189,9 @@ def make_step(method: str, model, optimizer=None):
 
 
 def time_methods(model, batches, *, repeats=5) -> dict:
-    """Paired timing of the methods' training steps on one model and the same batches.
-
-    The methods share the model and take turns (the order rotates each repeat); the weights
-    drift a little between steps, which changes no step's cost.
-
-    Returns {"tokens_per_s": {method: median}, "seconds": {method: [per repeat]},
-    "paired_ratio_vs_ft": {method: median of per-repeat tokens/s ratios}, "fused": bool,
-    "fallback_reason", "tokens_per_pass"}.
-    """
+    """Paired timing of the methods' training steps on one model and the same batches: they share the
+    model and take turns (the order rotates each repeat); the weights drift a little between steps,
+    which changes no step's cost. The paired ratios are the medians of the per-repeat ratios."""
     import torch
 
     from mft_pipeline.train.student_loss import head_or_reason
@@ -245,12 +223,8 @@ def time_methods(model, batches, *, repeats=5) -> dict:
 
 
 def measure_model(spec, device, seq_len, batch_size, *, n_batches=2, repeats=5, top_k=20, seed=0, loss_tokens=None) -> dict:
-    """Everything the benchmark reports for one model: paired speed, each method's step peak, the loss alone.
-
-    ``spec``: a name in ``SHAPES`` (random weights) or any ``load_model`` spec. The peak
-    memories are measured in fresh processes. The loss alone is measured on ``loss_tokens``
-    positions (1 × loss_tokens; default batch × seq_len).
-    """
+    """Everything the benchmark reports for one model (``build_model``'s ``spec``): paired speed, each
+    method's step peak in a fresh process, and ``measure_loss`` at 1 × ``loss_tokens`` positions (default B × T)."""
     import torch
 
     from mft_pipeline.models import model_vocab_size
@@ -263,45 +237,32 @@ def measure_model(spec, device, seq_len, batch_size, *, n_batches=2, repeats=5, 
     say(f"{spec}: timing {', '.join(METHODS)} ({repeats} paired repeats of {n_batches} x {batch_size} x {seq_len} tokens)")
     speed = time_methods(model, batches, repeats=repeats)
     with tempfile.TemporaryDirectory(prefix="mft-bench-stage-two-") as tmp:
-        model_spec, batch_file = hand_over(spec, model, batches[0], Path(tmp))
+        batch_file = str(Path(tmp) / "batch.pt")
+        torch.save({k: v.cpu() for k, v in batches[0].items()}, batch_file)
         del model, batches  # the fresh processes' model needs the room on a GPU
         if device.type == "cuda":
             torch.cuda.empty_cache()
         say(f"{spec}: peak memory of a step, one fresh process per method")
-        peaks = {m: peak_memory(model_spec, batch_file, m, device, seed=seed) for m in METHODS}
-    loss_shape = (loss_tokens, 1) if loss_tokens else (seq_len, batch_size)
-    say(f"{spec}: loss + backward alone at V={vocab}, H={hidden_size}, {loss_shape[1]} x {loss_shape[0]} positions, one fresh process per loss")
-    losses = {name: loss_peak_memory(name, vocab, hidden_size, device, *loss_shape, top_k=top_k, seed=seed) for name in ("fused", "ft-naive")}
+        peaks = {m: peak_memory(spec, batch_file, m, device, seed=seed) for m in METHODS}
+    loss = measure_loss(vocab, hidden_size, device, *((loss_tokens, 1) if loss_tokens else (seq_len, batch_size)), top_k=top_k, seed=seed)
+    say(f"{spec}: offline/FT speed {speed['paired_ratio_vs_ft']['offline']:.3f}, peak {peaks['offline']['peak'] / peaks['ft']['peak']:.3f}, "
+        f"loss peak vs FT-naive {loss['fused'][0]['vs_ft_naive']:.3f} ({time.perf_counter() - t0:.0f} s)")
     return {
-        "vocab": vocab, "hidden_size": hidden_size, "speed": speed, "peak": peaks, "loss": losses,
+        "vocab": vocab, "hidden_size": hidden_size, "speed": speed, "peak": peaks, "loss": loss,
         "offline_vs_ft_speed": speed["paired_ratio_vs_ft"]["offline"],
         "online_vs_ft_speed": speed["paired_ratio_vs_ft"]["online"],
         "offline_vs_ft_peak_memory": peaks["offline"]["peak"] / peaks["ft"]["peak"],
         "online_vs_ft_peak_memory": peaks["online"]["peak"] / peaks["ft"]["peak"],
-        "loss_peak_memory_vs_ft_naive": losses["fused"]["growth"] / losses["ft-naive"]["growth"],
-        "loss_positions": loss_shape[0] * loss_shape[1],
+        "loss_peak_memory_vs_ft_naive": loss["fused"][0]["vs_ft_naive"],
         "seconds": time.perf_counter() - t0,
     }  # fmt: skip
-
-
-def hand_over(spec: str, model, batch: dict, folder: Path) -> tuple[str, str]:
-    """The model and a batch as a fresh process loads them: a ``SHAPES`` name stays a name, a
-    loaded model is saved as a folder; the batch is ``torch.save``d."""
-    import torch
-
-    model_spec, batch_file = spec, str(folder / "batch.pt")
-    if spec not in SHAPES:
-        model_spec = str(folder / "model")
-        model.save_pretrained(model_spec)
-    torch.save({k: v.cpu() for k, v in batch.items()}, batch_file)
-    return model_spec, batch_file
 
 
 @in_fresh_process
 def peak_memory(spec, batch_file, method, device, *, seed=0) -> dict:
     """Peak memory of one training step of ``method`` after a warm-up step, in a fresh process.
 
-    ``spec``: a ``SHAPES`` name or a model folder; ``batch_file``: a ``torch.save``d batch dict.
+    ``spec``: as ``build_model`` takes it; ``batch_file``: a ``torch.save``d batch dict.
     Returns {"peak", "before"} in bytes (``before``: held just before the measured step).
     """
     import torch
@@ -383,6 +344,48 @@ def loss_and_backward(loss: str, x: dict, chunk_size: int | None) -> float:
     return time.perf_counter() - t0
 
 
+def measure_loss(vocab, hidden_size, device, seq_len, batch_size, *, chunks=(), top_k=20, seed=0, repeats=0,
+                 progress=lambda result: None) -> dict:
+    """FT-naive, then the fused loss at its default chunk and at each of ``chunks``: ``loss_peak_memory``
+    each, the fused points beside ``fused_loss_bytes``'s prediction. ``progress`` gets the result so far
+    after each point, so that a long sweep stopped early keeps what it measured."""
+    import torch
+
+    from mft_pipeline.distill.fused_loss import default_chunk_size
+
+    device, n = torch.device(device), seq_len * batch_size
+    point = functools.partial(loss_peak_memory, vocab=vocab, hidden_size=hidden_size, device=device, seq_len=seq_len,
+                              batch_size=batch_size, top_k=top_k, seed=seed, repeats=repeats)  # fmt: skip
+    say(f"loss + backward alone at V={vocab}, H={hidden_size}, {batch_size} x {seq_len} positions, one fresh process per point")
+    naive, default = point("ft-naive"), default_chunk_size(n, vocab, hidden_size)
+    result = {"shape": {"B": batch_size, "T": seq_len, "V": vocab, "H": hidden_size}, "top_k": top_k, "repeats": repeats, "ft_naive": naive, "fused": []}
+    for chunk in dict.fromkeys((default, *chunks)):  # the default first, then in the order asked
+        r = point("fused", chunk_size=chunk)
+        predicted = fused_loss_bytes(n, vocab, hidden_size, chunk, 2 if device.type == "cuda" else 4)
+        result["fused"].append({"chunk": chunk, "default": chunk == default, **r, "vs_ft_naive": r["growth"] / naive["growth"],
+                                "predicted": predicted})  # fmt: skip
+        say(f"fused, chunk {chunk}: {fmt_mib(r['growth'])} (predicted {fmt_mib(predicted)}) vs FT-naive {fmt_mib(naive['growth'])}")
+        progress(result)
+    return result
+
+
+def fused_loss_bytes(positions: int, vocab: int, hidden: int, chunk: int, matmul_bytes: int = 4) -> int:
+    """Predicted peak growth of ``fused_sparse_mft_loss`` + backward, in bytes, from how it allocates.
+
+    Always: the float32 (V, H) weight gradient and the (n, H) hidden-state gradient, gather and
+    head-path copies. A bf16 matmul (autocast) adds the head's bf16 copy. Then the larger of two
+    moments of a chunk of ``c`` positions: its loss, three float32 (c, V) tensors (logits,
+    log-softmax, tail log-softmax); its weight-gradient update, the float32 and matmul-dtype
+    (c, V) gradients and, in bf16, the (V, H) product before its cast to float32.
+    """
+    bf16 = matmul_bytes != 4
+    c = min(chunk, positions)
+    fixed = vocab * hidden * (4 + (matmul_bytes if bf16 else 0)) + positions * hidden * (2 * matmul_bytes + 4)
+    loss = 3 * c * vocab * 4
+    update = c * vocab * (4 + (matmul_bytes if bf16 else 0)) + (vocab * hidden * (matmul_bytes + 4) if bf16 else 0)
+    return fixed + max(loss, update)
+
+
 def write_synthetic_cache(out, seq_len: int, top_k: int, vocab: int, shards: int, rows_per_shard: int, seed: int = 0) -> Path:
     """A finished training cache of random, well-formed teacher scores, written with ``CacheWriter``.
 
@@ -447,8 +450,10 @@ def loader_rate(cache_dir, device, *, batch_size=LOADER["batch_size"], epochs=LO
     order = np.concatenate([split.epoch_order(seed, e, shuffle_groups) for e in range(epochs)])
     rows = np.random.default_rng(seed).permutation(n)[:random_rows]
     before.batch(rows[:1], device)
-    block_seconds, block_cpu, block_decoded = timed_read(split, device, training_order(split, order, batch_size, device))
-    random_seconds, random_cpu, random_decoded = timed_read(before, device, random_order(before, rows, batch_size, device))
+    block_seconds, block_cpu, block_decoded = timed_read(split, device, training_order(split, order, batch_size))
+    # As training read them before: each micro-batch decodes the groups its rows fall in.
+    in_random_order = (before.batch(rows[b : b + batch_size], device) for b in range(0, len(rows), batch_size))
+    random_seconds, random_cpu, random_decoded = timed_read(before, device, in_random_order)
     block, random_rate = len(order) * T / block_cpu, len(rows) * T / random_cpu
     return {
         "loader_tokens_per_s": block, "loader_tokens_per_s_random_rows": random_rate, "speedup": block / random_rate,
@@ -470,41 +475,28 @@ def pin_to_one_core() -> None:
     pa.set_io_thread_count(1)
 
 
-def training_order(split, order, batch_size: int, device):
-    """``read()``: the rows of ``order`` (epochs of ``split``'s rows, one after the other) as
-    training reads them, ``read_in_order`` in a ``Prefetch`` thread, each micro-batch moved to ``device``."""
+def training_order(split, order, batch_size: int):
+    """The micro-batches of ``order`` (epochs of ``split``'s rows, one after the other) as training
+    reads them: ``read_in_order`` in a ``Prefetch`` thread, started on the first batch asked for."""
     import numpy as np
 
     from mft_pipeline.cache.reader import Prefetch
 
     n = len(split)
-    parts = [(order[b : b + batch_size], np.arange(b, min(b + batch_size, len(order))) // n) for b in range(0, len(order), batch_size)]
-
-    def read() -> None:
-        with Prefetch(split.read_in_order(parts)) as stream:
-            for batch in stream:
-                {k: v.to(device) for k, v in batch.items()}
-
-    return read
+    with Prefetch(split.read_in_order([(order[b : b + batch_size], np.arange(b, min(b + batch_size, len(order))) // n)
+                                       for b in range(0, len(order), batch_size)])) as stream:  # fmt: skip
+        yield from stream
 
 
-def random_order(split, rows, batch_size: int, device):
-    """``read()``: ``rows`` as training read them before: each micro-batch decodes the groups its rows fall in."""
-
-    def read() -> None:
-        for b in range(0, len(rows), batch_size):
-            split.batch(rows[b : b + batch_size], device)
-
-    return read
-
-
-def timed_read(split, device, read) -> tuple[float, float, int]:
-    """Wall and CPU seconds of ``read()``, the device's queue drained at both ends, and the row groups ``split`` decoded."""
+def timed_read(split, device, batches) -> tuple[float, float, int]:
+    """Wall and CPU seconds of moving each of ``batches`` (an iterator) to ``device``, its queue
+    drained at both ends, and the row groups ``split`` decoded."""
     sync = synchronizer(device)
     split.decoded_groups = 0
     sync()
     t0, c0 = time.perf_counter(), time.process_time()
-    read()
+    for batch in batches:
+        {k: v.to(device) for k, v in batch.items()}
     sync()
     return time.perf_counter() - t0, time.process_time() - c0, split.decoded_groups
 
@@ -562,42 +554,31 @@ def measure_eval(spec, device, seq_len, batch_size, *, seed=0) -> dict:
 # The run
 
 
-def run(args) -> dict:
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    out = {k: None for k, *_ in TARGETS}
-    if "models" in args.only:
-        per_model = {}
-        for spec in args.models:
-            r = per_model[spec] = measure_model(
-                spec, device, args.seq_len, args.batch_size, n_batches=args.batches, repeats=args.repeats,
-                top_k=args.top_k, seed=args.seed, loss_tokens=args.loss_tokens,
-            )
-            say(f"{spec}: offline/FT speed {r['offline_vs_ft_speed']:.3f}, peak {r['offline_vs_ft_peak_memory']:.3f}, "
-                f"loss peak vs FT-naive {r['loss_peak_memory_vs_ft_naive']:.3f} ({r['seconds']:.0f} s)")
-        out.update(worst_case(list(per_model.values())), per_model=per_model)
-    if "loader" in args.only:
-        loader = out["loader"] = measure_loader(device, seed=args.seed)
-        out.update(loader_tokens_per_s=loader["loader_tokens_per_s"], loader_speedup_vs_random_rows=loader["speedup"],
-                   loader_tokens_per_s_random_rows=loader["loader_tokens_per_s_random_rows"])  # fmt: skip
-    if "eval" in args.only:
-        ev = out["eval"] = measure_eval(args.eval_model, device, args.eval_seq_len, args.eval_batch_size, seed=args.seed)
-        out["eval_peak_memory_vs_naive_128k"] = ev["ratio"] if ev["chunked"]["vocab"] >= 128000 else None
-    return out
+def parts(args) -> list:
+    """(name, measure) of each part ``--only`` names, in order: "stage_two/SPEC" per model, "loader", "eval"."""
+    partial = functools.partial
+    measures = {
+        "models": [(f"stage_two/{spec}", partial(measure_model, spec, args.device, args.seq_len, args.batch_size, n_batches=args.batches,
+                                                 repeats=args.repeats, top_k=args.top_k, seed=args.seed, loss_tokens=args.loss_tokens))
+                   for spec in args.models],
+        "loader": [("loader", partial(measure_loader, args.device, seed=args.seed))],
+        "eval": [("eval", partial(measure_eval, args.eval_model, args.device, args.eval_seq_len, args.eval_batch_size, seed=args.seed))],
+    }  # fmt: skip
+    return [part for name in PARTS if name in args.only for part in measures[name]]
 
 
-def worst_case(models: list[dict]) -> dict:
-    """The figures the model targets are checked against: the worst over ``measure_model``'s results (None for none)."""
-    at_128k = [r["loss_peak_memory_vs_ft_naive"] for r in models if r["vocab"] >= 128000]
-    worst = lambda f, xs: f(xs) if xs else None  # noqa: E731
+def headline(parts: dict) -> dict:
+    """The figures ``TARGETS`` are checked against, from the parts measured: the worst model's; None where not measured."""
+    models, loader, ev = [p for name, p in parts.items() if name.startswith("stage_two/")], parts.get("loader") or {}, parts.get("eval")
     return {
-        "offline_vs_ft_speed": worst(min, [r["offline_vs_ft_speed"] for r in models]),
-        "offline_vs_ft_peak_memory": worst(max, [r["offline_vs_ft_peak_memory"] for r in models]),
-        "loss_peak_memory_vs_ft_naive_128k": worst(max, at_128k),
-    }
+        "offline_vs_ft_speed": min((r["offline_vs_ft_speed"] for r in models), default=None),
+        "offline_vs_ft_peak_memory": max((r["offline_vs_ft_peak_memory"] for r in models), default=None),
+        "loss_peak_memory_vs_ft_naive_128k": max((r["loss_peak_memory_vs_ft_naive"] for r in models if r["vocab"] >= 128000), default=None),
+        "loader_tokens_per_s": loader.get("loader_tokens_per_s"),
+        "loader_speedup_vs_random_rows": loader.get("speedup"),
+        "loader_tokens_per_s_random_rows": loader.get("loader_tokens_per_s_random_rows"),
+        "eval_peak_memory_vs_naive_128k": ev["ratio"] if ev and ev["chunked"]["vocab"] >= 128000 else None,
+    }  # fmt: skip
 
 
 TARGETS = (
@@ -610,38 +591,43 @@ TARGETS = (
 )
 
 
+def render(r: dict) -> str:
+    m, a = r["machine"], r["args"]
+    lines = header(f"Stage two benchmark ({m['device']})", r) + [
+        f"Parts run: {', '.join(a['only'])}. Sizes: {a['batches']} batches of {a['batch_size']} × {a['seq_len']} random tokens per timed pass, "
+        f"top-k {a['top_k']}, τ = {TAU}, seed {a['seed']}, {a['repeats']} paired repeats; "
+        + ("bf16 autocast, float32 weights." if m["device"].startswith("cuda") else "float32."), "",
+        "## Targets", "", *render_targets(r["ratios"], TARGETS),
+    ]  # fmt: skip
+    lines += [line for name, p in r["parts"].items() for line in render_part(name, p, m["device"])]
+    return "\n".join(lines + failures(r["errors"])) + "\n"
+
+
+def render_targets(figures: dict, targets) -> list[str]:
+    """Each target's figure beside its goal, and by how much a missed one is off."""
+    return table(["target", "measured (worst model)", "goal", "met"],
+                 [[what, shown(figures.get(key)), f"{op} {goal:,}", met(figures.get(key), op, goal)] for key, op, goal, what in targets])  # fmt: skip
+
+
 def shown(value) -> str:
     return "not run" if value is None else f"{value:,.0f}" if value >= 1000 else f"{value:.3f}"
 
 
-def render(r: dict) -> str:
-    m, a, ratios = r["machine"], r["args"], r["ratios"]
-    lines = [
-        f"# Stage two benchmark ({m['device']})", "", f"Command: `{r['command']}`", "",
-        f"Date: {r['date']}. {machine_line(m)} Load average at start / end: {r['loadavg_start']} / {r['loadavg_end']}.", "",
-        f"Parts run: {', '.join(a['only'])}. Sizes: {a['batches']} batches of {a['batch_size']} × {a['seq_len']} random tokens per timed pass, "
-        f"top-k {a['top_k']}, τ = {TAU}, seed {a['seed']}, {a['repeats']} paired repeats; "
-        + ("bf16 autocast, float32 weights." if m["device"].startswith("cuda") else "float32."), "",
-        "## Targets", "",
-        *table(["target", "measured (worst model)", "goal", "met"],
-               [[what, shown(ratios[key]), f"{op} {goal:,}", "-" if ratios[key] is None else "yes" if met(ratios[key], op, goal) else "NO"]
-                for key, op, goal, what in TARGETS]),
-    ]  # fmt: skip
-    for spec, p in (ratios.get("per_model") or {}).items():
-        lines += render_model(spec, p, a["top_k"])
-    if ratios.get("loader"):
-        lines += render_loader(ratios["loader"], m["device"])
-    if ratios.get("eval"):
-        lines += render_eval(ratios["eval"])
-    return "\n".join(lines) + "\n"
+def met(value, op: str, goal: float) -> str:
+    if value is None:
+        return "-"
+    return "yes" if (value >= goal if op == ">=" else value <= goal) else f"NO (off by {abs(value - goal):,.3g})"
 
 
-def met(value, op: str, goal: float) -> bool:
-    return value >= goal if op == ">=" else value <= goal
+def render_part(name: str, p: dict, device: str) -> list[str]:
+    """A part's section: a model's ("stage_two/SPEC"), the reader's, evaluation's, or the loss by chunk size ("chunks")."""
+    if name.startswith("stage_two/"):
+        return render_model(name.split("/", 1)[1], p)
+    return {"loader": lambda: render_loader(p, device), "eval": lambda: render_eval(p), "chunks": lambda: render_loss(p)}[name]()
 
 
-def render_model(spec: str, p: dict, top_k: int) -> list[str]:
-    s, peak, loss = p["speed"], p["peak"], p["loss"]
+def render_model(spec: str, p: dict) -> list[str]:
+    s, peak = p["speed"], p["peak"]
     return [
         "", f"## {spec} (V = {p['vocab']:,}, H = {p['hidden_size']})", "",
         f"Offline path: {'fused hidden-state loss' if s['fused'] else 'logits path: ' + str(s['fallback_reason'])}. "
@@ -650,11 +636,21 @@ def render_model(spec: str, p: dict, top_k: int) -> list[str]:
                [[meth, f"{s['tokens_per_s'][meth]:,.3g}", ", ".join(f"{x:.2f}" for x in s["seconds"][meth]),
                  f"{1.0 if meth == 'ft' else s['paired_ratio_vs_ft'][meth]:.3f}", fmt_mib(peak[meth]["peak"]),
                  f"{peak[meth]['peak'] / peak['ft']['peak']:.3f}"] for meth in METHODS]),
-        "", f"Loss + backward alone, {p['loss_positions']:,} positions, top-k {top_k}: peak growth over its inputs "
-        "(hidden states, head weight, targets), the (V, H) weight gradient included:", "",
-        *table(["loss", "peak growth", "vs FT-naive"],
-               [[name, fmt_mib(lp["growth"]), f"{lp['growth'] / loss['ft-naive']['growth']:.3f}"] for name, lp in loss.items()]),
+        *render_loss(p["loss"]),
     ]  # fmt: skip
+
+
+def render_loss(c: dict) -> list[str]:
+    """``measure_loss``'s table, a row per chunk size."""
+    s, naive = c["shape"], c["ft_naive"]
+    timed = f"the median of {c['repeats']} calls after the measured one" if c["repeats"] else "the measured call's, first touch of its memory included"
+    rows = [[f"{row['chunk']} (default)" if row["default"] else row["chunk"], fmt_mib(row["growth"]), fmt_mib(row["predicted"]),
+             f"{row['vs_ft_naive']:.3f}", f"{row['seconds']:.3f}", f"{row['seconds'] / naive['seconds']:.2f}"]
+            for row in sorted(c["fused"], key=lambda row: row["chunk"])]  # fmt: skip
+    return ["", f"Fused loss + backward alone by chunk size, {s['B']} × {s['T']} positions, V = {s['V']:,}, H = {s['H']}, top-k {c['top_k']}: "
+            "peak growth over its inputs (hidden states, head weight, targets), the (V, H) weight gradient included; "
+            f"`fused_loss_bytes`'s prediction; seconds ({timed}). FT-naive's float32 cross-entropy: {fmt_mib(naive['growth'])}, "
+            f"{naive['seconds']:.3f} s.", "", *table(["chunk", "peak growth", "predicted", "vs FT-naive", "seconds", "vs FT-naive's time"], rows)]  # fmt: skip
 
 
 def render_loader(ld: dict, device: str) -> list[str]:
@@ -683,29 +679,25 @@ def render_eval(ev: dict) -> list[str]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    loadavg_start = loadavg()
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    ratios = run(args)
-    result = {
-        "command": command_line("python -m benchmarks.stage_two", argv),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine_info(args.device),
-        "args": {k: v for k, v in vars(args).items() if k not in ("json", "out")},
-        "loadavg_start": loadavg_start,
-        "loadavg_end": loadavg(),
-        "wall_seconds": time.perf_counter() - t0,
-        "ratios": ratios,
-    }
+    result = {**started(command_line("python -m benchmarks.stage_two", argv), args.device),
+              "args": {k: v for k, v in vars(args).items() if k not in ("json", "out")}, "parts": {}, "errors": {}}  # fmt: skip
+    run_parts(parts(args), result)
+    result.update(ratios=headline(result["parts"]), loadavg_end=loadavg(), wall_seconds=time.perf_counter() - t0)
     text = render(result)
     print(text)
     if args.json:
         path = Path(args.json)
-        headline = {k: ratios.get(k) for k in (*(k for k, *_ in TARGETS), "loader_tokens_per_s_random_rows")}
-        out = {**headline, "run": result}
+        figures = result["ratios"]
+        out = {**figures, "run": result}
         if set(args.only) != set(PARTS) and path.exists():
             # A run of some parts keeps an earlier file's figures of the others, and that run under earlier_runs.
             old = json.loads(path.read_text())
-            out = {**{k: v for k, v in old.items() if k in headline and v is not None}, **{k: v for k, v in headline.items() if v is not None}}
+            out = {**{k: v for k, v in old.items() if k in figures and v is not None}, **{k: v for k, v in figures.items() if v is not None}}
             out.update(run=result, earlier_runs=[old["run"], *old.get("earlier_runs", [])])
         path.write_text(json.dumps(out, indent=2) + "\n")
     if args.out:
