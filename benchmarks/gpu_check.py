@@ -115,7 +115,7 @@ def run(plan: Plan, path: Path, command: str, only: tuple[str, ...] = ()) -> dic
 def render(r: dict) -> str:
     """The targets, then each part's section as its own benchmark lays it out, then the failures."""
     p, sweep_only = r["plan"], r["only"] == ["chunks"]
-    lines = header(f"{'Fused loss by chunk size' if sweep_only else 'GPU check'}, {r['date'][:10]}", r) + [f"Wall time {r['wall_seconds']:.0f} s.", ""]
+    lines = header(f"{'Fused loss by chunk size' if sweep_only else 'GPU check'}, {r['date'][:10]}", r)[:-1] + [f"Wall time {r['wall_seconds']:.0f} s.", ""]
     if not sweep_only:
         lines += [f"Random tokens and random-weight models; {p['seq_len']}-token sequences, top-k {p['top_k']}, {p['repeats']} paired "
                   f"repeats, medians; {'bf16' if p['device'].startswith('cuda') else 'float32 (no GPU)'}. Targets: "

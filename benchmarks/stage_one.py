@@ -343,7 +343,7 @@ def forward_vs_score(model, batches: list, top_k: int, *, repeats: int = 5) -> d
 
 def render_forward_vs_score(name: str, r: dict) -> list[str]:
     """``forward_vs_score`` on a model of ``r["params"]`` parameters and batches of ``r["batch"]`` (rows, tokens)."""
-    return ["", f"## Stage one: {name} ({r['params'] / 1e6:,.0f}M parameters, {r['batch'][0]} × {r['batch'][1]} random tokens per batch; "
+    return ["", f"## Stage one: {name} ({r['params'] / 1e6:,.1f}M parameters, {r['batch'][0]} × {r['batch'][1]} random tokens per batch; "
             "peak memory: one batch's growth)", "",
             *timing_rows(r["timings"], [("plain forward, `model(input_ids).logits`", "forward", ""),
                                         (f"`TransformersTeacher.score` k={r['top_k']}, brought to the host", "score", ">= 0.9x")])]  # fmt: skip

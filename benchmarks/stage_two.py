@@ -616,7 +616,7 @@ def shown(value) -> str:
 def met(value, op: str, goal: float) -> str:
     if value is None:
         return "-"
-    return "yes" if (value >= goal if op == ">=" else value <= goal) else f"NO (off by {abs(value - goal):,.3g})"
+    return "yes" if (value >= goal if op == ">=" else value <= goal) else f"NO (off by {shown(abs(value - goal))})"
 
 
 def render_part(name: str, p: dict, device: str) -> list[str]:
@@ -629,7 +629,7 @@ def render_part(name: str, p: dict, device: str) -> list[str]:
 def render_model(spec: str, p: dict) -> list[str]:
     s, peak = p["speed"], p["peak"]
     return [
-        "", f"## {spec} (V = {p['vocab']:,}, H = {p['hidden_size']})", "",
+        "", f"## Stage two: {spec} (V = {p['vocab']:,}, H = {p['hidden_size']})", "",
         f"Offline path: {'fused hidden-state loss' if s['fused'] else 'logits path: ' + str(s['fallback_reason'])}. "
         f"Measured in {p['seconds']:.0f} s.", "",
         *table(["method", "tokens/s (median)", "per-repeat seconds", "paired ratio vs FT", "peak memory of a step", "vs FT"],

@@ -36,10 +36,10 @@ def test_rehearsal_measures_every_part(tmp_path):
     assert rows[32]["vs_ft_naive"] == rows[32]["growth"] / naive
 
     md = (tmp_path / "gpu-rehearsal.md").read_text()
-    assert "| stage one (score) tokens/s vs the plain forward |" in md and "| 32 (default) |" in md
+    assert "| stage one (score) tokens/s vs the plain forward |" in md and "| 32 (default) |" in md and "NO (off by" in md
     # Each part in its own benchmark's section: stage one's timing rows, stage two's per model, reader, evaluation.
     assert "| `TransformersTeacher.score` k=20, brought to the host |" in md
-    assert "## llama-tiny (V = 640, H = 32)" in md and "| offline |" in md and "| online |" in md
+    assert "## Stage two: llama-tiny (V = 640, H = 32)" in md and "| offline |" in md and "| online |" in md
     assert "## Reader alone" in md and "## Evaluation (llama-tiny" in md
 
 
