@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -155,6 +156,25 @@ def stage_two(tmp_path_factory, tiny_tokenizer):
     build_cache(CacheConfig(corpus=str(corpus), out=str(d / "cache"), model=str(d / "teacher"), seq_len=32, top_k=6, val_fraction=0.2))
     build_cache(CacheConfig(corpus=str(replay), out=str(d / "general-cache"), model=str(d / "teacher"), seq_len=32, top_k=4, val_fraction=0.0))
     return d
+
+
+def label_only_reference(logp: list, rows: list[int], variant: str):
+    """The summed DFT or TALR loss from each counted position's label log-prob (a float64 0-dim tensor) and its row.
+
+    DFT weighs a token by p(y); TALR by n times the softmax of log p(y) / T over the batch, T the
+    lower median over rows of each row's mean loss, each weight floored at 0.01 (of uniform).
+    The weights are constants: the loss is differentiable through ``logp`` only as ``-w * logp``.
+    """
+    values = [float(x.detach()) for x in logp]
+    n = len(values)
+    if variant == "dft":
+        weights = [math.exp(v) for v in values]
+    else:
+        means = sorted(-sum(v for v, r in zip(values, rows) if r == i) / rows.count(i) for i in sorted(set(rows)))
+        temperature = means[(len(means) - 1) // 2]
+        e = [math.exp(v / temperature) for v in values]
+        weights = [max(n * x / sum(e), 0.01) for x in e]
+    return -sum(wt * x for wt, x in zip(weights, logp))
 
 
 def train_config(d, out, **kw):

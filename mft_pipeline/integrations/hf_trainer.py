@@ -23,8 +23,9 @@ from torch.utils.data import Dataset, Sampler
 from transformers import Trainer, TrainingArguments, default_data_collator
 
 from mft_pipeline.cache.reader import Cache
-from mft_pipeline.config import TRAIN_DEFAULTS
-from mft_pipeline.distill.correction import check_tau, check_variant
+from mft_pipeline.config import TRAIN_DEFAULTS, check_objective
+from mft_pipeline.distill.correction import check_tau
+from mft_pipeline.distill.label_loss import LABEL_VARIANTS, label_only_loss, logits_label_logprobs
 from mft_pipeline.distill.sparse_loss import TAILS, sparse_mft_loss
 from mft_pipeline.labels import IGNORE_INDEX
 from mft_pipeline.errors import ConfigError
@@ -106,7 +107,9 @@ class MFTTrainer(Trainer):
 
     Args:
         tau: MFT margin in [0, 1].
-        variant: one of ``mft_pipeline.VARIANTS``.
+        variant: one of ``mft_pipeline.VARIANTS``, or a label-only objective (``dft``, ``talr``:
+            see ``label_only_loss``; they read only the labels and ignore ``tau``; TALR's batch
+            is one micro-batch, as in ``mft train``).
         tail: "bucket" or "renormalize" (see ``sparse_mft_loss``).
         shuffle_groups: row groups whose rows are shuffled together, as ``mft train
             --shuffle-groups`` (used when ``train_dataset`` is a ``CacheDataset`` and the
@@ -125,7 +128,7 @@ class MFTTrainer(Trainer):
         shuffle_groups: int = TRAIN_DEFAULTS["shuffle_groups"], **kwargs,
     ):  # fmt: skip
         self.tau = check_tau(tau)
-        self.variant = check_variant(variant)
+        self.variant = check_objective(variant)
         if tail not in TAILS:
             raise ConfigError(f"tail must be one of {', '.join(TAILS)}; got {tail!r}")
         self.tail = tail
@@ -168,7 +171,7 @@ class MFTTrainer(Trainer):
         return batch_samples, count
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """``sparse_mft_loss`` of one micro-batch over the labelled tokens of its optimizer step.
+        """``sparse_mft_loss`` (or ``label_only_loss``) of one micro-batch over the labelled tokens of its optimizer step.
 
         In training, ``num_items_in_batch`` is the count from ``get_batch_samples``; in
         evaluation, or when it is missing, the batch's own count is used (a per-batch mean).
@@ -176,7 +179,11 @@ class MFTTrainer(Trainer):
         targets = {k: inputs[k] for k in TARGET_COLUMNS if k in inputs}
         model_inputs = {k: v for k, v in inputs.items() if k not in TARGET_COLUMNS}
         outputs = model(**model_inputs)
-        loss_sum, n_tokens = sparse_mft_loss(outputs.logits, tau=self.tau, variant=self.variant, tail=self.tail, **targets)
+        if self.variant in LABEL_VARIANTS:
+            labels = targets["labels"]
+            loss_sum, n_tokens = label_only_loss(logits_label_logprobs(outputs.logits, labels), labels, self.variant)
+        else:
+            loss_sum, n_tokens = sparse_mft_loss(outputs.logits, tau=self.tau, variant=self.variant, tail=self.tail, **targets)
         if model.training and num_items_in_batch is not None:
             loss = loss_sum / torch.as_tensor(num_items_in_batch, device=loss_sum.device).clamp_min(1)
             if self.args.average_tokens_across_devices and self.args.world_size > 1:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
+from conftest import label_only_reference
 from mft_pipeline.distill import IGNORE_INDEX
 from mft_pipeline.distill.fused_loss import fused_label_logprobs
 from mft_pipeline.distill.label_loss import label_only_loss, logits_label_logprobs
@@ -27,8 +26,7 @@ def make_case(seed, dtype=torch.float32):
 
 
 def reference(hidden, weight, bias, labels, variant, logit_scale=None, softcap=None):
-    """Float64, position by position: DFT weight p(y); TALR's softmax of log p(y) / T over the batch,
-    T the lower median of each sequence's mean loss, floored at 0.01 of uniform and scaled by n."""
+    """Float64, position by position, through ``label_only_reference``."""
     h, w, b = (x.detach().double().requires_grad_(True) for x in (hidden, weight, bias))
     logp, where = [], []
     for i in range(B):
@@ -42,16 +40,7 @@ def reference(hidden, weight, bias, labels, variant, logit_scale=None, softcap=N
                 z = softcap * torch.tanh(z / softcap)
             logp.append(z[int(labels[i, t])] - torch.logsumexp(z, 0))
             where.append(i)
-    values = [float(x.detach()) for x in logp]
-    n = len(values)
-    if variant == "dft":
-        weights = [math.exp(v) for v in values]
-    else:
-        means = sorted(-sum(v for v, r in zip(values, where) if r == i) / where.count(i) for i in sorted(set(where)))
-        temperature = means[(len(means) - 1) // 2]
-        e = [math.exp(v / temperature) for v in values]
-        weights = [max(n * x / sum(e), 0.01) for x in e]
-    loss = -sum(wt * x for wt, x in zip(weights, logp))
+    loss = label_only_reference(logp, where, variant)
     return loss, torch.autograd.grad(loss, (h, w, b))
 
 

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-from conftest import make_documents, write_jsonl
+from conftest import label_only_reference, make_documents, write_jsonl
 from mft_pipeline import IGNORE_INDEX, sparse_mft_loss
 from mft_pipeline.stage_one import build_cache
 from mft_pipeline.cache.reader import Cache
@@ -142,6 +142,28 @@ def test_eval_loss_is_per_token_mean(cache_dir, tiny_model_dir, tmp_path):
     assert got == pytest.approx((s / c).item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("variant", ("dft", "talr"))
+def test_label_only_variants_match_the_float64_reference(cache_dir, tiny_model_dir, tmp_path, variant):
+    """One step over two rows (the short last one included): the logged loss is the DFT or TALR loss of those rows."""
+    ds = CacheDataset(cache_dir)
+    rows = [len(ds) - 2, len(ds) - 1]
+    b = Cache(cache_dir).split("train").batch(rows)
+    dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
+    with torch.no_grad():
+        logits = dense(input_ids=b["input_ids"]).logits
+    logp, where = [], []
+    for i, t in (b["labels"] != IGNORE_INDEX).nonzero().tolist():
+        logp.append(torch.log_softmax(logits[i, t], 0)[int(b["labels"][i, t])])
+        where.append(i)
+    expected = float(label_only_reference(logp, where, variant)) / len(logp)
+    ce = -sum(float(x) for x in logp) / len(logp)
+    assert abs(expected - ce) > 1e-3 * ce, "the reweighting must change the loss for this test to see it"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    trainer = MFTTrainer(model=model, args=args(tmp_path, max_steps=1, gradient_accumulation_steps=1), train_dataset=torch.utils.data.Subset(ds, rows), variant=variant)
+    trainer.train()
+    assert [r["loss"] for r in trainer.state.log_history if "loss" in r] == [pytest.approx(expected, rel=1e-5)]
+
+
 def test_bad_settings_raise_config_error(tmp_path):
     from mft_pipeline.errors import ConfigError
 
@@ -149,6 +171,8 @@ def test_bad_settings_raise_config_error(tmp_path):
         MFTTrainer(model=None, args=args(tmp_path), tau=1.5)
     with pytest.raises(ConfigError):
         MFTTrainer(model=None, args=args(tmp_path), tail="drop")
+    with pytest.raises(ConfigError):
+        MFTTrainer(model=None, args=args(tmp_path), variant="sft")
 
 
 def test_docs_example_runs(cache_dir, tmp_path, monkeypatch):
