@@ -195,22 +195,28 @@ def average(**params):
 @options_from(EvalConfig)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def evaluate(as_json, **params):
-    """Perplexities, S, DG and DG/S of any checkpoint (full model or PEFT adapter) against its base."""
+    """Perplexities, S, DG and DG/S of any checkpoint (full model or PEFT adapter) against its base; accuracy on standard tasks."""
     from mft_pipeline.eval.score import score_checkpoint
 
     result = score_checkpoint(build(EvalConfig, params))
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    click.echo(f"{result['model']} against {result['base']}")
+    if "after" in result:
+        click.echo(f"{result['model']} against {result['base']}")
     names = {"ppl_spec": "specialized perplexity", "ppl_gen": "general perplexity    "}
     metric = {"ppl_spec": "S", "ppl_gen": "DG"}
     for key, name in names.items():
-        if key in result["after"]:
+        if key in result.get("after", {}):
             click.echo(f"{name} {result['before'][key]:.3f} -> {result['after'][key]:.3f}   "
                        f"{metric[key]:<2} = {100 * result[metric[key]]:.2f}%   ({result['tokens'][key]} tokens)")  # fmt: skip
     if "DG_over_S" in result:
         click.echo(f"DG/S = {result['DG_over_S']:.3f}")
+    if "tasks" in result:
+        click.echo(f"{result['model']}, zero-shot (± one standard error)")
+    for name, score in result.get("tasks", {}).items():
+        norm = "" if score["acc_norm"] is None else f"   acc_norm {score['acc_norm']:.3f} ± {score['acc_norm_stderr']:.3f}"
+        click.echo(f"{name:<13} acc {score['acc']:.3f} ± {score['stderr']:.3f}{norm}   ({score['n']} questions)")
 
 
 @mft.command("sweep")

@@ -386,17 +386,34 @@ class EvalConfig:
     text_field: str = doc("Text column of the corpora.", default="text")
     seq_len: int | None = doc("Tokens per packed sequence for corpora. Default: the --spec-eval cache's, else 2048.", default=None)
     max_sequences: int = doc("Packed sequences to evaluate per corpus (as `mft train --general-max-sequences`).", default=64)
+    tasks: str | None = doc(
+        "Standard tasks to score the checkpoint on, comma-separated, zero-shot with lm-evaluation-harness (the `tasks` "
+        "extra; docs/tasks.md): hellaswag, arc_easy, arc_challenge, winogrande, piqa.",
+        default=None,
+    )
+    limit: int | None = doc("Score a fixed subsample of N questions per task, drawn by --seed (default: every question).", default=None)
+    seed: int = doc("Seed of the --limit subsample; the same seed gives the same questions for every checkpoint.", default=0)
     batch_size: int = doc("Sequences per evaluation forward.", default=8)
     device: str = doc("Torch device (auto, cpu, cuda, ...).", default="auto")
 
     def __post_init__(self):
-        if self.spec_eval is None and self.general_eval is None:
-            raise ConfigError("give --spec-eval, --general-eval or both: there is nothing to evaluate on")
+        if self.spec_eval is None and self.general_eval is None and self.tasks is None:
+            raise ConfigError("give --spec-eval, --general-eval, --tasks or several: there is nothing to evaluate on")
         if self.seq_len is not None:
             _check_positive("seq_len", self.seq_len, minimum=2)
         for name in ("max_sequences", "batch_size"):
             _check_positive(name, getattr(self, name))
+        if self.limit is not None:
+            _check_positive("limit", self.limit)
+        if self.tasks is not None:
+            from mft_pipeline.eval.tasks import check_tasks
+
+            check_tasks(self.task_list)
         _check_device(self.device)
+
+    @property
+    def task_list(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in (self.tasks or "").split(",") if name.strip())
 
 
 # TrainConfig fields `mft tune` sets per candidate (or from its own config); every other one passes through.

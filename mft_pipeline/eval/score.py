@@ -71,24 +71,28 @@ def eval_sets(config: EvalConfig, tokenizer) -> dict:
 
 
 def score_checkpoint(config: EvalConfig) -> dict:
-    """Perplexities of the base model and the checkpoint on each evaluation set, and S, DG, DG/S.
+    """Perplexities of the base model and the checkpoint on each evaluation set, S, DG, DG/S, and the checkpoint's task accuracy.
 
-    Returns ``{"model", "base", "before": {ppl_...}, "after": {ppl_...}, "S"?, "DG"?, "DG_over_S"?, "tokens": {...}}``.
+    Returns ``{"model", "base", "before": {ppl_...}, "after": {ppl_...}, "S"?, "DG"?, "DG_over_S"?, "tokens": {...},
+    "tasks"?: {name: {acc, acc_norm, stderr, acc_norm_stderr, n}}}``; the perplexity keys only with
+    --spec-eval or --general-eval, ``tasks`` only with --tasks.
     """
-    base = config.base or base_of(config.model)
-    if base is None:
-        raise ConfigError(f"{config.model}: cannot tell which model it started from; pass --base")
     adapter = is_adapter(config.model)
+    perplexity = config.spec_eval is not None or config.general_eval is not None
+    base = config.base or base_of(config.model)
+    if base is None and (perplexity or adapter):
+        raise ConfigError(f"{config.model}: cannot tell which model it started from; pass --base")
     device = pick_device(config.device)
     tokenizer = load_tokenizer(base if adapter else config.model)
-    sets = eval_sets(config, tokenizer)
+    sets = eval_sets(config, tokenizer) if perplexity else {}
 
     def perplexities(model) -> dict:
         return {name: model_perplexity(model, seqs.input_ids, seqs.num_tokens, config.batch_size, seqs.target) for name, seqs in sets.items()}
 
+    result = {"model": config.model, "base": base}
     # fp32 weights, bf16 autocast on GPU: as training evaluates.
-    model = load_model(base, device, dtype=torch.float32).eval()
-    before = perplexities(model)
+    model = load_model(base, device, dtype=torch.float32).eval() if perplexity or adapter else None
+    before = perplexities(model) if perplexity else None
     if adapter:
         from peft import PeftModel
 
@@ -96,6 +100,14 @@ def score_checkpoint(config: EvalConfig) -> dict:
     else:
         del model
         model = load_model(config.model, device, dtype=torch.float32).eval()
-    after = perplexities(model)
-    tokens = {name: int((seqs.num_tokens - 1).clip(min=0).sum()) for name, seqs in sets.items()}
-    return {"model": config.model, "base": base, "before": before, "after": after, **compare(before, after), "tokens": tokens}
+    if perplexity:
+        after = perplexities(model)
+        tokens = {name: int((seqs.num_tokens - 1).clip(min=0).sum()) for name, seqs in sets.items()}
+        result.update(before=before, after=after, **compare(before, after), tokens=tokens)
+    if config.tasks is not None:
+        from mft_pipeline.eval.tasks import task_accuracy
+
+        # lm-evaluation-harness wraps a transformers model; an adapter is merged into its base for it.
+        scored = model.merge_and_unload() if adapter else model
+        result["tasks"] = task_accuracy(scored, tokenizer, config.task_list, config.limit, config.seed, config.batch_size)
+    return result
