@@ -529,6 +529,19 @@ class CompareConfig:
         "into shorter resumable invocations. Default: every point.",
         default=None,
     )
+    tasks: str | None = doc(
+        "Also score the reference checkpoint and every per-domain run's best checkpoint on these standard tasks, "
+        "comma-separated, zero-shot with lm-evaluation-harness (the `tasks` extra; docs/tasks.md): hellaswag, arc_easy, "
+        "arc_challenge, winogrande, piqa. The results add each task's change in accuracy from the reference. A run's best "
+        "checkpoint is kept until it is scored. Not with --families.",
+        default=None,
+    )
+    task_limit: int | None = doc(
+        "With --tasks: score a fixed subsample of N questions per task, drawn by --task-seed, the same for every "
+        "checkpoint (as `mft eval --limit`; 50 takes 5-10 minutes per checkpoint on 2 CPU cores). Default: every question.",
+        default=None,
+    )
+    task_seed: int = doc("With --tasks: seed of the --task-limit subsample (as `mft eval --seed`).", default=0)
 
     def __post_init__(self):
         # The profile, method, family and part names are checked by mft_pipeline.compare.protocol.make_plan, which owns them.
@@ -539,6 +552,18 @@ class CompareConfig:
             _check_positive("seeds", self.seeds)
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.task_limit is not None:
+            _check_positive("task_limit", self.task_limit)
+        if self.tasks is not None:
+            from mft_pipeline.eval.tasks import check_tasks
+
+            check_tasks(self.task_list)
+        elif self.task_limit is not None or self.task_seed != 0:
+            raise ConfigError("--task-limit and --task-seed choose the questions of --tasks; give --tasks too")
+
+    @property
+    def task_list(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in (self.tasks or "").split(",") if name.strip())
 
     @property
     def profile_name(self) -> str:

@@ -231,6 +231,7 @@ class Throughput:
     online: float  # training tokens per second with the online dense teacher beside the student
     overhead_s: float  # per run: loading the model, tokenizing the general evaluation, writing checkpoints
     measured: str  # where and how
+    tasks: float | None = None  # task continuations scored per second (--tasks), model loading included
 
 
 CPU_THROUGHPUT = Throughput(
@@ -241,6 +242,8 @@ CPU_THROUGHPUT = Throughput(
     # dense: the mean tokens_per_s of the second invocation's 12 online frontier runs (146-173).
     train=235, eval=930, online=160, overhead_s=12,
     measured="measured on the cpu profile's first two invocations: 2 threads on 2 cores, no other load",
+    # Tasks: docs/tasks.md's `mft eval --limit 50` run, 800 continuations in 585 s of CPU time, counted as one busy core.
+    tasks=1.4,
 )  # fmt: skip
 
 
@@ -418,11 +421,17 @@ def planned_runs(p: Profile, chosen: list[str], n_domains: int, skip: set[str]) 
     return counts
 
 
-def estimate_minutes(p: Profile, counts: dict[str, int], tp: Throughput) -> dict[str, float]:
+def planned_task_scores(p: Profile, chosen: list[str], n_domains: int) -> int:
+    """Checkpoints --tasks scores: the reference and the best checkpoint of every run of the per-domain tables."""
+    return 1 + sum(len(seeds_for(p, m)) * (1 if m.frontier_domain_only else n_domains) for m in (METHODS[name] for name in chosen))
+
+
+def estimate_minutes(p: Profile, counts: dict[str, int], tp: Throughput, task_continuations: int = 0) -> dict[str, float]:
     """Minutes per kind of work: training tokens over training throughput, evaluated tokens over evaluation throughput.
 
     Every run evaluates before training and every ``eval_every`` steps; each evaluation scores
-    general_sequences + val_sequences sequences.
+    general_sequences + val_sequences sequences. Each checkpoint counts["tasks"] scores ``task_continuations``
+    continuations at ``tp.tasks`` per second.
     """
     eval_tokens = (p.general_sequences + p.val_sequences) * p.seq_len
     evals = 1 + math.ceil(p.steps / p.eval_every)
@@ -438,5 +447,6 @@ def estimate_minutes(p: Profile, counts: dict[str, int], tp: Throughput) -> dict
         "frontier": p.train_tokens / tp.train + (1 + math.ceil(p.steps / frontier_eval_every(p))) * eval_tokens / tp.eval + tp.overhead_s,
         "wise": eval_tokens / tp.eval + tp.overhead_s,
         "fisher": p.train_tokens / tp.train,
+        "tasks": task_continuations / tp.tasks if tp.tasks else 0.0,
     }
     return {kind: counts[kind] * per_run[kind] / 60 for kind in counts}

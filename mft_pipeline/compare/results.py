@@ -196,6 +196,10 @@ class Report:
     low: dict[str, list[dict]] = field(default_factory=dict)  # method -> evaluation rows
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    task_reference: dict[str, dict] = field(default_factory=dict)  # --tasks: the reference's scores, task -> {acc, stderr, n, ...}
+    task_limit: int | None = None
+    task_seed: int = 0
+    task_continuations: int = 0  # scored per checkpoint
 
 
 def fmt(iv: Interval | None, digits: int = 2) -> str:
@@ -214,7 +218,7 @@ def method_cells(runs: dict[int, Row]) -> str:
 
 def write_results(path: Path, r: Report) -> None:
     """NAME.md; its links point into NAME/, the figures folder beside it."""
-    sections = (header_lines, sizing_lines, table_lines, paired_lines, limits_lines, frontier_lines, fidelity_lines, low_data_lines)
+    sections = (header_lines, sizing_lines, table_lines, paired_lines, task_lines, limits_lines, frontier_lines, fidelity_lines, low_data_lines)
     lines = [line for section in sections for line in section(r, path)]
     path.write_text("\n".join(lines) + "\n")
 
@@ -292,7 +296,13 @@ def sizing_lines(r: Report, path: Path | None = None) -> list[str]:
         return lines + [f"Planned work: {work}. This profile has no measured throughput to size it by.", ""]
     eval_tokens = (p.general_sequences + p.val_sequences) * p.seq_len
     evals = 1 + math.ceil(p.steps / p.eval_every)
-    minutes = estimate_minutes(p, counts, tp)
+    minutes = estimate_minutes(p, counts, tp, r.task_continuations)
+    if "tasks" in counts:
+        lines += [
+            f"Tasks: {r.task_continuations:,} scored continuations per checkpoint (one per answer choice) at {tp.tasks:g} per "
+            f"second = {r.task_continuations / tp.tasks / 60:.1f} min, for the reference and each run's best checkpoint.",
+            "",
+        ]
     return lines + [
         f"Throughput ({tp.measured}): training {tp.train:.0f} tokens/s (forward, backward and AdamW step from the cache), "
         f"{tp.online:.0f} tokens/s with the online dense teacher, evaluation {tp.eval:.0f} tokens/s (forward only; stage one "
@@ -341,6 +351,49 @@ def paired_lines(r: Report, path: Path) -> list[str]:
         else:
             lines.append(f"| {domain} | {diff.n} | {fmt(diff, 3)} | {paired_verdict(diff, 'MFT', 'FT')} |")
     return lines + ["", f"Every run, one row each: [runs.csv]({r.name}/runs.csv).", ""]
+
+
+def task_lines(r: Report, path: Path) -> list[str]:
+    """--tasks: the reference's accuracy and, per domain and method, each task's change from it over seeds."""
+    if not r.task_reference:
+        return []
+    names = list(r.task_reference)
+    questions = f"a fixed subsample of {r.task_limit} questions per task (seed {r.task_seed})" if r.task_limit else "every question"
+    lines = [
+        "## Forgetting on standard tasks",
+        "",
+        f"Zero-shot accuracy (`acc`, lm-evaluation-harness; docs/tasks.md) of the reference checkpoint and of each run's best "
+        f"checkpoint, all on {questions}. Change: a run's accuracy minus the reference's, in points of %; mean over seeds "
+        "and its 95% t interval (one seed: the value alone, no interval). The interval is over seeds only: every checkpoint "
+        "answers the same questions, so the questions' own sampling error is not in it; the reference's standard error "
+        "below gives its size.",
+        "",
+        "| task | reference acc % | standard error (points) | questions |",
+        "|---|---|---|---|",
+        *(f"| {n} | {100 * s['acc']:.1f} | {100 * s['stderr']:.1f} | {s['n']} |" for n, s in r.task_reference.items()),
+        "",
+    ]
+    seeds = 0
+    for domain in r.domains:
+        methods = {m: runs for m, runs in by_method(r.rows, domain).items() if any(row.tasks for row in runs.values())}
+        if not methods:
+            continue
+        lines += [f"### {domain}", "", "| method | seeds | " + " | ".join(f"{n} change" for n in names) + " |", "|---|---|" + "---|" * len(names)]
+        for method, runs in methods.items():
+            deltas = [task_change(runs, n, r.task_reference[n]["acc"]) for n in names]
+            n = max((iv.n for iv in deltas if iv), default=0)
+            seeds = max(seeds, n)
+            lines.append(f"| {method} | {n} | " + " | ".join(fmt(iv, 1) for iv in deltas) + " |")
+        lines.append("")
+    if seeds < 2:
+        lines += ["One seed per method: no intervals. Run with --seeds 3 or more.", ""]
+    return lines
+
+
+def task_change(runs: dict[int, Row], task: str, reference: float) -> Interval | None:
+    """Mean and t interval over seeds of the run's accuracy on ``task`` minus the reference's, in points of %."""
+    values = [100 * (row.tasks[task] - reference) for row in runs.values() if row.tasks.get(task) is not None]
+    return mean_interval(values) if values else None
 
 
 def limits_lines(r: Report, path: Path) -> list[str]:

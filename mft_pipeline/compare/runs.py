@@ -4,7 +4,8 @@
 
 - ``open_corpus`` / ``size_warnings``: every user corpus is read and split before a model is loaded;
 - ``Comparison.prepare``: the model, the corpora, the general evaluation set and the reference checkpoint;
-- ``Comparison.tables``: every chosen method, domain and seed (the per-domain tables and the paired verdict);
+- ``Comparison.tables``: every chosen method, domain and seed (the per-domain tables and the paired verdict), and
+  with --tasks each run's best checkpoint and the reference scored on standard tasks (``TaskScoring``);
 - ``Comparison.frontier``, ``.fidelity``, ``.low_data``: the optional parts (PARTS);
 - ``Comparison.fair_frontier``: with --families, instead of the tables and parts, every family's grid
   (each evaluation along each run a row), WiSE-FT's averages of the FT runs and one plot per domain;
@@ -24,6 +25,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -33,7 +35,7 @@ from mft_pipeline.cache.reader import Cache
 from mft_pipeline.compare.protocol import (
     FRONTIER_TAUS, GENERAL, GENERAL_LABEL, LINES, METHODS, SAMPLED_K, SAMPLED_N, TOP_K, Method, Plan, Point, Profile,
     estimate_minutes, fidelity_method, frontier_eval_every, frontier_method, frontier_points, frontier_trained, make_plan,
-    planned_frontier, planned_runs, seeds_for,
+    planned_frontier, planned_runs, planned_task_scores, seeds_for,
 )  # fmt: skip
 from mft_pipeline.compare.results import (
     Report, Row, plot_fair_frontier, plot_frontier, plot_low_data, write_csv, write_frontier_results, write_results,
@@ -45,7 +47,8 @@ from mft_pipeline.demo.corpora import prepare_corpus
 from mft_pipeline.demo.local_model import local_model
 from mft_pipeline.errors import ConfigError
 from mft_pipeline.eval.metrics import compare, model_perplexity
-from mft_pipeline.eval.score import eval_sets
+from mft_pipeline.eval.score import eval_sets, score_checkpoint
+from mft_pipeline.eval.tasks import INSTALL_HINT, continuations, data_root
 from mft_pipeline.files import atomic_write_text
 from mft_pipeline.models import load_tokenizer
 from mft_pipeline.run_folder import RunFolder
@@ -59,12 +62,26 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr)
 
 
-def run_compare(config: CompareConfig, log: Callable[[str], None] = _stderr) -> Path:
-    """Run the comparison ``config`` describes and return the results file's path (OUT/NAME.md)."""
+def run_compare(config: CompareConfig, log: Callable[[str], None] = _stderr, score_tasks: TaskScorer | None = None) -> Path:
+    """Run the comparison ``config`` describes and return the results file's path (OUT/NAME.md).
+
+    ``score_tasks`` scores a checkpoint on --tasks; the default is `mft eval --tasks`'s (lm-evaluation-harness on the
+    installed task data).
+    """
     import torch
 
     plan = make_plan(config)
     p = plan.profile
+    tasks = None
+    if config.tasks:
+        if plan.families:
+            raise ConfigError("--tasks scores the per-domain protocol's runs; the fair frontier's points are not scored (docs/frontier.md)")
+        if score_tasks is None:
+            if importlib.util.find_spec("lm_eval") is None:
+                raise ConfigError(f"--tasks needs lm-evaluation-harness: {INSTALL_HINT}")
+            data_root()  # the task data's package, checked before anything is trained
+            score_tasks = partial(checkpoint_tasks, device=p.device)
+        tasks = TaskScoring(config.task_list, config.task_limit, config.task_seed, score_tasks)
     if p.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"the {plan.profile_name} profile needs a CUDA GPU")
     if ({"frontier", "low-data"} - plan.skip or plan.families) and importlib.util.find_spec("matplotlib") is None:
@@ -76,14 +93,19 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] = _stderr) -> 
         corpora["--general"] = open_corpus("--general", Path(config.general), p.val_fraction)
 
     counts = planned_frontier(plan) if plan.families else planned_runs(p, plan.methods, len(plan.domains), plan.skip)
-    log(plan_line(plan.profile_name, p, counts))
+    task_continuations = 0
+    if tasks:
+        counts["tasks"] = planned_task_scores(p, plan.methods, len(plan.domains))
+        task_continuations = continuations(tasks.names, tasks.limit)
+    log(plan_line(plan.profile_name, p, counts, task_continuations))
     started = time.time()
     name = result_name(config, plan)
-    c = Comparison(config, plan, name)
+    c = Comparison(config, plan, name, tasks)
     report = Report(
         name=name, command=command_line(config), model=config.model, model_folder="", profile=p, domains=plan.domains,
         general="the --general corpus" if config.general else GENERAL_LABEL, skip=plan.skip, counts=counts,
-        frontier_domain=plan.frontier_domain,
+        frontier_domain=plan.frontier_domain, task_limit=config.task_limit, task_seed=config.task_seed,
+        task_continuations=task_continuations,
     )  # fmt: skip
     c.prepare(corpora, report, log)
     if plan.families:
@@ -106,13 +128,15 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] = _stderr) -> 
     return path
 
 
-def plan_line(profile: str, p: Profile, counts: dict[str, int]) -> str:
+def plan_line(profile: str, p: Profile, counts: dict[str, int], task_continuations: int = 0) -> str:
     if "frontier" in counts:
         plan = f"plan ({profile} profile, fair frontier): {counts['frontier']} runs, {counts['wise']} WiSE-FT evaluations and {counts['caches']} caches"
     else:
         plan = f"plan ({profile} profile): {counts['cached'] + counts['online']} runs ({counts['online']} of them online dense) and {counts['caches']} caches"
+    if "tasks" in counts:
+        plan += f", {counts['tasks']} checkpoints scored on tasks ({task_continuations:,} continuations each)"
     if p.throughput:
-        minutes = sum(estimate_minutes(p, counts, p.throughput).values())
+        minutes = sum(estimate_minutes(p, counts, p.throughput, task_continuations).values())
         plan += (
             f", about {minutes:.0f} minutes at the throughput the profile was sized from ({p.throughput.measured}), plus "
             "preparing the model and corpora"
@@ -210,18 +234,67 @@ def size_warnings(role: str, corpus: Corpus, tokenizer, need_val_tokens: int, ne
 # ----------------------------------------------------------------------------- runs
 
 
-def train_once(out: Path, settings: dict, keep_best: bool) -> dict:
+TaskScorer = Callable[[str, list[str], "int | None", int], dict]  # (checkpoint folder, tasks, limit, seed) -> {task: scores}
+TASKS_FILE = "tasks.json"
+
+
+def checkpoint_tasks(checkpoint: str, tasks: list[str], limit: int | None, seed: int, device: str) -> dict:
+    """`mft eval --tasks` on one checkpoint: ``{task: {acc, acc_norm, stderr, acc_norm_stderr, n}}``."""
+    return score_checkpoint(EvalConfig(model=checkpoint, tasks=",".join(tasks), limit=limit, seed=seed, device=device))["tasks"]
+
+
+@dataclass(frozen=True)
+class TaskScoring:
+    """--tasks: the tasks, the questions (limit and seed) and the scorer; each checkpoint's scores in its folder's tasks.json."""
+
+    names: tuple[str, ...]
+    limit: int | None
+    seed: int
+    score: TaskScorer
+
+    def stored(self, folder: Path) -> dict:
+        """Every score in ``folder``'s tasks.json on these questions; none when it was scored on others (another limit or seed)."""
+        path = folder / TASKS_FILE
+        record = json.loads(path.read_text()) if path.exists() else None
+        return record["tasks"] if record and (record["limit"], record["seed"]) == (self.limit, self.seed) else {}
+
+    def missing(self, folder: Path) -> list[str]:
+        return [n for n in self.names if n not in self.stored(folder)]
+
+    def score_into(self, folder: Path, checkpoint: str | Path) -> dict:
+        """Score ``checkpoint`` on the tasks ``folder`` lacks, write them beside the others there, return this scoring's."""
+        scores, missing = self.stored(folder), self.missing(folder)
+        if missing:
+            scores.update(self.score(str(checkpoint), missing, self.limit, self.seed))
+            folder.mkdir(parents=True, exist_ok=True)
+            record = {"checkpoint": Path(checkpoint).name, "limit": self.limit, "seed": self.seed, "tasks": scores}
+            atomic_write_text(folder / TASKS_FILE, json.dumps(record, indent=2) + "\n")
+        return {n: scores[n] for n in self.names}
+
+
+def train_once(out: Path, settings: dict, keep_best: bool, tasks: TaskScoring | None = None) -> dict:
     """Train once; a finished run is read back instead of retrained, a killed one resumed (``RunFolder.prepare``).
 
     Only the metrics are needed afterwards, and a run's checkpoints take gigabytes (the last
-    one holds the optimizer state), so they are deleted unless ``keep_best``.
+    one holds the optimizer state), so they are deleted unless ``keep_best``. With ``tasks`` the best
+    checkpoint is scored first (into OUT/tasks.json, read back on the next invocation); a finished run
+    without those scores whose checkpoint is gone (it ran before --tasks was given) is trained again
+    with the same settings and seed.
     """
     folder, config = RunFolder(out), TrainConfig(out=str(out), **settings)
     status = folder.prepare(run_settings(config), TRAIN_DEFAULTS)
     if status == "finished, skipped":
-        return folder.summary()
-    summary = train(replace(config, resume=status == "resumed"))
-    shutil.rmtree(folder.last, ignore_errors=True)
+        summary = folder.summary()
+        if tasks is None or summary["best"] is None or not tasks.missing(out):
+            return summary
+        if not folder.best.exists():
+            shutil.rmtree(out)
+            status = folder.prepare(run_settings(config), TRAIN_DEFAULTS)
+    if status != "finished, skipped":
+        summary = train(replace(config, resume=status == "resumed"))
+        shutil.rmtree(folder.last, ignore_errors=True)
+    if tasks and summary["best"] is not None:
+        tasks.score_into(out, folder.best)
     if not keep_best:
         shutil.rmtree(folder.best, ignore_errors=True)
     return summary
@@ -275,16 +348,19 @@ class Runner:
     keep_checkpoints: bool
     tokens: dict[str, tuple[int, int]] = field(default_factory=dict)  # domain -> (general, specialized) evaluated tokens
     rows: dict[tuple[str, str, int], Row] = field(default_factory=dict)
+    tasks: TaskScoring | None = None  # scores the best checkpoints of the runs recorded with ``scored``
 
-    def record(self, domain: str, key: str, method: Method, seed: int, cache: str, k=TOP_K, tail_samples: int = 0, **extra) -> Row:
+    def record(self, domain: str, key: str, method: Method, seed: int, cache: str, k=TOP_K, tail_samples: int = 0, scored: bool = False, **extra) -> Row:
         """``key`` names the domain's folder; ``extra`` adds TrainConfig settings (the replay cache)."""
         if (domain, method.name, seed) not in self.rows:
             settings = {**self.common, **method.train_settings(), **extra, "cache": cache, "seed": seed}
-            summary = train_once(self.runs / key / method.folder / f"seed{seed}", settings, self.keep_checkpoints)
+            folder, tasks = self.runs / key / method.folder / f"seed{seed}", self.tasks if scored else None
+            summary = train_once(folder, settings, self.keep_checkpoints, tasks)
             best = summary.get("best") or {}
+            accuracy = {n: s["acc"] for n, s in tasks.stored(folder).items() if n in tasks.names} if tasks else {}
             self.rows[domain, method.name, seed] = Row(
                 seed, domain, method.name, method.tau, k, tail_samples, best.get("S"), best.get("DG"), best.get("DG_over_S"),
-                *self.tokens[domain], lr=settings["lr"], rank=settings.get("peft_rank"), step=best.get("step"),
+                *self.tokens[domain], lr=settings["lr"], rank=settings.get("peft_rank"), step=best.get("step"), tasks=accuracy,
             )  # fmt: skip
         return self.rows[domain, method.name, seed]
 
@@ -292,8 +368,8 @@ class Runner:
 class Comparison:
     """One comparison's folders, model, corpora and caches, and the steps that train its runs."""
 
-    def __init__(self, config: CompareConfig, plan: Plan, name: str):
-        self.config, self.plan, self.p, self.name = config, plan, plan.profile, name
+    def __init__(self, config: CompareConfig, plan: Plan, name: str, tasks: TaskScoring | None = None):
+        self.config, self.plan, self.p, self.name, self.tasks = config, plan, plan.profile, name, tasks
         self.user = config.domains
         work = Path(config.work or Path(config.out) / "work")
         self.data = work / "data"
@@ -353,8 +429,13 @@ class Comparison:
         )  # fmt: skip
         if p.reference_steps:
             report.reference = self.reference_checkpoint(common)
-            self.model, self.work = report.reference["model"], self.work / "from-reference"
-        self.runner = Runner(self.work / "runs", common, config.keep_checkpoints)
+            self.model = report.reference["model"]
+        if self.tasks:
+            log(f"scoring the reference checkpoint ({self.model}) on {', '.join(self.tasks.names)}")
+            report.task_reference = self.tasks.score_into(self.work / "reference", self.model)
+        if p.reference_steps:
+            self.work = self.work / "from-reference"
+        self.runner = Runner(self.work / "runs", common, config.keep_checkpoints, tasks=self.tasks)
         for d in names:
             self.caches[d] = self.cache(self.sources[d], f"cache-{self.keys[d]}")
             self.runner.tokens[d] = (general_tokens, eval_labels(Cache(self.caches[d]).split("validation").num_tokens))
@@ -394,7 +475,7 @@ class Comparison:
                     continue
                 extra = replay if method.uses_general_data else {}
                 for seed in self.seeds(method):
-                    self.runner.record(domain, self.keys[domain], method, seed, self.caches[domain], **extra)
+                    self.runner.record(domain, self.keys[domain], method, seed, self.caches[domain], scored=True, **extra)
 
     def frontier(self, report: Report) -> None:
         """MFT at each tau from the k = 20 cache, from the online dense reference (teacher next to the student,
