@@ -13,6 +13,7 @@ from scipy import stats
 
 from cli.main import mft
 from mft_pipeline.compare.protocol import PROFILES, Throughput, estimate_minutes, planned_task_scores
+from mft_pipeline.compare.results import Report, sizing_lines
 from mft_pipeline.compare.runs import plan_line, run_compare
 from mft_pipeline.config import CompareConfig
 from mft_pipeline.errors import ConfigError
@@ -53,6 +54,11 @@ def test_task_scoring_is_in_the_estimate():
     line = plan_line("quick", p, {**counts, "tasks": 7}, 800)
     assert "7 checkpoints scored on tasks (800 continuations each)" in line
     assert f"about {without + 7 * 800 / p.throughput.tasks / 60:.0f} minutes" in line
+    report = Report(name="x", command="", model="", model_folder="", profile=p, domains=[], general="", skip=set(),
+                    counts={**counts, "tasks": 7}, task_continuations=800)  # fmt: skip
+    text = "\n".join(sizing_lines(report))
+    assert f"800 scored continuations per checkpoint (one per answer choice) at {p.throughput.tasks:g} per second" in text
+    assert f"| tasks | 7 | {7 * 800 / p.throughput.tasks / 60:.0f} |" in text
 
 
 def loading_scorer(root, calls: list):
