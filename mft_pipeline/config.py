@@ -384,6 +384,14 @@ class EvalConfig:
     )
     general_eval: str | None = doc("General-domain corpus for degeneralization (packed as `mft train --general-eval` does).", default=None)
     text_field: str = doc("Text column of the corpora.", default="text")
+    chat_template: str | None = doc(
+        "Jinja chat template file rendering 'messages' and message-list 'prompt'/'completion' corpora, instead of the "
+        "tokenizer's own (as `mft cache-teacher --chat-template`; a --spec-eval cache must have been written with it).",
+        default=None,
+    )
+    all_turns: bool = doc(
+        "Score every turn of a 'messages' corpus, not only the assistant's (as `mft cache-teacher --all-turns`).", default=False
+    )
     seq_len: int | None = doc("Tokens per packed sequence for corpora. Default: the --spec-eval cache's, else 2048.", default=None)
     max_sequences: int = doc("Packed sequences to evaluate per corpus (as `mft train --general-max-sequences`).", default=64)
     tasks: str | None = doc(

@@ -40,6 +40,11 @@ class Packed:
     def num_labels(self) -> int:
         return int((self.num_tokens - 1).sum())
 
+    @property
+    def target_tokens(self) -> int:
+        """Labelled positions that are training targets (all of them without a target mask), as ``CachedSplit.target_tokens``."""
+        return self.num_labels if self.target is None else int(self.target.sum())
+
 
 def tokenize(docs: list[str], tokenizer, desc: str = "tokenize", batch: int = 256) -> np.ndarray:
     """Token stream of all documents, each followed by EOS. Returns (L,) int32."""

@@ -7,6 +7,7 @@ recorded for it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from mft_pipeline.cache.format import MANIFEST
 from mft_pipeline.cache.reader import Cache
 from mft_pipeline.config import EvalConfig
+from mft_pipeline.data.chat import read_template
 from mft_pipeline.data.corpus import load_documents
 from mft_pipeline.data.packing import pack_documents
 from mft_pipeline.errors import ConfigError
@@ -45,9 +47,29 @@ def base_of(checkpoint: str) -> str | None:
     return None
 
 
+def check_rendering(cache: Cache, template: str | None, config: EvalConfig) -> None:
+    """Refuse --chat-template / --all-turns other than those a chat cache was written with: its targets would differ."""
+    corpus = cache.manifest["corpus"]
+    if not cache.manifest.get("targets"):
+        return  # a plain-text cache: nothing was rendered
+    digest = None if template is None else hashlib.sha256(template.encode()).hexdigest()
+    if digest != corpus["chat_template"] or config.all_turns != corpus["all_turns"]:
+        raise ConfigError(
+            f"--spec-eval {config.spec_eval}: the cache was rendered with "
+            + ("the tokenizer's chat template" if corpus["chat_template"] is None else "another --chat-template")
+            + (", all turns as targets" if corpus["all_turns"] else ", assistant turns as targets")
+            + "; pass the same --chat-template and --all-turns as `mft cache-teacher` got, or score the corpus itself"
+        )
+
+
 def eval_sets(config: EvalConfig, tokenizer) -> dict:
-    """Metric name -> packed sequences (``input_ids`` (N, T), ``num_tokens`` (N,)), built as `mft train` builds them."""
+    """Metric name -> packed sequences (``input_ids`` (N, T), ``num_tokens`` (N,), ``target``), built as `mft train` builds them.
+
+    Chat corpora are rendered with ``config.chat_template`` (None: the tokenizer's) as stage one
+    renders them, and only their target positions are scored.
+    """
     sets, seq_len = {}, config.seq_len
+    template = read_template(config.chat_template)
     if config.spec_eval is not None:
         if (Path(config.spec_eval) / MANIFEST).exists():
             cache = Cache(config.spec_eval)
@@ -55,15 +77,20 @@ def eval_sets(config: EvalConfig, tokenizer) -> dict:
                 raise ConfigError(f"--spec-eval {config.spec_eval}: the cache has no validation split")
             # The model scores the cache's token ids: with another tokenizer they would mean other tokens.
             check_tokenizer(cache, tokenizer, f"--model {config.model}:")
+            check_rendering(cache, template, config)
             if seq_len is not None and seq_len != cache.seq_len:
                 raise ConfigError(f"--seq-len {seq_len} differs from the --spec-eval cache's {cache.seq_len}")
             sets["ppl_spec"], seq_len = cache.split("validation"), cache.seq_len
         else:
             docs = load_documents(config.spec_eval, config.text_field)
-            sets["ppl_spec"] = pack_documents(docs, tokenizer, seq_len or DEFAULT_SEQ_LEN, config.max_sequences, desc="tokenize specialized")
+            sets["ppl_spec"] = pack_documents(
+                docs, tokenizer, seq_len or DEFAULT_SEQ_LEN, config.max_sequences, "tokenize specialized", template, config.all_turns
+            )
     if config.general_eval is not None:
         docs = load_documents(config.general_eval, config.text_field)
-        sets["ppl_gen"] = pack_documents(docs, tokenizer, seq_len or DEFAULT_SEQ_LEN, config.max_sequences, desc="tokenize general")
+        sets["ppl_gen"] = pack_documents(
+            docs, tokenizer, seq_len or DEFAULT_SEQ_LEN, config.max_sequences, "tokenize general", template, config.all_turns
+        )
     for name, seqs in sets.items():
         if len(seqs) == 0:
             raise ConfigError(f"the {'specialized' if name == 'ppl_spec' else 'general'} evaluation corpus yields no sequence")
@@ -102,7 +129,7 @@ def score_checkpoint(config: EvalConfig) -> dict:
         model = load_model(config.model, device, dtype=torch.float32).eval()
     if perplexity:
         after = perplexities(model)
-        tokens = {name: int((seqs.num_tokens - 1).clip(min=0).sum()) for name, seqs in sets.items()}
+        tokens = {name: seqs.target_tokens for name, seqs in sets.items()}
         result.update(before=before, after=after, **compare(before, after), tokens=tokens)
     if config.tasks is not None:
         from mft_pipeline.eval.tasks import task_accuracy

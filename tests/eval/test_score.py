@@ -67,3 +67,45 @@ def test_eval_refuses_a_model_whose_tokenizer_is_not_the_caches(stage_two, tmp_p
     # The same model scored on a corpus is packed with its own tokenizer: nothing to refuse.
     corpus = CliRunner().invoke(mft, ["eval", "--model", str(other), "--base", str(other), "--general-eval", str(stage_two / "general.jsonl"), "--max-sequences", "2"])
     assert corpus.exit_code == 0, corpus.output
+
+
+def test_eval_scores_a_chat_corpus_on_its_answers_as_the_cache_does(tmp_path, tiny_model_dir, other_model_dir, tiny_tokenizer):
+    """--chat-template renders a messages corpus as `mft cache-teacher` does; only the answers' tokens are scored."""
+    import numpy as np
+
+    from mft_pipeline.cache.reader import Cache
+    from mft_pipeline.config import CacheConfig, EvalConfig
+    from mft_pipeline.data.corpus import load_corpus
+    from mft_pipeline.eval.score import eval_sets
+    from mft_pipeline.stage_one import build_cache
+    from test_stage_one_chat import TEMPLATE, answer_positions, chat_rows
+
+    corpus, template, cache = tmp_path / "chat.jsonl", tmp_path / "template.jinja", tmp_path / "cache"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(30)))
+    template.write_text(TEMPLATE)
+    build_cache(CacheConfig(corpus=str(corpus), out=str(cache), model=str(tiny_model_dir), chat_template=str(template), seq_len=48, top_k=4, val_fraction=0.2))
+    # The cache's validation records, in order, as a corpus of their own.
+    validation = tmp_path / "validation.jsonl"
+    validation.write_text("".join(json.dumps({"messages": list(r.completion)}) + "\n" for r in load_corpus(corpus, val_fraction=0.2).validation))
+
+    def score(*args):
+        result = CliRunner().invoke(mft, ["eval", "--model", str(other_model_dir), "--base", str(tiny_model_dir), "--json", *args])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    from_cache = score("--spec-eval", str(cache), "--chat-template", str(template))
+    from_corpus = score("--spec-eval", str(validation), "--chat-template", str(template), "--seq-len", "48")
+    split = Cache(cache).split("validation")
+    assert from_cache["tokens"]["ppl_spec"] == from_corpus["tokens"]["ppl_spec"] == split.target_tokens < split.num_tokens.sum() - len(split)
+    for when in ("before", "after"):
+        assert from_corpus[when]["ppl_spec"] == pytest.approx(from_cache[when]["ppl_spec"], rel=1e-6)
+    # Independent of the renderer: the scored positions are those whose next token is in an answer of the decoded row.
+    seqs = eval_sets(EvalConfig(model=str(other_model_dir), spec_eval=str(validation), chat_template=str(template), seq_len=48), tiny_tokenizer)["ppl_spec"]
+    expected = np.stack([answer_positions(tiny_tokenizer, row, n) for row, n in zip(seqs.input_ids, seqs.num_tokens)])
+    assert expected.any() and np.array_equal(seqs.target, expected)
+
+    # A chat cache is refused with another rendering than its own; the tiny tokenizer has no template to fall back on.
+    for args in (["--spec-eval", str(cache)], ["--spec-eval", str(cache), "--chat-template", str(template), "--all-turns"], ["--spec-eval", str(validation)]):
+        refused = CliRunner().invoke(mft, ["eval", "--model", str(other_model_dir), "--base", str(tiny_model_dir), *args])
+        assert refused.exit_code == 2 and "Traceback" not in refused.output, refused.output
+        assert refused.output.startswith("error:") and len(refused.output.strip().splitlines()) == 1
