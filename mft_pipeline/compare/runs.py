@@ -41,6 +41,7 @@ from mft_pipeline.compare.results import (
     Report, Row, plot_fair_frontier, plot_frontier, plot_low_data, write_csv, write_frontier_results, write_results,
 )  # fmt: skip
 from mft_pipeline.config import DEFAULT_MODEL, TRAIN_DEFAULTS, CacheConfig, CompareConfig, EvalConfig, FisherConfig, TrainConfig, run_settings
+from mft_pipeline.data.chat import ChatRecord, tokenize_records
 from mft_pipeline.data.corpus import Corpus, CorpusError, load_corpus
 from mft_pipeline.data.packing import pack_documents
 from mft_pipeline.demo.corpora import prepare_corpus
@@ -205,7 +206,10 @@ def open_corpus(role: str, path: Path, val_fraction: float) -> Corpus:
     return corpus
 
 
-def count_tokens(docs: list[str], tokenizer) -> int:
+def count_tokens(docs: list[str] | list[ChatRecord], tokenizer) -> int:
+    """Tokens of the documents; of a chat record, its conversation rendered with the tokenizer's template."""
+    if docs and isinstance(docs[0], ChatRecord):
+        return sum(len(ids) for ids, _ in tokenize_records(docs, tokenizer))
     return sum(len(ids) for ids in tokenizer(docs, add_special_tokens=False)["input_ids"])
 
 
@@ -334,11 +338,6 @@ def wise_ft_scores(start: str, tuned: Path, alphas: list[float], before: dict, s
     return out
 
 
-def eval_labels(num_tokens) -> int:
-    """Predicted tokens of packed rows: each row of n tokens scores n - 1."""
-    return int(sum(int(n) - 1 for n in num_tokens if n > 0))
-
-
 @dataclass
 class Runner:
     """Trains each (domain, method, seed) once and keeps its row: a run shared by two parts is one row."""
@@ -438,7 +437,8 @@ class Comparison:
         self.runner = Runner(self.work / "runs", common, config.keep_checkpoints, tasks=self.tasks)
         for d in names:
             self.caches[d] = self.cache(self.sources[d], f"cache-{self.keys[d]}")
-            self.runner.tokens[d] = (general_tokens, eval_labels(Cache(self.caches[d]).split("validation").num_tokens))
+            # S counts only target positions (a chat corpus's answers), so the table's token count does too.
+            self.runner.tokens[d] = (general_tokens, Cache(self.caches[d]).split("validation").target_tokens)
 
     def reference_checkpoint(self, common: dict) -> dict:
         """The paper's section 3.1 starts every method from a reference checkpoint lightly tuned on the
