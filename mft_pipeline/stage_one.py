@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from mft_pipeline.cache.format import SCHEMA_VERSION, SPLITS, CacheError, shard_
 from mft_pipeline.cache.shard import arrow_schema, encode_shard
 from mft_pipeline.cache.writer import CacheWriter
 from mft_pipeline.config import CacheConfig
-from mft_pipeline.data.chat import ChatRecord, read_template
+from mft_pipeline.data.chat import ChatRecord, read_template, template_digest
 from mft_pipeline.data.corpus import load_corpus
 from mft_pipeline.data.packing import Packed, pack_documents, row_prefix
 from mft_pipeline.models import load_model, load_tokenizer, pick_device, tokenizer_fingerprint, weights_fingerprint
@@ -217,7 +216,7 @@ def _write_cache(config: CacheConfig, teacher, fingerprint: str, tokenizer, corp
     if chat:
         # Likewise only for instruction and chat corpora: the shards' target column.
         settings["targets"] = True
-        settings["corpus"]["chat_template"] = None if template is None else hashlib.sha256(template.encode()).hexdigest()
+        settings["corpus"]["chat_template"] = template_digest(template)
         settings["corpus"]["all_turns"] = config.all_turns
     schema = arrow_schema(config.seq_len, config.top_k, teacher.vocab_size, config.tail_samples, targets=chat)
     mine = [s for s in settings["plan"] if s["worker"] == config.worker_index]

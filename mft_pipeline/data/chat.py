@@ -16,6 +16,7 @@ generation markers in the template; a template that is not is refused, naming th
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 
@@ -106,6 +107,11 @@ def read_template(path: str | None) -> str | None:
             return f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise ChatError(f"--chat-template {path}: can't be read ({e})") from None
+
+
+def template_digest(template: str | None) -> str | None:
+    """What a cache's manifest records of a --chat-template: the sha256 of its text; None for the tokenizer's own."""
+    return None if template is None else hashlib.sha256(template.encode()).hexdigest()
 
 
 def _render(tokenizer, messages, template: str | None, source: str, generation_prompt: bool = False) -> str:

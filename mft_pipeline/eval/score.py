@@ -7,7 +7,6 @@ recorded for it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 from mft_pipeline.cache.format import MANIFEST
 from mft_pipeline.cache.reader import Cache
 from mft_pipeline.config import EvalConfig
-from mft_pipeline.data.chat import read_template
+from mft_pipeline.data.chat import read_template, template_digest
 from mft_pipeline.data.corpus import load_documents
 from mft_pipeline.data.packing import pack_documents
 from mft_pipeline.errors import ConfigError
@@ -52,8 +51,7 @@ def check_rendering(cache: Cache, template: str | None, config: EvalConfig) -> N
     corpus = cache.manifest["corpus"]
     if not cache.manifest.get("targets"):
         return  # a plain-text cache: nothing was rendered
-    digest = None if template is None else hashlib.sha256(template.encode()).hexdigest()
-    if digest != corpus["chat_template"] or config.all_turns != corpus["all_turns"]:
+    if template_digest(template) != corpus["chat_template"] or config.all_turns != corpus["all_turns"]:
         raise ConfigError(
             f"--spec-eval {config.spec_eval}: the cache was rendered with "
             + ("the tokenizer's chat template" if corpus["chat_template"] is None else "another --chat-template")
