@@ -289,6 +289,8 @@ PROFILES = {
     # Each run trains on 24 x 8 x 128 = 24,576 tokens (one pass over its 192 sequences) and evaluates 96 general and
     # 48 specialized sequences three times (before, at step 12 and 24). At CPU_THROUGHPUT a run takes about 3 minutes
     # and the whole comparison (reference, 2 caches, 6 runs) about 21 minutes, plus preparing the model and corpora.
+    # Measured 2026-12-06 on 2 cores with no other load: 41.6 minutes (7.5 preparing, the reference and the caches;
+    # 5.5-6 per run: training at ~150 tokens/s, and ~3 minutes of loading, evaluation and checkpoints per run).
     "quick": Profile(
         seq_len=128, max_documents=400, train_sequences=192, val_sequences=48, general_sequences=96, steps=24,
         batch_size=8, lr=1e-4, warmup_steps=2, eval_every=12, low_data_sequences=8, low_data_steps=24,
