@@ -421,7 +421,7 @@ class EvalConfig:
 
     @property
     def task_list(self) -> tuple[str, ...]:
-        return tuple(name.strip() for name in (self.tasks or "").split(",") if name.strip())
+        return tuple(split_list(self.tasks, "--tasks")) if self.tasks is not None else ()
 
 
 # TrainConfig fields `mft tune` sets per candidate (or from its own config); every other one passes through.
@@ -571,7 +571,7 @@ class CompareConfig:
 
     @property
     def task_list(self) -> tuple[str, ...]:
-        return tuple(name.strip() for name in (self.tasks or "").split(",") if name.strip())
+        return tuple(split_list(self.tasks, "--tasks")) if self.tasks is not None else ()
 
     @property
     def profile_name(self) -> str:
