@@ -537,6 +537,11 @@ class CompareConfig:
         "into shorter resumable invocations. Default: every point.",
         default=None,
     )
+    taus: str | None = doc(
+        "With --families: only MFT's grid points at these margins (comma-separated, e.g. 0.25); the other families keep "
+        "theirs. Default: every point.",
+        default=None,
+    )
     tasks: str | None = doc(
         "Also score the reference checkpoint and every per-domain run's best checkpoint on these standard tasks, "
         "comma-separated, zero-shot with lm-evaluation-harness (the `tasks` extra; docs/tasks.md): hellaswag, arc_easy, "

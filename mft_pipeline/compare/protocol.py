@@ -195,7 +195,7 @@ def frontier_points(plan: Plan) -> list[tuple[str, Point]]:
         for family in plan.families:
             if domain != plan.frontier_domain and family not in EVERY_DOMAIN_FAMILIES:
                 continue
-            out += [(domain, pt) for pt in FAMILIES[family] if not plan.lrs or pt.effective_lr(plan.profile) in plan.lrs]
+            out += [(domain, pt) for pt in FAMILIES[family] if plan.chooses(pt)]
     return out
 
 
@@ -342,6 +342,12 @@ class Plan:
     frontier_domain: str
     families: list[str] = field(default_factory=list)  # the fair frontier's; empty: the per-domain protocol
     lrs: set[float] = field(default_factory=set)  # the fair frontier's grid points at these learning rates; empty: all
+    taus: set[float] = field(default_factory=set)  # MFT's grid points at these margins; empty: all
+
+    def chooses(self, pt: Point) -> bool:
+        """Whether the fair frontier traces ``pt``: its learning rate is among --lrs and its margin among --taus."""
+        lr_ok = not self.lrs or pt.effective_lr(self.profile) in self.lrs
+        return lr_ok and (not self.taus or pt.tau is None or pt.tau in self.taus)
 
 
 def make_plan(config: CompareConfig) -> Plan:
@@ -366,8 +372,8 @@ def make_plan(config: CompareConfig) -> Plan:
     if frontier_domain not in domains:
         raise ConfigError(f"--frontier-domain {frontier_domain}: not one of the domains {', '.join(domains)}")
     if config.families is None:
-        if config.frontier_domains is not None or config.lrs is not None:
-            raise ConfigError("--frontier-domains and --lrs choose the fair frontier's runs; give --families too")
+        if config.frontier_domains is not None or config.lrs is not None or config.taus is not None:
+            raise ConfigError("--frontier-domains, --lrs and --taus choose the fair frontier's runs; give --families too")
         return Plan(name, p, domains, methods, skip, frontier_domain)
     if config.methods is not None or config.skip is not None:
         raise ConfigError("--methods and --skip choose the per-domain protocol's runs; --families runs the fair frontier instead")
@@ -389,7 +395,10 @@ def fair_frontier_plan(config: CompareConfig, p: Profile, domains: list[str], fr
     if lrs - grid:
         missing = ", ".join(f"{x:g}" for x in sorted(lrs - grid))
         raise ConfigError(f"--lrs: {missing} not in the chosen families' grid ({', '.join(f'{x:g}' for x in sorted(grid))})")
-    return Plan(config.profile_name, p, list(dict.fromkeys(chosen)), [], set(PARTS), frontier_domain, families, lrs)
+    taus = set(split_numbers(config.taus, "--taus")) if config.taus is not None else set()
+    if taus - set(FRONTIER_TAUS) or (taus and "MFT" not in families):
+        raise ConfigError(f"--taus picks MFT's margins: give --families MFT and some of {', '.join(f'{t:g}' for t in FRONTIER_TAUS)}")
+    return Plan(config.profile_name, p, list(dict.fromkeys(chosen)), [], set(PARTS), frontier_domain, families, lrs, taus)
 
 
 def seeds_for(p: Profile, method: Method) -> range:

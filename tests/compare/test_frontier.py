@@ -13,7 +13,7 @@ from scipy import stats
 
 from cli.main import mft
 from conftest import make_documents, write_jsonl
-from mft_pipeline.compare.protocol import FAMILIES, PENALTY_LAMBDAS, estimate_minutes, make_plan, planned_frontier
+from mft_pipeline.compare.protocol import FAMILIES, PENALTY_LAMBDAS, estimate_minutes, frontier_points, make_plan, planned_frontier
 from mft_pipeline.compare.results import Row, family_verdict, verdict_text, write_csv
 from mft_pipeline.compare.runs import wise_ft_scores
 from mft_pipeline.compare.stats import frontier_gap, s_at_dg, upper_envelope
@@ -111,10 +111,18 @@ def test_plan_and_cpu_sizing():
     # LoRA, L2-init, EWC, DFT and TALR in legal only; FT and MFT in all three.
     assert planned_frontier(every)["frontier"] == 3 * (3 * 12 + 3 + 2 * len(PENALTY_LAMBDAS) + 2)
     assert [pt.label for pt in FAMILIES["MFT"]][-1] == "lr=1e-05 tau=0.25"
+    # --taus narrows MFT's grid alone: FT at 3 learning rates, MFT at tau 0.25 at each of them.
+    narrow = make_plan(CompareConfig(families="FT,MFT", taus="0.25"))
+    assert sorted((pt.family, pt.lr, pt.tau) for _, pt in frontier_points(narrow)) == sorted(
+        [("FT", lr, None) for lr in (1e-5, 3e-5, 1e-4)] + [("MFT", lr, 0.25) for lr in (1e-5, 3e-5, 1e-4)]
+    )
     for config, message in (
         (CompareConfig(families="FT,XFT"), "--families: unknown XFT"),
         (CompareConfig(families="FT", lrs="2e-4"), "--lrs: 0.0002 not in the chosen families' grid"),
         (CompareConfig(lrs="1e-4"), "give --families too"),
+        (CompareConfig(taus="0.25"), "give --families too"),
+        (CompareConfig(families="MFT", taus="0.3"), "--taus picks MFT's margins"),
+        (CompareConfig(families="FT", taus="0.25"), "--taus picks MFT's margins"),
         (CompareConfig(families="FT", methods="FT"), "--families runs the fair frontier instead"),
         (CompareConfig(families="FT", frontier_domains="poetry"), "--frontier-domains: poetry not among"),
     ):
