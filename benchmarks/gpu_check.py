@@ -22,6 +22,8 @@ from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: benchmarks/ and mft_pipeline/ come from this checkout
     sys.path.insert(0, str(REPO))
@@ -29,6 +31,7 @@ if str(REPO) not in sys.path:  # run as a script: benchmarks/ and mft_pipeline/ 
 from benchmarks import stage_one, stage_two  # noqa: E402
 from benchmarks.measure import random_token_batches, run_parts, say  # noqa: E402
 from benchmarks.results import comma_list, command_line, failures, header, loadavg, started  # noqa: E402
+from mft_pipeline.models import model_vocab_size  # noqa: E402
 
 TARGETS = (("stage_one_score_vs_forward", ">=", 0.9, "stage one (score) tokens/s vs the plain forward"), *stage_two.TARGETS)
 
@@ -61,10 +64,6 @@ REHEARSAL = Plan(models=(("llama-tiny", 2, 2),), device="cpu", seq_len=32, batch
 
 def stage_one_part(spec: str, batch: int, plan: Plan) -> dict:
     """The teacher's plain forward against stage one's scoring, in bf16 on a GPU as stage one loads it."""
-    import torch
-
-    from mft_pipeline.models import model_vocab_size
-
     model = stage_two.build_model(spec, plan.device).eval()
     if plan.device.startswith("cuda"):
         model = model.to(torch.bfloat16)
@@ -90,8 +89,6 @@ def parts_of(plan: Plan, chunks_so_far) -> list:
 
 def run(plan: Plan, path: Path, command: str, only: tuple[str, ...] = ()) -> dict:
     """The parts ``only`` names (all by default) into ``path``'s .json and .md, rewritten after each part."""
-    import torch
-
     if plan.threads:
         torch.set_num_threads(plan.threads)  # the fresh processes take this process's
     result = {**started(command, plan.device), "plan": asdict(plan), "only": list(only), "parts": {}, "errors": {}}
@@ -142,8 +139,6 @@ def parse_args(argv) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
 
 def main(argv=None) -> int:
     p, args = parse_args(argv)
-    import torch
-
     command = command_line("python benchmarks/gpu_check.py", argv)
     if args.rehearse:
         out = Path(args.out or tempfile.mkdtemp(prefix="mft-gpu-check-"))

@@ -16,6 +16,9 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -26,8 +29,6 @@ def say(*parts) -> None:
 
 def synchronizer(device):
     """``sync()``: waits for the work queued on ``device`` (a no-op on CPU), so a timer stops when the work does."""
-    import torch
-
     device = torch.device(device)
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
@@ -36,8 +37,6 @@ class PeakMemory:
     """Peak memory since ``reset``: CUDA allocator peak, or the CPU process's peak RSS."""
 
     def __init__(self, device):
-        import torch
-
         self.torch, self.cuda = torch, torch.device(device).type == "cuda"
         resets = self.cuda or clear_peak_rss()
         self.kind = "torch.cuda.max_memory_allocated" if self.cuda else "peak RSS (VmHWM, reset per phase)" if resets else "peak RSS so far (ru_maxrss)"
@@ -112,8 +111,6 @@ def in_fresh_process(fn):
 
     @functools.wraps(fn)
     def fresh(*args, **kw):
-        import torch
-
         call = inspect.signature(fn).bind(*args, **kw)
         env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         # Large blocks from mmap, so memory freed by earlier phases leaves the resident set.
@@ -134,8 +131,6 @@ def in_fresh_process(fn):
 
 def random_token_batches(vocab: int, n_batches: int, batch_size: int, seq_len: int, seed: int = 0) -> list:
     """``n_batches`` int64 arrays (batch_size, seq_len) of uniform random token ids: speed does not depend on the text."""
-    import numpy as np
-
     rng = np.random.default_rng(seed)
     return [rng.integers(0, vocab, size=(batch_size, seq_len), dtype=np.int64) for _ in range(n_batches)]
 
@@ -144,8 +139,6 @@ def run_parts(parts, result: dict, save=lambda: None) -> dict:
     """Each (name, measure) of ``parts`` in turn into ``result["parts"][name]``, then ``save()``: a run
     stopped early keeps what finished. A part that fails leaves its traceback in ``result["errors"]``
     and the next one runs."""
-    import torch
-
     for name, measure in parts:
         say(f"{name} ...")
         try:

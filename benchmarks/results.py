@@ -8,14 +8,15 @@ import platform
 import shlex
 import subprocess
 import sys
+from datetime import datetime, timezone
+
+import pyarrow
+import torch
+import transformers
 
 
 def machine_info(device) -> dict:
     """The machine and library versions a results file names; on CUDA also the GPU, CUDA and driver versions."""
-    import pyarrow
-    import torch
-    import transformers
-
     device = torch.device(device)
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
@@ -35,8 +36,6 @@ def machine_info(device) -> dict:
 
 def started(command: str, device) -> dict:
     """What a results file says of its run before it measures: the command, the date, the machine and its load."""
-    from datetime import datetime, timezone
-
     date = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}"
     return {"command": command, "date": date, "machine": machine_info(device), "loadavg_start": loadavg()}
 

@@ -33,9 +33,19 @@ from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.parquet as pq
+import torch
 
 from benchmarks.measure import REPO, PeakMemory, peak_growth, say, synchronizer, timed_rounds
 from benchmarks.results import comma_list, command_line, fmt_mib, header, loadavg, started, table
+from mft_pipeline.cache.info import cache_info
+from mft_pipeline.cache.reader import Cache
+from mft_pipeline.config import CacheConfig
+from mft_pipeline.data.packing import pack_documents
+from mft_pipeline.demo.stdlib_code import code_documents, stdlib_root
+from mft_pipeline.models import load_model, load_tokenizer, pick_device, weights_fingerprint
+from mft_pipeline.stage_one import build_cache
+from mft_pipeline.teacher.base import TeacherScores
+from mft_pipeline.teacher.transformers_backend import TransformersTeacher
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,8 +71,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def corpus_texts() -> tuple[object, dict]:
     """The texts to pack, in order, and where they come from."""
-    from mft_pipeline.demo.stdlib_code import code_documents, stdlib_root
-
     return (d["text"] for d in code_documents(stdlib_root())), {
         "source": f"CPython {platform.python_version()} standard library .py files (the demo's `code` corpus, "
         "mft_pipeline.demo.stdlib_code: outside test folders, sorted by path)"
@@ -71,8 +79,6 @@ def corpus_texts() -> tuple[object, dict]:
 
 def load_workload(args, tokenizer):
     """Documents and their packing into exactly batches x batch_size full rows."""
-    from mft_pipeline.data.packing import pack_documents
-
     n = args.batches * args.batch_size
     min_chars = n * (args.seq_len - 1) * 5
     while True:
@@ -93,14 +99,9 @@ def load_workload(args, tokenizer):
 
 def setup(args) -> SimpleNamespace:
     """Tokenizer, workload, model and transformers teacher, with their one-time costs."""
-    import torch
-
-    from mft_pipeline.models import load_model, load_tokenizer, pick_device, weights_fingerprint
-    from mft_pipeline.teacher.transformers_backend import TransformersTeacher
-
     if args.threads:
         torch.set_num_threads(args.threads)
-    b = SimpleNamespace(args=args, device=pick_device(args.device), fixed={}, torch=torch)
+    b = SimpleNamespace(args=args, device=pick_device(args.device), fixed={})
     b.sync = synchronizer(b.device)
 
     def timed(key, fn):
@@ -153,16 +154,12 @@ class ReplayTeacher:
         return np.ascontiguousarray(input_ids, dtype=np.int64).tobytes() + np.asarray(num_tokens, dtype=np.int64).tobytes()
 
     def score(self, input_ids, num_tokens, top_k):
-        from mft_pipeline.teacher.base import TeacherScores
-
         s = self.stored[self.key(input_ids, num_tokens)]
         return TeacherScores(s.topk_ids[..., :top_k], s.topk_logprobs[..., :top_k], s.label_logprobs)
 
 
 def cache_size(cache_dir: Path, top_k: int) -> dict:
     """Shard bytes per labelled token and per candidate (as `mft cache-info` counts them), and each column's compressed bytes."""
-    from mft_pipeline.cache.info import cache_info
-
     splits = cache_info(cache_dir)["splits"].values()
     total, labels = sum(s["bytes"] for s in splits), sum(s["tokens"] for s in splits)
     columns = Counter()
@@ -212,9 +209,6 @@ def measure_transformers(b: SimpleNamespace) -> dict:
 def cache_builder(b: SimpleNamespace):
     """``build(teacher, top_k, sequences)``: the whole ``build_cache`` over the benchmark's documents
     into a new folder, with the loaded model and tokenizer handed in; returns the folder."""
-    from mft_pipeline.config import CacheConfig
-    from mft_pipeline.stage_one import build_cache
-
     args, B = b.args, b.args.batch_size
     os.environ["HF_DATASETS_CACHE"] = str(b.work / "hf-datasets")  # keep datasets' Arrow cache out of ~
     corpus_file = b.work / "corpus.jsonl"
@@ -239,8 +233,6 @@ def cache_builder(b: SimpleNamespace):
 def forward_and_score(model, teacher, batches: list, top_k: int):
     """The two passes over ``batches`` ((input_ids, num_tokens) host arrays): the plain forward, and
     ``teacher.score`` (``score(top_k, keep)`` also stores each batch's scores in ``keep`` and returns it)."""
-    import torch
-
     device = next(model.parameters()).device
     sync, device_ids = synchronizer(device), [torch.as_tensor(ids, device=device) for ids, _ in batches]
 
@@ -263,8 +255,6 @@ def forward_and_score(model, teacher, batches: list, top_k: int):
 
 def checked_size(b: SimpleNamespace, cache_dir: Path) -> dict:
     """``cache_size`` of a built cache, once its sequences are checked to be the benchmark's rows."""
-    from mft_pipeline.cache.reader import Cache
-
     if not (Cache(cache_dir).split("train").input_ids == b.packed.input_ids).all():
         raise SystemExit("build_cache packed other sequences than the benchmark's rows; the comparison would be unfair")
     return cache_size(cache_dir, b.args.top_k)
@@ -298,7 +288,7 @@ def measure_vllm(b: SimpleNamespace) -> dict:
             "vllm_all_rows": lambda: engine.score(ids, num, k),
         }
         say("warm-up ...")
-        with b.torch.inference_mode():
+        with torch.inference_mode():
             for run in passes.values():
                 run()
             seconds, _ = timed_rounds(passes, args.repeats)
@@ -327,8 +317,6 @@ def forward_vs_score(model, batches: list, top_k: int, *, repeats: int = 5) -> d
 
     Returns {"timings": ``summarize``'s, each pass's peak memory the growth over one batch,
     "score_vs_forward": median of per-repeat ratios, "tokens_per_pass", "top_k"}."""
-    from mft_pipeline.teacher.transformers_backend import TransformersTeacher
-
     teacher, rows = TransformersTeacher(model), [(ids, np.full(len(ids), ids.shape[1])) for ids in batches]
     first, every = (dict(zip(("forward", "score"), forward_and_score(model, teacher, r, top_k))) for r in (rows[:1], rows))
     for fn in first.values():  # warm-up
@@ -417,8 +405,6 @@ def render_vllm(r: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    from mft_pipeline.models import pick_device
-
     args = parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")  # build_cache's bars would interleave with the report
     head = started(command_line("python -m benchmarks.stage_one", argv), pick_device(args.device))

@@ -25,13 +25,32 @@ import copy
 import functools
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
 from benchmarks.measure import in_fresh_process, peak_growth, random_token_batches, run_parts, say, synchronizer, timed_rounds
 from benchmarks.results import comma_list, command_line, failures, fmt_mib, header, loadavg, started, table
+from mft_pipeline.cache.format import SCHEMA_VERSION, shard_name
+from mft_pipeline.cache.reader import Cache, Prefetch
+from mft_pipeline.cache.shard import arrow_schema, encode_shard
+from mft_pipeline.cache.writer import CacheWriter
+from mft_pipeline.config import TRAIN_DEFAULTS, TrainConfig
+from mft_pipeline.distill import fused_sparse_mft_loss
+from mft_pipeline.distill.fused_loss import default_chunk_size
+from mft_pipeline.eval.metrics import model_nll
+from mft_pipeline.labels import IGNORE_INDEX
+from mft_pipeline.models import load_model, model_vocab_size
+from mft_pipeline.teacher.transformers_backend import TransformersTeacher
+from mft_pipeline.train.loop import micro_batch_loss
+from mft_pipeline.train.student_loss import head_or_reason
 
 TAU = 0.25
 METHODS = ("offline", "ft", "online")
@@ -99,8 +118,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_model(spec: str, device, seed: int = 0):
     """A float32 causal LM in training mode: a named random Llama shape, or any ``load_model`` spec."""
-    import torch
-
     device = torch.device(device)
     if spec in SHAPES:
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -110,8 +127,6 @@ def build_model(spec: str, device, seed: int = 0):
         with device:  # initialised where it runs: a 1.2B model's CPU init alone would take minutes
             model = LlamaForCausalLM(config)
     else:
-        from mft_pipeline.models import load_model
-
         model = load_model(spec, device, dtype=torch.float32)
     return model.train()
 
@@ -123,13 +138,6 @@ def make_batches(model, n_batches: int, batch_size: int, seq_len: int, top_k: in
     token with one ignored position at the end; topk_ids and topk_logprobs (B, T, k);
     label_logprobs (B, T).
     """
-    import numpy as np
-    import torch
-
-    from mft_pipeline.labels import IGNORE_INDEX
-    from mft_pipeline.models import model_vocab_size
-    from mft_pipeline.teacher.transformers_backend import TransformersTeacher
-
     device = next(model.parameters()).device
     teacher = TransformersTeacher(model)
     pad = lambda a, value=0: np.concatenate([a, np.full_like(a[:, :1], value)], axis=1)  # noqa: E731
@@ -145,8 +153,6 @@ def make_batches(model, n_batches: int, batch_size: int, seq_len: int, top_k: in
 
 def training_autocast(device):
     """The training loop's autocast: bf16 on CUDA, off elsewhere."""
-    import torch
-
     device = torch.device(device)
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -157,11 +163,6 @@ def make_step(method: str, model, optimizer=None):
     ``optimizer``: an AdamW over the model's trainable parameters to share with other
     methods' steps (its cost per step is the same for all); a new one by default.
     """
-    import torch
-
-    from mft_pipeline.config import TrainConfig
-    from mft_pipeline.train.loop import micro_batch_loss
-
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}")
     device = next(model.parameters()).device
@@ -192,10 +193,6 @@ def time_methods(model, batches, *, repeats=5) -> dict:
     """Paired timing of the methods' training steps on one model and the same batches: they share the
     model and take turns (the order rotates each repeat); the weights drift a little between steps,
     which changes no step's cost. The paired ratios are the medians of the per-repeat ratios."""
-    import torch
-
-    from mft_pipeline.train.student_loss import head_or_reason
-
     sync = synchronizer(next(model.parameters()).device)
     head = head_or_reason(model)
     # One AdamW for all: three copies of its state would only crowd the memory.
@@ -225,10 +222,6 @@ def time_methods(model, batches, *, repeats=5) -> dict:
 def measure_model(spec, device, seq_len, batch_size, *, n_batches=2, repeats=5, top_k=20, seed=0, loss_tokens=None) -> dict:
     """Everything the benchmark reports for one model (``build_model``'s ``spec``): paired speed, each
     method's step peak in a fresh process, and ``measure_loss`` at 1 × ``loss_tokens`` positions (default B × T)."""
-    import torch
-
-    from mft_pipeline.models import model_vocab_size
-
     device = torch.device(device)
     t0 = time.perf_counter()
     model = build_model(spec, device, seed)
@@ -265,8 +258,6 @@ def peak_memory(spec, batch_file, method, device, *, seed=0) -> dict:
     ``spec``: as ``build_model`` takes it; ``batch_file``: a ``torch.save``d batch dict.
     Returns {"peak", "before"} in bytes (``before``: held just before the measured step).
     """
-    import torch
-
     device = torch.device(device)
     model = build_model(spec, device, seed)
     batch = {k: v.to(device) for k, v in torch.load(batch_file, weights_only=True).items()}
@@ -285,8 +276,6 @@ def loss_peak_memory(loss, vocab, hidden_size, device, seq_len, batch_size, *, t
     Returns {"growth", "before", "peak"} in bytes and "seconds": the measured call's, or with
     ``repeats`` the median of that many more calls (the first call on a device pays its start-up).
     """
-    import torch
-
     inputs = random_head_inputs(torch.device(device), batch_size, seq_len, vocab, hidden_size, top_k, seed)
     result, seconds = peak_growth(device, lambda: loss_and_backward(loss, inputs, chunk_size))
     if repeats:
@@ -302,10 +291,6 @@ def random_head_inputs(device, batch_size: int, seq_len: int, vocab: int, hidden
     """A loss call's inputs as the model hands them over: (B, T, H) hidden states (bf16 on a GPU,
     as autocast leaves them), a float32 (V, H) head weight, both requiring grad; labels (B, T)
     with the last position ignored; sorted top-k targets (B, T, k) and label log-probs (B, T)."""
-    import torch
-
-    from mft_pipeline.labels import IGNORE_INDEX
-
     gen = torch.Generator(device=device).manual_seed(seed)
     B, T, H, V = batch_size, seq_len, hidden_size, vocab
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -323,10 +308,6 @@ def random_head_inputs(device, batch_size: int, seq_len: int, vocab: int, hidden
 
 def loss_and_backward(loss: str, x: dict, chunk_size: int | None) -> float:
     """Seconds of one ``loss`` ("fused" or "ft-naive") + backward on ``random_head_inputs``, the device's queue drained."""
-    import torch.nn.functional as F
-
-    from mft_pipeline.distill import fused_sparse_mft_loss
-
     sync = synchronizer(x["hidden"].device)
     t0 = time.perf_counter()
     with training_autocast(x["hidden"].device):
@@ -349,10 +330,6 @@ def measure_loss(vocab, hidden_size, device, seq_len, batch_size, *, chunks=(), 
     """FT-naive, then the fused loss at its default chunk and at each of ``chunks``: ``loss_peak_memory``
     each, the fused points beside ``fused_loss_bytes``'s prediction. ``progress`` gets the result so far
     after each point, so that a long sweep stopped early keeps what it measured."""
-    import torch
-
-    from mft_pipeline.distill.fused_loss import default_chunk_size
-
     device, n = torch.device(device), seq_len * batch_size
     point = functools.partial(loss_peak_memory, vocab=vocab, hidden_size=hidden_size, device=device, seq_len=seq_len,
                               batch_size=batch_size, top_k=top_k, seed=seed, repeats=repeats)  # fmt: skip
@@ -392,14 +369,6 @@ def write_synthetic_cache(out, seq_len: int, top_k: int, vocab: int, shards: int
     Only the first shard is encoded; the others are byte copies of it under their own names
     (Parquet at zstd level 9 takes a while per shard). Decoding does not depend on the values.
     """
-    import shutil
-
-    import numpy as np
-
-    from mft_pipeline.cache.format import SCHEMA_VERSION, shard_name
-    from mft_pipeline.cache.shard import arrow_schema, encode_shard
-    from mft_pipeline.cache.writer import CacheWriter
-
     out, rng, T, k = Path(out), np.random.default_rng(seed), seq_len, top_k
     plan = [{"file": shard_name("train", j), "split": "train", "start": j * rows_per_shard, "rows": rows_per_shard,
              "labels": rows_per_shard * (T - 1), "worker": 0} for j in range(shards)]  # fmt: skip
@@ -436,12 +405,6 @@ def loader_rate(cache_dir, device, *, batch_size=LOADER["batch_size"], epochs=LO
     and on a GPU machine includes waiting for the device. Returns both kinds of rate, the ratio
     of the CPU-time rates, and the row groups each order decoded.
     """
-    import numpy as np
-    import torch
-
-    from mft_pipeline.cache.reader import Cache
-    from mft_pipeline.config import TRAIN_DEFAULTS
-
     pin_to_one_core()
     device, shuffle_groups = torch.device(device), shuffle_groups or TRAIN_DEFAULTS["shuffle_groups"]
     split, before = Cache(cache_dir).split("train"), Cache(cache_dir, cache_bytes=1).split("train")
@@ -466,9 +429,6 @@ def loader_rate(cache_dir, device, *, batch_size=LOADER["batch_size"], epochs=LO
 
 def pin_to_one_core() -> None:
     """This process (the prefetch thread included) on one CPU only, with one thread per pool."""
-    import pyarrow as pa
-    import torch
-
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     torch.set_num_threads(1)
     pa.set_cpu_count(1)
@@ -478,10 +438,6 @@ def pin_to_one_core() -> None:
 def training_order(split, order, batch_size: int):
     """The micro-batches of ``order`` (epochs of ``split``'s rows, one after the other) as training
     reads them: ``read_in_order`` in a ``Prefetch`` thread, started on the first batch asked for."""
-    import numpy as np
-
-    from mft_pipeline.cache.reader import Prefetch
-
     n = len(split)
     with Prefetch(split.read_in_order([(order[b : b + batch_size], np.arange(b, min(b + batch_size, len(order))) // n)
                                        for b in range(0, len(order), batch_size)])) as stream:  # fmt: skip
@@ -524,11 +480,6 @@ def eval_peak_memory(spec, device, seq_len, batch_size, fused: bool, *, seed=0) 
     ``fused``: through the output head in chunks (the default evaluation path) or through the
     model's full logits. Returns {"growth", "before", "peak"} in bytes and the summed "nll".
     """
-    import numpy as np
-    import torch
-
-    from mft_pipeline.eval.metrics import model_nll
-
     device = torch.device(device)
     model = build_model(spec, device, seed).eval()
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -679,8 +630,6 @@ def render_eval(ev: dict) -> list[str]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    import torch
-
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
