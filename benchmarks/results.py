@@ -41,21 +41,18 @@ def started(command: str, device) -> dict:
 
 
 def header(title: str, r: dict) -> list[str]:
-    """A results file's first lines: its title, the command, the date, the machine and the load at start and end."""
-    return [f"# {title}", "", f"Command: `{r['command']}`", "", f"Date: {r['date']}. {machine_line(r['machine'])} Load average at "
+    """A results file's first lines: its title, the command, the date, the machine (``machine_info``) and the load at start and end."""
+    m = r["machine"]
+    gpu = f", GPU {m['gpu']} (driver {m['driver']}, CUDA {m['cuda']})" if "gpu" in m else ""
+    return [f"# {title}", "", f"Command: `{r['command']}`", "", f"Date: {r['date']}. Machine: {m['cpu']}, {m['cpu_count']} CPUs "
+            f"({m['cpus_usable']} usable, torch threads {m['torch_threads']}){gpu}; {m['platform']}; Python {m['python']}, torch "
+            f"{m['torch']}, transformers {m['transformers']}, pyarrow {m['pyarrow']}; device {m['device']}. Load average at "
             f"start / end: {r['loadavg_start']} / {r['loadavg_end']}.", ""]  # fmt: skip
 
 
 def failures(errors: dict) -> list[str]:
     """The traceback of each part that failed."""
     return [line for where, tb in errors.items() for line in ("", f"**{where} failed:**", "", "```", tb.strip()[-1500:], "```")]
-
-
-def machine_line(m: dict) -> str:
-    """``machine_info`` as the results files print it."""
-    gpu = f", GPU {m['gpu']} (driver {m['driver']}, CUDA {m['cuda']})" if "gpu" in m else ""
-    return (f"Machine: {m['cpu']}, {m['cpu_count']} CPUs ({m['cpus_usable']} usable, torch threads {m['torch_threads']}){gpu}; {m['platform']}; "
-            f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, pyarrow {m['pyarrow']}; device {m['device']}.")
 
 
 def loadavg() -> str:

@@ -103,9 +103,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:  # the quick sizes as defaults, so that options given still win
         p.set_defaults(**QUICK)
         args = p.parse_args(argv)
-    for name in ("seq_len", "batch_size", "batches", "repeats", "top_k"):
-        if getattr(args, name) < (2 if name == "seq_len" else 1):
-            p.error(f"--{name.replace('_', '-')} is too small")
+    if args.seq_len < 2 or min(args.batch_size, args.batches, args.repeats, args.top_k) < 1:
+        p.error("--seq-len must be >= 2 and --batch-size, --batches, --repeats, --top-k >= 1")
     args.models, args.only = comma_list(args.models), comma_list(args.only)
     if not args.only or not set(args.only) <= set(PARTS):
         p.error(f"--only takes parts from {', '.join(PARTS)}")
@@ -233,8 +232,7 @@ def measure_model(spec, device, seq_len, batch_size, *, n_batches=2, repeats=5, 
         batch_file = str(Path(tmp) / "batch.pt")
         torch.save({k: v.cpu() for k, v in batches[0].items()}, batch_file)
         del model, batches  # the fresh processes' model needs the room on a GPU
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        torch.cuda.empty_cache()
         say(f"{spec}: peak memory of a step, one fresh process per method")
         peaks = {m: peak_memory(spec, batch_file, m, device, seed=seed) for m in METHODS}
     loss = measure_loss(vocab, hidden_size, device, *((loss_tokens, 1) if loss_tokens else (seq_len, batch_size)), top_k=top_k, seed=seed)
