@@ -6,10 +6,9 @@
 On the same packed rows of real text, in rounds whose order rotates (so a neighbour's load on a
 shared machine hits every variant alike), input tokens/s of: the plain forward
 ``model(input_ids).logits`` (the ceiling); ``TransformersTeacher.score`` batch by batch; the
-whole ``build_cache`` (model and tokenizer handed in, their load reported apart); and
-``build_cache`` with scores replayed from memory (all but the teacher). Then the cache's bytes
-per token and per candidate at k and ``--extra-k`` (sliced from one k=max pass: top-k is
-sorted) and per column. ``--backend vllm`` (in the venv with vLLM) times instead the forward,
+whole ``build_cache`` (model and tokenizer handed in, their load reported apart). Then the
+cache's bytes per token and per candidate at k and, from untimed builds, at each ``--extra-k``,
+and per column. ``--backend vllm`` (in the venv with vLLM) times instead the forward,
 ``TransformersTeacher.score`` and ``VLLMTeacher.score`` per batch and for all rows in one call
 (as stage one hands it a shard). Peak memory: CUDA allocator peak, or the process's peak RSS on
 CPU. A benchmark, not a test: minutes on CPU.
@@ -44,7 +43,6 @@ from mft_pipeline.data.packing import pack_documents
 from mft_pipeline.demo.stdlib_code import code_documents, stdlib_root
 from mft_pipeline.models import load_model, load_tokenizer, pick_device, weights_fingerprint
 from mft_pipeline.stage_one import build_cache
-from mft_pipeline.teacher.base import TeacherScores
 from mft_pipeline.teacher.transformers_backend import TransformersTeacher
 
 
@@ -55,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, default, what in (("seq-len", 256, "tokens per row"), ("batch-size", 4, "rows per teacher call"),
                                 ("batches", 4, "batches per timed pass"), ("top-k", 20, "k"), ("repeats", 3, "timed rounds (median reported)")):
         p.add_argument(f"--{name}", type=int, default=default, help=what)
-    p.add_argument("--extra-k", default="5,50", help="other k to measure cache size at, comma-separated ('' for none)")
+    p.add_argument("--extra-k", default="5,50", help="other k to measure cache size at (untimed builds), comma-separated ('' for none)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--backend", default="transformers", choices=("transformers", "vllm"))
     p.add_argument("--out", default=None, help="markdown results file (default docs/results/stage-one-[vllm-]<device>.md); a .json beside it")
@@ -139,25 +137,6 @@ def summarize(seconds: dict, tokens: int, peaks: dict | None = None) -> dict:
     return out
 
 
-class ReplayTeacher:
-    """Hands build_cache scores computed earlier (at a larger k), so only the rest is timed."""
-
-    name = "transformers"
-    schedules_rows = False
-
-    def __init__(self, teacher, stored: dict[bytes, object]):
-        self.max_top_k, self.vocab_size, self.stored = teacher.max_top_k, teacher.vocab_size, stored
-        self.library_versions = teacher.library_versions
-
-    @staticmethod
-    def key(input_ids, num_tokens) -> bytes:
-        return np.ascontiguousarray(input_ids, dtype=np.int64).tobytes() + np.asarray(num_tokens, dtype=np.int64).tobytes()
-
-    def score(self, input_ids, num_tokens, top_k):
-        s = self.stored[self.key(input_ids, num_tokens)]
-        return TeacherScores(s.topk_ids[..., :top_k], s.topk_logprobs[..., :top_k], s.label_logprobs)
-
-
 def cache_size(cache_dir: Path, top_k: int) -> dict:
     """Shard bytes per labelled token and per candidate (as `mft cache-info` counts them), and each column's compressed bytes."""
     splits = cache_info(cache_dir)["splits"].values()
@@ -177,7 +156,7 @@ def cache_size(cache_dir: Path, top_k: int) -> dict:
 
 
 def measure_transformers(b: SimpleNamespace) -> dict:
-    """Forward, score and ``build_cache`` in rotating rounds; then the cache's sizes and the replayed builds."""
+    """Forward, score and ``build_cache`` in rotating rounds; then the cache's sizes at k and, built untimed, at each ``--extra-k``."""
     args = b.args
     build = cache_builder(b)
     forward, score = forward_and_score(b.model, b.teacher, b.batches, args.top_k)
@@ -189,10 +168,9 @@ def measure_transformers(b: SimpleNamespace) -> dict:
     memory_before = memory.reset()
     seconds, peaks = timed_rounds({"forward": forward, "score": score, "build": lambda: shutil.rmtree(build())}, args.repeats, memory)
     kept = build()
-    sizes = [checked_size(b, kept)]
-    replay = ReplayTeacher(b.teacher, score(top_k=max([args.top_k, *args.extra_k]), keep={}))  # one untimed pass at max k
-    replayed, replay_peak = timed_rounds({"build_replay": lambda: shutil.rmtree(build(replay))}, args.repeats, memory)
-    sizes += [{**cache_size(build(replay, top_k=k), k), "replayed": True} for k in args.extra_k]
+    if not (Cache(kept).split("train").input_ids == b.packed.input_ids).all():
+        raise SystemExit("build_cache packed other sequences than the benchmark's rows; the comparison would be unfair")
+    sizes = [cache_size(kept, args.top_k), *(cache_size(build(top_k=k), k) for k in args.extra_k)]
     return {
         "model": {
             "parameters": sum(p.numel() for p in b.model.parameters()), "vocab_size": b.teacher.vocab_size,
@@ -201,13 +179,13 @@ def measure_transformers(b: SimpleNamespace) -> dict:
             "split_head": b.teacher._split_head, "chunk_tokens": b.teacher.chunk_tokens,
         },
         "memory_kind": memory.kind, "memory_before": memory_before,
-        "timings": summarize({**seconds, **replayed}, b.tokens, {**peaks, **replay_peak}),
+        "timings": summarize(seconds, b.tokens, peaks),
         "sizes": sorted(sizes, key=lambda s: s["top_k"]),
     }  # fmt: skip
 
 
 def cache_builder(b: SimpleNamespace):
-    """``build(teacher, top_k, sequences)``: the whole ``build_cache`` over the benchmark's documents
+    """``build(top_k, sequences)``: the whole ``build_cache`` over the benchmark's documents
     into a new folder, with the loaded model and tokenizer handed in; returns the folder."""
     args, B = b.args, b.args.batch_size
     os.environ["HF_DATASETS_CACHE"] = str(b.work / "hf-datasets")  # keep datasets' Arrow cache out of ~
@@ -215,7 +193,7 @@ def cache_builder(b: SimpleNamespace):
     corpus_file.write_text("".join(json.dumps({"text": d}) + "\n" for d in b.docs), encoding="utf-8")
     builds = iter(range(10**6))
 
-    def build(teacher=b.teacher, top_k=args.top_k, sequences=len(b.packed)) -> Path:
+    def build(top_k=args.top_k, sequences=len(b.packed)) -> Path:
         out = b.work / f"build-{next(builds)}"
         config = CacheConfig(
             corpus=str(corpus_file), out=str(out), model=args.model, seq_len=args.seq_len, top_k=top_k, val_fraction=0.0,
@@ -223,7 +201,7 @@ def cache_builder(b: SimpleNamespace):
             device=str(b.device),
         )  # fmt: skip
         with contextlib.redirect_stderr(io.StringIO()):  # its warning that there is no validation split (on purpose)
-            build_cache(config, teacher, b.tokenizer, teacher_fingerprint=b.fingerprint)
+            build_cache(config, b.teacher, b.tokenizer, teacher_fingerprint=b.fingerprint)
         b.sync()
         return out
 
@@ -231,8 +209,7 @@ def cache_builder(b: SimpleNamespace):
 
 
 def forward_and_score(model, teacher, batches: list, top_k: int):
-    """The two passes over ``batches`` ((input_ids, num_tokens) host arrays): the plain forward, and
-    ``teacher.score`` (``score(top_k, keep)`` also stores each batch's scores in ``keep`` and returns it)."""
+    """The two passes over ``batches`` ((input_ids, num_tokens) host arrays): the plain forward, and ``teacher.score``."""
     device = next(model.parameters()).device
     sync, device_ids = synchronizer(device), [torch.as_tensor(ids, device=device) for ids, _ in batches]
 
@@ -242,22 +219,12 @@ def forward_and_score(model, teacher, batches: list, top_k: int):
                 model(ids).logits
         sync()
 
-    def score(top_k=top_k, keep=None):
+    def score():
         for ids, num in batches:
-            s = teacher.score(ids, num, top_k)
-            if keep is not None:
-                keep[ReplayTeacher.key(ids, num)] = s
+            teacher.score(ids, num, top_k)
         sync()
-        return keep
 
     return forward, score
-
-
-def checked_size(b: SimpleNamespace, cache_dir: Path) -> dict:
-    """``cache_size`` of a built cache, once its sequences are checked to be the benchmark's rows."""
-    if not (Cache(cache_dir).split("train").input_ids == b.packed.input_ids).all():
-        raise SystemExit("build_cache packed other sequences than the benchmark's rows; the comparison would be unfair")
-    return cache_size(cache_dir, b.args.top_k)
 
 
 def measure_vllm(b: SimpleNamespace) -> dict:
@@ -370,18 +337,16 @@ def render(r: dict) -> str:
         f"Teacher: {mdl['parameters'] / 1e6:.1f}M parameters, vocab {mdl['vocab_size']}, {mdl['dtype']}, attention {mdl['attention']}.", "",
         *timing_rows(t, [("teacher forward, `model(input_ids).logits`", "forward", ""),
                          (f"stage one, `TransformersTeacher.score` k={k}", "score", ">= 0.9x"),
-                         (f"`build_cache` k={k} (corpus -> Parquet + manifest)", "build", ""),
-                         (f"`build_cache` k={k} with replayed scores (all but the teacher)", "build_replay", "")]),
+                         (f"`build_cache` k={k} (corpus -> Parquet + manifest)", "build", "")]),
         f"Peak memory: {r['memory_kind']}; {fmt_mib(r['memory_before'])} were held before the timed runs (weights, libraries). "
-        "`build_cache` gets the loaded model and tokenizer handed in; everything else it does is timed. Replayed caches (other k) "
-        "are written by the real `build_cache` from one untimed k=max scoring pass, sliced to k. The k-cache's rows were checked "
-        "equal to the benchmark's.", "",
+        "`build_cache` gets the loaded model and tokenizer handed in; everything else it does is timed. The caches at other k "
+        "are built the same way, untimed. The k-cache's rows were checked equal to the benchmark's.", "",
         "Cache size (Parquet shard bytes per labelled token and per stored candidate; column shares in bytes per token):", "",
     ]  # fmt: skip
     cols = ["topk_ids", "topk_logprob_deltas", "argmax_logprob", "label_logprobs", "input_ids"]
     lines += table(
         ["k", "shard bytes", "bytes/token", "bytes/candidate", "target", *cols, "seq_id+num_tokens+footer"],
-        [[f"{s['top_k']}{' (replayed)' if s.get('replayed') else ''}", f"{s['bytes']:,}", f"{s['bytes_per_token']:.2f}",
+        [[s["top_k"], f"{s['bytes']:,}", f"{s['bytes_per_token']:.2f}",
           f"**{s['bytes_per_candidate']:.3f}**", "<= 2.5", *(f"{s['column_bytes'].get(c, 0) / s['labels']:.2f}" for c in cols),
           f"{(s['column_bytes'].get('seq_id', 0) + s['column_bytes'].get('num_tokens', 0) + s['other_bytes']) / s['labels']:.2f}"]
          for s in r["sizes"]],
