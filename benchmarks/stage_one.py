@@ -53,43 +53,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, default, what in (("seq-len", 256, "tokens per row"), ("batch-size", 4, "rows per teacher call"),
                                 ("batches", 4, "batches per timed pass"), ("top-k", 20, "k"), ("repeats", 3, "timed rounds (median reported)")):
         p.add_argument(f"--{name}", type=int, default=default, help=what)
-    p.add_argument("--extra-k", default="5,50", help="other k to measure cache size at (untimed builds), comma-separated ('' for none)")
+    p.add_argument("--extra-k", default="5,50", type=lambda s: comma_list(s, int),
+                   help="other k to measure cache size at (untimed builds), comma-separated ('' for none)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--backend", default="transformers", choices=("transformers", "vllm"))
     p.add_argument("--out", default=None, help="markdown results file (default docs/results/stage-one-[vllm-]<device>.md); a .json beside it")
     args = p.parse_args(argv)
     if args.seq_len < 2 or min(args.batch_size, args.batches, args.top_k, args.repeats) < 1:
         p.error("--seq-len must be >= 2 and --batch-size, --batches, --top-k, --repeats >= 1")
-    try:
-        args.extra_k = sorted(set(comma_list(args.extra_k, int)) - {args.top_k})
-    except ValueError:
-        p.error("--extra-k takes integers separated by commas")
+    args.extra_k = sorted(set(args.extra_k) - {args.top_k})
     return args
 
 
-def corpus_texts() -> tuple[object, dict]:
-    """The texts to pack, in order, and where they come from."""
-    return (d["text"] for d in code_documents(stdlib_root())), {
-        "source": f"CPython {platform.python_version()} standard library .py files (the demo's `code` corpus, "
-        "mft_pipeline.demo.stdlib_code: outside test folders, sorted by path)"
-    }
+CORPUS = (f"CPython {platform.python_version()} standard library .py files (the demo's `code` corpus, "
+          "mft_pipeline.demo.stdlib_code: outside test folders, sorted by path)")
 
 
 def load_workload(args, tokenizer):
-    """Documents and their packing into exactly batches x batch_size full rows."""
+    """Documents of ``CORPUS``, in order, and their packing into exactly batches x batch_size full rows."""
     n = args.batches * args.batch_size
     min_chars = n * (args.seq_len - 1) * 5
     while True:
-        texts, about = corpus_texts()
         docs, chars = [], 0
-        for text in texts:
-            docs.append(text)
-            chars += len(text)
+        for doc in code_documents(stdlib_root()):
+            docs.append(doc["text"])
+            chars += len(doc["text"])
             if chars >= min_chars:
                 break
         packed = pack_documents(docs, tokenizer, args.seq_len, max_sequences=n)
         if len(packed) == n and int(packed.num_tokens.min()) == args.seq_len:
-            return docs, packed, {**about, "documents": len(docs), "chars": chars}
+            return docs, packed, {"source": CORPUS, "documents": len(docs), "chars": chars}
         if chars < min_chars:
             raise SystemExit(f"the corpus holds too little text for {n} rows of {args.seq_len} tokens")
         min_chars *= 2
@@ -371,7 +364,6 @@ def render_vllm(r: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    os.environ.setdefault("TQDM_DISABLE", "1")  # build_cache's bars would interleave with the report
     head = started(command_line("python -m benchmarks.stage_one", argv), pick_device(args.device))
     b = setup(args)
     measured = measure_vllm(b) if args.backend == "vllm" else measure_transformers(b)
