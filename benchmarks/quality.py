@@ -1,11 +1,11 @@
 """Quality benchmark: `mft compare` with the repo's profiles, into docs/results/.
 
-    python -m benchmarks.quality --profile cpu --skip frontier,fidelity,low-data  # 2 CPU cores: FT, MFT; ~1.5 hours
+    python -m benchmarks.quality --profile cpu --skip frontier,fidelity,low-data  # 2 Xeon cores: FT, MFT; ~1.5 hours
     python -m benchmarks.quality --profile cpu --skip tail-samples,fidelity,low-data  # then the frontier; ~1.8 hours
     python -m benchmarks.quality --profile cpu  # then the sampled-tail frontier line, fidelity, low data; ~1.5 hours
     python -m benchmarks.quality --profile gpu --methods FT,MFT --skip frontier,fidelity,low-data  # one CUDA GPU (docs/gpu-check.md)
     python -m benchmarks.quality --model path/to/model.gguf --methods FT,MFT --skip fidelity
-    python -m benchmarks.quality --families FT,MFT,WiSE-FT --lrs 1e-4  # the fair frontier, one learning rate; ~1.6 hours
+    python -m benchmarks.quality --profile quick --families FT,MFT --taus 0.25 --lrs 3e-5  # the fair frontier's CPU size, one lr
 
 Every other option is `mft compare`'s (`mft compare --help`; the fair frontier's commands are in
 docs/frontier.md). The results file is docs/results/quality-<profile>[-<model>][-lr<lr>].md

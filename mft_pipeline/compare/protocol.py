@@ -235,13 +235,14 @@ class Throughput:
 
 
 CPU_THROUGHPUT = Throughput(
-    # Measured 2026-11-27 on the cpu profile's first invocation's own runs (2-core Xeon, 2 threads, nothing else running):
-    # SmolLM2-135M, seq_len 128, batch 8. Training: the mean tokens_per_s of metrics.jsonl (FT 218-229, MFT 239).
-    # Evaluation: the wall time between a run's last training step and its logged evaluation in the TensorBoard
-    # events, 26-27 s for 24,765 tokens. Overhead: loading (2 s) and the two checkpoints (about 4 s each). Online
-    # dense: the mean tokens_per_s of the second invocation's 12 online frontier runs (146-173).
-    train=235, eval=930, online=160, overhead_s=12,
-    measured="measured on the cpu profile's first two invocations: 2 threads on 2 cores, no other load",
+    # Measured 2026-12-06 on 2 AMD EPYC cores with 2 threads and nothing else running, SmolLM2-135M, seq_len 128,
+    # batch 8, in `mft compare --quick` runs: training, the mean tokens_per_s of their metrics.jsonl (140-160);
+    # evaluation, py-spy's time in `evaluate` over the tokens evaluated (385-400 tokens/s: the 135M body's forward and
+    # the 49k-vocabulary head in float32); overhead, py-spy's time in loading and checkpoints, about 15 s a run.
+    # Online dense was measured on a 2-core Xeon that trained cached runs at 235 tokens/s and online ones at 160
+    # (146-173); it is scaled here by that ratio, not measured.
+    train=150, eval=400, online=100, overhead_s=15,
+    measured="measured on 2 AMD EPYC cores, 2 threads, no other load (online dense scaled, not measured)",
     # Tasks: docs/tasks.md's `mft eval --limit 50` run, 800 continuations in 585 s of CPU time, counted as one busy core.
     tasks=1.4,
 )  # fmt: skip
@@ -286,23 +287,25 @@ class Profile:
 
 PROFILES = {
     # Does MFT help on my data? One domain (legal unless --domain), FT against MFT tau 0.25, 3 seeds, nothing else.
-    # Each run trains on 24 x 8 x 128 = 24,576 tokens (one pass over its 192 sequences) and evaluates 96 general and
-    # 48 specialized sequences three times (before, at step 12 and 24). At CPU_THROUGHPUT a run takes about 3 minutes
-    # and the whole comparison (reference, 2 caches, 6 runs) about 21 minutes, plus preparing the model and corpora.
-    # Measured 2026-12-06 on 2 cores with no other load: 41.6 minutes (7.5 preparing, the reference and the caches;
-    # 5.5-6 per run: training at ~150 tokens/s, and ~3 minutes of loading, evaluation and checkpoints per run).
+    # Each run trains on 16 x 8 x 128 = 16,384 tokens (one pass over its 128 sequences) and evaluates 64 general and
+    # 32 specialized sequences twice, before and after (with one pass over the data the last checkpoint is nearly
+    # always the best: it was at every run of the 24-step version of this profile). The reference is 12 steps.
+    # At CPU_THROUGHPUT a run takes about 3 minutes and the whole comparison (reference, 2 caches, 6 runs) about
+    # 23 minutes, plus preparing the model and corpora; measured 2026-12-06 on 2 idle cores: 20.2 minutes in all. The
+    # 24-step version (192 sequences, 96 and 48 evaluated three times) took 41.6; evaluation, at 400 tokens/s, was
+    # half of each run's time besides training.
     "quick": Profile(
-        seq_len=128, max_documents=400, train_sequences=192, val_sequences=48, general_sequences=96, steps=24,
-        batch_size=8, lr=1e-4, warmup_steps=2, eval_every=12, low_data_sequences=8, low_data_steps=24,
-        low_data_eval_every=4, reference_steps=20, replay_sequences=384, device="cpu", seeds=3, other_seeds=1,
+        seq_len=128, max_documents=400, train_sequences=128, val_sequences=32, general_sequences=64, steps=16,
+        batch_size=8, lr=1e-4, warmup_steps=2, eval_every=16, low_data_sequences=8, low_data_steps=16,
+        low_data_eval_every=4, reference_steps=12, replay_sequences=256, device="cpu", seeds=3, other_seeds=1,
         methods=("FT", "MFT"), domains=("legal",), skip=PARTS, throughput=CPU_THROUGHPUT,
     ),
     # Each run trains on 40 x 8 x 128 = 40,960 tokens (one pass over its 320 sequences) and evaluates 130 general
     # and 65 specialized sequences: 16,510 and 8,255 predicted tokens, three times (before, at step 20 and 40).
-    # These are the floors of the protocol; at CPU_THROUGHPUT a run from the cache takes about 4.5 minutes, one
-    # with the online dense teacher about 6, and the whole protocol (53 runs with the frontier's three lines) about
-    # 4.5 hours (measured 4.9: invocations of 99, 106 and 90 minutes), so it runs in three resumable invocations of at most
-    # about 2 hours (--skip frontier,fidelity,low-data; then --skip tail-samples,fidelity,low-data; then all).
+    # These are the floors of the protocol; at CPU_THROUGHPUT a run from the cache takes about 8 minutes, one with
+    # the online dense teacher about 10, and the whole protocol (53 runs with the frontier's three lines) about 8 hours.
+    # On a 2-core Xeon that trained at 235 tokens/s it took 4.9 (invocations of 99, 106 and 90 minutes), so it runs in
+    # three resumable invocations (--skip frontier,fidelity,low-data; then --skip tail-samples,fidelity,low-data; then all).
     "cpu": Profile(
         seq_len=128, max_documents=400, train_sequences=320, val_sequences=65, general_sequences=130, steps=40,
         batch_size=8, lr=1e-4, warmup_steps=4, eval_every=20, low_data_sequences=8, low_data_steps=24,

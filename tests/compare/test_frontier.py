@@ -100,12 +100,12 @@ def test_plan_and_cpu_sizing():
     counts = planned_frontier(legal)
     # FT 3 learning rates and MFT 9 points, 3 seeds; WiSE-FT 3 alphas on each FT run.
     assert counts == dict(reference=1, caches=2, frontier=3 * (3 + 9), wise=3 * 9, fisher=0)
-    total = sum(estimate_minutes(legal.profile, counts, legal.profile.throughput).values())
-    assert 200 < total < 260
-    # One learning rate per invocation keeps each under 2 hours on 2 cores.
+    minutes = lambda plan: sum(estimate_minutes(plan.profile, planned_frontier(plan), plan.profile.throughput).values())  # noqa: E731
+    # At the cpu profile's size this alone is over 7 hours on 2 cores (docs/frontier.md: a GPU's job) ...
+    assert 400 < minutes(legal) < 480
+    # ... while at the quick size FT and MFT at tau 0.25 take under 45 minutes per learning rate.
     for lr in ("1e-4", "3e-5", "1e-5"):
-        plan = make_plan(CompareConfig(families="FT,MFT,WiSE-FT", lrs=lr))
-        assert sum(estimate_minutes(plan.profile, planned_frontier(plan), plan.profile.throughput).values()) < 110
+        assert minutes(make_plan(CompareConfig(quick=True, families="FT,MFT", taus="0.25", lrs=lr))) < 45
     every = make_plan(CompareConfig(families="all", frontier_domains="sympy,code"))
     assert every.domains == ["legal", "sympy", "code"] and planned_frontier(every)["fisher"] == 1
     # LoRA, L2-init, EWC, DFT and TALR in legal only; FT and MFT in all three.
