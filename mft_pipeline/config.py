@@ -499,7 +499,7 @@ class CompareConfig:
         default=False,
     )
     profile: str | None = doc(
-        "Size of the protocol: quick (as --quick), cpu (the full protocol for 2 CPU cores: about half an hour per domain "
+        "Size of the protocol: quick (as --quick), cpu (the full protocol for 2 CPU cores: about 50 minutes per domain "
         "for FT and MFT, hours more for the frontier, fidelity and low-data parts), gpu (1024-token sequences, one CUDA "
         "GPU) or smoke (seconds, for a tiny --model in tests). Default: cpu, or quick with --quick.",
         default=None,
