@@ -542,6 +542,13 @@ class CompareConfig:
         "theirs. Default: every point.",
         default=None,
     )
+    tail_samples: int = doc(
+        "With --families: MFT's points train from a cache of the top 12 ids plus N ids sampled from the teacher's tail "
+        "(as `mft cache-teacher --top-k 12 --tail-samples N`; 11 takes about the bytes of the k = 20 cache, "
+        "docs/choosing-k.md) instead of the k = 20 cache; the other families read only the labels and are unchanged. "
+        "Default: 0, the k = 20 cache.",
+        default=0,
+    )
     tasks: str | None = doc(
         "Also score the reference checkpoint and every per-domain run's best checkpoint on these standard tasks, "
         "comma-separated, zero-shot with lm-evaluation-harness (the `tasks` extra; docs/tasks.md): hellaswag, arc_easy, "
@@ -567,6 +574,7 @@ class CompareConfig:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         if self.task_limit is not None:
             _check_positive("task_limit", self.task_limit)
+        _check_positive("tail_samples", self.tail_samples, minimum=0)
         if self.tasks is not None:
             from mft_pipeline.eval.tasks import check_tasks
 

@@ -215,7 +215,7 @@ def planned_frontier(plan: Plan) -> dict[str, int]:
     seeds = plan.profile.seeds
     return dict(
         reference=1 if plan.profile.reference_steps else 0,
-        caches=1 + len(plan.domains),
+        caches=1 + len(plan.domains) * (2 if plan.tail_samples else 1),
         frontier=seeds * len(trained),
         wise=seeds * sum(pt.alpha is not None for _, pt in points),
         fisher=int(any(pt.family == "EWC" for _, pt in points)),
@@ -346,6 +346,13 @@ class Plan:
     families: list[str] = field(default_factory=list)  # the fair frontier's; empty: the per-domain protocol
     lrs: set[float] = field(default_factory=set)  # the fair frontier's grid points at these learning rates; empty: all
     taus: set[float] = field(default_factory=set)  # MFT's grid points at these margins; empty: all
+    tail_samples: int = 0  # MFT's points train from the top-SAMPLED_K cache plus this many sampled tail ids; 0: k = TOP_K
+
+    def cache_of(self, pt: Point) -> tuple[int | None, int]:
+        """(top-k, sampled tail ids) of the cache ``pt`` trains from; DFT and TALR read only the labels (None)."""
+        if pt.variant == "mft" and self.tail_samples:
+            return SAMPLED_K, self.tail_samples
+        return (TOP_K if pt.variant in ("ft", "mft") else None), 0
 
     def chooses(self, pt: Point) -> bool:
         """Whether the fair frontier traces ``pt``: its learning rate is among --lrs and its margin among --taus."""
@@ -375,8 +382,8 @@ def make_plan(config: CompareConfig) -> Plan:
     if frontier_domain not in domains:
         raise ConfigError(f"--frontier-domain {frontier_domain}: not one of the domains {', '.join(domains)}")
     if config.families is None:
-        if config.frontier_domains is not None or config.lrs is not None or config.taus is not None:
-            raise ConfigError("--frontier-domains, --lrs and --taus choose the fair frontier's runs; give --families too")
+        if config.frontier_domains is not None or config.lrs is not None or config.taus is not None or config.tail_samples:
+            raise ConfigError("--frontier-domains, --lrs, --taus and --tail-samples choose the fair frontier's runs; give --families too")
         return Plan(name, p, domains, methods, skip, frontier_domain)
     if config.methods is not None or config.skip is not None:
         raise ConfigError("--methods and --skip choose the per-domain protocol's runs; --families runs the fair frontier instead")
@@ -401,7 +408,10 @@ def fair_frontier_plan(config: CompareConfig, p: Profile, domains: list[str], fr
     taus = set(split_numbers(config.taus, "--taus")) if config.taus is not None else set()
     if taus - set(FRONTIER_TAUS) or (taus and "MFT" not in families):
         raise ConfigError(f"--taus picks MFT's margins: give --families MFT and some of {', '.join(f'{t:g}' for t in FRONTIER_TAUS)}")
-    return Plan(config.profile_name, p, list(dict.fromkeys(chosen)), [], set(PARTS), frontier_domain, families, lrs, taus)
+    if config.tail_samples and "MFT" not in families:
+        raise ConfigError("--tail-samples sets the cache of MFT's points: give --families MFT too")
+    chosen = list(dict.fromkeys(chosen))
+    return Plan(config.profile_name, p, chosen, [], set(PARTS), frontier_domain, families, lrs, taus, config.tail_samples)
 
 
 def seeds_for(p: Profile, method: Method) -> range:

@@ -641,7 +641,8 @@ def write_frontier_results(path: Path, r: Report) -> None:
         + f". Every run evaluates every {frontier_eval_every(p)} steps and **every evaluation is a point** (stopping there). "
         "WiSE-FT averages an FT run's best checkpoint (lowest specialized validation perplexity) with the start at α, "
         "without training. EWC's Fisher is computed on general-domain training text, so **EWC uses general-domain data**; "
-        "the other families do not. EWC's λ column is the λ given to training (the grid divided by the Fisher's mean).",
+        "the other families do not. EWC's λ column is the λ given to training (the grid divided by the Fisher's mean). "
+        + mft_cache_text(r.rows),
         "",
         "Grids (the command's --lrs and --taus keep those at its learning rates and MFT margins): " + "; ".join(f"{f}: " + ", ".join(pt.label for pt in FAMILIES[f]) for f in families) + ".",
         "",
@@ -676,6 +677,15 @@ def write_frontier_results(path: Path, r: Report) -> None:
         lines.append("")
     lines += [f"Every point of every seed, one row each: [runs.csv]({r.name}/runs.csv).", ""]
     path.write_text("\n".join(lines) + "\n")
+
+
+def mft_cache_text(rows: list[Row]) -> str:
+    """Which stage-one cache MFT's points trained from (runs.csv's k and tail_samples columns)."""
+    caches = sorted({(row.k, row.tail_samples) for row in rows if row.method == "MFT"})
+    if not caches:
+        return ""
+    names = [f"top-{k} cache plus {n} ids sampled from the teacher's tail (--tail-samples {n})" if n else f"top-{k} cache" for k, n in caches]
+    return f"MFT trains from the {' and the '.join(names)}; FT and the other families read only the labels."
 
 
 def frontier_sizing_lines(r: Report) -> list[str]:

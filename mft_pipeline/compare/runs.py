@@ -174,8 +174,9 @@ def path_key(name: str, path: Path) -> str:
 def result_name(config: CompareConfig, plan: Plan | None = None) -> str:
     """quality-PROFILE[-MODEL][-lrLR][-general-NAME][-DOMAINS]: one name per distinct comparison.
 
-    The fair frontier's is frontier-PROFILE...-DOMAINS with the domains it traces, whichever families and learning
-    rates an invocation chose, so the invocations that split it rewrite one results file.
+    The fair frontier's is frontier-PROFILE...[-k12tailN]-DOMAINS with the domains it traces, whichever families and
+    learning rates an invocation chose, so the invocations that split it rewrite one results file; MFT from a
+    sampled-tail cache (--tail-samples N) is a results file of its own.
     """
     kind = "frontier" if plan and plan.families else "quality"
     name = f"{kind}-{config.profile_name}" + ("" if config.model == DEFAULT_MODEL else f"-{model_slug(config.model)}")
@@ -183,6 +184,8 @@ def result_name(config: CompareConfig, plan: Plan | None = None) -> str:
         name += f"-lr{config.lr:g}"
     if config.general:
         name += f"-general-{Path(config.general).stem.split('.')[0]}"
+    if kind == "frontier" and plan.tail_samples:
+        name += f"-k{SAMPLED_K}tail{plan.tail_samples}"
     return name + "".join(f"-{d}" for d in (plan.domains if kind == "frontier" else config.domains))
 
 
@@ -382,6 +385,7 @@ class Comparison:
         self.figures = Path(config.out) / name
         self.keys = {d: (path_key(d, self.user[d]) if self.user else d) for d in plan.domains}
         self.caches: dict[str, str] = {}
+        self.sampled_caches: dict[str, str] = {}  # with --tail-samples
 
     def seeds(self, method: Method) -> range:
         return seeds_for(self.p, method)
@@ -439,6 +443,9 @@ class Comparison:
             self.caches[d] = self.cache(self.sources[d], f"cache-{self.keys[d]}")
             # S counts only target positions (a chat corpus's answers), so the table's token count does too.
             self.runner.tokens[d] = (general_tokens, Cache(self.caches[d]).split("validation").target_tokens)
+            if self.plan.tail_samples:  # MFT's points on the fair frontier; the same documents and split
+                n = self.plan.tail_samples
+                self.sampled_caches[d] = self.cache(self.sources[d], f"cache-{self.keys[d]}-k{SAMPLED_K}-tail{n}", top_k=SAMPLED_K, tail_samples=n)
 
     def reference_checkpoint(self, common: dict) -> dict:
         """The paper's section 3.1 starts every method from a reference checkpoint lightly tuned on the
@@ -550,7 +557,9 @@ class Comparison:
         an average is missing (it ran before WiSE-FT was asked for) is trained again with the same settings and seed.
         """
         domain_folder = self.work / "frontier" / self.keys[domain]
-        folder = domain_folder / point.family / point.folder / f"seed{seed}"
+        k, n = self.plan.cache_of(point)
+        cache = self.sampled_caches[domain] if n else self.caches[domain]
+        folder = domain_folder / point.family / (point.folder + (f"-k{k}tail{n}" if n else "")) / f"seed{seed}"
         results = {w: domain_folder / w.family / w.folder / f"seed{seed}.json" for w in averages}
         missing = [w for w, path in results.items() if not path.exists()]
         run = RunFolder(folder)
@@ -559,12 +568,12 @@ class Comparison:
             shutil.rmtree(folder)
         settings = {
             **self.runner.common, "eval_every": frontier_eval_every(self.p), **point.train_settings(ewc),
-            "cache": self.caches[domain], "seed": seed,
+            "cache": cache, "seed": seed,
         }  # fmt: skip
         train_once(folder, settings, keep_best=bool(missing) or self.config.keep_checkpoints)
         tokens = self.runner.tokens[domain]
         lam = settings.get("l2_init", settings.get("ewc_lambda"))
-        rows = [self.frontier_row(domain, point, seed, r, tokens, lr=settings["lr"], lam=lam) for r in run.metrics("eval")]
+        rows = [self.frontier_row(domain, point, seed, r, tokens, (k, n), lr=settings["lr"], lam=lam) for r in run.metrics("eval")]
         if missing and run.best.exists():
             sets = self.evaluation_sets(domain)
             before = run.metrics("before")[0]
@@ -577,15 +586,15 @@ class Comparison:
             shutil.rmtree(run.best, ignore_errors=True)
         for w, path in results.items():
             if path.exists():
-                rows.append(self.frontier_row(domain, w, seed, json.loads(path.read_text()), tokens, lr=w.lr))
+                rows.append(self.frontier_row(domain, w, seed, json.loads(path.read_text()), tokens, self.plan.cache_of(w), lr=w.lr))
         return rows
 
     @staticmethod
-    def frontier_row(domain: str, point: Point, seed: int, row: dict, tokens: tuple[int, int], lr: float, lam: float | None = None) -> Row:
-        """A runs.csv row of one evaluation (a metrics.jsonl "eval" row, or a WiSE-FT result)."""
-        k = TOP_K if point.variant in ("ft", "mft") else None  # DFT and TALR read only the labels
+    def frontier_row(domain: str, point: Point, seed: int, row: dict, tokens: tuple[int, int], cache: tuple[int | None, int], lr: float, lam: float | None = None) -> Row:
+        """A runs.csv row of one evaluation (a metrics.jsonl "eval" row, or a WiSE-FT result); ``cache`` is the
+        (top-k, sampled tail ids) of the cache it trained from."""
         return Row(
-            seed, domain, point.family, point.tau, k, 0, row.get("S"), row.get("DG"), row.get("DG_over_S"), *tokens,
+            seed, domain, point.family, point.tau, *cache, row.get("S"), row.get("DG"), row.get("DG_over_S"), *tokens,
             lr=lr, lam=lam, alpha=point.alpha, rank=point.rank, step=row["step"],
         )  # fmt: skip
 

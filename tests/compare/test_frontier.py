@@ -13,6 +13,7 @@ from scipy import stats
 
 from cli.main import mft
 from conftest import make_documents, write_jsonl
+from mft_pipeline.cache.info import cache_info
 from mft_pipeline.compare.protocol import FAMILIES, PENALTY_LAMBDAS, estimate_minutes, frontier_points, make_plan, planned_frontier
 from mft_pipeline.compare.results import Row, family_verdict, verdict_text, write_csv
 from mft_pipeline.compare.runs import wise_ft_scores
@@ -111,6 +112,11 @@ def test_plan_and_cpu_sizing():
     # LoRA, L2-init, EWC, DFT and TALR in legal only; FT and MFT in all three.
     assert planned_frontier(every)["frontier"] == 3 * (3 * 12 + 3 + 2 * len(PENALTY_LAMBDAS) + 2)
     assert [pt.label for pt in FAMILIES["MFT"]][-1] == "lr=1e-05 tau=0.25"
+    # --tail-samples: MFT's points from a top-12 cache with sampled tail ids, one more cache per domain; FT unchanged.
+    sampled = make_plan(CompareConfig(families="FT,MFT", tail_samples=11))
+    assert planned_frontier(sampled)["caches"] == 3 and planned_frontier(sampled)["frontier"] == counts["frontier"]
+    assert {sampled.cache_of(pt) for _, pt in frontier_points(sampled)} == {(20, 0), (12, 11)}
+    assert {legal.cache_of(pt) for _, pt in frontier_points(legal)} == {(20, 0)}
     # --taus narrows MFT's grid alone: FT at 3 learning rates, MFT at tau 0.25 at each of them.
     narrow = make_plan(CompareConfig(families="FT,MFT", taus="0.25"))
     assert sorted((pt.family, pt.lr, pt.tau) for _, pt in frontier_points(narrow)) == sorted(
@@ -125,6 +131,8 @@ def test_plan_and_cpu_sizing():
         (CompareConfig(families="FT", taus="0.25"), "--taus picks MFT's margins"),
         (CompareConfig(families="FT", methods="FT"), "--families runs the fair frontier instead"),
         (CompareConfig(families="FT", frontier_domains="poetry"), "--frontier-domains: poetry not among"),
+        (CompareConfig(tail_samples=11), "give --families too"),
+        (CompareConfig(families="FT", tail_samples=11), "--tail-samples sets the cache of MFT's points"),
     ):
         with pytest.raises(ConfigError, match=message):
             make_plan(config)
@@ -196,3 +204,23 @@ def test_smoke_frontier_two_domains_then_wise_ft_then_resumed(tmp_path, tiny_mod
     assert [p.stat().st_mtime_ns for p in [*summary.values(), *wise_files]] == stamps
     assert json.loads(wise_files[0].read_text())["step"] in (1, 2)
     assert len(list(csv.DictReader(open(figures / "runs.csv")))) == 8 + 3
+
+
+def test_smoke_frontier_mft_from_a_sampled_tail_cache(tmp_path, tiny_model_dir):
+    legal = write_jsonl(tmp_path / "legal.jsonl", make_documents(60, seed=3))
+    general = write_jsonl(tmp_path / "general.jsonl", make_documents(60, seed=6, words=GENERAL_WORDS))
+    work = tmp_path / "work"
+    result = compare("--profile", "smoke", "--model", tiny_model_dir, "--domain", f"legal={legal}", "--general", general,
+                     "--out", tmp_path / "out", "--work", work, "--seeds", "1", "--lrs", "1e-5", "--families", "FT,MFT", "--tail-samples", "3")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "3 caches" in result.output
+    (results,) = (tmp_path / "out").glob("frontier-smoke-*-k12tail3-legal.md")
+    assert "MFT trains from the top-12 cache plus 3 ids sampled from the teacher's tail" in results.read_text()
+    rows = list(csv.DictReader(open(results.with_suffix("") / "runs.csv")))
+    assert {(r["method"], r["k"], r["tail_samples"]) for r in rows} == {("FT", "20", "0"), ("MFT", "12", "3")}
+    # Each run read the cache its row names: MFT the sampled one, which holds 3 tail ids per position; FT the k = 20 one.
+    folders = [p.parent for p in next(work.rglob("frontier")).rglob("summary.json")]
+    caches = {f.parts[-3]: cache_info(RunFolder(f).read_settings()["cache"]) for f in folders}
+    assert [f.parts[-2] for f in folders if f.parts[-3] == "MFT"] == ["lr1e-05-tau0.25-k12tail3"]
+    assert (caches["FT"]["top_k"], caches["FT"]["tail_samples"]) == (20, 0)
+    assert (caches["MFT"]["top_k"], caches["MFT"]["tail_samples"]) == (12, 3)
