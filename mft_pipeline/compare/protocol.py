@@ -410,8 +410,7 @@ def fair_frontier_plan(config: CompareConfig, p: Profile, domains: list[str], fr
         raise ConfigError(f"--taus picks MFT's margins: give --families MFT and some of {', '.join(f'{t:g}' for t in FRONTIER_TAUS)}")
     if config.tail_samples and "MFT" not in families:
         raise ConfigError("--tail-samples sets the cache of MFT's points: give --families MFT too")
-    chosen = list(dict.fromkeys(chosen))
-    return Plan(config.profile_name, p, chosen, [], set(PARTS), frontier_domain, families, lrs, taus, config.tail_samples)
+    return Plan(config.profile_name, p, list(dict.fromkeys(chosen)), [], set(PARTS), frontier_domain, families, lrs, taus, config.tail_samples)
 
 
 def seeds_for(p: Profile, method: Method) -> range:
