@@ -403,6 +403,10 @@ class Comparison:
             )  # fmt: skip
         return str(out)
 
+    def sampled_cache(self, domain: str, n: int) -> str:
+        """The domain's cache of the top SAMPLED_K ids plus ``n`` sampled tail ids, shared by every part that asks for it."""
+        return self.cache(self.sources[domain], f"cache-{self.keys[domain]}-k{SAMPLED_K}-tail{n}", top_k=SAMPLED_K, tail_samples=n)
+
     def prepare(self, corpora: dict[str, Corpus], report: Report, log: Callable[[str], None]) -> None:
         """The model, the corpora (with size warnings), the general evaluation set, the reference checkpoint, the runner."""
         p, config = self.p, self.config
@@ -444,8 +448,7 @@ class Comparison:
             # S counts only target positions (a chat corpus's answers), so the table's token count does too.
             self.runner.tokens[d] = (general_tokens, Cache(self.caches[d]).split("validation").target_tokens)
             if self.plan.tail_samples:  # MFT's points on the fair frontier; the same documents and split
-                n = self.plan.tail_samples
-                self.sampled_caches[d] = self.cache(self.sources[d], f"cache-{self.keys[d]}-k{SAMPLED_K}-tail{n}", top_k=SAMPLED_K, tail_samples=n)
+                self.sampled_caches[d] = self.sampled_cache(d, self.plan.tail_samples)
 
     def reference_checkpoint(self, common: dict) -> dict:
         """The paper's section 3.1 starts every method from a reference checkpoint lightly tuned on the
@@ -492,8 +495,7 @@ class Comparison:
         fd = report.frontier_domain
         caches = {"cached": self.caches[fd], "online": self.caches[fd]}
         if "tail-samples" not in report.skip:
-            name = f"cache-{self.keys[fd]}-k{SAMPLED_K}-tail{SAMPLED_N}"
-            caches["sampled"] = self.cache(self.sources[fd], name, top_k=SAMPLED_K, tail_samples=SAMPLED_N)
+            caches["sampled"] = self.sampled_cache(fd, SAMPLED_N)
         for line, cache in caches.items():
             _, k, n, _ = LINES[line]
             if line != "online":
