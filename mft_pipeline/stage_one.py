@@ -140,6 +140,8 @@ def build_cache(
     vocab_size = len(tokenizer)
     if config.top_k > vocab_size:
         raise ConfigError(f"--top-k {config.top_k} exceeds the tokenizer's vocabulary of {vocab_size}")
+    if config.tail_samples > vocab_size:  # more draws than ids says nothing more, and a huge count overflows the arrays
+        raise ConfigError(f"--tail-samples {config.tail_samples} exceeds the tokenizer's vocabulary of {vocab_size}")
     if teacher is not None:
         return _write_cache(config, teacher, teacher_fingerprint, tokenizer, corpus, vocab_size)
     if backend_name(config) == "vllm" and config.top_k > VLLM_MAX_TOP_K:

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 from click.testing import CliRunner
-from hypothesis import event, given, settings
+from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
 from cli.main import mft
@@ -91,6 +91,7 @@ OPTIONS = {
 @settings(SETTINGS, max_examples=EXAMPLES)
 @given(chosen=st.dictionaries(st.sampled_from(sorted(OPTIONS)), st.just(None), min_size=1, max_size=4).flatmap(
     lambda keys: st.fixed_dictionaries({k: OPTIONS[k] for k in keys})))
+@example(chosen={"--tail-seed": "0", "--tail-samples": "99999999999999999999"})  # found by this test: once an OverflowError
 def test_cache_teacher_option_values_give_a_cache_or_exit_2(tmp_path, tiny_model_dir, runner, chosen):
     case = tmp_path / uuid.uuid4().hex
     case.mkdir()
