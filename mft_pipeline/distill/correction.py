@@ -15,6 +15,8 @@ import torch
 from mft_pipeline.errors import ConfigError
 
 VARIANTS = ("mft", "ft", "distill+ft", "single-correction")
+# The variants whose weight `a` depends on tau (the variant table below); the others ignore it.
+TAU_VARIANTS = ("mft", "single-correction")
 
 
 def check_tau(tau: float) -> float:

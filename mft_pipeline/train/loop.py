@@ -28,7 +28,7 @@ from mft_pipeline.cache.reader import PREFETCH_DEPTH, Cache, CachedSplit, Prefet
 from mft_pipeline.config import TrainConfig
 from mft_pipeline.data.corpus import load_documents
 from mft_pipeline.data.packing import pack_documents
-from mft_pipeline.distill.label_loss import LABEL_VARIANTS
+from mft_pipeline.distill.correction import TAU_VARIANTS
 from mft_pipeline.distill.online import dense_mft_loss
 from mft_pipeline.eval.metrics import compare, model_perplexity
 from mft_pipeline.models import load_model, load_tokenizer, tokenizer_fingerprint, weights_fingerprint
@@ -510,7 +510,7 @@ def uses_general_data(config: TrainConfig) -> bool:
 
 
 def describe_method(config: TrainConfig) -> str:
-    method = [config.variant] + ([] if config.variant in LABEL_VARIANTS else [f"tau={config.tau:g}"])
+    method = [config.variant] + ([f"tau={config.tau:g}"] if config.variant in TAU_VARIANTS else [])
     method += [config.peft] if config.peft != "none" else []
     method += [f"replay {config.replay_fraction:g}"] if config.replay else []
     method += [f"l2-init {config.l2_init:g}"] if config.l2_init is not None else []

@@ -127,3 +127,10 @@ def test_the_report_reads_run_folders_without_importing_torch():
     done = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_the_reports_tau_variants_are_the_corrections():
+    from mft_pipeline.distill import correction
+    from mft_pipeline.sweep import report
+
+    assert report.TAU_VARIANTS == correction.TAU_VARIANTS

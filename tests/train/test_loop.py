@@ -172,3 +172,16 @@ def test_run_records_curves_and_a_config_that_replays(stage_two, tmp_path):
     command = mft.commands["train"]
     with command.make_context("train", ["--config", str(tmp_path / "run" / "run-config.yaml")]) as ctx:
         assert build(TrainConfig, ctx.params) == config
+
+
+@pytest.mark.parametrize(
+    "variant, peft, expected",
+    [("mft", "none", "mft, tau=0.25"), ("single-correction", "none", "single-correction, tau=0.25"),
+     ("ft", "lora", "ft, lora"), ("distill+ft", "none", "distill+ft"), ("dft", "none", "dft"), ("talr", "none", "talr")],
+)
+def test_method_label_names_tau_only_where_the_variant_uses_it(variant, peft, expected, tmp_path):
+    from mft_pipeline.config import TrainConfig
+    from mft_pipeline.train.loop import describe_method
+
+    # Progress bars and summary.json show this label; a tau on FT or LoRA would suggest a margin that was never applied.
+    assert describe_method(TrainConfig(cache=str(tmp_path), out=str(tmp_path / "run"), variant=variant, peft=peft)) == expected
