@@ -607,6 +607,7 @@ def plot_fair_frontier(rows: list[Row], domain: str, path: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
     colors = dict(zip(FAMILIES, plt.get_cmap("tab10").colors))
+    envelopes = []
     for family in FAMILIES:
         points = family_points(rows, domain, family)
         if not points:
@@ -614,6 +615,7 @@ def plot_fair_frontier(rows: list[Row], domain: str, path: Path) -> None:
         color = colors[family]
         ax.scatter([p.S.mean for p in points], [p.DG.mean for p in points], s=10, alpha=0.35, color=color)
         env = envelope_points(points)
+        envelopes += env
         ax.errorbar(
             [p.S.mean for p in env], [p.DG.mean for p in env], xerr=[0 if p.S.n < 2 else p.S.half_width for p in env],
             yerr=[0 if p.DG.n < 2 else p.DG.half_width for p in env], marker="o", markersize=4, capsize=2,
@@ -622,8 +624,14 @@ def plot_fair_frontier(rows: list[Row], domain: str, path: Path) -> None:
     n = max((len(runs) for f in FAMILIES for runs in family_rows(rows, domain, f).values()), default=0)
     ax.set(
         xlabel="S, specialization (%)", ylabel="DG, degeneralization (%)",
-        title=f"Fair frontier, {domain}: envelopes (lines) of every evaluation (dots); seeds: {n}",
+        title=f"Fair frontier, {domain}: envelopes (lines), evaluations (dots), {n} seeds",
     )  # fmt: skip
+    # The axes fit the envelopes: a family that diverges (DFT's S fell below -150%) would otherwise squeeze every
+    # curve that matters into a corner. Dots beyond them are cut, and the tables list every point.
+    if envelopes:
+        for lim, values in ((ax.set_xlim, [p.S.mean for p in envelopes]), (ax.set_ylim, [p.DG.mean for p in envelopes])):
+            margin = 0.08 * (max(values) - min(values)) + 0.5
+            lim(min(values) - margin, max(values) + margin)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
