@@ -88,10 +88,19 @@ OPTIONS = {
 }
 
 
+def typed_int(value: str) -> int:
+    """The integer click reads from ``value`` (it strips spaces, as ``int`` does), or 1 where it reads none."""
+    try:
+        return int(value)
+    except ValueError:
+        return 1
+
+
 @settings(SETTINGS, max_examples=EXAMPLES)
 @given(chosen=st.dictionaries(st.sampled_from(sorted(OPTIONS)), st.just(None), min_size=1, max_size=4).flatmap(
     lambda keys: st.fixed_dictionaries({k: OPTIONS[k] for k in keys})))
 @example(chosen={"--tail-seed": "0", "--tail-samples": "99999999999999999999"})  # found by this test: once an OverflowError
+@example(chosen={"--batch-size": "1", "--num-workers": " 3"})  # found by this test: click reads " 3" as 3 workers, the check read 1
 def test_cache_teacher_option_values_give_a_cache_or_exit_2(tmp_path, tiny_model_dir, runner, chosen):
     case = tmp_path / uuid.uuid4().hex
     case.mkdir()
@@ -104,6 +113,6 @@ def test_cache_teacher_option_values_give_a_cache_or_exit_2(tmp_path, tiny_model
     result = runner.invoke(mft, args)
     event(f"exit {result.exit_code}")
     try:
-        check_outcome(result, out, workers=int(chosen["--num-workers"]) if chosen.get("--num-workers", "").isdigit() else 1)
+        check_outcome(result, out, workers=typed_int(chosen.get("--num-workers", "1")))
     finally:
         shutil.rmtree(case, ignore_errors=True)
