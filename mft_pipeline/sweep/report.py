@@ -19,9 +19,9 @@ from mft_pipeline.errors import ConfigError
 from mft_pipeline.run_folder import RUN_CONFIG, SUMMARY, RunFolder
 
 PEFT_NAMES = {"lora": "LoRA", "dora": "DoRA", "ia3": "IA3"}
+OBJECTIVE_NAMES = {"ft": "FT", "mft": "MFT", "distill+ft": "distill+ft", "single-correction": "single-correction", "dft": "DFT", "talr": "TALR"}
 # distill.correction.TAU_VARIANTS, repeated because this reader must not import torch (a test keeps them equal).
 TAU_VARIANTS = ("mft", "single-correction")
-OBJECTIVE_NAMES = {"ft": "FT", "mft": "MFT", "distill+ft": "distill+ft", "single-correction": "single-correction", "dft": "DFT", "talr": "TALR"}
 GENERAL_DATA_NOTE = "uses general-domain data"
 GENERAL_DATA_HEADING = "**Below: methods that use general-domain data.**"
 CSV_COLUMNS = (
