@@ -542,6 +542,11 @@ class CompareConfig:
         "theirs. Default: every point.",
         default=None,
     )
+    lambdas: str | None = doc(
+        "With --families: only L2-init's and EWC's grid points at these penalties (comma-separated, e.g. 10,100); the "
+        "other families keep theirs. Default: every point.",
+        default=None,
+    )
     tail_samples: int = doc(
         "With --families: MFT's points train from a cache of the top 12 ids plus N ids sampled from the teacher's tail "
         "(as `mft cache-teacher --top-k 12 --tail-samples N`; 11 takes about the bytes of the k = 20 cache, "

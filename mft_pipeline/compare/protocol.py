@@ -348,6 +348,7 @@ class Plan:
     families: list[str] = field(default_factory=list)  # the fair frontier's; empty: the per-domain protocol
     lrs: set[float] = field(default_factory=set)  # the fair frontier's grid points at these learning rates; empty: all
     taus: set[float] = field(default_factory=set)  # MFT's grid points at these margins; empty: all
+    lambdas: set[float] = field(default_factory=set)  # L2-init's and EWC's grid points at these penalties; empty: all
     tail_samples: int = 0  # MFT's points train from the top-SAMPLED_K cache plus this many sampled tail ids; 0: k = TOP_K
 
     def cache_of(self, pt: Point) -> tuple[int | None, int]:
@@ -357,9 +358,11 @@ class Plan:
         return (TOP_K if pt.variant in ("ft", "mft") else None), 0
 
     def chooses(self, pt: Point) -> bool:
-        """Whether the fair frontier traces ``pt``: its learning rate is among --lrs and its margin among --taus."""
+        """Whether the fair frontier traces ``pt``: its learning rate is among --lrs, its margin among --taus and its
+        penalty among --lambdas."""
         lr_ok = not self.lrs or pt.effective_lr(self.profile) in self.lrs
-        return lr_ok and (not self.taus or pt.tau is None or pt.tau in self.taus)
+        tau_ok = not self.taus or pt.tau is None or pt.tau in self.taus
+        return lr_ok and tau_ok and (not self.lambdas or pt.lam is None or pt.lam in self.lambdas)
 
 
 def make_plan(config: CompareConfig) -> Plan:
@@ -384,8 +387,9 @@ def make_plan(config: CompareConfig) -> Plan:
     if frontier_domain not in domains:
         raise ConfigError(f"--frontier-domain {frontier_domain}: not one of the domains {', '.join(domains)}")
     if config.families is None:
-        if config.frontier_domains is not None or config.lrs is not None or config.taus is not None or config.tail_samples:
-            raise ConfigError("--frontier-domains, --lrs, --taus and --tail-samples choose the fair frontier's runs; give --families too")
+        narrowing = (config.frontier_domains, config.lrs, config.taus, config.lambdas)
+        if any(x is not None for x in narrowing) or config.tail_samples:
+            raise ConfigError("--frontier-domains, --lrs, --taus, --lambdas and --tail-samples choose the fair frontier's runs; give --families too")
         return Plan(name, p, domains, methods, skip, frontier_domain)
     if config.methods is not None or config.skip is not None:
         raise ConfigError("--methods and --skip choose the per-domain protocol's runs; --families runs the fair frontier instead")
@@ -410,9 +414,13 @@ def fair_frontier_plan(config: CompareConfig, p: Profile, domains: list[str], fr
     taus = set(split_numbers(config.taus, "--taus")) if config.taus is not None else set()
     if taus - set(FRONTIER_TAUS) or (taus and "MFT" not in families):
         raise ConfigError(f"--taus picks MFT's margins: give --families MFT and some of {', '.join(f'{t:g}' for t in FRONTIER_TAUS)}")
+    lambdas = set(split_numbers(config.lambdas, "--lambdas")) if config.lambdas is not None else set()
+    if lambdas - set(PENALTY_LAMBDAS) or (lambdas and not {"L2-init", "EWC"} & set(families)):
+        grid = ", ".join(f"{x:g}" for x in PENALTY_LAMBDAS)
+        raise ConfigError(f"--lambdas picks L2-init's and EWC's penalties: give --families L2-init or EWC and some of {grid}")
     if config.tail_samples and "MFT" not in families:
         raise ConfigError("--tail-samples sets the cache of MFT's points: give --families MFT too")
-    return Plan(config.profile_name, p, list(dict.fromkeys(chosen)), [], set(PARTS), frontier_domain, families, lrs, taus, config.tail_samples)
+    return Plan(config.profile_name, p, list(dict.fromkeys(chosen)), [], set(PARTS), frontier_domain, families, lrs, taus, lambdas, config.tail_samples)
 
 
 def seeds_for(p: Profile, method: Method) -> range:

@@ -122,8 +122,16 @@ def test_plan_and_cpu_sizing():
     assert sorted((pt.family, pt.lr, pt.tau) for _, pt in frontier_points(narrow)) == sorted(
         [("FT", lr, None) for lr in (1e-5, 3e-5, 1e-4)] + [("MFT", lr, 0.25) for lr in (1e-5, 3e-5, 1e-4)]
     )
+    # --lambdas narrows the penalty families alone, so two invocations can take a family's grid from either end.
+    ends = make_plan(CompareConfig(families="FT,L2-init,EWC", lambdas="10,100"))
+    assert sorted((pt.family, pt.lam) for _, pt in frontier_points(ends)) == sorted(
+        [("FT", None)] * 3 + [(f, lam) for f in ("L2-init", "EWC") for lam in (10.0, 100.0)]
+    )
     for config, message in (
         (CompareConfig(families="FT,XFT"), "--families: unknown XFT"),
+        (CompareConfig(lambdas="10"), "give --families too"),
+        (CompareConfig(families="L2-init", lambdas="3"), "--lambdas picks L2-init's and EWC's penalties"),
+        (CompareConfig(families="FT,MFT", lambdas="10"), "--lambdas picks L2-init's and EWC's penalties"),
         (CompareConfig(families="FT", lrs="2e-4"), "--lrs: 0.0002 not in the chosen families' grid"),
         (CompareConfig(lrs="1e-4"), "give --families too"),
         (CompareConfig(taus="0.25"), "give --families too"),
