@@ -232,3 +232,32 @@ def test_smoke_frontier_mft_from_a_sampled_tail_cache(tmp_path, tiny_model_dir):
     assert [f.parts[-2] for f in folders if f.parts[-3] == "MFT"] == ["lr1e-05-tau0.25-k12tail3"]
     assert (caches["FT"]["top_k"], caches["FT"]["tail_samples"]) == (20, 0)
     assert (caches["MFT"]["top_k"], caches["MFT"]["tail_samples"]) == (12, 3)
+
+
+def test_smoke_frontier_penalty_families_share_one_fisher(tmp_path, tiny_model_dir):
+    legal = write_jsonl(tmp_path / "legal.jsonl", make_documents(60, seed=3))
+    general = write_jsonl(tmp_path / "general.jsonl", make_documents(60, seed=6, words=GENERAL_WORDS))
+    work = tmp_path / "work"
+    args = ["--profile", "smoke", "--model", tiny_model_dir, "--domain", f"legal={legal}", "--general", general,
+            "--out", tmp_path / "out", "--work", work, "--seeds", "1"]  # fmt: skip
+    result = compare(*args, "--families", "L2-init,EWC", "--lambdas", "0.01")
+    assert result.exit_code == 0, result.output
+    assert "plan (smoke profile, fair frontier): 2 runs" in result.output and "computing the Fisher" in result.output
+    (fisher,) = work.rglob("fisher-general.safetensors")
+    # EWC's lambda is the grid's rung over the Fisher's mean over all weights, so a uniform Fisher would be L2-init.
+    from safetensors.numpy import load_file
+
+    weights = load_file(str(fisher))
+    mean = sum(float(w.astype(np.float64).sum()) for w in weights.values()) / sum(w.size for w in weights.values())
+    folders = {p.parts[-4]: RunFolder(p.parent) for p in next(work.rglob("frontier")).rglob("summary.json")}  # FAMILY/POINT/seed0
+    assert folders["L2-init"].read_settings()["l2_init"] == 0.01
+    assert folders["EWC"].read_settings()["ewc"] == str(fisher)
+    assert folders["EWC"].read_settings()["ewc_lambda"] == pytest.approx(0.01 / mean, rel=1e-9)
+    rows = list(csv.DictReader(open(next((tmp_path / "out").glob("frontier-smoke-*.md")).with_suffix("") / "runs.csv")))
+    assert {r["method"]: float(r["lambda"]) for r in rows} == pytest.approx({"L2-init": 0.01, "EWC": 0.01 / mean}, rel=1e-5)
+
+    # The other rungs reuse the Fisher file instead of computing it again.
+    stamp = fisher.stat().st_mtime_ns
+    result = compare(*args, "--families", "EWC", "--lambdas", "100")
+    assert result.exit_code == 0, result.output
+    assert "computing the Fisher" not in result.output and fisher.stat().st_mtime_ns == stamp
