@@ -529,7 +529,7 @@ class CompareConfig:
     )
     frontier_domains: str | None = doc(
         "With --families: comma-separated domains where FT and MFT are traced too, besides --frontier-domain (where every "
-        "family is). Default: the frontier domain alone.",
+        "family is); any built-in domain (legal, sympy, code) unless --domain gives the corpora. Default: the frontier domain alone.",
         default=None,
     )
     lrs: str | None = doc(

@@ -403,9 +403,12 @@ def fair_frontier_plan(config: CompareConfig, p: Profile, domains: list[str], fr
     if unknown:
         raise ConfigError(f"--families: unknown {', '.join(unknown)}; choose from {', '.join(FAMILIES)} or all")
     chosen = [frontier_domain] + (split_list(config.frontier_domains, "--frontier-domains") if config.frontier_domains else [])
-    unknown = [d for d in chosen if d not in domains]
+    # A profile's domains are its per-domain protocol's; the frontier may trace any built-in one (the quick profile
+    # has legal alone, and FT against MFT is wanted in sympy and code too). With --domain, only those corpora exist.
+    available = domains if config.domains else list(dict.fromkeys(domains + list(DOMAINS)))
+    unknown = [d for d in chosen if d not in available]
     if unknown:
-        raise ConfigError(f"--frontier-domains: {', '.join(unknown)} not among the domains {', '.join(domains)}")
+        raise ConfigError(f"--frontier-domains: {', '.join(unknown)} not among the domains {', '.join(available)}")
     lrs = set(split_numbers(config.lrs, "--lrs")) if config.lrs is not None else set()
     grid = {pt.effective_lr(p) for f in families for pt in FAMILIES[f]}
     if lrs - grid:

@@ -112,6 +112,9 @@ def test_plan_and_cpu_sizing():
     # LoRA, L2-init, EWC, DFT and TALR in legal only; FT and MFT in all three.
     assert planned_frontier(every)["frontier"] == 3 * (3 * 12 + 3 + 2 * len(PENALTY_LAMBDAS) + 2)
     assert [pt.label for pt in FAMILIES["MFT"]][-1] == "lr=1e-05 tau=0.25"
+    # The quick profile's per-domain protocol has legal alone; its frontier may add the other built-in domains.
+    quick = make_plan(CompareConfig(quick=True, families="FT,MFT", frontier_domains="sympy,code"))
+    assert quick.domains == ["legal", "sympy", "code"] and planned_frontier(quick)["caches"] == 4
     # --tail-samples: MFT's points from a top-12 cache with sampled tail ids, one more cache per domain; FT unchanged.
     sampled = make_plan(CompareConfig(families="FT,MFT", tail_samples=11))
     assert planned_frontier(sampled)["caches"] == 3 and planned_frontier(sampled)["frontier"] == counts["frontier"]
@@ -139,6 +142,7 @@ def test_plan_and_cpu_sizing():
         (CompareConfig(families="FT", taus="0.25"), "--taus picks MFT's margins"),
         (CompareConfig(families="FT", methods="FT"), "--families runs the fair frontier instead"),
         (CompareConfig(families="FT", frontier_domains="poetry"), "--frontier-domains: poetry not among"),
+        (CompareConfig(families="FT", domain=("legal=a.jsonl",), frontier_domains="sympy"), "sympy not among the domains legal$"),
         (CompareConfig(tail_samples=11), "give --families too"),
         (CompareConfig(families="FT", tail_samples=11), "--tail-samples sets the cache of MFT's points"),
     ):
