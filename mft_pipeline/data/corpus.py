@@ -88,36 +88,55 @@ def _open(f: Path):
     return io.BufferedReader(zstandard.open(f, "rb")) if name.endswith(".zst") else gzip.open(f, "rb") if name.endswith(".gz") else open(f, "rb")
 
 
-def _file_columns(f: Path, kind: str) -> list[str] | None:
-    """The columns one file's first record has, where that is cheap to see (JSON Lines, Parquet)."""
+def _jsonl_format(f: Path) -> str | None:
+    """The record format of every record in one JSON Lines file; None when it has no records.
+
+    Reads each line: pyarrow's JSON reader has crashed the process, not raised, on some
+    files that mix record formats, so such files are refused here with the line that differs.
+    """
+    fmt, first = None, 0
+    with _open(f) as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise CorpusError(f"{f}, line {n}: could not be read as JSON ({e})") from None
+            if not isinstance(record, dict):
+                raise CorpusError(f"{f}, line {n}: a record must be a JSON object, got {type(record).__name__}")
+            this = record_format(record)
+            if fmt is None:
+                fmt, first = this, n
+            elif this != fmt:
+                raise CorpusError(
+                    f"{f}, line {n}: a {this} record, but line {first} is a {fmt} record; keep one record format per corpus"
+                )
+    return fmt
+
+
+def _file_format(f: Path, kind: str) -> str | None:
+    """One file's record format, where it can be seen before datasets reads it (JSON Lines, Parquet)."""
     if kind == "parquet":
         import pyarrow.parquet as pq
 
         try:
-            return pq.read_schema(f).names
+            return record_format(pq.read_schema(f).names)
         except Exception:
             return None  # datasets reports the broken file
-    if ".jsonl" not in f.name.lower():
-        return None
-    with _open(f) as fh:
-        for line in fh:
-            if line.strip():
-                try:
-                    first = json.loads(line)
-                except ValueError:
-                    return None
-                return list(first) if isinstance(first, dict) else None
-    return None
+    return _jsonl_format(f) if ".jsonl" in f.name.lower() else None
 
 
-def _check_one_format(files: list[Path], kind: str) -> None:
+def _check_one_format(path: Path, files: list[Path], kind: str) -> None:
     # datasets would fail to merge the schemas with an unhelpful message, or silently leave
     # one format's rows empty; name the two files instead.
     seen: dict[str, Path] = {}
     for f in files:
-        columns = _file_columns(f, kind)
-        if columns is not None:
-            seen.setdefault(record_format(columns), f)
+        fmt = _file_format(f, kind)
+        if fmt is not None:
+            seen.setdefault(fmt, f)
+    if not seen and all(".jsonl" in f.name.lower() for f in files):
+        raise CorpusError(f"{path}: corpus is empty (no records)")  # datasets says only "StopIteration"
     if len(seen) > 1:
         (a, fa), (b, fb) = list(seen.items())[:2]
         raise CorpusError(f"{fa} holds {a} records but {fb} holds {b} records; keep one record format per corpus")
@@ -194,7 +213,7 @@ def load_documents(path: str | Path, text_field: str = "text", sample_by: str = 
             kind = kinds.pop()
             _check_utf8(files)
             if kind != "text":
-                _check_one_format(files, kind)
+                _check_one_format(path, files, kind)
             kwargs = {"sample_by": sample_by} if kind == "text" else {}
             if kind == "text":
                 text_field = "text"

@@ -171,6 +171,27 @@ def test_mixed_formats_in_one_folder_are_refused(tmp_path):
         load_corpus(folder)
 
 
+def test_formats_mixed_within_one_file_are_refused_before_parsing(tmp_path):
+    # This file once killed the process inside pyarrow's JSON reader instead of raising:
+    # a chat record, text records, a blank line, then a long string where messages belong.
+    lines = [
+        json.dumps({"messages": ["\u00ce\u00c2\U000e9f74"]}),
+        json.dumps({"text": ""}),
+        json.dumps({"text": ""}),
+        json.dumps({"text": "\U00103aba"}),
+        "",
+        json.dumps({"messages": "\U000f1853 " * 32_588}),
+    ]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(lines))
+    with pytest.raises(CorpusError, match=r"mixed.jsonl, line 2: a text record, but line 1 is a messages record"):
+        load_corpus(path)
+    # The same mix later in a file is found too.
+    write(path, [{"text": "a"}] * 3 + [{"prompt": "q", "completion": "a"}])
+    with pytest.raises(CorpusError, match=r"line 4: a prompt_completion record, but line 1 is a text record"):
+        load_corpus(path)
+
+
 def test_split_hashes_the_whole_record(tmp_path):
     rows = [{"messages": [msg("user", f"q{i % 7}"), msg("assistant", f"a{i}")]} for i in range(200)]
     corpus = load_corpus(write(tmp_path / "c.jsonl", rows + rows), val_fraction=0.3)
