@@ -547,6 +547,11 @@ class CompareConfig:
         "other families keep theirs. Default: every point.",
         default=None,
     )
+    ranks: str | None = doc(
+        "With --families: only LoRA's grid points at these ranks (comma-separated, e.g. 4,16); the other families keep "
+        "theirs. Default: every point.",
+        default=None,
+    )
     tail_samples: int = doc(
         "With --families: MFT's points train from a cache of the top 12 ids plus N ids sampled from the teacher's tail "
         "(as `mft cache-teacher --top-k 12 --tail-samples N`; 11 takes about the bytes of the k = 20 cache, "

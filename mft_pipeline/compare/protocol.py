@@ -110,6 +110,10 @@ def fidelity_method(k: int) -> Method:
 
 FRONTIER_LRS = (1e-5, 3e-5, 1e-4)
 LORA_RANKS = (4, 16, 64)
+# LoRA trains its adapters from zero, and is usually run at about ten times full finetuning's rate; at the quick
+# profile's 1e-4 it stays within 1% of the start at every rank in 16 steps (docs/results/frontier-quick-legal.md), so
+# it is traced at this rate too, where it learns.
+LORA_LR = 1e-3
 WISE_ALPHAS = (0.25, 0.5, 0.75)
 # Decades from "no effect" to "no learning" for a penalty lambda/2 * sum F (theta - theta0)^2 with F = 1 (L2-init).
 # The data gradient is per token (mean loss), about 2e-4 per weight (a gradient norm of ~2 over 135M weights), and
@@ -172,7 +176,7 @@ FAMILIES: dict[str, tuple[Point, ...]] = {
     "FT": tuple(Point("FT", lr=lr) for lr in FRONTIER_LRS),
     # The learning rate moves MFT's curve as much as FT's, so MFT is seen at its best rate too.
     "MFT": tuple(Point("MFT", "mft", lr=lr, tau=t) for lr in (1e-4, 3e-5) for t in FRONTIER_TAUS) + (Point("MFT", "mft", lr=1e-5, tau=0.25),),
-    "LoRA": tuple(Point("LoRA", rank=r) for r in LORA_RANKS),
+    "LoRA": tuple(Point("LoRA", lr=lr, rank=r) for lr in (None, LORA_LR) for r in LORA_RANKS),
     "L2-init": tuple(Point("L2-init", lam=lam) for lam in PENALTY_LAMBDAS),
     "EWC": tuple(Point("EWC", lam=lam) for lam in PENALTY_LAMBDAS),
     "WiSE-FT": tuple(Point("WiSE-FT", lr=lr, alpha=a) for lr in FRONTIER_LRS for a in WISE_ALPHAS),
@@ -349,6 +353,7 @@ class Plan:
     lrs: set[float] = field(default_factory=set)  # the fair frontier's grid points at these learning rates; empty: all
     taus: set[float] = field(default_factory=set)  # MFT's grid points at these margins; empty: all
     lambdas: set[float] = field(default_factory=set)  # L2-init's and EWC's grid points at these penalties; empty: all
+    ranks: set[int] = field(default_factory=set)  # LoRA's grid points at these ranks; empty: all
     tail_samples: int = 0  # MFT's points train from the top-SAMPLED_K cache plus this many sampled tail ids; 0: k = TOP_K
 
     def cache_of(self, pt: Point) -> tuple[int | None, int]:
@@ -358,11 +363,12 @@ class Plan:
         return (TOP_K if pt.variant in ("ft", "mft") else None), 0
 
     def chooses(self, pt: Point) -> bool:
-        """Whether the fair frontier traces ``pt``: its learning rate is among --lrs, its margin among --taus and its
-        penalty among --lambdas."""
+        """Whether the fair frontier traces ``pt``: its learning rate is among --lrs, its margin among --taus, its
+        penalty among --lambdas and its rank among --ranks."""
         lr_ok = not self.lrs or pt.effective_lr(self.profile) in self.lrs
         tau_ok = not self.taus or pt.tau is None or pt.tau in self.taus
-        return lr_ok and tau_ok and (not self.lambdas or pt.lam is None or pt.lam in self.lambdas)
+        lam_ok = not self.lambdas or pt.lam is None or pt.lam in self.lambdas
+        return lr_ok and tau_ok and lam_ok and (not self.ranks or pt.rank is None or pt.rank in self.ranks)
 
 
 def make_plan(config: CompareConfig) -> Plan:
@@ -387,9 +393,11 @@ def make_plan(config: CompareConfig) -> Plan:
     if frontier_domain not in domains:
         raise ConfigError(f"--frontier-domain {frontier_domain}: not one of the domains {', '.join(domains)}")
     if config.families is None:
-        narrowing = (config.frontier_domains, config.lrs, config.taus, config.lambdas)
+        narrowing = (config.frontier_domains, config.lrs, config.taus, config.lambdas, config.ranks)
         if any(x is not None for x in narrowing) or config.tail_samples:
-            raise ConfigError("--frontier-domains, --lrs, --taus, --lambdas and --tail-samples choose the fair frontier's runs; give --families too")
+            raise ConfigError(
+                "--frontier-domains, --lrs, --taus, --lambdas, --ranks and --tail-samples choose the fair frontier's runs; give --families too"
+            )
         return Plan(name, p, domains, methods, skip, frontier_domain)
     if config.methods is not None or config.skip is not None:
         raise ConfigError("--methods and --skip choose the per-domain protocol's runs; --families runs the fair frontier instead")
@@ -421,9 +429,15 @@ def fair_frontier_plan(config: CompareConfig, p: Profile, domains: list[str], fr
     if lambdas - set(PENALTY_LAMBDAS) or (lambdas and not {"L2-init", "EWC"} & set(families)):
         grid = ", ".join(f"{x:g}" for x in PENALTY_LAMBDAS)
         raise ConfigError(f"--lambdas picks L2-init's and EWC's penalties: give --families L2-init or EWC and some of {grid}")
+    ranks = set(split_numbers(config.ranks, "--ranks")) if config.ranks is not None else set()
+    if ranks - set(LORA_RANKS) or (ranks and "LoRA" not in families):
+        raise ConfigError(f"--ranks picks LoRA's ranks: give --families LoRA and some of {', '.join(map(str, LORA_RANKS))}")
+    ranks = {int(r) for r in ranks}
     if config.tail_samples and "MFT" not in families:
         raise ConfigError("--tail-samples sets the cache of MFT's points: give --families MFT too")
-    return Plan(config.profile_name, p, list(dict.fromkeys(chosen)), [], set(PARTS), frontier_domain, families, lrs, taus, lambdas, config.tail_samples)
+    return Plan(
+        config.profile_name, p, list(dict.fromkeys(chosen)), [], set(PARTS), frontier_domain, families, lrs, taus, lambdas, ranks, config.tail_samples
+    )
 
 
 def seeds_for(p: Profile, method: Method) -> range:

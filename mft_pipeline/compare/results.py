@@ -652,7 +652,8 @@ def write_frontier_results(path: Path, r: Report) -> None:
         "the other families do not. EWC's λ column is the λ given to training (the grid divided by the Fisher's mean). "
         + mft_cache_text(r.rows),
         "",
-        "Grids (the command's --lrs, --taus and --lambdas keep those at its learning rates, MFT margins and penalties): " + "; ".join(f"{f}: " + ", ".join(pt.label for pt in FAMILIES[f]) for f in families) + ".",
+        "Grids (the command's --lrs, --taus, --lambdas and --ranks keep those at its learning rates, MFT margins, penalties "
+        "and LoRA ranks): " + "; ".join(f"{f}: " + ", ".join(pt.label for pt in FAMILIES[f]) for f in families) + ".",
         "",
         "Each point is the mean over seeds of S and DG in %, with its 95% Student t interval. A family's best curve is "
         "the upper envelope of its points (the points no other point of the family beats: more S at no more DG), read "

@@ -109,8 +109,8 @@ def test_plan_and_cpu_sizing():
         assert minutes(make_plan(CompareConfig(quick=True, families="FT,MFT", taus="0.25", lrs=lr))) < 45
     every = make_plan(CompareConfig(families="all", frontier_domains="sympy,code"))
     assert every.domains == ["legal", "sympy", "code"] and planned_frontier(every)["fisher"] == 1
-    # LoRA, L2-init, EWC, DFT and TALR in legal only; FT and MFT in all three.
-    assert planned_frontier(every)["frontier"] == 3 * (3 * 12 + 3 + 2 * len(PENALTY_LAMBDAS) + 2)
+    # LoRA (3 ranks at 2 learning rates), L2-init, EWC, DFT and TALR in legal only; FT and MFT in all three.
+    assert planned_frontier(every)["frontier"] == 3 * (3 * 12 + 6 + 2 * len(PENALTY_LAMBDAS) + 2)
     assert [pt.label for pt in FAMILIES["MFT"]][-1] == "lr=1e-05 tau=0.25"
     # The quick profile's per-domain protocol has legal alone; its frontier may add the other built-in domains.
     quick = make_plan(CompareConfig(quick=True, families="FT,MFT", frontier_domains="sympy,code"))
@@ -130,8 +130,15 @@ def test_plan_and_cpu_sizing():
     assert sorted((pt.family, pt.lam) for _, pt in frontier_points(ends)) == sorted(
         [("FT", None)] * 3 + [(f, lam) for f in ("L2-init", "EWC") for lam in (10.0, 100.0)]
     )
+    # --ranks narrows LoRA alone; its points at lr 1e-3 are reached with --lrs, which FT's grid lacks.
+    lora = make_plan(CompareConfig(families="FT,LoRA", ranks="4,16", lrs="1e-3"))
+    assert sorted((pt.family, pt.lr, pt.rank) for _, pt in frontier_points(lora)) == [("LoRA", 1e-3, 4), ("LoRA", 1e-3, 16)]
+    assert [pt.folder for _, pt in frontier_points(make_plan(CompareConfig(families="LoRA", ranks="64")))] == ["rank64", "lr0.001-rank64"]
     for config, message in (
         (CompareConfig(families="FT,XFT"), "--families: unknown XFT"),
+        (CompareConfig(families="LoRA", ranks="8"), "--ranks picks LoRA's ranks"),
+        (CompareConfig(families="FT", ranks="4"), "--ranks picks LoRA's ranks"),
+        (CompareConfig(ranks="4"), "give --families too"),
         (CompareConfig(lambdas="10"), "give --families too"),
         (CompareConfig(families="L2-init", lambdas="3"), "--lambdas picks L2-init's and EWC's penalties"),
         (CompareConfig(families="FT,MFT", lambdas="10"), "--lambdas picks L2-init's and EWC's penalties"),
