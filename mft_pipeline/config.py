@@ -523,7 +523,7 @@ class CompareConfig:
     keep_checkpoints: bool = doc("Keep each run's best checkpoint (hundreds of MB each); by default only the metrics stay.", default=False)
     families: str | None = doc(
         "The fair frontier instead of the per-domain protocol: comma-separated method families, each over its own knob "
-        "grid with every evaluation along a run as a point (FT, MFT, LoRA, EWC, L2-init, WiSE-FT, DFT, TALR), or all. "
+        "grid with every evaluation along a run as a point (FT, MFT, LoRA, EWC, L2-init, WiSE-FT, WiSE-MFT, DFT, TALR), or all. "
         "Each family's upper envelope of DG against S is compared with MFT's at equal DG. docs/frontier.md has the grids.",
         default=None,
     )

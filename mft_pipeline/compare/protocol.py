@@ -127,8 +127,9 @@ PENALTY_LAMBDAS = (1e-2, 1e-1, 1.0, 10.0, 100.0)
 
 @dataclass(frozen=True)
 class Point:
-    """One knob setting of a frontier family: a training run whose every evaluation is a point, or (WiSE-FT, ``alpha``
-    set) the weight average of the family's FT run at ``lr`` with the start, evaluated once, without training."""
+    """One knob setting of a frontier family: a training run whose every evaluation is a point, or (WiSE-FT and WiSE-MFT,
+    ``alpha`` set) the weight average of the FT or MFT run at ``lr`` (and ``tau``) with the start, evaluated once,
+    without training."""
 
     family: str
     variant: str = "ft"
@@ -136,7 +137,7 @@ class Point:
     tau: float | None = None
     rank: int | None = None  # LoRA
     lam: float | None = None  # L2-init's lambda; EWC's in units of 1 / (the Fisher's mean)
-    alpha: float | None = None  # WiSE-FT: weight of the tuned model
+    alpha: float | None = None  # WiSE-FT, WiSE-MFT: weight of the tuned model
 
     @property
     def knobs(self) -> dict:
@@ -151,6 +152,13 @@ class Point:
     @property
     def folder(self) -> str:
         return "-".join(f"{k}{v:g}" for k, v in self.knobs.items()) or "default"
+
+    @property
+    def averaged(self) -> Point | None:
+        """The trained point whose best checkpoint this point averages with the start; None for a trained point."""
+        if self.alpha is None:
+            return None
+        return Point("FT", lr=self.lr) if self.variant == "ft" else Point("MFT", "mft", lr=self.lr, tau=self.tau)
 
     def effective_lr(self, p: Profile) -> float:
         return p.lr if self.lr is None else self.lr
@@ -172,14 +180,17 @@ class Point:
         return settings
 
 
+# The learning rate moves MFT's curve as much as FT's, so MFT is seen at its best rate too.
+MFT_POINTS = tuple(Point("MFT", "mft", lr=lr, tau=t) for lr in (1e-4, 3e-5) for t in FRONTIER_TAUS) + (Point("MFT", "mft", lr=1e-5, tau=0.25),)
 FAMILIES: dict[str, tuple[Point, ...]] = {
     "FT": tuple(Point("FT", lr=lr) for lr in FRONTIER_LRS),
-    # The learning rate moves MFT's curve as much as FT's, so MFT is seen at its best rate too.
-    "MFT": tuple(Point("MFT", "mft", lr=lr, tau=t) for lr in (1e-4, 3e-5) for t in FRONTIER_TAUS) + (Point("MFT", "mft", lr=1e-5, tau=0.25),),
+    "MFT": MFT_POINTS,
     "LoRA": tuple(Point("LoRA", lr=lr, rank=r) for lr in (None, LORA_LR) for r in LORA_RANKS),
     "L2-init": tuple(Point("L2-init", lam=lam) for lam in PENALTY_LAMBDAS),
     "EWC": tuple(Point("EWC", lam=lam) for lam in PENALTY_LAMBDAS),
     "WiSE-FT": tuple(Point("WiSE-FT", lr=lr, alpha=a) for lr in FRONTIER_LRS for a in WISE_ALPHAS),
+    # Averaging pulls an over-trained run back toward the start; this asks whether it helps MFT as much as FT.
+    "WiSE-MFT": tuple(Point("WiSE-MFT", "mft", lr=m.lr, tau=m.tau, alpha=a) for m in MFT_POINTS for a in WISE_ALPHAS),
     "DFT": (Point("DFT", "dft"),),
     "TALR": (Point("TALR", "talr"),),
 }
@@ -204,16 +215,16 @@ def frontier_points(plan: Plan) -> list[tuple[str, Point]]:
 
 
 def frontier_trained(points: list[tuple[str, Point]]) -> list[tuple[str, Point]]:
-    """The runs the points need: every non-WiSE point, plus the FT run each WiSE-FT point averages."""
-    runs = [(d, pt) for d, pt in points if pt.alpha is None]
+    """The runs the points need: every trained point, plus the run each weight-average point averages."""
+    runs = [(d, pt) for d, pt in points if pt.averaged is None]
     for d, pt in points:
-        if pt.alpha is not None and (d, Point("FT", lr=pt.lr)) not in runs:
-            runs.append((d, Point("FT", lr=pt.lr)))
+        if pt.averaged is not None and (d, pt.averaged) not in runs:
+            runs.append((d, pt.averaged))
     return runs
 
 
 def planned_frontier(plan: Plan) -> dict[str, int]:
-    """How many runs, WiSE-FT evaluations, Fisher files and caches the fair frontier needs (the smoke test checks them)."""
+    """How many runs, weight-average (WiSE) evaluations, Fisher files and caches the fair frontier needs (the smoke test checks them)."""
     points = frontier_points(plan)
     trained = frontier_trained(points)
     seeds = plan.profile.seeds
@@ -423,8 +434,8 @@ def fair_frontier_plan(config: CompareConfig, p: Profile, domains: list[str], fr
         missing = ", ".join(f"{x:g}" for x in sorted(lrs - grid))
         raise ConfigError(f"--lrs: {missing} not in the chosen families' grid ({', '.join(f'{x:g}' for x in sorted(grid))})")
     taus = set(split_numbers(config.taus, "--taus")) if config.taus is not None else set()
-    if taus - set(FRONTIER_TAUS) or (taus and "MFT" not in families):
-        raise ConfigError(f"--taus picks MFT's margins: give --families MFT and some of {', '.join(f'{t:g}' for t in FRONTIER_TAUS)}")
+    if taus - set(FRONTIER_TAUS) or (taus and not {"MFT", "WiSE-MFT"} & set(families)):
+        raise ConfigError(f"--taus picks MFT's margins: give --families MFT or WiSE-MFT and some of {', '.join(f'{t:g}' for t in FRONTIER_TAUS)}")
     lambdas = set(split_numbers(config.lambdas, "--lambdas")) if config.lambdas is not None else set()
     if lambdas - set(PENALTY_LAMBDAS) or (lambdas and not {"L2-init", "EWC"} & set(families)):
         grid = ", ".join(f"{x:g}" for x in PENALTY_LAMBDAS)
@@ -433,8 +444,8 @@ def fair_frontier_plan(config: CompareConfig, p: Profile, domains: list[str], fr
     if ranks - set(LORA_RANKS) or (ranks and "LoRA" not in families):
         raise ConfigError(f"--ranks picks LoRA's ranks: give --families LoRA and some of {', '.join(map(str, LORA_RANKS))}")
     ranks = {int(r) for r in ranks}
-    if config.tail_samples and "MFT" not in families:
-        raise ConfigError("--tail-samples sets the cache of MFT's points: give --families MFT too")
+    if config.tail_samples and not {"MFT", "WiSE-MFT"} & set(families):
+        raise ConfigError("--tail-samples sets the cache of MFT's points: give --families MFT or WiSE-MFT too")
     return Plan(
         config.profile_name, p, list(dict.fromkeys(chosen)), [], set(PARTS), frontier_domain, families, lrs, taus, lambdas, ranks, config.tail_samples
     )

@@ -555,15 +555,16 @@ def envelope_points(points: list[FamilyPoint]) -> list[FamilyPoint]:
 
 @dataclass(frozen=True)
 class FamilyVerdict:
-    """MFT's envelope against a family's at equal DG: ``gap`` on the mean envelopes (S of MFT − S of the family, in
-    points of %), ``per_seed`` the interval of each seed's mean gap (that seed's own envelopes)."""
+    """``ours``'s envelope (MFT's) against a family's at equal DG: ``gap`` on the mean envelopes (S of ours − S of the
+    family, in points of %), ``per_seed`` the interval of each seed's mean gap (that seed's own envelopes)."""
 
     family: str
     gap: FrontierGap
     per_seed: Interval | None
+    ours: str = "MFT"
 
 
-def family_verdict(rows: list[Row], domain: str, family: str, points: int = 9) -> FamilyVerdict:
+def family_verdict(rows: list[Row], domain: str, family: str, points: int = 9, ours: str = "MFT") -> FamilyVerdict:
     def envelope(runs: dict[tuple, dict[int, Row]], seed: int | None = None) -> list[tuple[float, float]]:
         if seed is None:
             cloud = [(interval_of(by_seed, "S", 100).mean, interval_of(by_seed, "DG", 100).mean) for by_seed in runs.values()]
@@ -571,9 +572,9 @@ def family_verdict(rows: list[Row], domain: str, family: str, points: int = 9) -
             cloud = [(100 * by_seed[seed].S, 100 * by_seed[seed].DG) for by_seed in runs.values() if seed in by_seed]
         return upper_envelope(cloud)
 
-    theirs, mft = family_rows(rows, domain, family), family_rows(rows, domain, "MFT")
+    theirs, mft = family_rows(rows, domain, family), family_rows(rows, domain, ours)
     if not theirs or not mft:
-        return FamilyVerdict(family, FrontierGap([]), None)
+        return FamilyVerdict(family, FrontierGap([]), None, ours)
     gap = frontier_gap(envelope(theirs), envelope(mft), points)
     seeds = sorted({s for runs in (theirs, mft) for by_seed in runs.values() for s in by_seed})
     per_seed = []
@@ -583,23 +584,23 @@ def family_verdict(rows: list[Row], domain: str, family: str, points: int = 9) -
             g = frontier_gap(a, b, points)
             if g.rows:
                 per_seed.append(g.mean_gap)
-    return FamilyVerdict(family, gap, mean_interval(per_seed) if per_seed else None)
+    return FamilyVerdict(family, gap, mean_interval(per_seed) if per_seed else None, ours)
 
 
 def verdict_text(v: FamilyVerdict) -> str:
-    """One plain sentence: is MFT ahead of the family at equal DG, and where is it not?"""
+    """One plain sentence: is MFT (``v.ours``) ahead of the family at equal DG, and where is it not?"""
     if not v.gap.rows:
         return "no common DG range: S cannot be compared at equal DG."
     behind = [d for d, _, _, g in v.gap.rows if g <= 0]
     noise = v.per_seed is None or v.per_seed.n < 2
     if not behind:
         if noise:
-            return "MFT has more S at every common DG on the mean envelopes; too few seeds for an interval."
+            return f"{v.ours} has more S at every common DG on the mean envelopes; too few seeds for an interval."
         if v.per_seed.low > 0:
-            return "**MFT is ahead** at every common DG, beyond the per-seed interval."
-        return "MFT has more S at every common DG on the mean envelopes, but the per-seed interval contains 0: within seed noise."
+            return f"**{v.ours} is ahead** at every common DG, beyond the per-seed interval."
+        return f"{v.ours} has more S at every common DG on the mean envelopes, but the per-seed interval contains 0: within seed noise."
     where = f"{min(behind):.2f}" if len(behind) == 1 else f"{min(behind):.2f}–{max(behind):.2f}"
-    return f"**MFT is not ahead** at DG {where} %: {v.family} has as much S there or more."
+    return f"**{v.ours} is not ahead** at DG {where} %: {v.family} has as much S there or more."
 
 
 def plot_fair_frontier(rows: list[Row], domain: str, path: Path) -> None:
@@ -648,7 +649,7 @@ def write_frontier_results(path: Path, r: Report) -> None:
         + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in p.protocol.items() if k != "eval_every")
         + f". Every run evaluates every {frontier_eval_every(p)} steps and **every evaluation is a point** (stopping there). "
         "WiSE-FT averages an FT run's best checkpoint (lowest specialized validation perplexity) with the start at α, "
-        "without training. EWC's Fisher is computed on general-domain training text, so **EWC uses general-domain data**; "
+        "without training; WiSE-MFT does the same to an MFT run's. EWC's Fisher is computed on general-domain training text, so **EWC uses general-domain data**; "
         "the other families do not. EWC's λ column is the λ given to training (the grid divided by the Fisher's mean). "
         + mft_cache_text(r.rows),
         "",
@@ -669,17 +670,21 @@ def write_frontier_results(path: Path, r: Report) -> None:
         if not family_rows(r.rows, domain, "MFT"):
             others = []
             lines += ["No MFT points in this domain (MFT is not among --families), so no verdicts.", ""]
-        if others:
-            lines += ["| family | common DG % | MFT − family, S at equal DG (points) | mean | per seed | verdict |", "|---|---|---|---|---|---|"]
-        for family in others:
-            v = family_verdict(r.rows, domain, family)
+        verdicts = [family_verdict(r.rows, domain, family) for family in others]
+        if "WiSE-MFT" in others and "WiSE-FT" in others:
+            # Both averaged: does MFT still help once FT's over-training is pulled back the same way?
+            verdicts.append(family_verdict(r.rows, domain, "WiSE-FT", ours="WiSE-MFT"))
+        if verdicts:
+            lines += ["| ours − family | common DG % | S at equal DG (points) | mean | per seed | verdict |", "|---|---|---|---|---|---|"]
+        for v in verdicts:
+            name = f"{v.ours} − {v.family}"
             if not v.gap.rows:
-                lines.append(f"| {family} | — | — | — | — | {verdict_text(v)} |")
+                lines.append(f"| {name} | — | — | — | — | {verdict_text(v)} |")
                 continue
             lows, highs = v.gap.rows[0][0], v.gap.rows[-1][0]
             gaps = ", ".join(f"{g:+.2f}" for g in v.gap.gaps)
-            lines.append(f"| {family} | {lows:.2f} – {highs:.2f} | {gaps} | {v.gap.mean_gap:+.2f} | {fmt(v.per_seed)} | {verdict_text(v)} |")
-        lines += ([""] if others else []) + ["Envelope points (the knobs and step of each):", "", "| family | point | seeds | S % | DG % |", "|---|---|---|---|---|"]
+            lines.append(f"| {name} | {lows:.2f} – {highs:.2f} | {gaps} | {v.gap.mean_gap:+.2f} | {fmt(v.per_seed)} | {verdict_text(v)} |")
+        lines += ([""] if verdicts else []) + ["Envelope points (the knobs and step of each):", "", "| family | point | seeds | S % | DG % |", "|---|---|---|---|---|"]
         for family in families:
             for pt in envelope_points(family_points(r.rows, domain, family)):
                 lines.append(f"| {family} | {pt.label} | {pt.S.n} | {fmt(pt.S)} | {fmt(pt.DG)} |")

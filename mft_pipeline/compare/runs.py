@@ -8,7 +8,7 @@
   with --tasks each run's best checkpoint and the reference scored on standard tasks (``TaskScoring``);
 - ``Comparison.frontier``, ``.fidelity``, ``.low_data``: the optional parts (PARTS);
 - ``Comparison.fair_frontier``: with --families, instead of the tables and parts, every family's grid
-  (each evaluation along each run a row), WiSE-FT's averages of the FT runs and one plot per domain;
+  (each evaluation along each run a row), the weight averages of FT and MFT runs (WiSE-FT, WiSE-MFT) and one plot per domain;
 - ``write_csv`` and ``write_results`` (results.py).
 
 Every run goes through ``train`` (train/loop.py); a finished run is read back instead, so a killed
@@ -131,7 +131,7 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] = _stderr, sco
 
 def plan_line(profile: str, p: Profile, counts: dict[str, int], task_continuations: int = 0) -> str:
     if "frontier" in counts:
-        plan = f"plan ({profile} profile, fair frontier): {counts['frontier']} runs, {counts['wise']} WiSE-FT evaluations and {counts['caches']} caches"
+        plan = f"plan ({profile} profile, fair frontier): {counts['frontier']} runs, {counts['wise']} weight-average evaluations and {counts['caches']} caches"
     else:
         plan = f"plan ({profile} profile): {counts['cached'] + counts['online']} runs ({counts['online']} of them online dense) and {counts['caches']} caches"
     if "tasks" in counts:
@@ -536,16 +536,16 @@ class Comparison:
 
     def fair_frontier(self, log: Callable[[str], None]) -> list[Row]:
         """Every point of the plan's families over the profile's seeds, one row per evaluation along each run (early
-        stopping) and one per WiSE-FT average; then one plot per domain. Finished runs and averages are read back."""
+        stopping) and one per weight average (WiSE-FT, WiSE-MFT); then one plot per domain. Finished runs and averages are read back."""
         points = frontier_points(self.plan)
         ewc = self.fisher(log) if any(pt.family == "EWC" for _, pt in points) else None
-        wise: dict[tuple[str, float], list[Point]] = {}
+        wise: dict[tuple[str, Point], list[Point]] = {}
         for domain, pt in points:
-            if pt.alpha is not None:
-                wise.setdefault((domain, pt.lr), []).append(pt)
+            if pt.averaged is not None:
+                wise.setdefault((domain, pt.averaged), []).append(pt)
         rows = []
         for domain, pt in frontier_trained(points):
-            averages = wise.get((domain, pt.lr), []) if pt.family == "FT" else []
+            averages = wise.get((domain, pt), [])
             for seed in range(self.p.seeds):
                 rows += self.trace(domain, pt, seed, ewc, averages, log)
         for domain in self.plan.domains:
@@ -553,7 +553,7 @@ class Comparison:
         return rows
 
     def trace(self, domain: str, point: Point, seed: int, ewc: tuple[str, float] | None, averages: list[Point], log) -> list[Row]:
-        """One run's rows, every evaluation after the start, and the rows of the WiSE-FT ``averages`` of its best checkpoint.
+        """One run's rows, every evaluation after the start, and the rows of the weight ``averages`` of its best checkpoint.
 
         The best checkpoint is kept until every average is evaluated; a finished run whose checkpoint is gone while
         an average is missing (it ran before WiSE-FT was asked for) is trained again with the same settings and seed.
@@ -561,12 +561,13 @@ class Comparison:
         domain_folder = self.work / "frontier" / self.keys[domain]
         k, n = self.plan.cache_of(point)
         cache = self.sampled_caches[domain] if n else self.caches[domain]
-        folder = domain_folder / point.family / (point.folder + (f"-k{k}tail{n}" if n else "")) / f"seed{seed}"
-        results = {w: domain_folder / w.family / w.folder / f"seed{seed}.json" for w in averages}
+        suffix = f"-k{k}tail{n}" if n else ""
+        folder = domain_folder / point.family / (point.folder + suffix) / f"seed{seed}"
+        results = {w: domain_folder / w.family / (w.folder + suffix) / f"seed{seed}.json" for w in averages}
         missing = [w for w, path in results.items() if not path.exists()]
         run = RunFolder(folder)
         if missing and run.is_finished() and run.summary()["best"] is not None and not run.best.exists():
-            log(f"{folder}: training again for its best checkpoint, which WiSE-FT averages")
+            log(f"{folder}: training again for its best checkpoint, which a weight average needs")
             shutil.rmtree(folder)
         settings = {
             **self.runner.common, "eval_every": frontier_eval_every(self.p), **point.train_settings(ewc),

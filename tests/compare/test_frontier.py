@@ -109,8 +109,10 @@ def test_plan_and_cpu_sizing():
         assert minutes(make_plan(CompareConfig(quick=True, families="FT,MFT", taus="0.25", lrs=lr))) < 45
     every = make_plan(CompareConfig(families="all", frontier_domains="sympy,code"))
     assert every.domains == ["legal", "sympy", "code"] and planned_frontier(every)["fisher"] == 1
-    # LoRA (3 ranks at 2 learning rates), L2-init, EWC, DFT and TALR in legal only; FT and MFT in all three.
+    # LoRA (3 ranks at 2 learning rates), L2-init, EWC, DFT and TALR in legal only; FT and MFT in all three. The
+    # weight averages train nothing of their own: WiSE-FT 3 alphas on each FT run, WiSE-MFT on each MFT run.
     assert planned_frontier(every)["frontier"] == 3 * (3 * 12 + 6 + 2 * len(PENALTY_LAMBDAS) + 2)
+    assert planned_frontier(every)["wise"] == 3 * 3 * (3 + 9)
     assert [pt.label for pt in FAMILIES["MFT"]][-1] == "lr=1e-05 tau=0.25"
     # The quick profile's per-domain protocol has legal alone; its frontier may add the other built-in domains.
     quick = make_plan(CompareConfig(quick=True, families="FT,MFT", frontier_domains="sympy,code"))
@@ -152,6 +154,7 @@ def test_plan_and_cpu_sizing():
         (CompareConfig(families="FT", domain=("legal=a.jsonl",), frontier_domains="sympy"), "sympy not among the domains legal$"),
         (CompareConfig(tail_samples=11), "give --families too"),
         (CompareConfig(families="FT", tail_samples=11), "--tail-samples sets the cache of MFT's points"),
+        (CompareConfig(families="WiSE-FT", taus="0.5"), "--taus picks MFT's margins"),
     ):
         with pytest.raises(ConfigError, match=message):
             make_plan(config)
@@ -179,7 +182,7 @@ def test_smoke_frontier_two_domains_then_wise_ft_then_resumed(tmp_path, tiny_mod
             "--out", tmp_path / "out", "--work", work, "--seeds", "1", "--frontier-domains", "notes", "--lrs", "1e-5"]  # fmt: skip
     result = compare(*args, "--families", "FT,MFT")
     assert result.exit_code == 0, result.output
-    assert "plan (smoke profile, fair frontier): 4 runs, 0 WiSE-FT evaluations and 3 caches" in result.output
+    assert "plan (smoke profile, fair frontier): 4 runs, 0 weight-average evaluations and 3 caches" in result.output
     (results,) = (tmp_path / "out").glob("frontier-smoke-*-legal-notes.md")
     figures = results.with_suffix("")
     assert sorted(p.name for p in figures.glob("*.png")) == ["frontier-legal.png", "frontier-notes.png"]
@@ -215,14 +218,31 @@ def test_smoke_frontier_two_domains_then_wise_ft_then_resumed(tmp_path, tiny_mod
     assert scores[0.0]["S"] == pytest.approx(0, abs=1e-6) and scores[0.0]["DG"] == pytest.approx(0, abs=1e-6)
     assert float(wise[-1]["S"]) != pytest.approx(best["S"])
 
+    # WiSE-MFT averages the MFT run the same way: MFT is trained again for its checkpoint; FT and its averages are reused.
+    wise_ft_files = sorted(work.rglob("WiSE-FT/*/seed0.json"))
+    stamps = {k: p.stat().st_mtime_ns for k, p in summary.items()}
+    wise_stamps = [p.stat().st_mtime_ns for p in wise_ft_files]
+    result = compare(*args, "--families", "FT,MFT,WiSE-FT,WiSE-MFT", "--keep-checkpoints")
+    assert result.exit_code == 0, result.output
+    changed = [k for k, p in summary.items() if p.stat().st_mtime_ns != stamps[k]]
+    assert len(changed) == 1 and changed[0][0].startswith("legal-") and changed[0][1] == "MFT"
+    assert [p.stat().st_mtime_ns for p in wise_ft_files] == wise_stamps
+    rows = list(csv.DictReader(open(figures / "runs.csv")))
+    wise_mft = [r for r in rows if r["method"] == "WiSE-MFT"]
+    assert [(r["alpha"], r["tau"], r["lr"]) for r in wise_mft] == [(a, "0.25", "1e-05") for a in ("0.25", "0.5", "0.75")]
+    mft = RunFolder(summary[changed[0]].parent)
+    scores = wise_ft_scores(str(start), mft.best, [1.0], mft.metrics("before")[0], sets, 8, "cpu")
+    assert scores[1.0]["S"] == pytest.approx(mft.summary()["best"]["S"], abs=1e-6)
+    assert "| WiSE-MFT − WiSE-FT |" in results.read_text() and "| MFT − WiSE-MFT |" in results.read_text()
+
     # Run again: nothing trains and no average is evaluated again.
-    wise_files = sorted(work.rglob("WiSE-FT/*/seed0.json"))
+    wise_files = sorted(work.rglob("WiSE-*/*/seed0.json"))
     stamps = [p.stat().st_mtime_ns for p in [*summary.values(), *wise_files]]
-    result = compare(*args, "--families", "FT,MFT,WiSE-FT")
+    result = compare(*args, "--families", "FT,MFT,WiSE-FT,WiSE-MFT")
     assert result.exit_code == 0, result.output
     assert [p.stat().st_mtime_ns for p in [*summary.values(), *wise_files]] == stamps
     assert json.loads(wise_files[0].read_text())["step"] in (1, 2)
-    assert len(list(csv.DictReader(open(figures / "runs.csv")))) == 8 + 3
+    assert len(list(csv.DictReader(open(figures / "runs.csv")))) == 8 + 3 + 3
 
 
 def test_smoke_frontier_mft_from_a_sampled_tail_cache(tmp_path, tiny_model_dir):
