@@ -552,6 +552,12 @@ class CompareConfig:
         "theirs. Default: every point.",
         default=None,
     )
+    report_only: bool = doc(
+        "With --families: write the results from the runs and averages already finished under --work, training and "
+        "evaluating nothing; the results name the points left out. To read a frontier while its invocations still run, "
+        "or a grid that is only partly trained.",
+        default=False,
+    )
     tail_samples: int = doc(
         "With --families: MFT's points train from a cache of the top 12 ids plus N ids sampled from the teacher's tail "
         "(as `mft cache-teacher --top-k 12 --tail-samples N`; 11 takes about the bytes of the k = 20 cache, "

@@ -405,9 +405,10 @@ def make_plan(config: CompareConfig) -> Plan:
         raise ConfigError(f"--frontier-domain {frontier_domain}: not one of the domains {', '.join(domains)}")
     if config.families is None:
         narrowing = (config.frontier_domains, config.lrs, config.taus, config.lambdas, config.ranks)
-        if any(x is not None for x in narrowing) or config.tail_samples:
+        if any(x is not None for x in narrowing) or config.tail_samples or config.report_only:
             raise ConfigError(
-                "--frontier-domains, --lrs, --taus, --lambdas, --ranks and --tail-samples choose the fair frontier's runs; give --families too"
+                "--frontier-domains, --lrs, --taus, --lambdas, --ranks, --tail-samples and --report-only choose the fair "
+                "frontier's runs; give --families too"
             )
         return Plan(name, p, domains, methods, skip, frontier_domain)
     if config.methods is not None or config.skip is not None:

@@ -244,7 +244,7 @@ def header_lines(r: Report, path: Path) -> list[str]:
         "the means. One seed shows the value alone.",
         "",
     ]
-    lines += [f"Warning: {note}.  " for note in r.notes] + ([""] if r.notes else [])
+    lines += warning_lines(r)
     if r.reference:
         ref = r.reference
         tuned = ref["model"] != r.model_folder
@@ -257,6 +257,10 @@ def header_lines(r: Report, path: Path) -> list[str]:
             "",
         ]
     return lines
+
+
+def warning_lines(r: Report) -> list[str]:
+    return [f"Warning: {note}.  " for note in r.notes] + ([""] if r.notes else [])
 
 
 def provenance_lines(r: Report, path: Path) -> list[str]:
@@ -644,7 +648,7 @@ def write_frontier_results(path: Path, r: Report) -> None:
     each family's envelope points."""
     p = r.profile
     families = [f for f in FAMILIES if any(row.method == f for row in r.rows)]
-    lines = provenance_lines(r, path) + [
+    lines = provenance_lines(r, path) + warning_lines(r) + [
         "Protocol, the same for every family unless its knobs say otherwise: "
         + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in p.protocol.items() if k != "eval_every")
         + f". Every run evaluates every {frontier_eval_every(p)} steps and **every evaluation is a point** (stopping there). "

@@ -102,6 +102,9 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] = _stderr, sco
     started = time.time()
     name = result_name(config, plan)
     c = Comparison(config, plan, name, tasks)
+    runs = c.work / "from-reference" if p.reference_steps else c.work  # where prepare() puts the runs
+    if config.report_only and not (runs / "frontier").is_dir():
+        raise ConfigError(f"--report-only: no frontier runs under {runs}; run the command without it first")
     report = Report(
         name=name, command=command_line(config), model=config.model, model_folder="", profile=p, domains=plan.domains,
         general="the --general corpus" if config.general else GENERAL_LABEL, skip=plan.skip, counts=counts,
@@ -110,7 +113,9 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] = _stderr, sco
     )  # fmt: skip
     c.prepare(corpora, report, log)
     if plan.families:
-        report.rows = c.fair_frontier(log)
+        report.rows, unfinished = c.fair_frontier(log)
+        if unfinished:
+            report.notes.append(f"--report-only: {len(unfinished)} runs or averages have not finished and are left out: " + "; ".join(unfinished))
     else:
         c.tables(report)
         if "frontier" not in plan.skip:
@@ -534,29 +539,36 @@ class Comparison:
 
     # ------------------------------------------------------------------------- the fair frontier
 
-    def fair_frontier(self, log: Callable[[str], None]) -> list[Row]:
+    def fair_frontier(self, log: Callable[[str], None]) -> tuple[list[Row], list[str]]:
         """Every point of the plan's families over the profile's seeds, one row per evaluation along each run (early
-        stopping) and one per weight average (WiSE-FT, WiSE-MFT); then one plot per domain. Finished runs and averages are read back."""
+        stopping) and one per weight average (WiSE-FT, WiSE-MFT); then one plot per domain. Finished runs and averages
+        are read back. Returns the rows and, with --report-only, the points left out because they have not finished."""
         points = frontier_points(self.plan)
-        ewc = self.fisher(log) if any(pt.family == "EWC" for _, pt in points) else None
+        needs_fisher = any(pt.family == "EWC" for _, pt in points) and not self.config.report_only
+        ewc = self.fisher(log) if needs_fisher else None
         wise: dict[tuple[str, Point], list[Point]] = {}
         for domain, pt in points:
             if pt.averaged is not None:
                 wise.setdefault((domain, pt.averaged), []).append(pt)
-        rows = []
+        rows, unfinished = [], []
         for domain, pt in frontier_trained(points):
             averages = wise.get((domain, pt), [])
             for seed in range(self.p.seeds):
-                rows += self.trace(domain, pt, seed, ewc, averages, log)
+                traced = self.trace(domain, pt, seed, ewc, averages, log)
+                rows += traced
+                for q in [pt, *averages]:  # a point without rows has not finished (only with --report-only)
+                    if not any(r.method == q.family and r.alpha == q.alpha for r in traced):
+                        unfinished.append(f"{domain} {q.family} {q.label} seed {seed}")
         for domain in self.plan.domains:
             plot_fair_frontier(rows, domain, self.figures / f"frontier-{domain}.png")
-        return rows
+        return rows, unfinished
 
     def trace(self, domain: str, point: Point, seed: int, ewc: tuple[str, float] | None, averages: list[Point], log) -> list[Row]:
         """One run's rows, every evaluation after the start, and the rows of the weight ``averages`` of its best checkpoint.
 
         The best checkpoint is kept until every average is evaluated; a finished run whose checkpoint is gone while
         an average is missing (it ran before WiSE-FT was asked for) is trained again with the same settings and seed.
+        With --report-only nothing is trained or evaluated: what has finished is read back, the rest left out.
         """
         domain_folder = self.work / "frontier" / self.keys[domain]
         k, n = self.plan.cache_of(point)
@@ -566,27 +578,32 @@ class Comparison:
         results = {w: domain_folder / w.family / (w.folder + suffix) / f"seed{seed}.json" for w in averages}
         missing = [w for w, path in results.items() if not path.exists()]
         run = RunFolder(folder)
-        if missing and run.is_finished() and run.summary()["best"] is not None and not run.best.exists():
-            log(f"{folder}: training again for its best checkpoint, which a weight average needs")
-            shutil.rmtree(folder)
-        settings = {
-            **self.runner.common, "eval_every": frontier_eval_every(self.p), **point.train_settings(ewc),
-            "cache": cache, "seed": seed,
-        }  # fmt: skip
-        train_once(folder, settings, keep_best=bool(missing) or self.config.keep_checkpoints)
+        if self.config.report_only:
+            if not run.is_finished():
+                return []
+        else:
+            if missing and run.is_finished() and run.summary()["best"] is not None and not run.best.exists():
+                log(f"{folder}: training again for its best checkpoint, which a weight average needs")
+                shutil.rmtree(folder)
+            settings = {
+                **self.runner.common, "eval_every": frontier_eval_every(self.p), **point.train_settings(ewc),
+                "cache": cache, "seed": seed,
+            }  # fmt: skip
+            train_once(folder, settings, keep_best=bool(missing) or self.config.keep_checkpoints)
+            if missing and run.best.exists():
+                sets = self.evaluation_sets(domain)
+                before = run.metrics("before")[0]
+                scores = wise_ft_scores(self.model, run.best, [w.alpha for w in missing], before, sets, 8, self.p.device)
+                best_step = run.summary()["best"]["step"]
+                for w in missing:
+                    results[w].parent.mkdir(parents=True, exist_ok=True)
+                    atomic_write_text(results[w], json.dumps({**scores[w.alpha], "step": best_step}, indent=2) + "\n")
+            if missing and not self.config.keep_checkpoints:
+                shutil.rmtree(run.best, ignore_errors=True)
         tokens = self.runner.tokens[domain]
-        lam = settings.get("l2_init", settings.get("ewc_lambda"))
-        rows = [self.frontier_row(domain, point, seed, r, tokens, (k, n), lr=settings["lr"], lam=lam) for r in run.metrics("eval")]
-        if missing and run.best.exists():
-            sets = self.evaluation_sets(domain)
-            before = run.metrics("before")[0]
-            scores = wise_ft_scores(self.model, run.best, [w.alpha for w in missing], before, sets, 8, self.p.device)
-            best_step = run.summary()["best"]["step"]
-            for w in missing:
-                results[w].parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(results[w], json.dumps({**scores[w.alpha], "step": best_step}, indent=2) + "\n")
-        if missing and not self.config.keep_checkpoints:
-            shutil.rmtree(run.best, ignore_errors=True)
+        used = run.read_settings()  # what the run trained with, read back the same way whether or not it ran now
+        lam = used["l2_init"] if used.get("l2_init") is not None else used.get("ewc_lambda")
+        rows = [self.frontier_row(domain, point, seed, r, tokens, (k, n), lr=used["lr"], lam=lam) for r in run.metrics("eval")]
         for w, path in results.items():
             if path.exists():
                 rows.append(self.frontier_row(domain, w, seed, json.loads(path.read_text()), tokens, self.plan.cache_of(w), lr=w.lr))

@@ -292,3 +292,26 @@ def test_smoke_frontier_penalty_families_share_one_fisher(tmp_path, tiny_model_d
     result = compare(*args, "--families", "EWC", "--lambdas", "100")
     assert result.exit_code == 0, result.output
     assert "computing the Fisher" not in result.output and fisher.stat().st_mtime_ns == stamp
+
+
+def test_report_only_reads_what_finished_and_trains_nothing(tmp_path, tiny_model_dir):
+    legal = write_jsonl(tmp_path / "legal.jsonl", make_documents(60, seed=3))
+    general = write_jsonl(tmp_path / "general.jsonl", make_documents(60, seed=6, words=GENERAL_WORDS))
+    work = tmp_path / "work"
+    args = ["--profile", "smoke", "--model", tiny_model_dir, "--domain", f"legal={legal}", "--general", general,
+            "--out", tmp_path / "out", "--work", work, "--seeds", "1", "--lrs", "1e-5"]  # fmt: skip
+    result = compare(*args, "--families", "FT,MFT", "--report-only")
+    assert result.exit_code != 0 and "no frontier runs" in result.output and not work.exists()
+    assert compare(*args, "--families", "FT").exit_code == 0
+    frontier = next(work.rglob("frontier"))
+    (ft,) = frontier.rglob("summary.json")
+    stamp = ft.stat().st_mtime_ns
+    result = compare(*args, "--families", "FT,MFT,WiSE-FT", "--report-only")
+    assert result.exit_code == 0, result.output
+    assert list(frontier.rglob("summary.json")) == [ft] and ft.stat().st_mtime_ns == stamp and not list(work.rglob("WiSE-FT"))
+    (results,) = (tmp_path / "out").glob("frontier-smoke-*.md")
+    text = results.read_text()
+    assert "4 runs or averages have not finished and are left out" in text
+    assert "legal MFT lr=1e-05 tau=0.25 seed 0" in text and "legal WiSE-FT lr=1e-05 alpha=0.75 seed 0" in text
+    rows = list(csv.DictReader(open(results.with_suffix("") / "runs.csv")))
+    assert {(r["method"], r["lr"]) for r in rows} == {("FT", "1e-05")}
