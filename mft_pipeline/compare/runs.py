@@ -115,7 +115,7 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] = _stderr, sco
     if plan.families:
         report.rows, unfinished = c.fair_frontier(log)
         if unfinished:
-            report.notes.append(f"--report-only: {len(unfinished)} runs or averages have not finished and are left out: " + "; ".join(unfinished))
+            report.notes.append(f"--report-only: {len(unfinished)} points have not finished and are left out: " + "; ".join(unfinished))
     else:
         c.tables(report)
         if "frontier" not in plan.skip:
@@ -542,7 +542,8 @@ class Comparison:
     def fair_frontier(self, log: Callable[[str], None]) -> tuple[list[Row], list[str]]:
         """Every point of the plan's families over the profile's seeds, one row per evaluation along each run (early
         stopping) and one per weight average (WiSE-FT, WiSE-MFT); then one plot per domain. Finished runs and averages
-        are read back. Returns the rows and, with --report-only, the points left out because they have not finished."""
+        are read back. Returns the rows and, with --report-only, the points left out because they have not finished,
+        with their seeds."""
         points = frontier_points(self.plan)
         needs_fisher = any(pt.family == "EWC" for _, pt in points) and not self.config.report_only
         ewc = self.fisher(log) if needs_fisher else None
@@ -550,7 +551,7 @@ class Comparison:
         for domain, pt in points:
             if pt.averaged is not None:
                 wise.setdefault((domain, pt.averaged), []).append(pt)
-        rows, unfinished = [], []
+        rows, unfinished = [], {}
         for domain, pt in frontier_trained(points):
             averages = wise.get((domain, pt), [])
             for seed in range(self.p.seeds):
@@ -558,10 +559,10 @@ class Comparison:
                 rows += traced
                 for q in [pt, *averages]:  # a point without rows has not finished (only with --report-only)
                     if not any(r.method == q.family and r.alpha == q.alpha for r in traced):
-                        unfinished.append(f"{domain} {q.family} {q.label} seed {seed}")
+                        unfinished.setdefault(f"{domain} {q.family} {q.label}", []).append(seed)
         for domain in self.plan.domains:
             plot_fair_frontier(rows, domain, self.figures / f"frontier-{domain}.png")
-        return rows, unfinished
+        return rows, [f"{point} (seed {', '.join(map(str, seeds))})" for point, seeds in unfinished.items()]
 
     def trace(self, domain: str, point: Point, seed: int, ewc: tuple[str, float] | None, averages: list[Point], log) -> list[Row]:
         """One run's rows, every evaluation after the start, and the rows of the weight ``averages`` of its best checkpoint.

@@ -311,7 +311,7 @@ def test_report_only_reads_what_finished_and_trains_nothing(tmp_path, tiny_model
     assert list(frontier.rglob("summary.json")) == [ft] and ft.stat().st_mtime_ns == stamp and not list(work.rglob("WiSE-FT"))
     (results,) = (tmp_path / "out").glob("frontier-smoke-*.md")
     text = results.read_text()
-    assert "4 runs or averages have not finished and are left out" in text
-    assert "legal MFT lr=1e-05 tau=0.25 seed 0" in text and "legal WiSE-FT lr=1e-05 alpha=0.75 seed 0" in text
+    assert "4 points have not finished and are left out" in text
+    assert "legal MFT lr=1e-05 tau=0.25 (seed 0)" in text and "legal WiSE-FT lr=1e-05 alpha=0.75 (seed 0)" in text
     rows = list(csv.DictReader(open(results.with_suffix("") / "runs.csv")))
     assert {(r["method"], r["lr"]) for r in rows} == {("FT", "1e-05")}
