@@ -98,7 +98,7 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] = _stderr, sco
     if tasks:
         counts["tasks"] = planned_task_scores(p, plan.methods, len(plan.domains))
         task_continuations = continuations(tasks.names, tasks.limit)
-    log(plan_line(plan.profile_name, p, counts, task_continuations))
+    log(plan_line(plan.profile_name, p, counts, task_continuations, config.report_only))
     started = time.time()
     name = result_name(config, plan)
     c = Comparison(config, plan, name, tasks)
@@ -134,13 +134,15 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] = _stderr, sco
     return path
 
 
-def plan_line(profile: str, p: Profile, counts: dict[str, int], task_continuations: int = 0) -> str:
+def plan_line(profile: str, p: Profile, counts: dict[str, int], task_continuations: int = 0, report_only: bool = False) -> str:
     if "frontier" in counts:
         plan = f"plan ({profile} profile, fair frontier): {counts['frontier']} runs, {counts['wise']} weight-average evaluations and {counts['caches']} caches"
     else:
         plan = f"plan ({profile} profile): {counts['cached'] + counts['online']} runs ({counts['online']} of them online dense) and {counts['caches']} caches"
     if "tasks" in counts:
         plan += f", {counts['tasks']} checkpoints scored on tasks ({task_continuations:,} continuations each)"
+    if report_only:
+        return plan + "; --report-only reads back those finished and trains nothing"
     if p.throughput:
         minutes = sum(estimate_minutes(p, counts, p.throughput, task_continuations).values())
         plan += (

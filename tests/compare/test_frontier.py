@@ -308,6 +308,7 @@ def test_report_only_reads_what_finished_and_trains_nothing(tmp_path, tiny_model
     stamp = ft.stat().st_mtime_ns
     result = compare(*args, "--families", "FT,MFT,WiSE-FT", "--report-only")
     assert result.exit_code == 0, result.output
+    assert "3 weight-average evaluations and 2 caches; --report-only reads back those finished and trains nothing" in result.output
     assert list(frontier.rglob("summary.json")) == [ft] and ft.stat().st_mtime_ns == stamp and not list(work.rglob("WiSE-FT"))
     (results,) = (tmp_path / "out").glob("frontier-smoke-*.md")
     text = results.read_text()
