@@ -576,14 +576,14 @@ def family_verdict(rows: list[Row], domain: str, family: str, points: int = 9, o
             cloud = [(100 * by_seed[seed].S, 100 * by_seed[seed].DG) for by_seed in runs.values() if seed in by_seed]
         return upper_envelope(cloud)
 
-    theirs, mft = family_rows(rows, domain, family), family_rows(rows, domain, ours)
-    if not theirs or not mft:
+    theirs, mine = family_rows(rows, domain, family), family_rows(rows, domain, ours)
+    if not theirs or not mine:
         return FamilyVerdict(family, FrontierGap([]), None, ours)
-    gap = frontier_gap(envelope(theirs), envelope(mft), points)
-    seeds = sorted({s for runs in (theirs, mft) for by_seed in runs.values() for s in by_seed})
+    gap = frontier_gap(envelope(theirs), envelope(mine), points)
+    seeds = sorted({s for runs in (theirs, mine) for by_seed in runs.values() for s in by_seed})
     per_seed = []
     for seed in seeds:
-        a, b = envelope(theirs, seed), envelope(mft, seed)
+        a, b = envelope(theirs, seed), envelope(mine, seed)
         if a and b:
             g = frontier_gap(a, b, points)
             if g.rows:

@@ -102,9 +102,8 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] = _stderr, sco
     started = time.time()
     name = result_name(config, plan)
     c = Comparison(config, plan, name, tasks)
-    runs = c.work / "from-reference" if p.reference_steps else c.work  # where prepare() puts the runs
-    if config.report_only and not (runs / "frontier").is_dir():
-        raise ConfigError(f"--report-only: no frontier runs under {runs}; run the command without it first")
+    if config.report_only and not (c.runs_root / "frontier").is_dir():
+        raise ConfigError(f"--report-only: no frontier runs under {c.runs_root}; run the command without it first")
     report = Report(
         name=name, command=command_line(config), model=config.model, model_folder="", profile=p, domains=plan.domains,
         general="the --general corpus" if config.general else GENERAL_LABEL, skip=plan.skip, counts=counts,
@@ -390,6 +389,8 @@ class Comparison:
         if config.general:
             self.work = self.work / path_key("general", Path(config.general))
         self.figures = Path(config.out) / name
+        # Where the runs go once prepare() has made the reference checkpoint they start from.
+        self.runs_root = self.work / "from-reference" if plan.profile.reference_steps else self.work
         self.keys = {d: (path_key(d, self.user[d]) if self.user else d) for d in plan.domains}
         self.caches: dict[str, str] = {}
         self.sampled_caches: dict[str, str] = {}  # with --tail-samples
@@ -447,8 +448,7 @@ class Comparison:
         if self.tasks:
             log(f"scoring the reference checkpoint ({self.model}) on {', '.join(self.tasks.names)}")
             report.task_reference = self.tasks.score_into(self.work / "reference", self.model)
-        if p.reference_steps:
-            self.work = self.work / "from-reference"
+        self.work = self.runs_root
         self.runner = Runner(self.work / "runs", common, config.keep_checkpoints, tasks=self.tasks)
         for d in names:
             self.caches[d] = self.cache(self.sources[d], f"cache-{self.keys[d]}")
