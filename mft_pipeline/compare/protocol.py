@@ -111,9 +111,9 @@ def fidelity_method(k: int) -> Method:
 FRONTIER_LRS = (1e-5, 3e-5, 1e-4)
 LORA_RANKS = (4, 16, 64)
 # LoRA trains its adapters from zero, and is usually run at about ten times full finetuning's rate; at the quick
-# profile's 1e-4 it stays within 1% of the start at every rank in 16 steps (docs/results/frontier-quick-legal.md), so
-# it is traced at this rate too, where it learns.
-LORA_LR = 1e-3
+# profile's 1e-4 it stays within 1% of the start at every rank in 16 steps, and at 1e-3 it over-trains within 6
+# (docs/results/frontier-quick-legal.md), so it is traced at both of these rates too, to be seen at its best one.
+LORA_LRS = (3e-4, 1e-3)
 WISE_ALPHAS = (0.25, 0.5, 0.75)
 # Decades from "no effect" to "no learning" for a penalty lambda/2 * sum F (theta - theta0)^2 with F = 1 (L2-init).
 # The data gradient is per token (mean loss), about 2e-4 per weight (a gradient norm of ~2 over 135M weights), and
@@ -185,7 +185,7 @@ MFT_POINTS = tuple(Point("MFT", "mft", lr=lr, tau=t) for lr in (1e-4, 3e-5) for 
 FAMILIES: dict[str, tuple[Point, ...]] = {
     "FT": tuple(Point("FT", lr=lr) for lr in FRONTIER_LRS),
     "MFT": MFT_POINTS,
-    "LoRA": tuple(Point("LoRA", lr=lr, rank=r) for lr in (None, LORA_LR) for r in LORA_RANKS),
+    "LoRA": tuple(Point("LoRA", lr=lr, rank=r) for lr in (None, *LORA_LRS) for r in LORA_RANKS),
     "L2-init": tuple(Point("L2-init", lam=lam) for lam in PENALTY_LAMBDAS),
     "EWC": tuple(Point("EWC", lam=lam) for lam in PENALTY_LAMBDAS),
     "WiSE-FT": tuple(Point("WiSE-FT", lr=lr, alpha=a) for lr in FRONTIER_LRS for a in WISE_ALPHAS),

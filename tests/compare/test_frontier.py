@@ -109,9 +109,9 @@ def test_plan_and_cpu_sizing():
         assert minutes(make_plan(CompareConfig(quick=True, families="FT,MFT", taus="0.25", lrs=lr))) < 45
     every = make_plan(CompareConfig(families="all", frontier_domains="sympy,code"))
     assert every.domains == ["legal", "sympy", "code"] and planned_frontier(every)["fisher"] == 1
-    # LoRA (3 ranks at 2 learning rates), L2-init, EWC, DFT and TALR in legal only; FT and MFT in all three. The
+    # LoRA (3 ranks at 3 learning rates), L2-init, EWC, DFT and TALR in legal only; FT and MFT in all three. The
     # weight averages train nothing of their own: WiSE-FT 3 alphas on each FT run, WiSE-MFT on each MFT run.
-    assert planned_frontier(every)["frontier"] == 3 * (3 * 12 + 6 + 2 * len(PENALTY_LAMBDAS) + 2)
+    assert planned_frontier(every)["frontier"] == 3 * (3 * 12 + 9 + 2 * len(PENALTY_LAMBDAS) + 2)
     assert planned_frontier(every)["wise"] == 3 * 3 * (3 + 9)
     assert [pt.label for pt in FAMILIES["MFT"]][-1] == "lr=1e-05 tau=0.25"
     # The quick profile's per-domain protocol has legal alone; its frontier may add the other built-in domains.
@@ -132,10 +132,11 @@ def test_plan_and_cpu_sizing():
     assert sorted((pt.family, pt.lam) for _, pt in frontier_points(ends)) == sorted(
         [("FT", None)] * 3 + [(f, lam) for f in ("L2-init", "EWC") for lam in (10.0, 100.0)]
     )
-    # --ranks narrows LoRA alone; its points at lr 1e-3 are reached with --lrs, which FT's grid lacks.
+    # --ranks narrows LoRA alone; its points at lr 3e-4 and 1e-3 are reached with --lrs, which FT's grid lacks.
     lora = make_plan(CompareConfig(families="FT,LoRA", ranks="4,16", lrs="1e-3"))
     assert sorted((pt.family, pt.lr, pt.rank) for _, pt in frontier_points(lora)) == [("LoRA", 1e-3, 4), ("LoRA", 1e-3, 16)]
-    assert [pt.folder for _, pt in frontier_points(make_plan(CompareConfig(families="LoRA", ranks="64")))] == ["rank64", "lr0.001-rank64"]
+    folders = [pt.folder for _, pt in frontier_points(make_plan(CompareConfig(families="LoRA", ranks="64")))]
+    assert folders == ["rank64", "lr0.0003-rank64", "lr0.001-rank64"]
     for config, message in (
         (CompareConfig(families="FT,XFT"), "--families: unknown XFT"),
         (CompareConfig(families="LoRA", ranks="8"), "--ranks picks LoRA's ranks"),
