@@ -88,15 +88,28 @@ def _open(f: Path):
     return io.BufferedReader(zstandard.open(f, "rb")) if name.endswith(".zst") else gzip.open(f, "rb") if name.endswith(".gz") else open(f, "rb")
 
 
-def _jsonl_format(f: Path) -> str | None:
-    """The record format of every record in one JSON Lines file; None when it has no records.
+@dataclass(frozen=True)
+class _JsonLines:
+    """What one read of a JSON Lines file learns: its record format (None: no records) and each record's line number."""
 
-    Reads each line: pyarrow's JSON reader has crashed the process, not raised, on some
-    files that mix record formats, so such files are refused here with the line that differs.
+    format: str | None
+    lines: list[int]
+
+
+def _read_jsonl(f: Path) -> _JsonLines:
+    """Check every line of one JSON Lines file, once: UTF-8, a JSON object, and one record format throughout.
+
+    pyarrow's JSON reader has crashed the process, not raised, on some files that mix record
+    formats, so such files are refused here with the line that differs.
     """
-    fmt, first = None, 0
+    fmt, first, lines, offset = None, 0, [], 0
     with _open(f) as fh:
-        for n, line in enumerate(fh, 1):
+        for n, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise CorpusError(f"{f}: not valid UTF-8 at byte {offset + e.start} ({e.reason})") from None
+            offset += len(raw)
             if not line.strip():
                 continue
             try:
@@ -112,10 +125,11 @@ def _jsonl_format(f: Path) -> str | None:
                 raise CorpusError(
                     f"{f}, line {n}: a {this} record, but line {first} is a {fmt} record; keep one record format per corpus"
                 )
-    return fmt
+            lines.append(n)
+    return _JsonLines(fmt, lines)
 
 
-def _file_format(f: Path, kind: str) -> str | None:
+def _file_format(f: Path, kind: str, jsonl: dict[Path, _JsonLines]) -> str | None:
     """One file's record format, where it can be seen before datasets reads it (JSON Lines, Parquet)."""
     if kind == "parquet":
         import pyarrow.parquet as pq
@@ -124,36 +138,34 @@ def _file_format(f: Path, kind: str) -> str | None:
             return record_format(pq.read_schema(f).names)
         except Exception:
             return None  # datasets reports the broken file
-    return _jsonl_format(f) if ".jsonl" in f.name.lower() else None
+    return jsonl[f].format if f in jsonl else None
 
 
-def _check_one_format(path: Path, files: list[Path], kind: str) -> None:
+def _check_one_format(path: Path, files: list[Path], kind: str, jsonl: dict[Path, _JsonLines]) -> None:
     # datasets would fail to merge the schemas with an unhelpful message, or silently leave
     # one format's rows empty; name the two files instead.
     seen: dict[str, Path] = {}
     for f in files:
-        fmt = _file_format(f, kind)
+        fmt = _file_format(f, kind, jsonl)
         if fmt is not None:
             seen.setdefault(fmt, f)
-    if not seen and all(".jsonl" in f.name.lower() for f in files):
+    if not seen and len(jsonl) == len(files):
         raise CorpusError(f"{path}: corpus is empty (no records)")  # datasets says only "StopIteration"
     if len(seen) > 1:
         (a, fa), (b, fb) = list(seen.items())[:2]
         raise CorpusError(f"{fa} holds {a} records but {fb} holds {b} records; keep one record format per corpus")
 
 
-def _locator(files: list[Path] | None, path: Path, kind: str):
+def _locator(files: list[Path] | None, path: Path, kind: str, jsonl: dict[Path, _JsonLines]):
     """row index -> "FILE, line N" (JSON Lines) or "FILE, record N" (other formats)."""
     if files is None:
         return lambda i: f"{path}, record {i + 1}"
     starts = []  # per file: (first row, file, line number of each row or None)
     row = 0
     for f in files:
-        if kind == "json" and ".jsonl" in f.name.lower():
-            with _open(f) as fh:
-                lines = [n + 1 for n, line in enumerate(fh) if line.strip()]
-            starts.append((row, f, lines))
-            row += len(lines)
+        if f in jsonl:
+            starts.append((row, f, jsonl[f].lines))
+            row += len(jsonl[f].lines)
         else:
             import pyarrow.parquet as pq
 
@@ -197,7 +209,7 @@ def load_documents(path: str | Path, text_field: str = "text", sample_by: str = 
     if not path.exists():
         raise CorpusError(f"{path}: no such file or folder")
     datasets.disable_progress_bars()
-    files, kind = None, "saved"
+    files, kind, jsonl = None, "saved", {}
     try:
         if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
             ds = datasets.load_from_disk(str(path))
@@ -211,9 +223,11 @@ def load_documents(path: str | Path, text_field: str = "text", sample_by: str = 
             if len(kinds) > 1:
                 raise CorpusError(f"{path}: mixes formats {sorted(kinds)}; keep one format per corpus")
             kind = kinds.pop()
-            _check_utf8(files)
+            # Each JSON Lines file is read once, for its UTF-8, its records' format and their line numbers.
+            jsonl = {f: _read_jsonl(f) for f in files if ".jsonl" in f.name.lower()}
+            _check_utf8([f for f in files if f not in jsonl])
             if kind != "text":
-                _check_one_format(path, files, kind)
+                _check_one_format(path, files, kind, jsonl)
             kwargs = {"sample_by": sample_by} if kind == "text" else {}
             if kind == "text":
                 text_field = "text"
@@ -226,7 +240,7 @@ def load_documents(path: str | Path, text_field: str = "text", sample_by: str = 
         datasets.enable_progress_bars()
     fmt = "text" if kind == "text" else record_format(ds.column_names)
     if fmt != "text":
-        records = _chat_records(ds, fmt, _locator(files, path, kind))
+        records = _chat_records(ds, fmt, _locator(files, path, kind, jsonl))
         if not records:
             raise CorpusError(f"{path}: corpus is empty (no records)")
         return records

@@ -51,6 +51,8 @@ def test_configurable_text_field(tmp_path, docs):
         ("x.jsonl", b'{"text": "ok"}\n{broken\n', "x.jsonl, line 2: could not be read as JSON"),
         ("x.jsonl", b'{"text": "ok"}\n\n[1, 2]\n', "x.jsonl, line 3: a record must be a JSON object, got list"),
         ("x.txt", b"caf\xe9\n", "UTF-8 at byte 3"),
+        # The offset counts from the file's start, across the lines before the bad one.
+        ("x.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "x.jsonl: not valid UTF-8 at byte 28"),
         ("x.csv", b"text\nhello\n", "unknown corpus format"),
         ("x.jsonl", b'{"text": 5}\n', "not text|could not be read"),
     ],
