@@ -111,8 +111,8 @@ def fidelity_method(k: int) -> Method:
 FRONTIER_LRS = (1e-5, 3e-5, 1e-4)
 LORA_RANKS = (4, 16, 64)
 # LoRA trains its adapters from zero, and is usually run at about ten times full finetuning's rate; at the quick
-# profile's 1e-4 it stays within 1% of the start at every rank in 16 steps, and at 1e-3 it over-trains within 6
-# (docs/results/frontier-quick-legal.md), so it is traced at both of these rates too, to be seen at its best one.
+# profile's 1e-4 it stays within 1% of the start at every rank in 16 steps, at 1e-3 it over-trains within 6 steps
+# (docs/results/frontier-quick-legal.md), so it is also traced at 1e-3 and at 3e-4 between them: at its best rate.
 LORA_LRS = (3e-4, 1e-3)
 WISE_ALPHAS = (0.25, 0.5, 0.75)
 # Decades from "no effect" to "no learning" for a penalty lambda/2 * sum F (theta - theta0)^2 with F = 1 (L2-init).
